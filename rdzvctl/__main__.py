@@ -1,0 +1,3 @@
+from rdzvctl.cli.main import main
+
+main()

@@ -1,0 +1,277 @@
+"""The backend contract: torch's ``RendezvousBackend`` fencing, plus capabilities.
+
+A backend is bound to one run id, like torch's.  ``get_state`` and
+``set_state`` have torch's exact signatures and semantics:
+
+* ``get_state() -> (bytes, token) | None`` — ``None`` when no state exists.
+* ``set_state(bytes, token=None) -> (bytes, token, has_set) | None`` — the
+  write happens only if ``token`` is the current one, or, with no token, only
+  if no state exists.  Otherwise nothing changes and the current state and
+  token come back with ``has_set=False``.  A token of the wrong type or a
+  garbage token is simply stale.
+
+Optional capabilities (advertised in :attr:`RendezvousBackend.capabilities`):
+``clear`` (fenced removal, the backend-correct way), ``list_runs`` (every run
+on the backend with its raw state, batched), ``native_watch`` (``watch`` is
+pushed by the server instead of polled) and ``store_keys`` (the per-round
+store keys of the run).
+
+Backends raise only :mod:`rdzvctl.errors` errors, never print, and import
+their client library lazily so ``rdzvctl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, FrozenSet, Iterator, Mapping, NamedTuple, Optional, Tuple
+
+from rdzvctl.errors import BackendConfigError, UnsupportedOperationError
+
+__all__ = [
+    "Token",
+    "StateAndToken",
+    "SetResult",
+    "RunEntry",
+    "Address",
+    "RendezvousBackend",
+    "parse_conf",
+    "CAPABILITIES",
+]
+
+Token = Any
+StateAndToken = Tuple[bytes, Token]
+SetResult = Tuple[bytes, Token, bool]
+
+CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class RunEntry(NamedTuple):
+    """One run found by :meth:`RendezvousBackend.list_runs`: its id and raw state."""
+
+    run_id: str
+    state: Optional[StateAndToken]
+
+
+def parse_conf(text: str) -> Dict[str, str]:
+    """Parse torchrun's ``--rdzv-conf`` form ``k1=v1,k2=v2`` (empty values allowed)."""
+    conf: Dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BackendConfigError(f"--rdzv-conf: expected key=value, got {item!r}")
+        conf[key.strip()] = value.strip()
+    return conf
+
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a rendezvous lives, the torchrun way.
+
+    ``backend``/``endpoint``/``run_id``/``conf`` are torchrun's
+    ``--rdzv-backend``/``--rdzv-endpoint``/``--rdzv-id``/``--rdzv-conf``;
+    ``timeout`` bounds every network operation (seconds).
+    """
+
+    backend: str
+    endpoint: str = ""
+    run_id: str = ""
+    conf: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def from_env(
+        cls,
+        backend: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        run_id: Optional[str] = None,
+        conf: Optional[str] = None,
+        timeout: Optional[float] = None,
+        environ: Optional[Mapping[str, str]] = None,
+    ) -> "Address":
+        """Explicit values first, then ``RDZVCTL_RDZV_*``, then torchrun's ``PET_RDZV_*``."""
+        env = os.environ if environ is None else environ
+
+        def pick(value: Optional[str], name: str) -> Optional[str]:
+            if value is not None:
+                return value
+            return env.get(f"RDZVCTL_RDZV_{name}") or env.get(f"PET_RDZV_{name}")
+
+        backend = pick(backend, "BACKEND")
+        if not backend:
+            raise BackendConfigError(
+                "no backend given: pass --rdzv-backend or set RDZVCTL_RDZV_BACKEND / PET_RDZV_BACKEND"
+            )
+        if timeout is None:
+            raw = env.get("RDZVCTL_TIMEOUT")
+            try:
+                timeout = float(raw) if raw else DEFAULT_TIMEOUT
+            except ValueError:
+                raise BackendConfigError(f"RDZVCTL_TIMEOUT: not a number: {raw!r}") from None
+        return cls(
+            backend=backend,
+            endpoint=pick(endpoint, "ENDPOINT") or "",
+            run_id=pick(run_id, "ID") or "",
+            conf=parse_conf(pick(conf, "CONF") or ""),
+            timeout=timeout,
+        )
+
+    def with_run_id(self, run_id: str) -> "Address":
+        return Address(self.backend, self.endpoint, run_id, dict(self.conf), self.timeout)
+
+    # torch's RendezvousParameters.get* helpers, with errors that name the option.
+    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        return self.conf.get(key, default)
+
+    def get_int(self, key: str, default: Optional[int] = None) -> Optional[int]:
+        raw = self.conf.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise BackendConfigError(f"--rdzv-conf {key}: not an integer: {raw!r}") from None
+
+    def get_float(self, key: str, default: Optional[float] = None) -> Optional[float]:
+        raw = self.conf.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise BackendConfigError(f"--rdzv-conf {key}: not a number: {raw!r}") from None
+
+    def get_bool(self, key: str, default: Optional[bool] = None) -> Optional[bool]:
+        raw = self.conf.get(key)
+        if raw is None or raw == "":
+            return default
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise BackendConfigError(f"--rdzv-conf {key}: not a boolean: {raw!r}")
+
+
+class RendezvousBackend(ABC):
+    """Base class of every backend; see the module docstring for the contract."""
+
+    #: The registry name (``--rdzv-backend``); also torch's ``RendezvousBackend.name``.
+    name: ClassVar[str] = ""
+    #: One-line description for ``rdzvctl backends``.
+    summary: ClassVar[str] = ""
+    #: Top-level modules the backend needs at run time (checked without importing).
+    requires: ClassVar[Tuple[str, ...]] = ()
+    #: What to ``pip install`` when a required module is missing.
+    install_hint: ClassVar[str] = ""
+    #: Optional capabilities, a subset of :data:`CAPABILITIES`.
+    capabilities: ClassVar[FrozenSet[str]] = frozenset()
+    #: True when every successful write yields a new token, even for equal bytes
+    #: (no ABA).  torch's c10d design uses the value as the token, so it is not.
+    strict_fencing: ClassVar[bool] = True
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+
+    @classmethod
+    def from_address(cls, address: Address) -> "RendezvousBackend":
+        """Build a backend for ``address``; validates the endpoint and options."""
+        return cls(address)
+
+    @property
+    def run_id(self) -> str:
+        return self.address.run_id
+
+    # -- torch's contract -----------------------------------------------------
+    @abstractmethod
+    def get_state(self) -> Optional[StateAndToken]:
+        """Return ``(state bytes, token)`` or ``None`` when no state exists."""
+
+    @abstractmethod
+    def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
+        """Write ``state`` if ``token`` is current; see the module docstring."""
+
+    # -- optional capabilities -------------------------------------------------
+    def clear(self, token: Token) -> bool:
+        """Remove the state if ``token`` is current; True if removed."""
+        raise UnsupportedOperationError(f"the {self.name} backend cannot clear a state")
+
+    def list_runs(self) -> Iterator[RunEntry]:
+        """Every run on the backend with its raw state, read in as few requests as possible."""
+        raise UnsupportedOperationError(f"the {self.name} backend cannot list runs")
+
+    def store_keys(self) -> Dict[str, bytes]:
+        """The run's per-round store keys (e.g. ``MASTER_ADDR``), by key name."""
+        raise UnsupportedOperationError(f"the {self.name} backend has no per-round store keys")
+
+    def watch(
+        self,
+        interval: float = 1.0,
+        stop: Optional[threading.Event] = None,
+        since: Optional[StateAndToken] = None,
+    ) -> Iterator[Optional[StateAndToken]]:
+        """Yield the state (or ``None`` when absent) each time its token changes.
+
+        The first item is the current state.  This default polls
+        ``get_state`` every ``interval`` seconds; backends with
+        ``native_watch`` override it.  Stops when ``stop`` is set.
+        """
+        stop = stop or threading.Event()
+        last: Any = object()
+        if since is not None:
+            last = since[1]
+        first = since is None
+        while not stop.is_set():
+            current = self.get_state()
+            token = None if current is None else current[1]
+            if first or token != last:
+                first = False
+                last = token
+                yield current
+            stop.wait(interval)
+
+    def close(self) -> None:
+        """Release connections; the backend is unusable afterwards."""
+
+    # -- presentation helpers (no printing) ------------------------------------
+    def describe(self) -> str:
+        """The endpoint as shown to users, without secrets."""
+        return self.address.endpoint
+
+    def format_token(self, token: Token) -> str:
+        """A short, stable text form of ``token`` for ``get`` and ``set --token``.
+
+        Tokens that are whole values (c10d) are shown as a digest: a fenced
+        write re-reads the state and proceeds only if the digest still matches.
+        """
+        if isinstance(token, (bytes, bytearray)):
+            if len(token) <= 40:
+                try:
+                    return bytes(token).decode("ascii")
+                except UnicodeDecodeError:
+                    pass
+            return "sha256:" + hashlib.sha256(bytes(token)).hexdigest()[:20]
+        return str(token)
+
+    def __enter__(self) -> "RendezvousBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.describe()!r} run_id={self.run_id!r}>"
+
+
+def wait_interval(deadline: float) -> float:
+    """Seconds left until ``deadline`` (a ``time.monotonic`` value), never negative."""
+    return max(0.0, deadline - time.monotonic())

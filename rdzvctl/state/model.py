@@ -1,0 +1,88 @@
+"""The rendezvous state, mirroring torch's ``_RendezvousState`` and ``_NodeDesc``.
+
+Field names, defaults and node ordering are torch's own
+(``torch/distributed/elastic/rendezvous/dynamic_rendezvous.py``), so the
+vocabulary is the one torch users already know.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Dict, Optional, Set
+
+__all__ = ["NodeDesc", "RendezvousState"]
+
+
+@dataclass(eq=True, order=True, frozen=True)
+class NodeDesc:
+    """A node of the rendezvous: torch's ``_NodeDesc``.
+
+    Ordering is (addr, pid, local_id), which is how torch assigns ranks when a
+    round completes.  ``str(node)`` is torch's ``repr``: ``addr_pid_localid``.
+    """
+
+    addr: str
+    pid: int
+    local_id: int
+
+    def __str__(self) -> str:
+        return f"{self.addr}_{self.pid}_{self.local_id}"
+
+    @property
+    def id(self) -> str:
+        """The node id as torch prints it (``addr_pid_localid``)."""
+        return str(self)
+
+    @classmethod
+    def parse(cls, node_id: str) -> "NodeDesc":
+        """Parse ``addr_pid_localid``; the address itself may contain ``_``."""
+        parts = node_id.rsplit("_", 2)
+        if len(parts) != 3 or not parts[0]:
+            raise ValueError(f"not a node id (addr_pid_localid): {node_id!r}")
+        addr, pid, local_id = parts
+        try:
+            return cls(addr, int(pid), int(local_id))
+        except ValueError:
+            raise ValueError(f"not a node id (addr_pid_localid): {node_id!r}") from None
+
+
+@dataclass
+class RendezvousState:
+    """torch's ``_RendezvousState``; datetimes are always timezone-aware UTC here.
+
+    ``naive_datetimes`` records that the state was read from a torch older than
+    ~2.6, which wrote naive UTC datetimes: :func:`rdzvctl.state.codec.encode`
+    writes such a state back naive, because torch cannot compare the two kinds.
+    """
+
+    round: int = 0
+    complete: bool = False
+    deadline: Optional[datetime] = None
+    closed: bool = False
+    participants: Dict[NodeDesc, int] = field(default_factory=dict)
+    wait_list: Set[NodeDesc] = field(default_factory=set)
+    redundancy_list: Set[NodeDesc] = field(default_factory=set)
+    last_heartbeats: Dict[NodeDesc, datetime] = field(default_factory=dict)
+    naive_datetimes: bool = field(default=False, compare=False)
+
+    def copy(self) -> "RendezvousState":
+        """A deep-enough copy: containers are new, nodes and datetimes are immutable."""
+        return dataclasses.replace(
+            self,
+            participants=dict(self.participants),
+            wait_list=set(self.wait_list),
+            redundancy_list=set(self.redundancy_list),
+            last_heartbeats=dict(self.last_heartbeats),
+        )
+
+    @property
+    def nodes(self) -> Set[NodeDesc]:
+        """Every node the state mentions anywhere."""
+        return (
+            set(self.participants)
+            | self.wait_list
+            | self.redundancy_list
+            | set(self.last_heartbeats)
+        )

@@ -1,0 +1,389 @@
+"""The backend conformance kit.
+
+It proves that a backend obeys torch's ``RendezvousBackend`` contract (every
+case of torch's own backend test mixin) and rdzvctl's stricter one: binary
+safety, large states, racing writers, no ABA, and the optional capabilities.
+
+Two ways to run it:
+
+* from pytest, subclass :class:`BackendConformanceTests` and implement
+  ``make_backend(run_id)`` (and ``corrupt_state(backend)`` if you can)::
+
+      class TestMyBackend(BackendConformanceTests):
+          def make_backend(self, run_id):
+              return MyBackend(Address("my", "127.0.0.1:1234", run_id))
+
+* from code (``rdzvctl conformance`` does this), call :func:`run_conformance`,
+  which returns one :class:`CaseResult` per case.
+
+A backend that declares ``strict_fencing = False`` (torch's c10d design uses
+the value itself as the token) gets the outcome ``limitation`` for the no-ABA
+case: the kit checks that the limitation is real and reports it, never
+skipping silently.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+from rdzvctl.backends.base import RendezvousBackend
+from rdzvctl.errors import StateError, UnsupportedOperationError
+
+__all__ = [
+    "CaseResult",
+    "ConformanceFailure",
+    "ConformanceLimitation",
+    "CASES",
+    "run_conformance",
+    "BackendConformanceTests",
+]
+
+BackendFactory = Callable[[str], RendezvousBackend]
+Corrupter = Callable[[RendezvousBackend], None]
+
+
+class ConformanceFailure(AssertionError):
+    """A backend broke the contract."""
+
+
+class ConformanceLimitation(UserWarning):
+    """A backend has a limitation it declared (e.g. non-strict fencing)."""
+
+
+class _Limitation(Exception):
+    pass
+
+
+class _Skip(Exception):
+    pass
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one case: ``pass``, ``fail``, ``limitation`` or ``skip``."""
+
+    name: str
+    description: str
+    outcome: str
+    detail: str = ""
+
+
+class _Context:
+    """What a case gets: a fresh run id, backends on it, and assertions."""
+
+    def __init__(self, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int):
+        self.factory = factory
+        self.corrupter = corrupter
+        self.racers = racers
+        self.run_id = f"rdzvctl-conformance-{uuid.uuid4().hex[:12]}"
+        self.opened: List[RendezvousBackend] = []
+        self.backend = self.open()
+
+    def open(self, run_id: Optional[str] = None) -> RendezvousBackend:
+        backend = self.factory(run_id or self.run_id)
+        self.opened.append(backend)
+        return backend
+
+    def set(self, state: bytes, token: object = None, backend: Optional[RendezvousBackend] = None):
+        result = (backend or self.backend).set_state(state, token)
+        self.check(result is not None, f"set_state({state[:16]!r}..., {token!r}) returned None")
+        return result
+
+    def check(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ConformanceFailure(message)
+
+    def close(self) -> None:
+        for backend in self.opened:
+            try:
+                if "clear" in backend.capabilities:
+                    current = backend.get_state()
+                    if current is not None:
+                        backend.clear(current[1])
+            except Exception:  # cleanup is best effort; the case result stands
+                pass
+            try:
+                backend.close()
+            except Exception:
+                pass
+
+
+# -- torch's RendezvousBackendTestMixin, case for case -------------------------
+def get_returns_none_when_absent(ctx: _Context) -> None:
+    ctx.check(ctx.backend.get_state() is None, "get_state() on a new run did not return None")
+
+
+def get_returns_state_and_token(ctx: _Context) -> None:
+    ctx.backend.set_state(b"x")
+    result = ctx.backend.get_state()
+    ctx.check(result is not None, "get_state() returned None after a write")
+    state, token = result
+    ctx.check(state == b"x", f"get_state() returned {state!r}, expected b'x'")
+    ctx.check(token is not None, "get_state() returned a None token")
+
+
+def get_raises_on_corrupt_state(ctx: _Context) -> None:
+    if ctx.corrupter is None:
+        raise _Skip("no way to corrupt the stored state was given")
+    ctx.corrupter(ctx.backend)
+    try:
+        ctx.backend.get_state()
+    except StateError:
+        return
+    raise ConformanceFailure("get_state() on a corrupt stored state did not raise StateError")
+
+
+def set_creates_when_absent(ctx: _Context) -> None:
+    state, token, has_set = ctx.set(b"x")
+    ctx.check(has_set is True, "set_state(b'x') with no token on a new run did not set")
+    ctx.check(state == b"x", f"set_state returned {state!r}, expected b'x'")
+    ctx.check(token is not None, "set_state returned a None token")
+
+
+def set_replaces_with_current_token(ctx: _Context) -> None:
+    _, token1, has_set1 = ctx.set(b"x")
+    state2, token2, has_set2 = ctx.set(b"y", token1)
+    ctx.check(has_set1 and has_set2, "a write with the current token did not set")
+    ctx.check(state2 == b"y", f"set_state returned {state2!r}, expected b'y'")
+    ctx.check(token1 != token2, "the token did not change after a successful write")
+
+
+def set_refuses_old_token(ctx: _Context) -> None:
+    _, token1, _ = ctx.set(b"x")
+    state2, token2, _ = ctx.set(b"y", token1)
+    state3, token3, has_set = ctx.set(b"z", token1)
+    ctx.check(has_set is False, "a write with an old token was accepted")
+    ctx.check((state3, token3) == (state2, token2), "a refused write did not return the current state and token")
+    ctx.check(ctx.backend.get_state() == (state2, token2), "a refused write changed the stored state")
+
+
+def set_refuses_no_token_when_present(ctx: _Context) -> None:
+    state1, token1, _ = ctx.set(b"x")
+    state2, token2, has_set = ctx.set(b"y")
+    ctx.check(has_set is False, "a write with no token over an existing state was accepted")
+    ctx.check((state2, token2) == (state1, token1), "the refused write did not return the current state")
+
+
+def set_refuses_invalid_token(ctx: _Context) -> None:
+    state1, token1, _ = ctx.set(b"x")
+    for bad in ("invalid", b"invalid", 10**12, -1, 1.5, object(), ("x",)):
+        state2, token2, has_set = ctx.set(b"y", bad)
+        ctx.check(has_set is False, f"a write with the invalid token {bad!r} was accepted")
+        ctx.check((state2, token2) == (state1, token1), f"the invalid token {bad!r} did not return the current state")
+
+
+# -- rdzvctl's stricter contract ------------------------------------------------
+def set_with_token_on_absent_state_writes_nothing(ctx: _Context) -> None:
+    _, token, _ = ctx.set(b"x")
+    other = ctx.open(ctx.run_id + "-other")
+    other.set_state(b"y", token)
+    ctx.check(other.get_state() is None, "a token from another run created a state")
+
+
+def binary_safe(ctx: _Context) -> None:
+    payload = bytes(range(256)) * 4
+    _, token, _ = ctx.set(payload)
+    state, _ = ctx.backend.get_state()
+    ctx.check(state == payload, "the 256 byte values did not round-trip")
+    big = os.urandom(1 << 20) + b"\x00\xff"
+    _, _, has_set = ctx.set(big, token)
+    ctx.check(has_set, "a 1 MiB state was not written")
+    state, _ = ctx.backend.get_state()
+    ctx.check(state == big, "a 1 MiB state did not round-trip")
+
+
+def racing_writers_one_wins(ctx: _Context) -> None:
+    _, token, _ = ctx.set(b"start")
+    racers = [ctx.open() for _ in range(ctx.racers)]
+    barrier = threading.Barrier(len(racers))
+    results: List[object] = [None] * len(racers)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = racers[i].set_state(f"racer-{i}".encode(), token)
+        except Exception as exc:  # reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(racers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, Exception)]
+    ctx.check(not errors, f"racing writers raised: {errors[:1]!r}")
+    winners = [i for i, r in enumerate(results) if r is not None and r[2]]
+    ctx.check(len(winners) == 1, f"{len(winners)} of {len(racers)} racing writers won, expected exactly 1")
+    final = ctx.backend.get_state()
+    ctx.check(final is not None and final[0] == f"racer-{winners[0]}".encode(), "the stored state is not the winner's")
+
+
+def token_changes_on_equal_bytes(ctx: _Context) -> None:
+    _, token1, _ = ctx.set(b"same")
+    _, token2, has_set = ctx.set(b"same", token1)
+    ctx.check(has_set, "rewriting the same bytes with the current token did not set")
+    if ctx.backend.strict_fencing:
+        ctx.check(token1 != token2, "the token did not change on a write of equal bytes (ABA)")
+        return
+    if token1 == token2:
+        raise _Limitation(
+            f"the {ctx.backend.name} backend uses the value as its token: rewriting equal "
+            "bytes keeps the token, so a writer cannot detect an A-B-A change"
+        )
+    raise ConformanceFailure("the backend declares strict_fencing=False but behaved strictly; declare it True")
+
+
+def clear_is_fenced(ctx: _Context) -> None:
+    if "clear" not in ctx.backend.capabilities:
+        raise _Skip("the backend does not declare the clear capability")
+    _, token1, _ = ctx.set(b"x")
+    _, token2, _ = ctx.set(b"y", token1)
+    ctx.check(ctx.backend.clear(token1) is False, "clear() with an old token removed the state")
+    ctx.check(ctx.backend.get_state() is not None, "clear() with an old token removed the state")
+    ctx.check(ctx.backend.clear(token2) is True, "clear() with the current token did not remove the state")
+    ctx.check(ctx.backend.get_state() is None, "get_state() after clear() did not return None")
+    _, _, has_set = ctx.set(b"z")
+    ctx.check(has_set, "a tokenless write after clear() did not create the state")
+
+
+def list_runs_finds_run(ctx: _Context) -> None:
+    if "list_runs" not in ctx.backend.capabilities:
+        raise _Skip("the backend does not declare the list_runs capability")
+    _, token, _ = ctx.set(b"listed")
+    try:
+        runs = {entry.run_id: entry.state for entry in ctx.backend.list_runs()}
+    except UnsupportedOperationError as exc:
+        raise _Skip(str(exc)) from None
+    ctx.check(ctx.run_id in runs, f"list_runs() did not include run {ctx.run_id!r}")
+    ctx.check(runs[ctx.run_id] == (b"listed", token), "list_runs() returned a different state or token than get_state()")
+
+
+def watch_sees_change(ctx: _Context) -> None:
+    _, token, _ = ctx.set(b"before")
+    stop = threading.Event()
+    seen: List[object] = []
+    done = threading.Event()
+
+    def follow() -> None:
+        try:
+            for item in ctx.open().watch(interval=0.05, stop=stop):
+                seen.append(item)
+                if item is not None and item[0] == b"after":
+                    done.set()
+                    return
+                if len(seen) == 1:
+                    done.set()
+        except Exception as exc:
+            seen.append(exc)
+            done.set()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    ctx.check(done.wait(10), "watch() did not yield the current state within 10 s")
+    done.clear()
+    ctx.set(b"after", token)
+    ok = done.wait(10)
+    stop.set()
+    errors = [s for s in seen if isinstance(s, Exception)]
+    ctx.check(not errors, f"watch() raised: {errors[:1]!r}")
+    ctx.check(ok, "watch() did not report a write within 10 s")
+    ctx.check(seen[0] is not None and seen[0][0] == b"before", "watch() did not start with the current state")
+
+
+CASES = [
+    ("get_none_when_absent", "get_state returns None when no state exists", get_returns_none_when_absent),
+    ("get_state_and_token", "get_state returns the state and a non-None token", get_returns_state_and_token),
+    ("get_corrupt_raises", "get_state raises StateError on a corrupt stored state", get_raises_on_corrupt_state),
+    ("set_creates", "set_state with no token creates the state", set_creates_when_absent),
+    ("set_current_token", "set_state with the current token replaces it, new token", set_replaces_with_current_token),
+    ("set_old_token", "set_state with an old token writes nothing, returns current", set_refuses_old_token),
+    ("set_no_token_existing", "set_state with no token over a state writes nothing", set_refuses_no_token_when_present),
+    ("set_invalid_token", "set_state with invalid tokens writes nothing", set_refuses_invalid_token),
+    ("set_token_absent_state", "a token on a run with no state creates nothing", set_with_token_on_absent_state_writes_nothing),
+    ("binary_safe", "all 256 byte values and a 1 MiB state round-trip", binary_safe),
+    ("racing_writers", "N writers racing with one token: exactly one wins", racing_writers_one_wins),
+    ("no_aba", "the token changes on every write, even of equal bytes", token_changes_on_equal_bytes),
+    ("clear_fenced", "clear removes only with the current token", clear_is_fenced),
+    ("list_runs", "list_runs finds the run with its state and token", list_runs_finds_run),
+    ("watch", "watch yields the current state, then each change", watch_sees_change),
+]
+
+
+def _run_case(func, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int) -> CaseResult:
+    name, description = next((n, d) for n, d, f in CASES if f is func)
+    ctx = _Context(factory, corrupter, racers)
+    try:
+        func(ctx)
+        return CaseResult(name, description, "pass")
+    except _Limitation as exc:
+        return CaseResult(name, description, "limitation", str(exc))
+    except _Skip as exc:
+        return CaseResult(name, description, "skip", str(exc))
+    except ConformanceFailure as exc:
+        return CaseResult(name, description, "fail", str(exc))
+    except Exception as exc:
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return CaseResult(name, description, "fail", f"raised {last}")
+    finally:
+        ctx.close()
+
+
+def run_conformance(
+    factory: BackendFactory,
+    corrupter: Optional[Corrupter] = None,
+    racers: int = 8,
+    only: Optional[List[str]] = None,
+) -> List[CaseResult]:
+    """Run every case (or those named in ``only``) and return the results in order."""
+    return [
+        _run_case(func, factory, corrupter, racers)
+        for name, _, func in CASES
+        if only is None or name in only
+    ]
+
+
+class BackendConformanceTests:
+    """pytest mixin: one ``test_<case>`` per case.  Implement ``make_backend``.
+
+    Override ``corrupt_state(backend)`` to store something ``get_state`` must
+    refuse; without it the corrupt-state case is skipped with a reason.
+    """
+
+    racers = 8
+
+    def make_backend(self, run_id: str) -> RendezvousBackend:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    corrupt_state: Optional[Corrupter] = None
+
+    def _check_case(self, name: str) -> None:
+        func = next(f for n, _, f in CASES if n == name)
+        corrupter = self.corrupt_state
+        result = _run_case(func, self.make_backend, corrupter, self.racers)
+        if result.outcome == "fail":
+            raise ConformanceFailure(f"{name}: {result.detail}")
+        if result.outcome == "limitation":
+            warnings.warn(ConformanceLimitation(result.detail), stacklevel=2)
+        if result.outcome == "skip":
+            import pytest
+
+            pytest.skip(result.detail)
+
+
+def _make_test(name: str):
+    def test(self: BackendConformanceTests) -> None:
+        self._check_case(name)
+
+    test.__name__ = f"test_{name}"
+    test.__doc__ = next(d for n, d, _ in CASES if n == name)
+    return test
+
+
+for _name, _, _ in CASES:
+    setattr(BackendConformanceTests, f"test_{_name}", _make_test(_name))

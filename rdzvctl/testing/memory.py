@@ -1,0 +1,76 @@
+"""An in-memory reference backend: the contract in its plainest form.
+
+Used by the tests of pure logic and as the conformance kit's known-good
+reference.  Runs live in a process-wide table keyed by (endpoint, run id), so
+several instances with the same address share a state, like real clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Dict, Iterator, Optional, Tuple
+
+from rdzvctl.backends.base import RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
+from rdzvctl.errors import StateCorruptError
+
+__all__ = ["MemoryBackend"]
+
+_LOCK = threading.Lock()
+_TABLE: Dict[Tuple[str, str], Tuple[bytes, int]] = {}
+_CORRUPT: set = set()
+_VERSIONS = itertools.count(1)
+
+
+class MemoryBackend(RendezvousBackend):
+    """Strictly fenced: the token is a process-wide counter bumped on every write."""
+
+    name = "memory"
+    summary = "in-process reference backend (tests only)"
+    capabilities = frozenset({"clear", "list_runs"})
+    strict_fencing = True
+
+    @property
+    def _key(self) -> Tuple[str, str]:
+        return (self.address.endpoint, self.run_id)
+
+    def get_state(self) -> Optional[StateAndToken]:
+        with _LOCK:
+            if self._key in _CORRUPT:
+                raise StateCorruptError(f"the state of run {self.run_id!r} is corrupt")
+            return _TABLE.get(self._key)
+
+    def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
+        with _LOCK:
+            current = _TABLE.get(self._key)
+            current_token = None if current is None else current[1]
+            # bool is an int subclass: True must not pass for token 1.
+            valid = token is None or (type(token) is int and token == current_token)
+            if valid and (token is not None or current is None):
+                _TABLE[self._key] = (bytes(state), next(_VERSIONS))
+                _CORRUPT.discard(self._key)
+                return (*_TABLE[self._key], True)
+            if current is None:
+                return None
+            return (*current, False)
+
+    def clear(self, token: Token) -> bool:
+        with _LOCK:
+            current = _TABLE.get(self._key)
+            if current is None or type(token) is not int or token != current[1]:
+                return False
+            del _TABLE[self._key]
+            return True
+
+    def list_runs(self) -> Iterator[RunEntry]:
+        with _LOCK:
+            rows = sorted((run, value) for (endpoint, run), value in _TABLE.items()
+                          if endpoint == self.address.endpoint)
+        for run, value in rows:
+            yield RunEntry(run, value)
+
+    def corrupt(self) -> None:
+        """Make the next ``get_state`` fail as a corrupt stored value would."""
+        with _LOCK:
+            _TABLE[self._key] = (b"\x00corrupt", next(_VERSIONS))
+            _CORRUPT.add(self._key)
