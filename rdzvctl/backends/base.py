@@ -239,7 +239,7 @@ class RendezvousBackend(ABC):
                 yield current
             stop.wait(interval)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections; the backend is unusable afterwards."""
 
     # -- presentation helpers (no printing) ------------------------------------

@@ -1,0 +1,383 @@
+"""Pure analysis of a state: liveness, deadline, findings, repairs and diffs.
+
+Everything takes ``now`` explicitly so it is deterministic and testable; the
+repairs mirror torch's own bookkeeping in ``dynamic_rendezvous.py``
+(``_sanitize`` and ``_remove_participant_epilogue``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from rdzvctl.state.model import NodeDesc, RendezvousState
+
+__all__ = [
+    "KeepAlive",
+    "NodeStatus",
+    "Finding",
+    "SEVERITIES",
+    "node_statuses",
+    "dead_nodes",
+    "deadline_remaining",
+    "find_problems",
+    "prune_dead_nodes",
+    "reopen",
+    "Event",
+    "diff_states",
+    "SUSPICIOUS_RUN_IDS",
+]
+
+SEVERITIES = ("info", "warning", "error")
+
+#: Run ids that many unrelated jobs end up sharing (pytorch#82160: "none").
+SUSPICIOUS_RUN_IDS = frozenset({"", "none", "None", "default", "test", "job", "run", "0", "1"})
+
+#: A heartbeat this far in the future is clock skew, not jitter.
+FUTURE_TOLERANCE = _dt.timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """torch's keep-alive settings: a node is dead after ``interval × max_attempt``."""
+
+    interval: float = 5.0
+    max_attempt: int = 3
+
+    @property
+    def expiry(self) -> _dt.timedelta:
+        return _dt.timedelta(seconds=self.interval * self.max_attempt)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What the state says about one node at ``now``."""
+
+    node: NodeDesc
+    role: str  # participant | waiting | redundant | orphan (heartbeat only)
+    rank: Optional[int]
+    last_heartbeat: Optional[_dt.datetime]
+    age: Optional[float]  # seconds since the last heartbeat (negative: in the future)
+    alive: Optional[bool]  # None when the node has no heartbeat
+
+
+def _age(now: _dt.datetime, when: Optional[_dt.datetime]) -> Optional[float]:
+    return None if when is None else (now - when).total_seconds()
+
+
+def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = KeepAlive()) -> List[NodeStatus]:
+    """Every node with its role, rank and liveness; participants first, by rank."""
+    expire = now - keep_alive.expiry
+    rows: List[NodeStatus] = []
+
+    def add(node: NodeDesc, role: str, rank: Optional[int]) -> None:
+        when = state.last_heartbeats.get(node)
+        alive = None if when is None else not when < expire  # torch: dead iff heartbeat < now - expiry
+        rows.append(NodeStatus(node, role, rank, when, _age(now, when), alive))
+
+    for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0])):
+        add(node, "participant", rank)
+    for node in sorted(state.wait_list - set(state.participants)):
+        add(node, "waiting", None)
+    for node in sorted(state.redundancy_list - set(state.participants) - state.wait_list):
+        add(node, "redundant", None)
+    for node in sorted(set(state.last_heartbeats) - state.nodes.difference(state.last_heartbeats)
+                       - set(state.participants) - state.wait_list - state.redundancy_list):
+        add(node, "orphan", None)
+    return rows
+
+
+def dead_nodes(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = KeepAlive()) -> List[NodeDesc]:
+    """Nodes torch's sanitizer would remove: a heartbeat older than the expiry."""
+    expire = now - keep_alive.expiry
+    return sorted(node for node, when in state.last_heartbeats.items() if when < expire)
+
+
+def deadline_remaining(state: RendezvousState, now: _dt.datetime) -> Optional[float]:
+    """Seconds until the last-call deadline (negative once passed), or None."""
+    return None if state.deadline is None else (state.deadline - now).total_seconds()
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: a stable code, a severity, one line of explanation and the repair."""
+
+    code: str
+    severity: str
+    message: str
+    repair: str = ""
+    nodes: Tuple[str, ...] = ()
+
+    def at_least(self, severity: str) -> bool:
+        return SEVERITIES.index(self.severity) >= SEVERITIES.index(severity)
+
+
+def _ids(nodes) -> Tuple[str, ...]:
+    return tuple(str(n) for n in sorted(nodes))
+
+
+def _show(nodes: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(nodes[:limit])
+    return shown + (f" and {len(nodes) - limit} more" if len(nodes) > limit else "")
+
+
+def find_problems(
+    state: RendezvousState,
+    now: _dt.datetime,
+    keep_alive: KeepAlive = KeepAlive(),
+    max_nodes: Optional[int] = None,
+    run_id: Optional[str] = None,
+) -> List[Finding]:
+    """torch's invariants and the field incidents, most severe first."""
+    out: List[Finding] = []
+    participants = set(state.participants)
+    expire = now - keep_alive.expiry
+    dead = {n for n, when in state.last_heartbeats.items() if when < expire}
+
+    if state.complete:
+        ranks = sorted(state.participants.values())
+        if ranks != list(range(len(ranks))):
+            out.append(Finding(
+                "ranks-invalid", "error",
+                f"the round is complete but the ranks are {ranks[:8]}{'...' if len(ranks) > 8 else ''}, "
+                f"not exactly 0..{len(ranks) - 1}",
+                "rdzvctl reset --mode clear (the agents re-rendezvous from scratch)",
+            ))
+        if not participants:
+            out.append(Finding(
+                "complete-without-participants", "error",
+                "the round is marked complete but has no participants",
+                "rdzvctl reset --mode clear",
+            ))
+        if state.deadline is not None:
+            out.append(Finding(
+                "deadline-on-complete", "warning",
+                "the round is complete but still has a last-call deadline (torch clears it on completion)",
+                "rdzvctl set --no-deadline",
+            ))
+    for label, group in (("participant", participants), ("waiting node", state.wait_list),
+                         ("redundant node", state.redundancy_list)):
+        missing = _ids(group - set(state.last_heartbeats))
+        if missing:
+            out.append(Finding(
+                "missing-heartbeat", "error",
+                f"{len(missing)} {label}(s) without a heartbeat can never be detected dead: {_show(missing)}",
+                "rdzvctl set --remove-node NODE (or reset --mode clear)", missing,
+            ))
+    both = _ids(participants & state.wait_list)
+    if both:
+        out.append(Finding(
+            "participant-and-waiting", "error",
+            f"node(s) both participating and waiting: {_show(both)}",
+            "rdzvctl set --remove-node NODE, then let it rejoin", both,
+        ))
+    dead_participants = _ids(participants & dead)
+    if dead_participants:
+        if state.complete:
+            out.append(Finding(
+                "dead-participants", "error",
+                f"{len(dead_participants)} participant(s) of the complete round {state.round} stopped "
+                f"heartbeating (> {keep_alive.expiry.total_seconds():g} s): {_show(dead_participants)}; "
+                "the survivors will not re-rendezvous on their own",
+                "rdzvctl reset --mode prune", dead_participants,
+            ))
+        else:
+            out.append(Finding(
+                "dead-participants", "warning",
+                f"{len(dead_participants)} participant(s) stopped heartbeating: {_show(dead_participants)}; "
+                "they count towards the round until a live node syncs",
+                "rdzvctl reset --mode prune", dead_participants,
+            ))
+    dead_others = _ids(dead - participants)
+    if dead_others:
+        out.append(Finding(
+            "dead-nodes", "warning",
+            f"{len(dead_others)} waiting/redundant node(s) stopped heartbeating: {_show(dead_others)}",
+            "rdzvctl reset --mode prune", dead_others,
+        ))
+    future = _ids(n for n, when in state.last_heartbeats.items() if when - now > FUTURE_TOLERANCE)
+    if future:
+        out.append(Finding(
+            "heartbeat-in-future", "warning",
+            f"{len(future)} heartbeat(s) lie in the future (clock skew between nodes and this machine?): "
+            f"{_show(future)}",
+            "fix the clocks (NTP); a skewed node is judged alive or dead wrongly", future,
+        ))
+    if state.closed:
+        live = _ids(n for n in state.nodes if n in state.last_heartbeats and n not in dead)
+        if state.wait_list:
+            out.append(Finding(
+                "closed-with-waiting", "warning",
+                f"the rendezvous is closed but {len(state.wait_list)} node(s) are waiting: they will fail "
+                "with RendezvousClosedError",
+                "rdzvctl reset --mode reopen (or --mode clear to start over)", _ids(state.wait_list),
+            ))
+        if live:
+            out.append(Finding(
+                "closed-while-alive", "warning",
+                f"the rendezvous is closed while {len(live)} node(s) still heartbeat (an agent shut down "
+                "and closed it for the survivors?)",
+                "rdzvctl reset --mode reopen", live,
+            ))
+        elif not state.wait_list:
+            out.append(Finding(
+                "closed", "info",
+                "the rendezvous is closed: a new job with this run id fails with RendezvousClosedError",
+                "rdzvctl reset --mode reopen (or --mode clear) before reusing the run id",
+            ))
+    if max_nodes is not None and len(participants) > max_nodes:
+        out.append(Finding(
+            "over-max-nodes", "error",
+            f"{len(participants)} participants exceed max_nodes={max_nodes}",
+            "rdzvctl reset --mode prune (dead nodes) or reset --mode clear",
+        ))
+    if run_id is not None and run_id.strip() in SUSPICIOUS_RUN_IDS:
+        out.append(Finding(
+            "shared-run-id", "warning",
+            f"the run id {run_id!r} is a common default that unrelated jobs share",
+            "give each job a unique --rdzv-id",
+        ))
+    if not state.complete and state.deadline is not None and state.deadline < now:
+        out.append(Finding(
+            "deadline-passed", "info",
+            f"the last-call deadline passed {(now - state.deadline).total_seconds():.0f} s ago; the next "
+            "live node to sync completes the round",
+        ))
+    orphans = _ids(set(state.last_heartbeats) - participants - state.wait_list - state.redundancy_list)
+    if orphans:
+        out.append(Finding(
+            "orphan-heartbeats", "info",
+            f"{len(orphans)} heartbeat(s) of nodes in no list: {_show(orphans)}",
+            "rdzvctl reset --mode prune once they expire", orphans,
+        ))
+    if state.naive_datetimes:
+        out.append(Finding(
+            "naive-datetimes", "info",
+            "datetimes are naive UTC (written by torch older than ~2.6); rdzvctl writes them back the same way",
+        ))
+    order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    return sorted(out, key=lambda f: order[f.severity])
+
+
+# -- repairs ------------------------------------------------------------------------
+def prune_dead_nodes(
+    state: RendezvousState,
+    now: _dt.datetime,
+    keep_alive: KeepAlive = KeepAlive(),
+    min_nodes: Optional[int] = None,
+) -> Tuple[RendezvousState, List[NodeDesc]]:
+    """torch's ``_sanitize``: drop dead nodes everywhere, then its epilogue.
+
+    Returns the new state and the removed nodes; ``state`` is not modified.
+    Without ``min_nodes`` an incomplete round keeps its deadline (torch's join
+    re-checks ``min_nodes`` before completing, so that is safe).
+    """
+    new = state.copy()
+    removed = dead_nodes(state, now, keep_alive)
+    participant_removed = False
+    for node in removed:
+        new.last_heartbeats.pop(node, None)
+        if new.participants.pop(node, None) is not None:
+            participant_removed = True
+        new.wait_list.discard(node)
+        new.redundancy_list.discard(node)
+    if participant_removed:
+        if new.complete:
+            if not new.participants:
+                new.complete = False
+                new.round += 1
+        elif min_nodes is not None and len(new.participants) < min_nodes:
+            new.deadline = None
+    return new, removed
+
+
+def reopen(state: RendezvousState) -> RendezvousState:
+    new = state.copy()
+    new.closed = False
+    return new
+
+
+def remove_node(state: RendezvousState, node: NodeDesc, min_nodes: Optional[int] = None) -> RendezvousState:
+    """Remove ``node`` the way torch removes a leaving node (with the same epilogue)."""
+    new = state.copy()
+    was_participant = new.participants.pop(node, None) is not None
+    new.wait_list.discard(node)
+    new.redundancy_list.discard(node)
+    new.last_heartbeats.pop(node, None)
+    if was_participant:
+        if new.complete and not new.participants:
+            new.complete = False
+            new.round += 1
+        elif not new.complete and min_nodes is not None and len(new.participants) < min_nodes:
+            new.deadline = None
+    return new
+
+
+# -- semantic diff -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Event:
+    """A semantic change between two states (what ``watch`` prints)."""
+
+    kind: str
+    message: str
+    node: Optional[str] = None
+    data: Dict[str, object] = field(default_factory=dict, compare=False)
+
+
+def diff_states(old: Optional[RendezvousState], new: Optional[RendezvousState]) -> List[Event]:
+    """The events that turn ``old`` into ``new`` (``None`` = no state)."""
+    if old is None and new is None:
+        return []
+    if old is None:
+        assert new is not None
+        return [Event("state-created", f"state created (round {new.round})", data={"round": new.round})]
+    if new is None:
+        return [Event("state-removed", "state removed")]
+    events: List[Event] = []
+    if new.round != old.round:
+        events.append(Event("round-advanced", f"round {old.round} -> {new.round}",
+                            data={"from": old.round, "to": new.round}))
+    for label, before, after in (
+        ("participants", set(old.participants), set(new.participants)),
+        ("wait_list", old.wait_list, new.wait_list),
+        ("redundancy_list", old.redundancy_list, new.redundancy_list),
+    ):
+        for node in sorted(after - before):
+            events.append(Event(f"joined-{label}", f"{node} joined {label.replace('_', ' ')}", str(node)))
+        for node in sorted(before - after):
+            events.append(Event(f"left-{label}", f"{node} left {label.replace('_', ' ')}", str(node)))
+    for node in sorted(set(old.participants) & set(new.participants)):
+        if old.participants[node] != new.participants[node]:
+            events.append(Event("rank-changed", f"{node} rank {old.participants[node]} -> {new.participants[node]}",
+                                str(node), {"from": old.participants[node], "to": new.participants[node]}))
+    if new.complete != old.complete:
+        events.append(Event("completed" if new.complete else "incomplete",
+                            f"round {new.round} " + ("complete" if new.complete else "no longer complete")))
+    if new.closed != old.closed:
+        events.append(Event("closed" if new.closed else "reopened",
+                            "rendezvous closed" if new.closed else "rendezvous reopened"))
+    if new.deadline != old.deadline:
+        if new.deadline is None:
+            events.append(Event("deadline-cleared", "last-call deadline cleared"))
+        else:
+            events.append(Event("deadline-set", f"last-call deadline set to {new.deadline.isoformat()}",
+                                data={"deadline": new.deadline.isoformat()}))
+    return events
+
+
+def stale_transitions(
+    state: RendezvousState, now: _dt.datetime, already: set, keep_alive: KeepAlive = KeepAlive()
+) -> List[Event]:
+    """Events for nodes whose heartbeat went stale since ``already`` (updated in place)."""
+    dead = set(dead_nodes(state, now, keep_alive))
+    events = [
+        Event("heartbeat-stale", f"{node} heartbeat stale ({(now - state.last_heartbeats[node]).total_seconds():.0f} s)",
+              str(node))
+        for node in sorted(dead - already)
+    ]
+    events += [Event("heartbeat-fresh", f"{node} heartbeating again", str(node)) for node in sorted(already - dead)
+               if node in state.last_heartbeats]
+    already.clear()
+    already.update(dead)
+    return events

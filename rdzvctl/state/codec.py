@@ -1,0 +1,341 @@
+"""Read and write torch's pickled ``_RendezvousState`` without torch, safely.
+
+Decoding never executes a pickle: an allow-list unpickler resolves exactly the
+five globals real states contain (``_RendezvousState``, ``_NodeDesc`` and
+``datetime``'s ``datetime``/``timezone``/``timedelta``) and refuses every
+other global, persistent id and extension code with :class:`StateUnsafeError`.
+The torch classes resolve to inert shells, so the only callables a pickle can
+reach are the stdlib datetime constructors (plus ``set``/``frozenset`` and a
+latin-1-only ``_codecs.encode``, which protocols 2 and 3 need for sets and bytes).  The result is then checked
+field by field and converted into :class:`RendezvousState`; any malformed
+input becomes :class:`StateCorruptError` with the reason.
+
+Encoding uses the pure-Python pickler with stand-in classes that it writes under
+torch's module and class names, so torch unpickles real ``_RendezvousState``
+and ``_NodeDesc`` objects (same layout as torch's own output: NEWOBJ + BUILD).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copyreg
+import datetime as _dt
+import io
+import pickle
+from typing import Any, Dict, Iterable, Optional, Set, Tuple
+
+from rdzvctl.errors import StateCorruptError, StateUnsafeError
+from rdzvctl.state.model import NodeDesc, RendezvousState
+
+__all__ = [
+    "TORCH_MODULE",
+    "ALLOWED_GLOBALS",
+    "MAX_STATE_BYTES",
+    "decode",
+    "encode",
+    "decode_base64",
+    "encode_base64",
+]
+
+TORCH_MODULE = "torch.distributed.elastic.rendezvous.dynamic_rendezvous"
+STATE_CLASS = "_RendezvousState"
+NODE_CLASS = "_NodeDesc"
+
+#: Refuse states larger than this before unpickling (real ones are kilobytes;
+#: 4,096 nodes are about 400 KiB).
+MAX_STATE_BYTES = 64 * 1024 * 1024
+
+DEFAULT_PROTOCOL = 4  # what torch writes on Python 3.11
+
+
+class _StateShell:
+    """Inert stand-in for ``_RendezvousState`` while unpickling (identity hash)."""
+
+    __slots__ = ("__dict__",)
+
+
+class _NodeShell:
+    """Inert stand-in for ``_NodeDesc`` while unpickling (identity hash)."""
+
+    __slots__ = ("__dict__",)
+
+
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """``_codecs.encode`` as protocols 2-3 use it for bytes, and nothing more."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise StateCorruptError("the pickle calls _codecs.encode in a way bytes never need")
+    return text.encode("latin-1")
+
+
+ALLOWED_GLOBALS: Dict[Tuple[str, str], Any] = {
+    (TORCH_MODULE, STATE_CLASS): _StateShell,
+    (TORCH_MODULE, NODE_CLASS): _NodeShell,
+    ("datetime", "datetime"): _dt.datetime,
+    ("datetime", "timezone"): _dt.timezone,
+    ("datetime", "timedelta"): _dt.timedelta,
+    # Protocols 2-3 have no set or bytes opcodes: sets are REDUCE(set, [items])
+    # and a datetime's bytes payload is REDUCE(_codecs.encode, (str, "latin1")).
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "frozenset"): frozenset,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """The C unpickler with every name lookup routed through the allow-list."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise StateUnsafeError(
+                f"the pickle asks for the global {module}.{name}, which is not part of a "
+                "rendezvous state; refused without executing it"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise StateUnsafeError("the pickle uses a persistent id, which a rendezvous state never does")
+
+
+def decode(data: bytes) -> RendezvousState:
+    """Decode torch's pickled state; raise StateCorruptError or StateUnsafeError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise StateCorruptError(f"the state is {type(data).__name__}, not bytes")
+    if len(data) > MAX_STATE_BYTES:
+        raise StateCorruptError(f"the state is {len(data)} bytes, over the {MAX_STATE_BYTES}-byte limit")
+    if not data:
+        raise StateCorruptError("the state is empty")
+    try:
+        obj = _AllowListUnpickler(io.BytesIO(data)).load()
+    except StateUnsafeError:
+        raise
+    except RecursionError:
+        raise StateCorruptError("the pickle nests too deeply") from None
+    except MemoryError:
+        raise StateCorruptError("the pickle asks for more memory than a state can need") from None
+    except Exception as exc:  # every malformed pickle: UnpicklingError, EOFError, ValueError, ...
+        raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
+    return _convert(obj)
+
+
+def decode_base64(text: bytes) -> bytes:
+    """Strict standard base64 (what torch's c10d and etcd backends store)."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise StateCorruptError(f"the stored value is not valid base64: {_reason(exc)}") from None
+
+
+def encode_base64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+# -- conversion from unpickled shells to the model ------------------------------
+_NODE_FIELDS = {"addr", "pid", "local_id"}
+_STATE_FIELDS = {
+    "round",
+    "complete",
+    "deadline",
+    "closed",
+    "participants",
+    "wait_list",
+    "redundancy_list",
+    "last_heartbeats",
+}
+# Pre-release torch names, accepted if seen.
+_LEGACY_STATE_FIELDS = {"last_keep_alives": "last_heartbeats"}
+_LEGACY_NODE_FIELDS = {"fqdn": "addr"}
+
+
+class _Converter:
+    def __init__(self) -> None:
+        self.nodes: Dict[int, NodeDesc] = {}
+        self.naive: Set[bool] = set()
+
+    def node(self, obj: Any, where: str) -> NodeDesc:
+        if type(obj) is not _NodeShell:
+            raise StateCorruptError(f"{where}: expected a _NodeDesc, found {_kind(obj)}")
+        cached = self.nodes.get(id(obj))
+        if cached is not None:
+            return cached
+        fields = {_LEGACY_NODE_FIELDS.get(k, k): v for k, v in _fields(obj, where).items()}
+        if set(fields) != _NODE_FIELDS:
+            raise StateCorruptError(f"{where}: a _NodeDesc has fields {sorted(fields)}, expected addr, pid, local_id")
+        addr, pid, local_id = fields["addr"], fields["pid"], fields["local_id"]
+        if type(addr) is not str:
+            raise StateCorruptError(f"{where}: node addr is {_kind(addr)}, expected str")
+        for label, value in (("pid", pid), ("local_id", local_id)):
+            if type(value) is not int:
+                raise StateCorruptError(f"{where}: node {label} is {_kind(value)}, expected int")
+        node = NodeDesc(addr, pid, local_id)
+        self.nodes[id(obj)] = node
+        return node
+
+    def time(self, value: Any, where: str) -> _dt.datetime:
+        if type(value) is not _dt.datetime:
+            raise StateCorruptError(f"{where}: expected a datetime, found {_kind(value)}")
+        if value.tzinfo is None:
+            self.naive.add(True)
+            return value.replace(tzinfo=_dt.timezone.utc)
+        self.naive.add(False)
+        try:
+            return value.astimezone(_dt.timezone.utc)
+        except (OverflowError, ValueError) as exc:
+            raise StateCorruptError(f"{where}: datetime out of range: {_reason(exc)}") from None
+
+    def node_set(self, value: Any, where: str) -> Set[NodeDesc]:
+        if type(value) not in (set, frozenset):
+            raise StateCorruptError(f"{where}: expected a set, found {_kind(value)}")
+        return {self.node(item, where) for item in value}
+
+    def node_map(self, value: Any, where: str) -> Dict[Any, Any]:
+        if type(value) is not dict:
+            raise StateCorruptError(f"{where}: expected a dict, found {_kind(value)}")
+        return value
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _fields(obj: Any, where: str) -> Dict[str, Any]:
+    fields = getattr(obj, "__dict__", None)
+    if type(fields) is not dict or not all(type(k) is str for k in fields):
+        raise StateCorruptError(f"{where}: object without a field dictionary")
+    return fields
+
+
+def _convert(obj: Any) -> RendezvousState:
+    if type(obj) is not _StateShell:
+        raise StateCorruptError(f"the pickle holds {_kind(obj)}, not a _RendezvousState")
+    raw = {_LEGACY_STATE_FIELDS.get(k, k): v for k, v in _fields(obj, "state").items()}
+    raw.setdefault("redundancy_list", set())  # torch < 2.3
+    missing = _STATE_FIELDS - set(raw)
+    extra = set(raw) - _STATE_FIELDS
+    if missing:
+        raise StateCorruptError(f"the state lacks the field(s) {', '.join(sorted(missing))}")
+    if extra:
+        raise StateCorruptError(f"the state has unknown field(s) {', '.join(sorted(extra))}")
+    conv = _Converter()
+    for name in ("round",):
+        if type(raw[name]) is not int:
+            raise StateCorruptError(f"{name}: expected int, found {_kind(raw[name])}")
+    if raw["round"] < 0:
+        raise StateCorruptError(f"round: negative ({raw['round']})")
+    for name in ("complete", "closed"):
+        if type(raw[name]) is not bool:
+            raise StateCorruptError(f"{name}: expected bool, found {_kind(raw[name])}")
+    deadline = None if raw["deadline"] is None else conv.time(raw["deadline"], "deadline")
+
+    participants: Dict[NodeDesc, int] = {}
+    for key, rank in conv.node_map(raw["participants"], "participants").items():
+        node = conv.node(key, "participants")
+        if type(rank) is not int:
+            raise StateCorruptError(f"participants: rank of {node} is {_kind(rank)}, expected int")
+        participants[node] = rank
+    heartbeats: Dict[NodeDesc, _dt.datetime] = {}
+    for key, when in conv.node_map(raw["last_heartbeats"], "last_heartbeats").items():
+        node = conv.node(key, "last_heartbeats")
+        heartbeats[node] = conv.time(when, f"last_heartbeats[{node}]")
+    state = RendezvousState(
+        round=raw["round"],
+        complete=raw["complete"],
+        deadline=deadline,
+        closed=raw["closed"],
+        participants=participants,
+        wait_list=conv.node_set(raw["wait_list"], "wait_list"),
+        redundancy_list=conv.node_set(raw["redundancy_list"], "redundancy_list"),
+        last_heartbeats=heartbeats,
+    )
+    if conv.naive == {True, False}:
+        raise StateCorruptError(
+            "the state mixes naive and timezone-aware datetimes, which torch cannot compare"
+        )
+    state.naive_datetimes = conv.naive == {True}
+    return state
+
+
+# -- encoding --------------------------------------------------------------------
+class _TorchState:
+    """Pickles as torch's ``_RendezvousState``: NEWOBJ(cls, ()) + BUILD(dict)."""
+
+    def __init__(self, fields: Dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return (copyreg.__newobj__, (type(self),), self.fields)
+
+
+class _TorchNode(_TorchState):
+    """Pickles as torch's ``_NodeDesc``."""
+
+
+_TORCH_NAMES = {_TorchState: (TORCH_MODULE, STATE_CLASS), _TorchNode: (TORCH_MODULE, NODE_CLASS)}
+
+
+class _TorchNamePickler(pickle._Pickler):  # type: ignore[name-defined]
+    """The pure-Python pickler, writing our stand-ins under torch's names.
+
+    (The C pickler cannot: it imports the named module to check the class.)
+    """
+
+    def save_global(self, obj: Any, name: Optional[str] = None) -> None:
+        target = _TORCH_NAMES.get(obj)
+        if target is None:
+            return super().save_global(obj, name)
+        module, qualname = target
+        if self.proto >= 4:
+            self.save(module)
+            self.save(qualname)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("utf-8"))
+        self.memoize(obj)
+
+
+def encode(state: RendezvousState, protocol: int = DEFAULT_PROTOCOL) -> bytes:
+    """Bytes that torch unpickles into its own ``_RendezvousState`` with equal fields."""
+    if not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
+        raise ValueError(f"pickle protocol {protocol} is not supported (2..{pickle.HIGHEST_PROTOCOL})")
+    nodes: Dict[NodeDesc, _TorchNode] = {}
+
+    def node(desc: NodeDesc) -> _TorchNode:
+        found = nodes.get(desc)
+        if found is None:
+            found = nodes[desc] = _TorchNode(
+                {"addr": desc.addr, "pid": desc.pid, "local_id": desc.local_id}
+            )
+        return found
+
+    def when(value: Optional[_dt.datetime]) -> Optional[_dt.datetime]:
+        if value is None:
+            return None
+        value = value.astimezone(_dt.timezone.utc) if value.tzinfo else value
+        return value.replace(tzinfo=None) if state.naive_datetimes else value.replace(tzinfo=_dt.timezone.utc)
+
+    # Node objects are shared (memoised) across the containers, like torch's own output.
+    fields = {
+        "round": int(state.round),
+        "complete": bool(state.complete),
+        "deadline": when(state.deadline),
+        "closed": bool(state.closed),
+        "participants": {node(n): int(r) for n, r in _sorted_items(state.participants)},
+        "wait_list": {node(n) for n in sorted(state.wait_list)},
+        "redundancy_list": {node(n) for n in sorted(state.redundancy_list)},
+        "last_heartbeats": {node(n): when(t) for n, t in _sorted_items(state.last_heartbeats)},
+    }
+    buffer = io.BytesIO()
+    _TorchNamePickler(buffer, protocol).dump(_TorchState(fields))
+    return buffer.getvalue()
+
+
+def _sorted_items(mapping: Dict[NodeDesc, Any]) -> Iterable[Tuple[NodeDesc, Any]]:
+    return sorted(mapping.items(), key=lambda item: item[0])

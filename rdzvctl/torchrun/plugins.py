@@ -1,0 +1,1 @@
+"""Entry points of the ``torchrun.handlers`` group (filled in with the Redis and etcd-v3 handlers)."""
