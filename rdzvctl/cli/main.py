@@ -1,0 +1,149 @@
+"""The ``rdzvctl`` root command.
+
+Subcommands are imported only when run (their help lines live here), so
+``rdzvctl --help`` and ``--version`` stay as fast as importing click.  Every
+error rdzvctl raises on purpose ends here as one line on stderr and its
+documented exit code; ``-v`` adds the traceback.
+
+Exit codes: 0 ok; 1 problems found; 2 usage; 3 token conflict (nothing
+written); 4 backend unreachable or timed out; 5 no state for that run;
+6 state corrupt or unsafe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from rdzvctl import __version__
+
+# name -> (module, short help); order is the order shown in --help.
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "get": ("rdzvctl.cli.commands.get", "Show the decoded state of a run, its nodes and problems."),
+    "set": ("rdzvctl.cli.commands.set", "Write a state (JSON) or change fields, fenced by the token."),
+    "edit": ("rdzvctl.cli.commands.edit", "Edit the state in $EDITOR and write it back, fenced."),
+    "watch": ("rdzvctl.cli.commands.watch", "Follow a run live and print what changes."),
+    "corrupt-detect": ("rdzvctl.cli.commands.detect", "Check one run or all runs for corruption and stuck states."),
+    "reset": ("rdzvctl.cli.commands.reset", "Repair a run: clear, reopen or prune dead nodes (backed up)."),
+    "restore": ("rdzvctl.cli.commands.restore", "Write a backup back, fenced, after showing the diff."),
+    "list": ("rdzvctl.cli.commands.list_runs", "List the runs on a backend with their health."),
+    "backends": ("rdzvctl.cli.commands.backends", "List the registered backends and their capabilities."),
+    "conformance": ("rdzvctl.cli.commands.conformance", "Run the backend conformance kit against a live backend."),
+    "demo": ("rdzvctl.cli.commands.demo", "Create a local rendezvous to try rdzvctl on (no server needed)."),
+    "completion": ("rdzvctl.cli.commands.completion", "Print the shell completion script (bash, zsh, fish)."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        module = importlib.import_module(entry[0])
+        return module.command  # type: ignore[no-any-return]
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from rdzvctl.errors import RdzvctlError
+
+        try:
+            return super().invoke(ctx)
+        except RdzvctlError as exc:
+            raise CommandError(exc, bool((ctx.obj or {}).get("verbose"))) from exc
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the table: listing commands must not import them.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, text) in COMMANDS.items()])
+
+
+class CommandError(click.ClickException):
+    """An rdzvctl error on its way out: one line, its documented exit code."""
+
+    def __init__(self, error: BaseException, verbose: bool = False) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.verbose = verbose
+        self.exit_code = getattr(error, "exit_code", 1)
+
+    def show(self, file: Any = None) -> None:
+        if self.verbose:
+            import traceback
+
+            traceback.print_exception(type(self.error), self.error, self.error.__traceback__, file=file or sys.stderr)
+        click.echo(f"rdzvctl: {type(self.error).__name__}: {self.error}", err=True, file=file)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="rdzvctl", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, envvar="RDZVCTL_VERBOSE", help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Inspect and repair PyTorch elastic rendezvous state.
+
+    Address a run the torchrun way: --rdzv-backend, --rdzv-endpoint,
+    --rdzv-id and --rdzv-conf (or PET_RDZV_* / RDZVCTL_RDZV_* variables),
+    so a command copied from a torchrun launch line just works.
+
+    \b
+    Exit codes (every command):
+      0 ok                     4 backend unreachable or timed out
+      1 problems found         5 no state for that run
+      2 usage error            6 state corrupt or unsafe
+      3 token conflict: nothing written
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+
+
+def main(argv: Optional[List[str]] = None) -> Any:
+    """Console entry point: run the CLI and turn our errors into exit codes."""
+    from rdzvctl.errors import RdzvctlError
+
+    try:
+        code = cli.main(args=argv, prog_name="rdzvctl", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted: nothing was written.", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except RdzvctlError as exc:
+        _report(exc, exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # a bug: still one line unless -v
+        _report(exc, 1, prefix="internal error: ")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _report(exc: BaseException, code: int, prefix: str = "") -> None:
+    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:] or _env_verbose()
+    if verbose:
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    click.echo(f"rdzvctl: {prefix}{type(exc).__name__}: {exc}", err=True)
+    sys.exit(code)
+
+
+def _env_verbose() -> bool:
+    import os
+
+    return os.environ.get("RDZVCTL_VERBOSE", "").lower() in ("1", "true", "yes")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

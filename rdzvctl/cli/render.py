@@ -1,0 +1,214 @@
+"""Turn documents into text: plain (stable, colourless) or rich (terminal).
+
+Commands build data (the documents of :mod:`rdzvctl.inspect`, rows of
+tables) and hand it here; nothing in this module talks to a backend.  Plain
+output never imports rich, so scripted use stays fast and byte-stable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "Table",
+    "render_tables",
+    "render_get",
+    "render_plan",
+    "render_event",
+    "fmt_age",
+    "fmt_seconds",
+    "SUMMARY_LIMIT",
+]
+
+#: Above this many nodes, ``get`` summarises unless ``--all-nodes``.
+SUMMARY_LIMIT = 50
+_STYLES = {"error": "bold red", "warning": "yellow", "info": "cyan", "alive": "green", "dead": "bold red",
+           "ok": "green", "corrupt": "bold red", "unsafe": "bold red"}
+
+
+class Table:
+    """A titled table: column names and rows of strings; ``note`` prints below it."""
+
+    def __init__(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], note: str = "") -> None:
+        self.title = title
+        self.columns = list(columns)
+        self.rows = [["" if c is None else str(c) for c in row] for row in rows]
+        self.note = note
+
+
+def fmt_seconds(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    sign = "-" if seconds < 0 else ""
+    s = abs(seconds)
+    if s < 60:
+        return f"{sign}{s:.1f}s"
+    if s < 3600:
+        return f"{sign}{int(s // 60)}m{int(s % 60):02d}s"
+    if s < 86400:
+        return f"{sign}{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{sign}{int(s // 86400)}d{int(s % 86400 // 3600):02d}h"
+
+
+def fmt_age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 0:
+        return f"in {fmt_seconds(-seconds)} (future)"
+    return f"{fmt_seconds(seconds)} ago"
+
+
+def _plain_table(table: Table) -> List[str]:
+    lines = [f"{table.title}:"] if table.title else []
+    if table.rows:
+        widths = [max(len(c), *(len(r[i]) for r in table.rows)) for i, c in enumerate(table.columns)]
+        head = "  ".join(c.upper().ljust(w) for c, w in zip(table.columns, widths)).rstrip()
+        lines.append("  " + head if table.title else head)
+        for row in table.rows:
+            text = "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
+            lines.append("  " + text if table.title else text)
+    else:
+        lines.append("  (none)" if table.title else "(none)")
+    if table.note:
+        lines.append(("  " if table.title else "") + table.note)
+    return lines
+
+
+def _plain_pairs(pairs: Sequence[Tuple[str, str]]) -> List[str]:
+    width = max((len(k) for k, _ in pairs), default=0)
+    return [f"{k.ljust(width)}  {v}" for k, v in pairs]
+
+
+def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[Table]) -> None:
+    """Print key/value pairs then tables, rich on a terminal, plain otherwise."""
+    if not app.rich:
+        blocks = []
+        if pairs:
+            blocks.append("\n".join(_plain_pairs(pairs)))
+        blocks += ["\n".join(_plain_table(t)) for t in tables]
+        app.out("\n\n".join(blocks))
+        return
+    from rich import box
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    console = app.console()
+    if pairs:
+        grid = RichTable.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        for key, value in pairs:
+            grid.add_row(key, Text(value, style=_STYLES.get(value.split(" ")[0], "")))
+        console.print(grid)
+    for table in tables:
+        console.print()
+        rich_table = RichTable(title=table.title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+                               show_edge=False, pad_edge=False)
+        for column in table.columns:
+            rich_table.add_column(column.upper(), overflow="fold")
+        for row in table.rows:
+            rich_table.add_row(*(Text(v, style=_STYLES.get(v, "")) for v in row))
+        console.print(rich_table if table.rows else f"[bold]{table.title}[/bold]\n  (none)")
+        if table.note:
+            console.print(f"[dim]{table.note}[/dim]")
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
+    """The ``get`` view: header, nodes by role, problems."""
+    state = doc.get("state")
+    pairs = [("backend", f"{doc['backend']}  {doc['endpoint']}"), ("run id", doc["run_id"]),
+             ("token", doc.get("token") or "-")]
+    if state is None:
+        pairs.append(("state", "corrupt" if doc.get("problems") else "none"))
+        render_tables(app, pairs, [_problems_table(doc.get("problems", []))])
+        return
+    summary = doc["summary"]
+    remaining = summary["deadline_remaining"]
+    if state["deadline"] is None:
+        deadline = "-"
+    elif remaining is not None and remaining >= 0:
+        deadline = f"in {fmt_seconds(remaining)} ({state['deadline']})"
+    else:
+        deadline = f"passed {fmt_seconds(-(remaining or 0))} ago ({state['deadline']})"
+    pairs += [
+        ("round", str(state["round"])),
+        ("complete", _yes(state["complete"])),
+        ("closed", _yes(state["closed"])),
+        ("deadline", deadline),
+        ("nodes", f"{summary['participants']} participants ({summary['alive']} alive, {summary['dead']} dead), "
+                  f"{summary['waiting']} waiting, {summary['redundant']} redundant"),
+    ]
+    ka = doc["keep_alive"]
+    expiry = ka["interval"] * ka["max_attempt"]
+    tables = []
+    for role, title in (("participant", "Participants"), ("waiting", "Wait list"),
+                        ("redundant", "Redundancy list"), ("orphan", "Heartbeats of nodes in no list")):
+        nodes = [n for n in doc["nodes"] if n["role"] == role]
+        if role == "orphan" and not nodes:
+            continue
+        note = ""
+        if not all_nodes and len(nodes) > SUMMARY_LIMIT:
+            dead = [n for n in nodes if n["alive"] is False]
+            shown = (dead + [n for n in nodes if n["alive"] is not False])[:SUMMARY_LIMIT]
+            note = f"... {len(nodes) - len(shown)} more {title.lower()} not shown (--all-nodes shows every row)"
+            nodes = shown
+        columns = (["rank"] if role == "participant" else []) + ["node", "last heartbeat", "status"]
+        rows = [
+            ([str(n["rank"])] if role == "participant" else [])
+            + [n["node"], fmt_age(n["age"]), _status(n["alive"])]
+            for n in nodes
+        ]
+        tables.append(Table(title, columns, rows, note))
+    tables.append(_problems_table(doc["problems"]))
+    if doc.get("store_keys"):
+        tables.append(Table("Store keys", ["key", "value"], sorted(doc["store_keys"].items())))
+    pairs.append(("liveness", f"dead after {expiry:g}s without a heartbeat "
+                              f"({ka['interval']:g}s x {ka['max_attempt']})"))
+    render_tables(app, pairs, tables)
+
+
+def _status(alive: Optional[bool]) -> str:
+    return {True: "alive", False: "dead", None: "no heartbeat"}[alive]
+
+
+def _problems_table(problems: List[Dict[str, Any]]) -> Table:
+    rows = [[p["severity"], p["code"], p["message"] + (f" -> {p['repair']}" if p.get("repair") else "")]
+            for p in problems]
+    return Table("Problems", ["severity", "code", "message"], rows)
+
+
+def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
+    """Show a unified diff of two JSON documents; returns False when they are equal."""
+    old = json.dumps(before, indent=2, sort_keys=False).splitlines() if before is not None else []
+    new = json.dumps(after, indent=2, sort_keys=False).splitlines() if after is not None else []
+    if old == new:
+        app.err(f"{title}: no change.")
+        return False
+    diff = list(difflib.unified_diff(old, new, "current", "new", lineterm="", n=2))
+    app.err(f"{title}:")
+    if app.rich:
+        from rich.syntax import Syntax
+
+        app.console(stderr=True).print(Syntax("\n".join(diff), "diff", theme="ansi_dark", background_color="default"))
+    else:
+        for line in diff:
+            app.err(line)
+    return True
+
+
+def render_event(app: Any, event: Dict[str, Any]) -> None:
+    """One watch event as a line: time, kind, message."""
+    line = f"{event['time']}  {event['kind']:<22} {event['message']}"
+    if app.rich:
+        from rich.text import Text
+
+        style = "red" if event["kind"] in ("heartbeat-stale", "state-removed", "state-corrupt", "closed") else ""
+        app.console().print(Text(line, style=style))
+    else:
+        app.out(line)
