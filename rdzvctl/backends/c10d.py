@@ -1,0 +1,226 @@
+"""The ``c10d`` backend: torch's ``C10dRendezvousBackend`` layout, without torch.
+
+The state lives in a c10d store (a ``TCPStore`` by default, ``store_type=file``
+for a ``FileStore``) under ``torch.rendezvous.<run_id>`` as base64 of the
+pickled ``_RendezvousState``; ``Y2FuaW1hZGFt`` is torch's "no state" sentinel
+and the token is the exact base64 value.  Differences from torch's backend,
+all on purpose:
+
+* reading never writes: torch's constructor creates the sentinel, we do not;
+  ``get_state`` checks the key exists before fetching it;
+* ``compare_set`` on a missing key with a non-empty ``expected`` replies
+  ``expected`` without writing (a "lie"); we detect it instead of reporting a
+  success or decoding the token as the state;
+* ``clear`` writes the sentinel back (fenced) instead of deleting, so torch
+  agents blocked in a ``get`` of the key keep working.
+
+``--rdzv-conf`` options are torch's: ``store_type`` (tcp|file) and
+``read_timeout`` (seconds, lowers ``--timeout``); ``is_host`` is ignored (we
+never host a store).
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from base64 import b64decode, b64encode
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+from rdzvctl.backends.base import Address, RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
+from rdzvctl.backends.filestore import FileStore
+from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
+from rdzvctl.errors import BackendConfigError, StateCorruptError
+
+__all__ = ["C10dBackend", "NULL_SENTINEL", "KEY_PREFIX", "parse_endpoint"]
+
+NULL_SENTINEL = b"Y2FuaW1hZGFt"
+KEY_PREFIX = "torch.rendezvous."
+_WIRE_PREFIX = b"/" + KEY_PREFIX.encode()
+_MULTI_GET_BATCH = 1000
+_HOST = re.compile(r"^[\w.:-]+$")
+
+Store = Union[TcpStoreClient, FileStore]
+
+
+def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
+    """torch's ``parse_rendezvous_endpoint``: ``host[:port]``, ``[v6]:port``, default port."""
+    endpoint = (endpoint or "").strip()
+    if not endpoint:
+        return "localhost", default_port
+    if endpoint[0] == "[" and endpoint[-1] == "]":
+        host, rest = endpoint, None
+    else:
+        host, sep, rest = endpoint.rpartition(":")
+        if not sep:
+            host, rest = rest, None
+    if len(host) > 1 and host[0] == "[" and host[-1] == "]":
+        host = host[1:-1]
+    port = default_port
+    if rest is not None:
+        if not rest.isdigit() or not 0 < int(rest) < 65536:
+            raise BackendConfigError(
+                f"the port of the c10d endpoint {endpoint!r} must be an integer between 1 and 65535"
+            )
+        port = int(rest)
+    if not host or not _HOST.match(host):
+        raise BackendConfigError(
+            f"the host of the c10d endpoint {endpoint!r} must be a host name, an IPv4 or an IPv6 address"
+        )
+    return host, port
+
+
+class C10dBackend(RendezvousBackend):
+    """torch's c10d rendezvous backend over a TCPStore or a FileStore, spoken natively."""
+
+    name = "c10d"
+    summary = "torch's c10d store: TCPStore (default) or FileStore (store_type=file), no torch needed"
+    requires = ()
+    capabilities = frozenset({"clear", "list_runs", "store_keys"})
+    strict_fencing = False
+
+    def __init__(self, address: Address) -> None:
+        super().__init__(address)
+        self.store_type = (address.get("store_type") or "tcp").strip().lower()
+        timeout = address.timeout
+        read_timeout = address.get_int("read_timeout")
+        if read_timeout is not None:
+            if read_timeout <= 0:
+                raise BackendConfigError("--rdzv-conf read_timeout must be a positive integer")
+            timeout = min(timeout, float(read_timeout))
+        if timeout <= 0:
+            raise BackendConfigError(f"the timeout must be positive, got {timeout:g}")
+        self.store: Store
+        if self.store_type == "tcp":
+            host, port = parse_endpoint(address.endpoint)
+            self.store = TcpStoreClient(host, port, timeout=timeout)
+        elif self.store_type == "file":
+            if not address.endpoint.strip():
+                raise BackendConfigError("store_type=file needs the FileStore path as the endpoint")
+            self.store = FileStore(address.endpoint.strip(), timeout=timeout)
+        else:
+            raise BackendConfigError(
+                f"--rdzv-conf store_type must be tcp or file, got {self.store_type!r}"
+            )
+
+    # -- keys and values -----------------------------------------------------------
+    @property
+    def key(self) -> bytes:
+        """The run's wire key: ``/torch.rendezvous.<run_id>``."""
+        if not self.run_id:
+            raise BackendConfigError("the c10d backend needs a run id (--rdzv-id)")
+        return _WIRE_PREFIX + self.run_id.encode()
+
+    def _decode(self, value: bytes, run_id: Optional[str] = None) -> Optional[StateAndToken]:
+        """torch's ``_decode_state``: ``None`` for the sentinel, else ``(state, token)``."""
+        if value == NULL_SENTINEL:
+            return None
+        try:
+            return b64decode(value, validate=True), value
+        except (binascii.Error, ValueError) as exc:
+            raise StateCorruptError(
+                f"the c10d value of run {run_id or self.run_id!r} at {self.describe()} is not "
+                "base64, so it is not rendezvous state"
+            ) from exc
+
+    def _current(self) -> Optional[StateAndToken]:
+        value = self.store.get(self.key)
+        return None if value is None else self._decode(value)
+
+    # -- torch's contract ---------------------------------------------------------
+    def get_state(self) -> Optional[StateAndToken]:
+        return self._current()
+
+    def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
+        key = self.key
+        desired = b64encode(state)
+        if token is None:
+            return self._create(key, state, desired)
+        if not isinstance(token, bytes) or not token:
+            return self._refused()
+        reply = self.store.compare_set(key, token, desired)
+        if reply == token:
+            # Either a success that rewrote equal bytes, or the "lie": the key
+            # was missing, the server echoed ``expected`` and wrote nothing.
+            if reply == desired and self.store.get(key) == desired:
+                return state, desired, True
+            return self._refused()
+        if reply == desired:
+            return state, desired, True
+        return self._refused(reply)
+
+    def _create(self, key: bytes, state: bytes, desired: bytes) -> Optional[SetResult]:
+        """A tokenless write: only over torch's sentinel or a missing key."""
+        for _ in range(8):
+            reply = self.store.compare_set(key, NULL_SENTINEL, desired)
+            if reply == desired:
+                return state, desired, True
+            if reply != NULL_SENTINEL:
+                return self._refused(reply)
+            # The key is missing (the server echoed ``expected``): create it.
+            reply = self.store.compare_set(key, b"", desired)
+            if reply == desired:
+                return state, desired, True
+            if reply != NULL_SENTINEL:
+                return self._refused(reply)
+            # torch's constructor wrote the sentinel in between: go again.
+        return self._refused()
+
+    def _refused(self, value: Optional[bytes] = None) -> Optional[SetResult]:
+        current = self._current() if value is None else self._decode(value)
+        return None if current is None else (current[0], current[1], False)
+
+    # -- capabilities ----------------------------------------------------------------
+    def clear(self, token: Token) -> bool:
+        """Restore torch's sentinel if ``token`` is current (never deletes the key)."""
+        if not isinstance(token, bytes) or not token or token == NULL_SENTINEL:
+            return False
+        return self.store.compare_set(self.key, token, NULL_SENTINEL) == NULL_SENTINEL
+
+    def list_runs(self) -> Iterator[RunEntry]:
+        """Every ``torch.rendezvous.<run_id>`` key with its state (``None`` for the sentinel).
+
+        A value that is not base64 is returned raw, as its own token, so
+        decoding it reports the corruption and a fenced ``clear`` can repair it.
+        """
+        keys = sorted(k for k in self.store.list_keys()
+                      if k.startswith(_WIRE_PREFIX) and b"/" not in k[len(_WIRE_PREFIX):])
+        for start in range(0, len(keys), _MULTI_GET_BATCH):
+            batch = keys[start:start + _MULTI_GET_BATCH]
+            for key, value in zip(batch, self.store.multi_get(batch)):
+                try:
+                    run_id = key[len(_WIRE_PREFIX):].decode()
+                except UnicodeDecodeError:
+                    continue  # not a key torch writes
+                if value is None:
+                    continue  # deleted since the listing
+                try:
+                    yield RunEntry(run_id, self._decode(value, run_id))
+                except StateCorruptError:
+                    yield RunEntry(run_id, (value, value))
+
+    def store_keys(self) -> Dict[str, bytes]:
+        """The run's per-round store keys (``torch.rendezvous.<run_id>.<round>/<name>``)
+        of every round found, as ``"<round>/<name>"`` sorted by round then name."""
+        prefix = self.key + b"."
+        found: List[Tuple[int, bytes, bytes]] = []
+        for key in self.store.list_keys():
+            if not key.startswith(prefix):
+                continue
+            round_, sep, name = key[len(prefix):].partition(b"/")
+            if sep and round_.isdigit():
+                found.append((int(round_), name, key))
+        found.sort()
+        out: Dict[str, bytes] = {}
+        for start in range(0, len(found), _MULTI_GET_BATCH):
+            batch = found[start:start + _MULTI_GET_BATCH]
+            values = self.store.multi_get([key for _, _, key in batch])
+            for (round_, name, _), value in zip(batch, values):
+                if value is not None:
+                    out[f"{round_}/{name.decode(errors='replace')}"] = value
+        return out
+
+    def close(self) -> None:
+        self.store.close()
+
+    def describe(self) -> str:
+        return self.store.endpoint

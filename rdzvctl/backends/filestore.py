@@ -1,0 +1,270 @@
+"""torch's c10d ``FileStore`` log format, read and appended with torch's locking.
+
+The file is an append-only log without header: each record is a u32 LE key
+length, the key, a u32 LE value length and the value.  The last record of a key
+wins; a record whose key starts with ``-`` (``-/k``) deletes ``/k``.  User keys
+are stored as ``/key``; ``refcount/`` and ``cleanup/`` are torch's bookkeeping.
+
+Rules kept here so live torch processes are never disturbed (see
+``shared/facts/c10d-stores.md``): ``flock`` LOCK_SH to read and LOCK_EX to
+append at EOF; the file is never truncated, compacted or replaced; existing
+files are opened without ``O_CREAT`` (a store torch deleted stays deleted); and
+``refcount/``/``cleanup/`` are never written.  Reads replay only what was
+appended since the previous read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError
+
+__all__ = ["FileStore"]
+
+_U32 = struct.Struct("<I")
+_INTERNAL = (b"refcount/", b"cleanup/")
+_HEAD = 64  # bytes remembered to notice a file replaced under the same inode
+
+Key = Union[bytes, str]
+
+
+def _b(value: Key) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _flock():
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        raise BackendConfigError("the FileStore needs flock(2), which this system lacks") from None
+    return fcntl
+
+
+def parse_records(data: bytes) -> Tuple[List[Tuple[bytes, bytes]], int]:
+    """Complete ``(key, value)`` records in ``data`` and the bytes they span."""
+    records = []
+    pos, end = 0, len(data)
+    unpack = _U32.unpack_from
+    while pos + 4 <= end:
+        klen = unpack(data, pos)[0]
+        kend = pos + 4 + klen
+        if kend + 4 > end:
+            break
+        vlen = unpack(data, kend)[0]
+        vend = kend + 4 + vlen
+        if vend > end:
+            break
+        records.append((data[pos + 4:kend], data[kend + 4:vend]))
+        pos = vend
+    return records, pos
+
+
+def encode_record(key: bytes, value: bytes) -> bytes:
+    return b"".join((_U32.pack(len(key)), key, _U32.pack(len(value)), value))
+
+
+class FileStore:
+    """A torch ``FileStore`` file, shared safely with the torch processes using it.
+
+    Keys are the stored (wire) keys: ``b"/k"`` is what torch calls ``k``.
+    ``timeout`` bounds waiting for torch's lock.  With ``create=True`` a write
+    may create a missing file (used to build a fresh store, e.g. for a demo);
+    otherwise a missing file reads as empty and refuses writes.
+    """
+
+    def __init__(self, path: str, timeout: float = 10.0, create: bool = False) -> None:
+        if not path:
+            raise BackendConfigError("the FileStore needs a file path as its endpoint")
+        self.path = path
+        self.timeout = float(timeout)
+        self.create = create
+        self._lock = threading.Lock()
+        self._values: Dict[bytes, bytes] = {}
+        self._offset = 0
+        self._ident: Optional[Tuple[int, int]] = None
+        self._head = b""
+
+    @property
+    def endpoint(self) -> str:
+        return self.path
+
+    def close(self) -> None:
+        with self._lock:
+            self._values, self._offset, self._ident, self._head = {}, 0, None, b""
+
+    # -- file access --------------------------------------------------------------
+    def _open(self, write: bool) -> Optional[int]:
+        """An fd of the file, or None if it does not exist (and may not be created)."""
+        flags = (os.O_RDWR if write else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        if write and self.create:
+            flags |= os.O_CREAT
+        try:
+            return os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            if write:
+                raise BackendUnavailableError(
+                    f"the FileStore file {self.path} does not exist (the job's store was removed "
+                    "or never created); refusing to create it"
+                ) from None
+            return None
+        except IsADirectoryError:
+            raise BackendConfigError(f"the FileStore path {self.path} is a directory") from None
+        except OSError as exc:
+            raise BackendUnavailableError(
+                f"cannot open the FileStore file {self.path}: {exc.strerror}"
+            ) from exc
+
+    def _lock_file(self, fd: int, exclusive: bool) -> None:
+        """flock like torch, waiting at most ``timeout`` for torch to release it."""
+        fcntl = _flock()
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + self.timeout
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
+                    raise BackendUnavailableError(
+                        f"cannot lock the FileStore file {self.path}: {exc.strerror}"
+                    ) from exc
+            if time.monotonic() >= deadline:
+                raise BackendTimeoutError(
+                    f"the FileStore file {self.path} stayed locked for {self.timeout:g} s"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _refresh(self, fd: int) -> int:
+        """Replay what was appended since the last read; returns the file size."""
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        head = os.pread(fd, _HEAD, 0) if self._offset else b""
+        if ident != self._ident or st.st_size < self._offset or head != self._head[: len(head)]:
+            self._values, self._offset, self._ident, self._head = {}, 0, ident, b""
+        if st.st_size > self._offset:
+            data = os.pread(fd, st.st_size - self._offset, self._offset)
+            records, used = parse_records(data)
+            values = self._values
+            for key, value in records:
+                if key[:1] == b"-":
+                    values.pop(key[1:], None)
+                else:
+                    values[key] = value
+            if not self._head:
+                self._head = data[:_HEAD]
+            self._offset += used
+        return st.st_size
+
+    def _snapshot(self) -> Dict[bytes, bytes]:
+        """Current values, read under LOCK_SH (empty when the file does not exist)."""
+        fd = self._open(write=False)
+        if fd is None:
+            self._values, self._offset, self._ident, self._head = {}, 0, None, b""
+            return self._values
+        try:
+            self._lock_file(fd, exclusive=False)
+            self._refresh(fd)
+            return self._values
+        finally:
+            os.close(fd)  # also releases the flock
+
+    def _append(self, fd: int, key: bytes, value: bytes) -> None:
+        """Append one record at EOF (the caller holds LOCK_EX and just refreshed)."""
+        record = encode_record(key, value)
+        os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(record)
+        while view:
+            view = view[os.write(fd, view):]
+        if self._offset == 0:
+            self._head = record[:_HEAD]
+        self._offset += len(record)
+        if key[:1] == b"-":
+            self._values.pop(key[1:], None)
+        else:
+            self._values[key] = value
+
+    def _update(self, key: bytes, decide) -> bytes:
+        """Under LOCK_EX: ``decide(current) -> (value to append or None, reply)``."""
+        if key in _INTERNAL or key[:1] == b"-":
+            raise BackendConfigError(f"refusing to write the FileStore bookkeeping key {key!r}")
+        with self._lock:
+            fd = self._open(write=True)
+            assert fd is not None
+            try:
+                self._lock_file(fd, exclusive=True)
+                self._refresh(fd)
+                new, reply = decide(self._values.get(key))
+                if new is not None:
+                    self._append(fd, *new)
+                return reply
+            except OSError as exc:
+                raise BackendUnavailableError(
+                    f"cannot write the FileStore file {self.path}: {exc.strerror}"
+                ) from exc
+            finally:
+                os.close(fd)
+
+    # -- operations (torch's Store semantics) ---------------------------------------
+    def check(self, keys: Iterable[Key]) -> bool:
+        with self._lock:
+            values = self._snapshot()
+            return all(_b(k) in values for k in keys)
+
+    def get(self, key: Key) -> Optional[bytes]:
+        """The value of ``key`` or ``None`` when absent (never waits for it to appear)."""
+        with self._lock:
+            return self._snapshot().get(_b(key))
+
+    def multi_get(self, keys: Sequence[Key]) -> List[Optional[bytes]]:
+        with self._lock:
+            values = self._snapshot()
+            return [values.get(_b(k)) for k in keys]
+
+    def list_keys(self) -> List[bytes]:
+        """Every stored key, torch's bookkeeping keys included."""
+        with self._lock:
+            return list(self._snapshot())
+
+    def items(self) -> Dict[bytes, bytes]:
+        """A copy of every key and value, from one replay."""
+        with self._lock:
+            return dict(self._snapshot())
+
+    def compare_set(self, key: Key, expected: Key, desired: Key) -> bytes:
+        """torch's ``compare_set``: the value current after the call.
+
+        Like torch's: a missing key with empty ``expected`` is created; a
+        missing key with non-empty ``expected`` creates nothing and replies
+        ``expected``.
+        """
+        key, expected, desired = _b(key), _b(expected), _b(desired)
+
+        def decide(current: Optional[bytes]):
+            if current is None:
+                if expected:
+                    return None, expected
+                return (key, desired), desired
+            if current == expected:
+                return (key, desired), desired
+            return None, current
+
+        return self._update(key, decide)
+
+    def set(self, key: Key, value: Key) -> None:
+        key, value = _b(key), _b(value)
+        self._update(key, lambda current: ((key, value), b""))
+
+    def delete_key(self, key: Key) -> bool:
+        """Append a tombstone (like torch, even for a missing key); True if it existed."""
+        key = _b(key)
+        return bool(self._update(key, lambda current: ((b"-" + key, b""), b"1" if current is not None else b"")))
+
+    def __repr__(self) -> str:
+        return f"<FileStore {self.path}>"

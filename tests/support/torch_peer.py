@@ -1,0 +1,134 @@
+"""torch as a test peer: TCPStore servers in subprocesses and FileStore paths.
+
+The TCPStore server runs in its own process so that latency measurements of our
+client and torch's do not share a GIL with it.  Each server listens on a free
+loopback port (torch picks it: port 0) and is stopped when its fixture ends.
+
+Import the fixtures explicitly in a test module::
+
+    from tests.support.torch_peer import tcpstore_libuv, tcpstore_legacy  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import pytest
+
+__all__ = [
+    "TcpStoreServer",
+    "start_tcpstore",
+    "torch_tcpstore",
+    "torch_filestore",
+    "tcpstore_libuv",
+    "tcpstore_legacy",
+    "tcpstore_server",
+    "filestore_path",
+]
+
+_SERVER_SCRIPT = r"""
+import sys
+from datetime import timedelta
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                      use_libuv=sys.argv[1] == "1", timeout=timedelta(seconds=30),
+                      multi_tenant=False)
+print(store.port, flush=True)
+sys.stdin.read()  # serve until the test closes our stdin
+"""
+
+
+@dataclass
+class TcpStoreServer:
+    """A torch TCPStore server process on ``host:port``."""
+
+    host: str
+    port: int
+    use_libuv: bool
+    process: subprocess.Popen
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()  # type: ignore[union-attr]
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_tcpstore(use_libuv: bool = True) -> TcpStoreServer:
+    """Start a torch TCPStore server in a subprocess and wait for its port."""
+    pytest.importorskip("torch")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_SCRIPT, "1" if use_libuv else "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    if not line.strip().isdigit():
+        proc.kill()
+        proc.wait(timeout=10)
+        raise RuntimeError(f"the torch TCPStore server did not start (said {line!r})")
+    return TcpStoreServer("127.0.0.1", int(line), use_libuv, proc)
+
+
+def torch_tcpstore(server: TcpStoreServer, timeout: float = 10.0):
+    """A torch ``TCPStore`` client of ``server`` (in this process)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(
+        server.host, server.port, is_master=False, use_libuv=server.use_libuv,
+        timeout=timedelta(seconds=timeout),
+    )
+
+
+def torch_filestore(path: str):
+    """torch's ``FileStore(path)`` as elastic opens it (world_size -1: never deleted)."""
+    import torch.distributed as dist
+
+    return dist.FileStore(path)
+
+
+@pytest.fixture(scope="session")
+def tcpstore_libuv() -> Iterator[TcpStoreServer]:
+    server = start_tcpstore(use_libuv=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tcpstore_legacy() -> Iterator[TcpStoreServer]:
+    server = start_tcpstore(use_libuv=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["libuv", "legacy"])
+def tcpstore_server(request: pytest.FixtureRequest) -> Iterator[TcpStoreServer]:
+    """Each test using it runs against both server flavours."""
+    server = start_tcpstore(use_libuv=request.param == "libuv")
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def filestore_path() -> Iterator[str]:
+    """A FileStore file that torch has created and keeps open for the test's duration."""
+    pytest.importorskip("torch")
+    with tempfile.TemporaryDirectory(prefix="rdzvctl-filestore-") as tmp:
+        path = os.path.join(tmp, "store")
+        store = torch_filestore(path)
+        yield path
+        del store
