@@ -53,10 +53,16 @@ DEFAULT_TIMEOUT = 10.0
 
 
 class RunEntry(NamedTuple):
-    """One run found by :meth:`RendezvousBackend.list_runs`: its id and raw state."""
+    """One run found by :meth:`RendezvousBackend.list_runs`: its id and raw state.
+
+    ``error`` is set (and ``state`` None) when the stored value of that run
+    cannot even be unwrapped (e.g. bad base64), so one bad run never hides the
+    others.
+    """
 
     run_id: str
     state: Optional[StateAndToken]
+    error: Optional[Exception] = None
 
 
 def parse_conf(text: str) -> Dict[str, str]:

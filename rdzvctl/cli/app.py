@@ -60,6 +60,11 @@ class App:
         return open_backend(self.address, run_id)
 
     @property
+    def timeout_given(self) -> bool:
+        """True when --timeout (or RDZVCTL_TIMEOUT) was given explicitly."""
+        return self._flags[4] is not None or bool(os.environ.get("RDZVCTL_TIMEOUT"))
+
+    @property
     def keep_alive(self) -> KeepAlive:
         """torch's keep-alive settings from --rdzv-conf (keep_alive_interval, keep_alive_max_attempt)."""
         interval = self.address.get_float("keep_alive_interval", 5.0)

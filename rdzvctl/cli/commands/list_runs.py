@@ -1,0 +1,49 @@
+"""rdzvctl list: the runs on a backend with their health."""
+
+from __future__ import annotations
+
+import click
+
+from rdzvctl.cli.app import App, output_option, with_app
+
+
+@click.command("list")
+@with_app
+@output_option("text", "json")
+def command(app: App, output: str) -> None:
+    """List the runs on a backend: round, complete, participants, waiting, closed, health.
+
+    Health is the worst finding of corrupt-detect: ok, info, warning, error,
+    corrupt or unsafe.  Needs a backend that can list runs (not every c10d
+    store can).
+    """
+    from rdzvctl.cli.commands.detect import _progress, check_raw
+    from rdzvctl.inspect import now_utc
+
+    now = now_utc()
+    rows = []
+    with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
+        for entry in _progress(app, backend.list_runs()):
+            raw = None if entry.state is None else entry.state[0]
+            if raw is None and entry.error is None:
+                continue  # e.g. c10d's "no state" sentinel
+            report, state = check_raw(entry.run_id, raw, entry.error, app, now)
+            row = {"run_id": entry.run_id, "health": report["status"], "round": None, "complete": None,
+                   "participants": None, "waiting": None, "closed": None,
+                   "token": None if entry.state is None else backend.format_token(entry.state[1])}
+            if state is not None:
+                row.update(round=state.round, complete=state.complete, participants=len(state.participants),
+                           waiting=len(state.wait_list), closed=state.closed)
+            rows.append(row)
+    if output == "json":
+        app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
+        return
+    from rdzvctl.cli.render import Table, render_tables
+
+    def show(value: object) -> str:
+        return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
+
+    table = Table("", ["run id", "round", "complete", "participants", "waiting", "closed", "health"],
+                  [[r["run_id"], *(show(r[k]) for k in ("round", "complete", "participants", "waiting", "closed")),
+                    r["health"]] for r in rows])
+    render_tables(app, [], [table])

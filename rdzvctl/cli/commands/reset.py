@@ -1,0 +1,75 @@
+"""rdzvctl reset: clear, reopen or prune a run — planned, fenced, backed up."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from rdzvctl.cli.app import App, output_option, with_app, write_options
+from rdzvctl.errors import NoStateError, TokenConflictError
+
+
+@click.command("reset")
+@with_app
+@click.option("--mode", type=click.Choice(["clear", "reopen", "prune"]), required=True,
+              help="clear: remove the state (the backend-correct way); reopen: closed -> false; "
+                   "prune: drop dead nodes with torch's own bookkeeping.")
+@click.option("--retry", type=click.IntRange(min=0), default=0, show_default=True,
+              help="On a conflict, re-read and re-apply reopen/prune up to N times (each attempt backed up).")
+@write_options
+@output_option("text", "json")
+def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_dir: Optional[str],
+            output: str) -> None:
+    """Repair a run. Shows the plan as a diff, asks unless --yes, backs up, writes fenced.
+
+    \b
+    clear   a finished job closed the run id, or the state is corrupt: start over
+    reopen  RendezvousClosedError for new agents: mark the rendezvous open again
+    prune   dead nodes keep a round full or stuck: remove them as torch would
+
+    Liveness uses --rdzv-conf keep_alive_interval and keep_alive_max_attempt
+    (torch's defaults 5 s x 3); min_nodes=N lets prune clear the deadline like torch.
+    The backup path is printed; `rdzvctl restore PATH` puts the exact bytes back.
+    """
+    from rdzvctl.cli.change import apply_change
+    from rdzvctl.inspect import now_utc, take_snapshot
+    from rdzvctl.state.analysis import prune_dead_nodes, reopen
+    from rdzvctl.state.codec import encode
+
+    attempts = 1 + (retry if mode != "clear" else 0)
+    with app.open() as backend:
+        for attempt in range(attempts):
+            snap = take_snapshot(backend)
+            if not snap.exists:
+                raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to reset")
+            if mode == "clear":
+                new = None
+            else:
+                if snap.error is not None:
+                    raise snap.error  # only clear can repair an undecodable state
+                assert snap.state is not None
+                if mode == "reopen":
+                    if not snap.state.closed:
+                        app.err(f"Run {snap.run_id!r} is not closed: nothing to do.")
+                        return
+                    new_state = reopen(snap.state)
+                else:
+                    new_state, removed = prune_dead_nodes(snap.state, now_utc(), app.keep_alive, app.min_nodes)
+                    if not removed:
+                        app.err(f"Run {snap.run_id!r} has no dead nodes: nothing to prune.")
+                        return
+                    app.err(f"Dead node(s) to prune: {', '.join(map(str, removed))}")
+                new = encode(new_state)
+            try:
+                result = apply_change(app, backend, snap, new, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
+                                      command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {snap.run_id!r}")
+            except TokenConflictError:
+                if attempt + 1 < attempts:
+                    app.err(f"Conflict: retrying on the fresh state ({attempt + 1}/{retry}).")
+                    yes = True  # the operation, not the bytes, was confirmed
+                    continue
+                raise
+            if output == "json":
+                app.json(result or {"written": False, "run_id": snap.run_id})
+            return

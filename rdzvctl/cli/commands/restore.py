@@ -1,0 +1,45 @@
+"""rdzvctl restore: write a backup back, fenced, after showing the diff."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from rdzvctl.cli.app import App, output_option, with_app, write_options
+
+
+@click.command("restore")
+@click.argument("backup_file", metavar="BACKUP", type=click.Path(dir_okay=False))
+@with_app
+@write_options
+@output_option("text", "json")
+def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Optional[str], output: str) -> None:
+    """Write the state saved in BACKUP back to its run, fenced by the current token.
+
+    The backend, endpoint and run id come from the backup unless given; pass
+    secrets (passwords) again with --rdzv-conf or the environment, since
+    backups never store them.  What restore replaces is itself backed up.
+    """
+    from pathlib import Path
+
+    from rdzvctl.backends.base import Address, parse_conf
+    from rdzvctl.backends.registry import open_backend
+    from rdzvctl.backup import read_backup
+    from rdzvctl.cli.change import apply_change
+    from rdzvctl.inspect import take_snapshot
+
+    saved = read_backup(Path(backup_file))
+    backend_name, endpoint, run_id, conf, timeout = app._flags
+    merged = dict(saved.conf)
+    merged.update(parse_conf(conf or ""))
+    base = Address.from_env(backend_name or saved.backend, endpoint or saved.endpoint, run_id or saved.run_id,
+                            None, timeout)
+    address = Address(base.backend, base.endpoint, base.run_id, {**base.conf, **merged}, base.timeout)
+    with open_backend(address) as backend:
+        snap = take_snapshot(backend)
+        result = apply_change(app, backend, snap, saved.state, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
+                              command=f"restore {backup_file}",
+                              title=f"Restore of run {snap.run_id!r} from {backup_file} (saved {saved.time})")
+    if output == "json":
+        app.json(result or {"written": False, "run_id": snap.run_id})

@@ -1,0 +1,134 @@
+"""rdzvctl set: write a state or change fields, always fenced."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Tuple
+
+import click
+
+from rdzvctl.cli.app import App, output_option, with_app, write_options
+from rdzvctl.errors import NoStateError, StateValidationError, TokenConflictError, UsageError
+
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
+def read_document(source: str) -> Any:
+    """Read a JSON document from a path or ``-``; errors are one line."""
+    try:
+        if source == "-":
+            data = click.get_binary_stream("stdin").read(MAX_INPUT_BYTES + 1)
+        else:
+            with open(source, "rb") as handle:
+                data = handle.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"{source}: larger than {MAX_INPUT_BYTES} bytes; not a rendezvous state")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{source}: not valid JSON: {exc}") from None
+
+
+@click.command("set")
+@with_app
+@click.option("-f", "--filename", "source", metavar="FILE",
+              help="A JSON state, or the whole document `get -o json` prints ('-' for stdin).")
+@click.option("--token", metavar="TOKEN", help="Write only over this token (as printed by get).")
+@click.option("--create", is_flag=True, help="Write only if no state exists.")
+@click.option("--closed/--no-closed", default=None, help="Close or reopen the rendezvous.")
+@click.option("--complete/--no-complete", default=None, help="Mark the current round complete or not.")
+@click.option("--round", "round_", type=click.IntRange(min=0), help="Set the round number.")
+@click.option("--clear-deadline", is_flag=True, help="Remove the last-call deadline.")
+@click.option("--remove-node", "remove_nodes", multiple=True, metavar="NODE",
+              help="Remove a node (addr_pid_localid) with torch's bookkeeping; repeatable.")
+@click.option("--add-waiting", "add_waiting", multiple=True, metavar="NODE",
+              help="Add a node to the wait list with a fresh heartbeat (forces live agents to re-rendezvous).")
+@write_options
+@output_option("text", "json")
+def command(app: App, source: Optional[str], token: Optional[str], create: bool, closed: Optional[bool],
+            complete: Optional[bool], round_: Optional[int], clear_deadline: bool, remove_nodes: Tuple[str, ...],
+            add_waiting: Tuple[str, ...], yes: bool, dry_run: bool, backup_dir: Optional[str], output: str) -> None:
+    """Write a state given as JSON, or change fields in place; always fenced.
+
+    A JSON state (-f) replaces the stored one: with --token only over that
+    token, with --create only if none exists, otherwise over the token read
+    just before.  Field changes read, edit and write with the token they read.
+    On a conflict nothing is written and the exit code is 3.
+
+    \b
+    Examples:
+      rdzvctl get ... -o json > s.json; vi s.json; rdzvctl set ... -f s.json --token TOKEN
+      rdzvctl set ... --no-closed
+      rdzvctl set ... --remove-node node3_4711_0 --yes
+    """
+    from rdzvctl.cli.change import apply_change
+    from rdzvctl.inspect import take_snapshot
+    from rdzvctl.state.analysis import remove_node
+    from rdzvctl.state.codec import encode
+    from rdzvctl.state.jsonform import state_from_document
+
+    edits = any(v is not None for v in (closed, complete, round_)) or clear_deadline or remove_nodes or add_waiting
+    if source is None and not edits:
+        raise click.UsageError("nothing to write: give -f FILE or a field change (see --help)")
+    if source is not None and edits:
+        raise click.UsageError("-f and field changes are exclusive: edit the file instead")
+    if create and token:
+        raise click.UsageError("--create and --token are exclusive")
+    new_state = None
+    if source is not None:
+        new_state = state_from_document(read_document(source))  # validate before touching the backend
+    nodes_out = [_node(n, "--remove-node") for n in remove_nodes]
+    nodes_in = [_node(n, "--add-waiting") for n in add_waiting]
+
+    with app.open() as backend:
+        snap = take_snapshot(backend)
+        if snap.error is not None and new_state is None:
+            raise snap.error
+        if create and snap.exists:
+            raise TokenConflictError(f"run {snap.run_id!r} already has a state (token {snap.token_text}); "
+                                     "--create wrote nothing", None)
+        if token is not None and token != snap.token_text:
+            current = "no state" if not snap.exists else f"the current token is {snap.token_text}"
+            raise TokenConflictError(f"token {token} is not current for run {snap.run_id!r} ({current}); "
+                                     "nothing was written")
+        if new_state is None:
+            if snap.state is None:
+                raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to change")
+            from rdzvctl.inspect import now_utc
+
+            new_state = snap.state.copy()
+            for node in nodes_out:
+                if node not in new_state.nodes:
+                    raise StateValidationError("--remove-node", f"{node} is not in the state")
+                new_state = remove_node(new_state, node, app.min_nodes)
+            now = now_utc()
+            for node in nodes_in:
+                new_state.participants.pop(node, None)
+                new_state.redundancy_list.discard(node)
+                new_state.wait_list.add(node)
+                new_state.last_heartbeats[node] = now
+            if closed is not None:
+                new_state.closed = closed
+            if complete is not None:
+                new_state.complete = complete
+            if round_ is not None:
+                new_state.round = round_
+            if clear_deadline:
+                new_state.deadline = None
+        elif snap.state is not None:
+            new_state.naive_datetimes = new_state.naive_datetimes or snap.state.naive_datetimes
+        result = apply_change(app, backend, snap, encode(new_state), yes=yes, dry_run=dry_run,
+                              backup_dir=backup_dir, command="set", title=f"Changes to run {snap.run_id!r}")
+    if output == "json":
+        app.json(result or {"written": False, "run_id": snap.run_id})
+
+
+def _node(text: str, option: str) -> Any:
+    from rdzvctl.state.model import NodeDesc
+
+    try:
+        return NodeDesc.parse(text)
+    except ValueError as exc:
+        raise StateValidationError(option, str(exc)) from None
