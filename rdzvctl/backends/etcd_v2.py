@@ -1,0 +1,267 @@
+"""The ``etcd-v2`` backend: torch's ``EtcdRendezvousBackend`` layout over the etcd v2 keys API.
+
+Layout (torch's, byte for byte): key ``/torch/elastic/rendezvous/<run_id>``
+(``key_prefix`` in ``--rdzv-conf`` changes the directory), value = the
+base64 of the pickled state, token = the key's ``modifiedIndex``.  Every
+write sets ``ttl`` (default 7200 s) like torch, so an abandoned run expires
+two hours after its last write; the first write uses ``prevExist=false`` and
+later ones ``prevIndex=<token>``.  Reads use ``quorum=true`` so that any member
+answers with the latest write.  torch's options ``protocol``, ``ssl_cert``,
+``ssl_cert_key``, ``ca_cert`` and ``read_timeout`` are honoured, and the
+endpoint may list several members (``host1:2379,host2:2379``).
+
+The v2 API needs etcd started with ``--enable-v2=true``; etcd 3.6 removed it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from typing import Any, Dict, Iterator, Optional
+from urllib.parse import quote, urlencode
+
+from rdzvctl.backends.base import (
+    Address,
+    RendezvousBackend,
+    RunEntry,
+    SetResult,
+    StateAndToken,
+    Token,
+)
+from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
+
+__all__ = ["EtcdV2Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
+
+DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
+DEFAULT_TTL = 7200  # torch's EtcdRendezvousBackend._DEFAULT_TTL
+
+# etcd v2 error codes (https://etcd.io/docs/v2.3/errorcode/).
+_KEY_NOT_FOUND = 100
+_COMPARE_FAILED = 101
+_NOT_A_FILE = 102
+_NODE_EXIST = 105
+_INDEX_CLEARED = 401
+
+_API = "the etcd v2 API"
+
+
+def _valid_index(token: Any) -> bool:
+    """A modifiedIndex token is a positive int (bool is not an int here)."""
+    return type(token) is int and token > 0
+
+
+class EtcdV2Backend(RendezvousBackend):
+    """torch's ``etcd-v2`` rendezvous backend, read and written without torch or python-etcd."""
+
+    name = "etcd-v2"
+    summary = "etcd v2 keys API (torch's etcd-v2 layout; etcd <= 3.5 with --enable-v2)"
+    requires = ()
+    install_hint = ""
+    capabilities = frozenset({"clear", "list_runs", "native_watch"})
+    strict_fencing = True
+
+    def __init__(self, address: Address) -> None:
+        super().__init__(address)
+        from rdzvctl.backends.etcd_gateway import EtcdHttp, make_ssl_context, parse_endpoints
+
+        endpoints, scheme = parse_endpoints(address.endpoint)
+        protocol = (address.get("protocol") or scheme or "http").strip().lower()
+        if protocol not in ("http", "https"):
+            raise BackendConfigError("--rdzv-conf protocol: must be http or https")
+        if scheme and scheme != protocol:
+            raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
+        read_timeout = address.get_float("read_timeout")
+        if read_timeout is not None and read_timeout <= 0:
+            raise BackendConfigError("--rdzv-conf read_timeout: must be positive")
+        timeout = min(address.timeout, read_timeout) if read_timeout else address.timeout
+        ttl = address.get_int("ttl")
+        self.ttl = ttl if ttl and ttl > 0 else DEFAULT_TTL
+        prefix = address.get("key_prefix", DEFAULT_KEY_PREFIX) or ""
+        self.key_prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+        context = None
+        if protocol == "https":
+            context = make_ssl_context(address.get("ca_cert"), address.get("ssl_cert"), address.get("ssl_cert_key"))
+        self._http = EtcdHttp(endpoints, timeout, context, api="etcd")
+
+    # -- paths ----------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """The etcd key of this run's state."""
+        return f"{self.key_prefix}/{self.run_id}"
+
+    def _path(self, key: str, **query: Any) -> str:
+        path = "/v2/keys" + quote(key, safe="/")
+        return path + ("?" + urlencode(query) if query else "")
+
+    def _call(self, method: str, key: str, form: Optional[Dict[str, Any]] = None,
+              **query: Any) -> "tuple[int, Dict[str, Any], Dict[str, str]]":
+        body = urlencode(form).encode() if form is not None else None
+        headers = {"Content-Type": "application/x-www-form-urlencoded"} if body is not None else {}
+        answer = self._http.request(method, self._path(key, **query), body, headers)
+        if answer.status == 404 and "json" not in answer.headers.get("content-type", ""):
+            raise BackendUnavailableError(
+                f"etcd at {answer.endpoint} does not serve {_API} (start etcd with --enable-v2=true; "
+                "etcd 3.6 removed it)"
+            )
+        doc = answer.json(_API)
+        if not isinstance(doc, dict) or not ("node" in doc or "errorCode" in doc):
+            raise BackendUnavailableError(f"{answer.endpoint} did not answer like {_API}")
+        if answer.status >= 500 or (answer.status >= 400 and doc.get("errorCode") in (None, 300, 301)):
+            message = doc.get("message") or f"HTTP {answer.status}"
+            raise BackendUnavailableError(f"etcd at {answer.endpoint} failed the request: {message}")
+        return answer.status, doc, dict(answer.headers)
+
+    # -- decoding -------------------------------------------------------------------
+    def _decode_node(self, node: Dict[str, Any]) -> StateAndToken:
+        if node.get("dir"):
+            raise StateCorruptError(f"etcd key {node.get('key', self.key)} is a directory, not rendezvous state")
+        try:
+            state = base64.b64decode(node.get("value", ""), validate=True)
+        except (binascii.Error, ValueError, TypeError) as exc:
+            raise StateCorruptError(
+                f"the value of etcd key {node.get('key', self.key)} is not base64 (not rendezvous state)"
+            ) from exc
+        return state, int(node["modifiedIndex"])
+
+    # -- torch's contract -------------------------------------------------------------
+    def get_state(self) -> Optional[StateAndToken]:
+        status, doc, _ = self._call("GET", self.key, quorum="true")
+        if doc.get("errorCode") == _KEY_NOT_FOUND:
+            return None
+        self._raise_unexpected(status, doc)
+        return self._decode_node(doc["node"])
+
+    def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
+        if token is not None and not _valid_index(token):
+            return self._current_refused()
+        form: Dict[str, Any] = {"value": base64.b64encode(state).decode("ascii"), "ttl": self.ttl}
+        if token is None:
+            form["prevExist"] = "false"
+        else:
+            form["prevIndex"] = token
+        status, doc, _ = self._call("PUT", self.key, form)
+        if doc.get("errorCode") in (_KEY_NOT_FOUND, _COMPARE_FAILED, _NODE_EXIST, _NOT_A_FILE):
+            return self._current_refused()
+        self._raise_unexpected(status, doc)
+        return (*self._decode_node(doc["node"]), True)
+
+    def _current_refused(self) -> Optional[SetResult]:
+        current = self.get_state()
+        return None if current is None else (*current, False)
+
+    def _raise_unexpected(self, status: int, doc: Dict[str, Any]) -> None:
+        if "errorCode" in doc or "node" not in doc:
+            message = doc.get("message") or f"HTTP {status}"
+            raise BackendUnavailableError(f"etcd at {self.describe()} refused the request on {self.key}: {message}")
+
+    # -- capabilities ----------------------------------------------------------------
+    def clear(self, token: Token) -> bool:
+        """Compare-and-delete on ``prevIndex``: removes the state only if ``token`` is current."""
+        if not _valid_index(token):
+            return False
+        status, doc, _ = self._call("DELETE", self.key, prevIndex=token)
+        if doc.get("errorCode") in (_KEY_NOT_FOUND, _COMPARE_FAILED, _NOT_A_FILE):
+            return False
+        self._raise_unexpected(status, doc)
+        return True
+
+    def list_runs(self) -> Iterator[RunEntry]:
+        """Every run under the key prefix, from one recursive GET.
+
+        A run whose value is not base64 is listed with its ``error`` set.
+        """
+        directory = self.key_prefix or "/"
+        status, doc, _ = self._call("GET", directory, recursive="true", sorted="true", quorum="true")
+        if doc.get("errorCode") == _KEY_NOT_FOUND:
+            return
+        self._raise_unexpected(status, doc)
+        cut = len(self.key_prefix) + 1
+        stack = list(reversed(doc["node"].get("nodes", [])))
+        entries = []
+        while stack:
+            node = stack.pop()
+            if node.get("dir"):
+                stack.extend(reversed(node.get("nodes", [])))
+                continue
+            run_id = node["key"][cut:]
+            try:
+                entries.append(RunEntry(run_id, self._decode_node(node)))
+            except StateCorruptError as exc:
+                entries.append(RunEntry(run_id, None, exc))
+        yield from entries
+
+    def watch(
+        self,
+        interval: float = 1.0,
+        stop: Optional[threading.Event] = None,
+        since: Optional[StateAndToken] = None,
+    ) -> Iterator[Optional[StateAndToken]]:
+        """etcd's own watch (``wait=true&waitIndex=``): no polling, one request per change."""
+        stop = stop or threading.Event()
+        last: Any = object() if since is None else since[1]
+        next_index = 0
+        while not stop.is_set():
+            if next_index == 0:  # (re)synchronise: read the key and the store index
+                status, doc, headers = self._call("GET", self.key, quorum="true")
+                if doc.get("errorCode") == _KEY_NOT_FOUND:
+                    current: Optional[StateAndToken] = None
+                else:
+                    self._raise_unexpected(status, doc)
+                    current = self._decode_node(doc["node"])
+                next_index = int(headers.get("x-etcd-index", doc.get("index", 0))) + 1
+                token = None if current is None else current[1]
+                if token != last:
+                    last = token
+                    yield current
+                continue
+            event = self._wait(next_index, stop)
+            if event is None:  # idle, interrupted or broken: wait again from the same index
+                stop.wait(0.05)
+                continue
+            if event.get("errorCode") == _INDEX_CLEARED:
+                next_index = 0
+                continue
+            if "errorCode" in event or "node" not in event:
+                next_index = 0
+                stop.wait(min(interval, 1.0))
+                continue
+            node = event["node"]
+            next_index = int(node["modifiedIndex"]) + 1
+            if event.get("action") in ("delete", "compareAndDelete", "expire") or "value" not in node:
+                current = None
+            else:
+                current = self._decode_node(node)
+            token = None if current is None else current[1]
+            if token != last:
+                last = token
+                yield current
+
+    def _wait(self, index: int, stop: threading.Event) -> Optional[Dict[str, Any]]:
+        """One long-poll for the next change at or after ``index``; None if none came."""
+        import http.client
+        import json
+
+        path = self._path(self.key, wait="true", waitIndex=index)
+        try:
+            with self._http.stream("GET", path, None, {}, stop) as stream:
+                response = stream.response()
+                body = response.read()
+        except (OSError, http.client.HTTPException):
+            return None
+        except BackendUnavailableError:
+            if stop.is_set():
+                return None
+            raise
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    # -- presentation ----------------------------------------------------------------
+    def describe(self) -> str:
+        return self._http.describe()
+
+    def close(self) -> None:
+        self._http.close()
