@@ -6,9 +6,12 @@ five globals real states contain (``_RendezvousState``, ``_NodeDesc`` and
 other global, persistent id and extension code with :class:`StateUnsafeError`.
 The torch classes resolve to inert shells, so the only callables a pickle can
 reach are the stdlib datetime constructors (plus ``set``/``frozenset`` and a
-latin-1-only ``_codecs.encode``, which protocols 2 and 3 need for sets and bytes).  The result is then checked
-field by field and converted into :class:`RendezvousState`; any malformed
-input becomes :class:`StateCorruptError` with the reason.
+latin-1-only ``_codecs.encode``, which protocols 2 and 3 need for sets and bytes).
+Two holes of the C unpickler are closed by an opcode walk before it runs
+(skipped when it provably cannot matter): extension codes already in
+copyreg's cache bypass ``find_class``, and hashing tuples nested very deep
+overflows the C stack.  The result is then checked field by field and
+converted into :class:`RendezvousState`; any malformed input becomes :class:`StateCorruptError` with the reason.
 
 Encoding uses the pure-Python pickler with stand-in classes that it writes under
 torch's module and class names, so torch unpickles real ``_RendezvousState``
@@ -23,7 +26,8 @@ import copyreg
 import datetime as _dt
 import io
 import pickle
-from typing import Any, Dict, Iterable, Optional, Set, Tuple
+import pickletools
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state.model import NodeDesc, RendezvousState
@@ -47,6 +51,17 @@ NODE_CLASS = "_NodeDesc"
 MAX_STATE_BYTES = 64 * 1024 * 1024
 
 DEFAULT_PROTOCOL = 4  # what torch writes on Python 3.11
+
+#: Deepest tuple-in-tuple nesting accepted (real states nest 2 deep).  Hashing a
+#: deeper tuple (as a dict key or set item) recurses in C without a recursion
+#: guard and can crash the interpreter, so such pickles are refused up front.
+MAX_TUPLE_DEPTH = 1000
+
+# Opcodes that build a tuple from stack items: a nesting of depth d needs d of them.
+_TUPLE_OPCODES = (pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.TUPLE)
+# Opcodes that can reach code without naming a global the allow-list sees:
+# extension codes resolved from copyreg's cache skip ``find_class`` entirely.
+_UNSAFE_OPCODES = {"EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"}
 
 
 class _StateShell:
@@ -108,6 +123,9 @@ def decode(data: bytes) -> RendezvousState:
         raise StateCorruptError(f"the state is {len(data)} bytes, over the {MAX_STATE_BYTES}-byte limit")
     if not data:
         raise StateCorruptError("the state is empty")
+    data = bytes(data)
+    if _needs_scan(data):
+        _scan(data)
     try:
         obj = _AllowListUnpickler(io.BytesIO(data)).load()
     except StateUnsafeError:
@@ -119,6 +137,98 @@ def decode(data: bytes) -> RendezvousState:
     except Exception as exc:  # every malformed pickle: UnpicklingError, EOFError, ValueError, ...
         raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
     return _convert(obj)
+
+
+def _needs_scan(data: bytes) -> bool:
+    """Whether ``data`` could hold something the C unpickler must not see.
+
+    Without a registered copyreg extension and with fewer tuple-building
+    opcode bytes than :data:`MAX_TUPLE_DEPTH`, nothing can go wrong, so the
+    common small state skips the opcode walk.
+    """
+    if copyreg._inverted_registry or copyreg._extension_cache:  # type: ignore[attr-defined]
+        return True
+    return sum(data.count(op) for op in _TUPLE_OPCODES) >= MAX_TUPLE_DEPTH
+
+
+def _stack_effect(opcode: Any) -> Tuple[int, int, int]:
+    """(items popped below a mark or -1 without one, items popped, items pushed)."""
+    before = opcode.stack_before
+    below = before.index(pickletools.markobject) if pickletools.markobject in before else -1
+    return below, len(before), len(opcode.stack_after)
+
+
+_EFFECTS = {op.name: _stack_effect(op) for op in pickletools.opcodes}
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_GETS = {"GET", "BINGET", "LONG_BINGET"}
+_TUPLES = {"TUPLE": -1, "EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+
+
+def _scan(data: bytes) -> None:
+    """Walk the opcodes without building anything (``pickletools.genops``).
+
+    Refuses extension codes and persistent ids (unsafe) and tuples nested
+    deeper than :data:`MAX_TUPLE_DEPTH` (corrupt).  The stack is simulated
+    only as far as tuple depths go (every other object counts as depth 0),
+    with the C unpickler's rules: a mark fences the stack below it.
+    """
+    stack: List[int] = []
+    marks: List[int] = []
+    memo: Dict[Any, int] = {}
+    fence = 0
+    name = ""
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            name = opcode.name
+            if name in _UNSAFE_OPCODES:
+                kind = "an extension code" if name.startswith("EXT") else "a persistent id"
+                raise StateUnsafeError(f"the pickle uses {kind}, which a rendezvous state never does")
+            if name in _TUPLES:
+                size = _TUPLES[name]
+                if size < 0:
+                    start = marks.pop()
+                    fence = marks[-1] if marks else 0
+                else:
+                    start = len(stack) - size
+                    if start < fence:
+                        raise ValueError(f"stack underflow at {name}")
+                depth = 1 + max(stack[start:], default=0)
+                del stack[start:]
+                if depth > MAX_TUPLE_DEPTH:
+                    raise StateCorruptError(f"the pickle nests tuples over {MAX_TUPLE_DEPTH} deep, which no state does")
+                stack.append(depth)
+            elif name in _PUTS:
+                if len(stack) <= fence:
+                    raise ValueError(f"stack underflow at {name}")
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif name in _GETS:
+                stack.append(memo.get(arg, 0))
+            elif name == "MARK":
+                marks.append(len(stack))
+                fence = len(stack)
+            elif name == "DUP":
+                if len(stack) <= fence:
+                    raise ValueError("stack underflow at DUP")
+                stack.append(stack[-1])
+            elif name == "POP" and marks and fence == len(stack):
+                marks.pop()  # the C unpickler pops the mark itself here
+                fence = marks[-1] if marks else 0
+            else:
+                below, popped, pushed = _EFFECTS[name]
+                if below >= 0:
+                    del stack[marks.pop():]
+                    fence = marks[-1] if marks else 0
+                    popped = below
+                if popped:
+                    if len(stack) - popped < fence:
+                        raise ValueError(f"stack underflow at {name}")
+                    del stack[-popped:]
+                if pushed:
+                    stack.extend((0,) * pushed)
+    except (StateUnsafeError, StateCorruptError):
+        raise
+    except Exception as exc:  # genops: unknown opcode, truncated argument; a mark missing, ...
+        raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
 
 
 def decode_base64(text: bytes) -> bytes:
@@ -166,7 +276,7 @@ class _Converter:
         cached = self.nodes.get(id(obj))
         if cached is not None:
             return cached
-        fields = {_LEGACY_NODE_FIELDS.get(k, k): v for k, v in _fields(obj, where).items()}
+        fields = _renamed(_fields(obj, where), _LEGACY_NODE_FIELDS, where)
         if set(fields) != _NODE_FIELDS:
             raise StateCorruptError(f"{where}: a _NodeDesc has fields {sorted(fields)}, expected addr, pid, local_id")
         addr, pid, local_id = fields["addr"], fields["pid"], fields["local_id"]
@@ -213,10 +323,21 @@ def _fields(obj: Any, where: str) -> Dict[str, Any]:
     return fields
 
 
+def _renamed(fields: Dict[str, Any], legacy: Dict[str, str], where: str) -> Dict[str, Any]:
+    """``fields`` under today's names; a field present under both names is corrupt."""
+    out: Dict[str, Any] = {}
+    for key, value in fields.items():
+        name = legacy.get(key, key)
+        if name in out:
+            raise StateCorruptError(f"{where}: the field {name} appears under both its old and new name")
+        out[name] = value
+    return out
+
+
 def _convert(obj: Any) -> RendezvousState:
     if type(obj) is not _StateShell:
         raise StateCorruptError(f"the pickle holds {_kind(obj)}, not a _RendezvousState")
-    raw = {_LEGACY_STATE_FIELDS.get(k, k): v for k, v in _fields(obj, "state").items()}
+    raw = _renamed(_fields(obj, "state"), _LEGACY_STATE_FIELDS, "state")
     raw.setdefault("redundancy_list", set())  # torch < 2.3
     missing = _STATE_FIELDS - set(raw)
     extra = set(raw) - _STATE_FIELDS
