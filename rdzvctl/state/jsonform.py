@@ -70,8 +70,11 @@ DOCUMENT_KEYS = frozenset(
 
 
 def format_time(value: Optional[_dt.datetime]) -> Optional[str]:
+    """ISO-8601 in UTC with microseconds; a naive datetime is taken as UTC (never local time)."""
     if value is None:
         return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=_dt.timezone.utc)
     return value.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 

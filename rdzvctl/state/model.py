@@ -8,11 +8,15 @@ vocabulary is the one torch users already know.  Nothing here does I/O.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Dict, Optional, Set
 
 __all__ = ["NodeDesc", "RendezvousState"]
+
+# How str() writes an int: ASCII digits, no leading zeros, "-" only.
+_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
 
 
 @dataclass(eq=True, order=True, frozen=True)
@@ -37,15 +41,17 @@ class NodeDesc:
 
     @classmethod
     def parse(cls, node_id: str) -> "NodeDesc":
-        """Parse ``addr_pid_localid``; the address itself may contain ``_``."""
+        """Parse ``addr_pid_localid`` exactly as ``str`` writes it (the inverse of ``str``).
+
+        The address itself may contain ``_``; pid and local id must be plain
+        decimal integers (no sign but ``-``, no leading zeros, no spaces), so
+        two different ids never name the same node.
+        """
         parts = node_id.rsplit("_", 2)
-        if len(parts) != 3 or not parts[0]:
+        if len(parts) != 3 or not all(_INTEGER.fullmatch(p) for p in parts[1:]):
             raise ValueError(f"not a node id (addr_pid_localid): {node_id!r}")
         addr, pid, local_id = parts
-        try:
-            return cls(addr, int(pid), int(local_id))
-        except ValueError:
-            raise ValueError(f"not a node id (addr_pid_localid): {node_id!r}") from None
+        return cls(addr, int(pid), int(local_id))
 
 
 @dataclass
