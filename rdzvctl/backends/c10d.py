@@ -174,6 +174,10 @@ class C10dBackend(RendezvousBackend):
         """Restore torch's sentinel if ``token`` is current (never deletes the key)."""
         if not isinstance(token, bytes) or not token or token == NULL_SENTINEL:
             return False
+        # A mismatch replies the current value, which after an earlier clear is
+        # the sentinel too: only a current token may report a removal.
+        if self.store.get(self.key) != token:
+            return False
         return self.store.compare_set(self.key, token, NULL_SENTINEL) == NULL_SENTINEL
 
     def list_runs(self) -> Iterator[RunEntry]:

@@ -11,13 +11,16 @@ Import the fixtures explicitly in a test module::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -30,6 +33,9 @@ __all__ = [
     "tcpstore_legacy",
     "tcpstore_server",
     "filestore_path",
+    "refused_port",
+    "blackhole_server",
+    "scripted_server",
 ]
 
 _SERVER_SCRIPT = r"""
@@ -132,3 +138,57 @@ def filestore_path() -> Iterator[str]:
         store = torch_filestore(path)
         yield path
         del store
+
+
+# -- peers that are not a working TCPStore (error paths) -----------------------------
+def refused_port() -> int:
+    """A loopback port nobody listens on (connecting is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def blackhole_server() -> Iterator[int]:
+    """A port that accepts connections (kernel backlog) but never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def scripted_server(respond: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback server running ``respond(conn)`` on each connection, then closing it.
+
+    For example an HTTP server that answers garbage, or one that hangs up.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    respond(conn)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sock.close()
