@@ -1,0 +1,278 @@
+"""The c10d backend over torch's FileStore, with torch 2.13 as the peer on the same file."""
+
+# The fixtures are imported by name, so pytest arguments shadow them.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from rdzvctl.backends.base import Address
+from rdzvctl.backends.c10d import NULL_SENTINEL, C10dBackend
+from rdzvctl.backends.filestore import FileStore, parse_records
+from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
+from rdzvctl.testing.conformance import BackendConformanceTests, run_conformance
+from tests.support.torch_peer import (
+    filestore_path,  # noqa: F401  (fixture)
+    torch_filestore,
+)
+
+pytestmark = pytest.mark.torch
+TIMEOUT = 5.0
+
+
+def new_run_id() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+def backend(path: str, run_id: str = "", timeout: float = TIMEOUT) -> C10dBackend:
+    return C10dBackend.from_address(
+        Address("c10d", path, run_id or new_run_id(), {"store_type": "file"}, timeout)
+    )
+
+
+def torch_backend(store, run_id: str):
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+
+    return C10dRendezvousBackend(store, run_id)
+
+
+def records(path: str):
+    with open(path, "rb") as f:
+        return parse_records(f.read())[0]
+
+
+# -- the conformance kit on a file torch has open ------------------------------------------------
+class TestConformance(BackendConformanceTests):
+    @pytest.fixture(autouse=True)
+    def _file(self, filestore_path):
+        self.path = filestore_path
+
+    def make_backend(self, run_id):
+        return backend(self.path, run_id)
+
+    def corrupt_state(self, b: C10dBackend) -> None:
+        FileStore(self.path).set(b.key, b"%%% not base64 %%%")
+
+
+def test_no_aba_is_a_declared_limitation(filestore_path):
+    [result] = run_conformance(lambda run_id: backend(filestore_path, run_id), only=["no_aba"])
+    assert result.outcome == "limitation", result.detail
+
+
+# -- the file format and torch's bookkeeping ------------------------------------------------------
+def test_we_append_torchs_record_format(filestore_path):
+    b = backend(filestore_path)
+    _, token, _ = b.set_state(b"\x00state\xff")
+    assert (b.key, token) == records(filestore_path)[-1]
+    assert torch_filestore(filestore_path).get(f"torch.rendezvous.{b.run_id}") == token
+
+
+def test_the_file_only_grows_and_bookkeeping_is_untouched(filestore_path):
+    with open(filestore_path, "rb") as f:
+        before = f.read()
+    bookkeeping = [r for r in records(filestore_path) if r[0] in (b"refcount/", b"cleanup/")]
+    b = backend(filestore_path)
+    _, token, _ = b.set_state(b"x")
+    b.set_state(b"y", token)
+    b.set_state(b"z", b"stale")
+    b.clear(b.get_state()[1])
+    list(b.list_runs())
+    with open(filestore_path, "rb") as f:
+        after = f.read()
+    assert after.startswith(before)
+    assert [r for r in records(filestore_path) if r[0] in (b"refcount/", b"cleanup/")] == bookkeeping
+    assert all(key == b.key for key, _ in parse_records(after[len(before):])[0])
+
+
+def test_reading_a_missing_run_appends_nothing(filestore_path):
+    size = os.path.getsize(filestore_path)
+    b = backend(filestore_path)
+    assert b.get_state() is None
+    assert b.store_keys() == {}
+    assert os.path.getsize(filestore_path) == size
+    assert torch_filestore(filestore_path).check([f"torch.rendezvous.{b.run_id}"]) is False
+
+
+def test_a_missing_file_is_no_state_and_is_never_created(tmp_path):
+    path = str(tmp_path / "gone")
+    b = backend(path)
+    assert b.get_state() is None
+    assert list(b.list_runs()) == []
+    with pytest.raises(BackendUnavailableError, match="does not exist"):
+        b.set_state(b"x")
+    assert not os.path.exists(path)
+
+
+def test_create_builds_a_store_torch_can_read(tmp_path):
+    path = str(tmp_path / "new")
+    FileStore(path, create=True).compare_set(b"/torch.rendezvous.demo", b"", b"eA==")
+    assert torch_backend(torch_filestore(path), "demo").get_state() == (b"x", b"eA==")
+
+
+def test_bookkeeping_keys_are_never_written(filestore_path):
+    store = FileStore(filestore_path)
+    for key in (b"refcount/", b"cleanup/", b"-/k"):
+        with pytest.raises(BackendConfigError):
+            store.set(key, b"1")
+
+
+def test_torchs_deletes_and_later_appends_are_seen(filestore_path):
+    theirs = torch_filestore(filestore_path)
+    store = FileStore(filestore_path)
+    theirs.set("k", "1")
+    assert store.get(b"/k") == b"1"
+    theirs.delete_key("k")
+    assert store.get(b"/k") is None
+    theirs.set("k", "2")
+    assert store.get(b"/k") == b"2"
+
+
+def test_a_replaced_file_is_replayed_from_scratch(tmp_path):
+    path = str(tmp_path / "store")
+    first = torch_filestore(path)
+    first.set("k", "old value")
+    store = FileStore(path)
+    assert store.get(b"/k") == b"old value"
+    os.unlink(path)
+    second = torch_filestore(path)
+    second.set("other", "x" * 200)
+    assert store.get(b"/k") is None
+    assert store.get(b"/other") == b"x" * 200
+    del first, second
+
+
+def test_our_reads_do_not_keep_torch_from_deleting_its_file(tmp_path):
+    import torch.distributed as dist
+
+    path = str(tmp_path / "store")
+    theirs = dist.FileStore(path, 1)  # deleted when its last user closes it
+    theirs.set("k", "v")
+    assert FileStore(path).get(b"/k") == b"v"
+    del theirs
+    assert not os.path.exists(path)
+
+
+def test_a_held_lock_times_out_within_the_timeout(filestore_path):
+    b = backend(filestore_path, timeout=0.5)
+    fd = os.open(filestore_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.raises(BackendTimeoutError, match="locked"):
+            b.get_state()
+        assert time.monotonic() - start < 1.5
+    finally:
+        os.close(fd)
+    assert b.get_state() is None
+
+
+def test_a_directory_is_a_config_error(tmp_path):
+    with pytest.raises(BackendConfigError):
+        backend(str(tmp_path)).set_state(b"x")
+
+
+def test_non_base64_value_is_corrupt_and_names_the_run(filestore_path):
+    b = backend(filestore_path)
+    torch_filestore(filestore_path).set(f"torch.rendezvous.{b.run_id}", "not base64!")
+    with pytest.raises(StateCorruptError, match=b.run_id):
+        b.get_state()
+
+
+# -- cross-writes with torch's C10dRendezvousBackend over FileStore ----------------------------------
+def test_torch_writes_we_read_the_same_bytes_and_token(filestore_path):
+    run_id = new_run_id()
+    _, token, _ = torch_backend(torch_filestore(filestore_path), run_id).set_state(b"\x80\x04torch")
+    assert backend(filestore_path, run_id).get_state() == (b"\x80\x04torch", token)
+
+
+def test_we_write_with_torchs_token_and_torch_reads_it(filestore_path):
+    run_id = new_run_id()
+    theirs = torch_backend(torch_filestore(filestore_path), run_id)
+    _, torch_token, _ = theirs.set_state(b"v1")
+    _, token, has_set = backend(filestore_path, run_id).set_state(b"v2", torch_token)
+    assert has_set
+    assert theirs.get_state() == (b"v2", token)
+
+
+def test_torchs_stale_token_is_refused_by_our_write(filestore_path):
+    run_id = new_run_id()
+    theirs = torch_backend(torch_filestore(filestore_path), run_id)
+    _, stale, _ = theirs.set_state(b"v1")
+    _, current, _ = theirs.set_state(b"v2", stale)
+    assert backend(filestore_path, run_id).set_state(b"v3", stale) == (b"v2", current, False)
+
+
+def test_our_stale_token_is_refused_by_torchs_write(filestore_path):
+    ours = backend(filestore_path)
+    _, stale, _ = ours.set_state(b"v1")
+    _, current, _ = ours.set_state(b"v2", stale)
+    theirs = torch_backend(torch_filestore(filestore_path), ours.run_id)
+    assert theirs.set_state(b"v3", stale) == (b"v2", current, False)
+
+
+def test_clear_writes_the_sentinel_torch_reads_as_no_state(filestore_path):
+    b = backend(filestore_path)
+    _, token, _ = b.set_state(b"x")
+    assert b.clear(token) is True
+    assert torch_filestore(filestore_path).get(f"torch.rendezvous.{b.run_id}") == NULL_SENTINEL
+    assert torch_backend(torch_filestore(filestore_path), b.run_id).get_state() is None
+
+
+def test_list_runs_and_store_keys(filestore_path):
+    theirs = torch_filestore(filestore_path)
+    run_id = new_run_id()
+    _, token, _ = torch_backend(theirs, run_id).set_state(b"listed")
+    theirs.set(f"torch.rendezvous.{run_id}.1/MASTER_ADDR", "node0")
+    b = backend(filestore_path, run_id)
+    assert {e.run_id: e.state for e in b.list_runs()} == {run_id: (b"listed", token)}
+    assert b.store_keys() == {"1/MASTER_ADDR": b"node0"}
+
+
+_TORCH_INCREMENTER = r"""
+import sys
+import torch.distributed as dist
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+backend = C10dRendezvousBackend(dist.FileStore(sys.argv[1]), sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()
+done = 0
+while done < int(sys.argv[3]):
+    state, token = backend.get_state()
+    count = int(state.split(b":")[0])
+    if backend.set_state(b"%d:torch" % (count + 1), token)[2]:
+        done += 1
+"""
+
+
+def test_racing_torch_and_us_on_one_file_lose_no_update(filestore_path):
+    # Each writer tags its value: with the value as the token, two writers
+    # writing equal bytes could not tell who won (the declared no-ABA limitation).
+    run_id, each = new_run_id(), 150
+    ours = backend(filestore_path, run_id)
+    ours.set_state(b"0:start")
+    proc = subprocess.Popen([sys.executable, "-c", _TORCH_INCREMENTER, filestore_path, run_id, str(each)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        done = 0
+        while done < each:
+            state, token = ours.get_state()
+            count = int(state.split(b":")[0])
+            if ours.set_state(b"%d:ours" % (count + 1), token)[2]:
+                done += 1
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ours.get_state()[0].split(b":")[0] == b"%d" % (2 * each)
