@@ -240,6 +240,7 @@ def test_list_runs_returns_every_run_with_state_and_token(redis_server):
         b = backend(redis_server.endpoint, run_id=f"job-{i}", key_prefix=prefix)
         state, token, _ = b.set_state(f"state {i}".encode())
         expected[b.run_id] = (state, token)
+        b.close()
     client = redis_server.client()
     client.set(prefix + "job-0.0/MASTER_ADDR", "10.0.0.1")  # a store key under the prefix
     client.hset(prefix + "not-ours", "field", "value")  # a hash without our fields
@@ -280,6 +281,25 @@ def test_list_runs_throughput_10000_runs(redis_server):
     rate = count / (time.perf_counter() - start)
     assert count == 10_000
     assert rate >= 2_500, f"list_runs read {rate:.0f} runs/s"
+
+
+# -- store_keys ---------------------------------------------------------------------------
+def test_store_keys_reads_the_per_round_keys(redis_server):
+    b = backend(redis_server.endpoint, run_id="job7")
+    client = redis_server.client()
+    store = b.store_prefix
+    assert store == "torch.rendezvous.job7.store/"
+    client.set(store + "torch.rendezvous.job7.1/MASTER_ADDR", "10.0.0.1")
+    client.set(store + "torch.rendezvous.job7.0/MASTER_PORT", "29500")
+    client.set(store + "torch.rendezvous.job7.1/MASTER_PORT", "29501")
+    client.set(store + "torchelastic/agent", "not per round")
+    client.set("torch.rendezvous.job70.store/torch.rendezvous.job70.0/MASTER_ADDR", "other run")
+    assert list(b.store_keys().items()) == [
+        ("0/MASTER_PORT", b"29500"),
+        ("1/MASTER_ADDR", b"10.0.0.1"),
+        ("1/MASTER_PORT", b"29501"),
+    ]
+    assert backend(redis_server.endpoint, run_id="job8").store_keys() == {}
 
 
 # -- watch ------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ Layout (see ``docs/redis-layout.md`` for a redis-cli walk-through):
   cluster slot as the state key, and ``clear`` keeps it, so a token from
   before a clear never becomes valid again.
 
+* Store keys of the torchrun plugin's store: STRING keys under
+  ``torch.rendezvous.<run_id>.store/`` (:attr:`RedisBackend.store_prefix`);
+  torch's handler puts its per-round keys under
+  ``torch.rendezvous.<run_id>.<round>/`` inside it.
+
 * Every write runs one Lua script (EVALSHA, EVAL on NOSCRIPT): it compares
   the token with ``version``, and on success stores the new state with
   ``version = max(last version + 1, server time in ms)``.  Versions thus
@@ -435,7 +440,7 @@ class RedisBackend(RendezvousBackend):
     summary = "Redis hash per run, fenced by a Lua script (TLS, ACL, Sentinel, Cluster)"
     requires = ("redis",)
     install_hint = "redis"
-    capabilities = frozenset({"clear", "list_runs", "native_watch"})
+    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
     strict_fencing = True
 
     def __init__(self, address: Address) -> None:
@@ -588,7 +593,43 @@ class RedisBackend(RendezvousBackend):
                 try:
                     yield RunEntry(run_id, _decode(key.decode("utf-8", "replace"), state, version))
                 except StateCorruptError:
-                    yield RunEntry(run_id, (bytes(state), version.decode("ascii", "replace")))
+                    text = version.decode("ascii", "replace")
+                    yield RunEntry(run_id, (bytes(state), int(text) if text.isdigit() else text))
+
+    @property
+    def store_prefix(self) -> str:
+        """Where the torchrun plugin's store keeps the run's store keys (STRING keys)."""
+        return self.key + ".store/"
+
+    def store_keys(self) -> Dict[str, bytes]:
+        """The run's per-round store keys as ``"<round>/<name>"``, sorted by round then name.
+
+        torch's handler writes them through a ``PrefixStore`` named
+        ``torch.rendezvous.<run_id>.<round>``, inside :attr:`store_prefix`.
+        """
+        prefix = self.store_prefix.encode()
+        round_prefix = f"torch.rendezvous.{self.run_id}.".encode()
+        client = self.client
+        found: List[Tuple[int, bytes, bytes]] = []
+        with self._errors():
+            for key in client.scan_iter(match=_glob_escape(self.store_prefix) + "*", count=LIST_BATCH):
+                rest = key[len(prefix):]
+                if not rest.startswith(round_prefix):
+                    continue
+                round_, sep, name = rest[len(round_prefix):].partition(b"/")
+                if sep and round_.isdigit():
+                    found.append((int(round_), name, key))
+            found.sort()
+            out: Dict[str, bytes] = {}
+            for start in range(0, len(found), LIST_BATCH):
+                batch = found[start:start + LIST_BATCH]
+                pipe = client.pipeline(transaction=False)
+                for _, _, key in batch:
+                    pipe.get(key)
+                for (round_, name, _), value in zip(batch, pipe.execute(raise_on_error=False)):
+                    if isinstance(value, bytes):
+                        out[f"{round_}/{name.decode(errors='replace')}"] = value
+        return out
 
     # -- watch ----------------------------------------------------------------
     def _node_client(self) -> Any:
