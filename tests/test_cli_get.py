@@ -16,10 +16,14 @@ import pytest
 import rdzvctl.cli.app
 from rdzvctl.state.codec import encode
 from rdzvctl.state.jsonform import DOCUMENT_KEYS, STATE_KEYS
-from tests.support.cli import NOW, closed_port, invoke, json_out, make_state
 from tests.support.cli import (  # noqa: F401  (fixtures)
+    NOW,
     cli_env,
+    closed_port,
     frozen_now,
+    invoke,
+    json_out,
+    make_state,
     memory,
 )
 
