@@ -58,7 +58,8 @@ def apply_change(
     app.confirm(f"Write this to run {snap.run_id!r} on {snap.backend} {snap.endpoint}?", yes)
     address = backend.address
     path = write_backup(
-        Backup(address.backend, address.endpoint, snap.run_id, public_conf(dict(address.conf)), snap.token_text,
+        # describe(), not the raw endpoint: a URL may hold a password, and backups never store secrets.
+        Backup(address.backend, backend.describe(), snap.run_id, public_conf(dict(address.conf)), snap.token_text,
                format_time(now_utc()) or "", command, snap.raw),
         Path(backup_dir) if backup_dir else None,
     )

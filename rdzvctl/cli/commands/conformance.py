@@ -27,15 +27,17 @@ def command(app: App, output: str, racers: int) -> None:
     def factory(run_id: str):
         return open_backend(address, run_id)
 
+    with open_backend(address, "rdzvctl-conformance") as probe:
+        endpoint = probe.describe()  # never the raw endpoint: it may hold a password
     results = run_conformance(factory, racers=racers)
     failed = [r for r in results if r.outcome == "fail"]
     if output == "json":
-        app.json({"schema": "rdzvctl.conformance/v1", "backend": address.backend, "endpoint": address.endpoint,
+        app.json({"schema": "rdzvctl.conformance/v1", "backend": address.backend, "endpoint": endpoint,
                   "cases": [r.__dict__ for r in results], "passed": not failed})
     else:
         from rdzvctl.cli.render import Table, render_tables
 
-        render_tables(app, [("backend", f"{address.backend}  {address.endpoint}"),
+        render_tables(app, [("backend", f"{address.backend}  {endpoint}"),
                             ("result", "fail" if failed else "ok")],
                       [Table("Cases", ["case", "outcome", "description", "detail"],
                              [[r.name, r.outcome, r.description, r.detail] for r in results])])
