@@ -259,13 +259,13 @@ def _readline(process: subprocess.Popen, timeout: float) -> str:
 # -- several members ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_failover_when_a_member_dies(etcd_cluster):
-    b = backend(etcd_cluster.endpoint, timeout=3)
+    b = backend(etcd_cluster.endpoint, timeout=15)
     _, token, _ = b.set_state(b"before")
     etcd_cluster.members[0].kill()
     assert b.get_state() == (b"before", token)
     state, token2, has_set = b.set_state(b"after", token)
     assert has_set and token2 != token
-    fresh = backend(etcd_cluster.endpoint, b.run_id, timeout=3)
+    fresh = backend(etcd_cluster.endpoint, b.run_id, timeout=15)
     assert fresh.get_state() == (b"after", token2)
 
 

@@ -313,34 +313,45 @@ class EtcdHttp:
         headers: Optional[Mapping[str, str]] = None,
         timeout: Optional[float] = None,
     ) -> HttpAnswer:
-        """Send one request, failing over between members; 5xx answers fail over too."""
+        """Send one request, failing over between members.
+
+        A 5xx answer (no leader yet, a proposal dropped by a dead leader) also
+        moves on to the next member, and whole rounds repeat with a short
+        backoff while time is left, so a leader election is ridden out.
+        """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         headers = dict(headers or {})
         if body is not None:
             headers.setdefault("Content-Length", str(len(body)))
         failures: List[Tuple[Endpoint, BaseException]] = []
-        last_5xx: Optional[HttpAnswer] = None
-        order = self._order()
-        for position, index in enumerate(order):
-            endpoint = self.endpoints[index]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        pause = 0.1
+        while True:
+            answered_5xx: Optional[HttpAnswer] = None
+            order = self._order()
+            for position, index in enumerate(order):
+                endpoint = self.endpoints[index]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                # Leave later members a share of the time if this one black-holes connects.
+                connect_budget = remaining / (len(order) - position)
+                try:
+                    answer = self._request_one(endpoint, method, path, body, headers, deadline, connect_budget)
+                except (OSError, http.client.HTTPException) as exc:
+                    failures.append((endpoint, exc))
+                    continue
+                if answer.status >= 500:
+                    answered_5xx = answer
+                    failures.append((endpoint, http.client.HTTPException(f"HTTP {answer.status}")))
+                    continue
+                self._preferred = index
+                return answer
+            if answered_5xx is None or deadline - time.monotonic() <= pause:
                 break
-            # Leave later members a share of the time if this one black-holes connects.
-            connect_budget = remaining / (len(order) - position)
-            try:
-                answer = self._request_one(endpoint, method, path, body, headers, deadline, connect_budget)
-            except (OSError, http.client.HTTPException) as exc:
-                failures.append((endpoint, exc))
-                continue
-            if answer.status >= 500 and position < len(order) - 1:
-                last_5xx = answer
-                failures.append((endpoint, http.client.HTTPException(f"HTTP {answer.status}")))
-                continue
-            self._preferred = index
-            return answer
-        if last_5xx is not None:
-            return last_5xx
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
+        if answered_5xx is not None:
+            return answered_5xx
         raise self._failure(failures, deadline)
 
     def _request_one(

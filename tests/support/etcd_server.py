@@ -247,7 +247,7 @@ def etcd_tls_server() -> Iterator[EtcdCluster]:
     yield from _started(enable_v2=True, tls=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def etcd_cluster() -> Iterator[EtcdCluster]:
-    """Three members on loopback, v2 on; tests may kill members (module-scoped)."""
+    """A fresh three-member cluster on loopback, v2 on, for a test that kills members."""
     yield from _started(size=3, enable_v2=True)

@@ -1,0 +1,260 @@
+"""The ``etcd-v3`` backend: torch's rendezvous layout on the etcd v3 API.
+
+torch only ships an ``etcd-v2`` backend, and etcd 3.6 removed the v2 API.
+This backend keeps the same key and value, ``/torch/elastic/rendezvous/<run_id>``
+holding the base64 of the pickled state, so ``etcdctl get --prefix
+/torch/elastic/rendezvous/`` finds it.  The token is the key's
+``mod_revision``; a write is one transaction: create only if the key is absent
+(``create_revision == 0``), replace only if ``mod_revision`` equals the token.
+The state is attached to a lease of ``ttl`` seconds (default 7200, torch's v2
+TTL) that every write renews, so abandoned runs expire.
+
+It talks to etcd's JSON gateway with the standard library (see
+:mod:`rdzvctl.backends.etcd_gateway`): no grpc, no protobuf.  Options in
+``--rdzv-conf``: ``protocol`` (http/https), ``ca_cert``, ``ssl_cert``,
+``ssl_cert_key``, ``username``/``password`` (or ``ETCD_USERNAME``/
+``ETCD_PASSWORD``), ``ttl``, ``key_prefix``; the endpoint may list several
+members (``host1:2379,host2:2379``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import threading
+import time
+from contextlib import closing
+from typing import Any, Dict, Iterator, List, Optional
+
+from rdzvctl.backends.base import (
+    Address,
+    RendezvousBackend,
+    RunEntry,
+    SetResult,
+    StateAndToken,
+    Token,
+)
+from rdzvctl.errors import BackendConfigError, StateCorruptError
+
+__all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
+
+DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
+DEFAULT_TTL = 7200
+
+
+def _valid_revision(token: Any) -> bool:
+    """A mod_revision token is a positive int (bool is not an int here)."""
+    return type(token) is int and token > 0
+
+
+class EtcdV3Backend(RendezvousBackend):
+    """Rendezvous state in etcd v3, fenced by the key's ``mod_revision``."""
+
+    name = "etcd-v3"
+    summary = "etcd v3 API through its JSON gateway (torch's key layout, leased)"
+    requires = ()
+    install_hint = ""
+    capabilities = frozenset({"clear", "list_runs", "native_watch"})
+    strict_fencing = True
+
+    def __init__(self, address: Address) -> None:
+        super().__init__(address)
+        from rdzvctl.backends.etcd_gateway import EtcdGateway, EtcdHttp, make_ssl_context, parse_endpoints
+
+        endpoints, scheme = parse_endpoints(address.endpoint)
+        tls_files = [address.get(k) for k in ("ca_cert", "ssl_cert", "ssl_cert_key")]
+        protocol = (address.get("protocol") or scheme or ("https" if any(tls_files) else "http")).strip().lower()
+        if protocol not in ("http", "https"):
+            raise BackendConfigError("--rdzv-conf protocol: must be http or https")
+        if scheme and scheme != protocol:
+            raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
+        context = make_ssl_context(*tls_files) if protocol == "https" else None
+        ttl = address.get_int("ttl")
+        self.ttl = ttl if ttl and ttl > 0 else DEFAULT_TTL
+        prefix = (address.get("key_prefix", DEFAULT_KEY_PREFIX) or "").strip("/")
+        self.key_prefix = "/" + prefix if prefix else ""
+        username = address.get("username") or os.environ.get("ETCD_USERNAME") or None
+        password = address.get("password") or os.environ.get("ETCD_PASSWORD") or ""
+        if password and not username:
+            raise BackendConfigError("an etcd password was given without a username")
+        self._gw = EtcdGateway(EtcdHttp(endpoints, address.timeout, context, api="etcd"), username, password)
+        self._renewed: Dict[int, float] = {}
+
+    @property
+    def key(self) -> str:
+        """The etcd key of this run's state."""
+        return f"{self.key_prefix}/{self.run_id}"
+
+    @property
+    def _key(self) -> bytes:
+        return self.key.encode()
+
+    # -- decoding -----------------------------------------------------------------------
+    def _decode(self, kv: Dict[str, Any]) -> StateAndToken:
+        try:
+            stored = base64.b64decode(kv.get("value", ""))
+            state = base64.b64decode(stored, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise StateCorruptError(f"the value of etcd key {self.key} is not base64 (not rendezvous state)") from exc
+        return state, int(kv["mod_revision"])
+
+    def _first(self, doc: Dict[str, Any]) -> Optional[StateAndToken]:
+        kvs = doc.get("kvs") or []
+        return self._decode(kvs[0]) if kvs else None
+
+    def _refused(self, txn: Dict[str, Any]) -> Optional[SetResult]:
+        """The current state from a failed transaction's range branch."""
+        responses = txn.get("responses") or [{}]
+        current = self._first(responses[0].get("response_range", {}))
+        return None if current is None else (*current, False)
+
+    # -- torch's contract -----------------------------------------------------------------
+    def get_state(self) -> Optional[StateAndToken]:
+        return self._first(self._gw.range(self._key))
+
+    def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
+        from rdzvctl.backends.etcd_gateway import b64
+
+        key = b64(self._key)
+        value = b64(base64.b64encode(state))
+        read_back = [{"request_range": {"key": key}}]
+        if token is not None and not _valid_revision(token):
+            current = self.get_state()
+            return None if current is None else (*current, False)
+        if token is None:
+            lease = self._gw.lease_grant(self.ttl)
+            put = {"key": key, "value": value, "lease": str(lease)}
+            txn = self._gw.txn(
+                [{"key": key, "target": "CREATE", "create_revision": "0"}],
+                [{"request_put": put}],
+                read_back,
+            )
+            if not txn.get("succeeded"):
+                self._gw.lease_revoke(lease)
+                return self._refused(txn)
+            self._renewed[lease] = time.monotonic()
+            return state, int(txn["header"]["revision"]), True
+        txn = self._gw.txn(
+            [{"key": key, "target": "MOD", "mod_revision": str(token)}],
+            [{"request_put": {"key": key, "value": value, "ignore_lease": True, "prev_kv": True}}],
+            read_back,
+        )
+        if not txn.get("succeeded"):
+            return self._refused(txn)
+        revision = int(txn["header"]["revision"])
+        prev_kv = (txn.get("responses") or [{}])[0].get("response_put", {}).get("prev_kv", {})
+        lease = int(prev_kv.get("lease", 0))
+        if lease:
+            self._renew(lease)
+            return state, revision, True
+        return state, self._attach_lease(key, value, revision), True
+
+    def _renew(self, lease: int) -> None:
+        """Renew the state's lease, as torch's v2 backend resets the TTL on each write.
+
+        Skipped when this client renewed it recently: the TTL left is then
+        still close to the full ``ttl``.
+        """
+        now = time.monotonic()
+        if now - self._renewed.get(lease, float("-inf")) < min(60.0, self.ttl / 10):
+            return
+        self._gw.lease_keepalive(lease)
+        self._renewed = {lease: now}
+
+    def _attach_lease(self, key: str, value: str, revision: int) -> int:
+        """Put a lease on a state someone stored without one (fenced on ``revision``)."""
+        lease = self._gw.lease_grant(self.ttl)
+        txn = self._gw.txn(
+            [{"key": key, "target": "MOD", "mod_revision": str(revision)}],
+            [{"request_put": {"key": key, "value": value, "lease": str(lease)}}],
+            [],
+        )
+        if not txn.get("succeeded"):
+            self._gw.lease_revoke(lease)
+            return revision  # someone wrote meanwhile; our token is already stale
+        self._renewed = {lease: time.monotonic()}
+        return int(txn["header"]["revision"])
+
+    # -- capabilities ------------------------------------------------------------------
+    def clear(self, token: Token) -> bool:
+        """Delete the state in a transaction guarded by ``mod_revision == token``."""
+        from rdzvctl.backends.etcd_gateway import b64
+
+        if not _valid_revision(token):
+            return False
+        key = b64(self._key)
+        txn = self._gw.txn(
+            [{"key": key, "target": "MOD", "mod_revision": str(token)}],
+            [{"request_delete_range": {"key": key}}],
+            [],
+        )
+        return bool(txn.get("succeeded"))
+
+    def list_runs(self) -> Iterator[RunEntry]:
+        """Every run under the key prefix, from one range request.
+
+        A run whose value is not base64 is listed with its ``error`` set.
+        """
+        from rdzvctl.backends.etcd_gateway import prefix_range_end
+
+        prefix = (self.key_prefix + "/").encode()
+        doc = self._gw.range(prefix, prefix_range_end(prefix))
+        b64decode = base64.b64decode
+        cut = len(prefix)
+        entries: List[RunEntry] = []
+        for kv in doc.get("kvs") or ():
+            run_id = b64decode(kv["key"])[cut:].decode("utf-8", "replace")
+            stored = b64decode(kv.get("value", ""))
+            try:
+                state = b64decode(stored, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                error = StateCorruptError(f"the value of etcd key {self.key_prefix}/{run_id} is not base64")
+                error.__cause__ = exc
+                entries.append(RunEntry(run_id, None, error))
+                continue
+            entries.append(RunEntry(run_id, (state, int(kv["mod_revision"]))))
+        yield from entries
+
+    def watch(
+        self,
+        interval: float = 1.0,
+        stop: Optional[threading.Event] = None,
+        since: Optional[StateAndToken] = None,
+    ) -> Iterator[Optional[StateAndToken]]:
+        """etcd's own watch; after a broken stream it resumes from the last revision seen."""
+        stop = stop or threading.Event()
+        last: Any = object() if since is None else since[1]
+        next_revision = 0
+        while not stop.is_set():
+            if next_revision == 0:  # (re)synchronise: read the key and the store revision
+                doc = self._gw.range(self._key)
+                current = self._first(doc)
+                next_revision = int(doc["header"]["revision"]) + 1
+                token = None if current is None else current[1]
+                if token != last:
+                    last = token
+                    yield current
+                continue
+            with closing(self._gw.watch(self._key, next_revision, stop)) as results:
+                for result in results:
+                    if result.get("canceled") or result.get("compact_revision"):
+                        next_revision = 0  # history compacted away: re-read
+                        break
+                    for event in result.get("events") or ():
+                        kv = event.get("kv", {})
+                        next_revision = int(kv["mod_revision"]) + 1
+                        current = None if event.get("type") == "DELETE" else self._decode(kv)
+                        token = None if current is None else current[1]
+                        if token != last:
+                            last = token
+                            yield current
+            if not stop.is_set():
+                stop.wait(0.05)
+
+    # -- presentation ------------------------------------------------------------------
+    def describe(self) -> str:
+        return self._gw.describe()
+
+    def close(self) -> None:
+        self._gw.http.close()
