@@ -31,6 +31,11 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
 
     saved = read_backup(Path(backup_file))
     backend_name, endpoint, run_id, conf, timeout = app._flags
+    if endpoint is None and "***" in saved.endpoint:
+        from rdzvctl.errors import UsageError
+
+        raise UsageError(f"the backup's endpoint {saved.endpoint} had a password, which backups never keep: "
+                         "pass --rdzv-endpoint (or the password through --rdzv-conf / the environment)")
     merged = dict(saved.conf)
     merged.update(parse_conf(conf or ""))
     base = Address.from_env(backend_name or saved.backend, endpoint or saved.endpoint, run_id or saved.run_id,
