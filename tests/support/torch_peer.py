@@ -11,6 +11,7 @@ Import the fixtures explicitly in a test module::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -20,13 +21,14 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator
 
 import pytest
 
 __all__ = [
     "TcpStoreServer",
     "start_tcpstore",
+    "shared_tcpstore",
     "torch_tcpstore",
     "torch_filestore",
     "tcpstore_libuv",
@@ -47,6 +49,8 @@ store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                       multi_tenant=False)
 print(store.port, flush=True)
 sys.stdin.read()  # serve until the test closes our stdin
+import os
+os._exit(0)  # skip torch's slow interpreter teardown
 """
 
 
@@ -107,26 +111,37 @@ def torch_filestore(path: str):
     return dist.FileStore(path)
 
 
-@pytest.fixture(scope="session")
-def tcpstore_libuv() -> Iterator[TcpStoreServer]:
-    server = start_tcpstore(use_libuv=True)
-    yield server
-    server.stop()
+_SHARED: Dict[bool, TcpStoreServer] = {}
+
+
+def shared_tcpstore(use_libuv: bool) -> TcpStoreServer:
+    """One server per flavour for the whole test run, stopped at exit.
+
+    pytest makes a separate fixture of each module's import, so the cache
+    lives here.  A server also exits by itself when our process dies: it
+    serves only until its stdin (our pipe) closes.
+    """
+    server = _SHARED.get(use_libuv)
+    if server is None or server.process.poll() is not None:
+        server = _SHARED[use_libuv] = start_tcpstore(use_libuv)
+        atexit.register(server.stop)
+    return server
 
 
 @pytest.fixture(scope="session")
-def tcpstore_legacy() -> Iterator[TcpStoreServer]:
-    server = start_tcpstore(use_libuv=False)
-    yield server
-    server.stop()
+def tcpstore_libuv() -> TcpStoreServer:
+    return shared_tcpstore(use_libuv=True)
 
 
-@pytest.fixture(scope="module", params=["libuv", "legacy"])
-def tcpstore_server(request: pytest.FixtureRequest) -> Iterator[TcpStoreServer]:
+@pytest.fixture(scope="session")
+def tcpstore_legacy() -> TcpStoreServer:
+    return shared_tcpstore(use_libuv=False)
+
+
+@pytest.fixture(scope="session", params=["libuv", "legacy"])
+def tcpstore_server(request: pytest.FixtureRequest) -> TcpStoreServer:
     """Each test using it runs against both server flavours."""
-    server = start_tcpstore(use_libuv=request.param == "libuv")
-    yield server
-    server.stop()
+    return shared_tcpstore(use_libuv=request.param == "libuv")
 
 
 @pytest.fixture()

@@ -35,7 +35,7 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
         from rdzvctl.errors import UsageError
 
         raise UsageError(f"the backup's endpoint {saved.endpoint} had a password, which backups never keep: "
-                         "pass --rdzv-endpoint (or the password through --rdzv-conf / the environment)")
+                         "pass the real one with --rdzv-endpoint")
     merged = dict(saved.conf)
     merged.update(parse_conf(conf or ""))
     base = Address.from_env(backend_name or saved.backend, endpoint or saved.endpoint, run_id or saved.run_id,
