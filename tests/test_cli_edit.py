@@ -1,0 +1,114 @@
+"""rdzvctl edit: the state in $EDITOR, written back fenced; no change, no write."""
+
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.support.cli import (  # noqa: F401  (fixtures)
+    cli_env,
+    frozen_now,
+    invoke,
+    make_state,
+    memory,
+)
+
+
+def editor(tmp_path: Path, body: str) -> str:
+    """A tiny editor script: ``body`` runs with the file as $1."""
+    script = tmp_path / "editor.sh"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_edit_writes_the_change(memory, tmp_path, cli_env):
+    memory.put(make_state())
+    ed = editor(tmp_path, "sed -i 's/\"closed\": false/\"closed\": true/' \"$1\"")
+    result = invoke(["edit", *memory.flags(), "--yes"], env={"EDITOR": ed})
+    assert result.exit_code == 0, result.stderr
+    assert memory.state().closed is True
+    assert '+  "closed": true,' in result.stderr
+    assert len(list(cli_env.glob("*.json"))) == 1
+
+
+def test_the_file_shows_the_token_and_ignores_comments(memory, tmp_path):
+    token = memory.put(make_state())
+    seen = tmp_path / "seen.json"
+    ed = editor(tmp_path, f"cp \"$1\" {seen}; echo '# a comment of mine' >> \"$1\"; "
+                          "sed -i 's/\"round\": 2/\"round\": 4/' \"$1\"")
+    result = invoke(["edit", *memory.flags(), "--yes"], env={"EDITOR": ed})
+    assert result.exit_code == 0, result.stderr
+    assert f"token {token}" in seen.read_text().splitlines()[0]
+    assert memory.state().round == 4
+
+
+def test_editor_that_does_not_save_writes_nothing(memory, cli_env):
+    token = memory.put(make_state())
+    result = invoke(["edit", *memory.flags(), "--yes"], env={"EDITOR": "true"})
+    assert result.exit_code == 0
+    assert "nothing was written" in result.stderr
+    assert memory.token() == token
+    assert not cli_env.exists() or not list(cli_env.iterdir())
+
+
+def test_saved_but_unchanged_writes_nothing(memory, tmp_path, cli_env):
+    token = memory.put(make_state())
+    ed = editor(tmp_path, "sleep 0.01; touch \"$1\"")
+    result = invoke(["edit", *memory.flags(), "--yes"], env={"EDITOR": ed})
+    assert result.exit_code == 0
+    assert "No changes: nothing was written." in result.stderr
+    assert memory.token() == token
+
+
+def test_invalid_json_from_the_editor_exits_2(memory, tmp_path, cli_env):
+    token = memory.put(make_state())
+    ed = editor(tmp_path, "echo '{ broken' > \"$1\"")
+    result = invoke(["edit", *memory.flags(), "--yes"], env={"EDITOR": ed})
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("rdzvctl: UsageError: the edited text is not valid JSON")
+    assert memory.token() == token
+    assert not cli_env.exists() or not list(cli_env.iterdir())
+
+
+def test_invalid_field_from_the_editor_names_it(memory, tmp_path):
+    token = memory.put(make_state())
+    ed = editor(tmp_path, "sed -i 's/\"round\": 2/\"round\": -2/' \"$1\"")
+    result = invoke(["edit", *memory.flags(), "--yes"], env={"EDITOR": ed})
+    assert result.exit_code == 2
+    assert "StateValidationError: round:" in result.stderr
+    assert memory.token() == token
+
+
+def test_edit_dry_run(memory, tmp_path):
+    token = memory.put(make_state())
+    ed = editor(tmp_path, "sed -i 's/\"closed\": false/\"closed\": true/' \"$1\"")
+    result = invoke(["edit", *memory.flags(), "--dry-run"], env={"EDITOR": ed})
+    assert result.exit_code == 0
+    assert "Dry run" in result.stderr and memory.token() == token
+
+
+def test_edit_of_an_absent_run_exits_5(memory):
+    result = invoke(["edit", *memory.flags(run_id="absent")], env={"EDITOR": "true"})
+    assert result.exit_code == 5
+    assert "set --create" in result.stderr
+
+
+def test_someone_else_writing_while_editing_exits_3(memory, tmp_path):
+    memory.put(make_state())
+    flags = memory.flags()
+    flags[1] = "memory-racing"
+    ed = editor(tmp_path, "sed -i 's/\"closed\": false/\"closed\": true/' \"$1\"")
+    result = invoke(["edit", *flags, "--yes"], env={"EDITOR": ed})
+    assert result.exit_code == 3
+    assert "Changed meanwhile:" in result.stderr
+    assert memory.state().closed is False and memory.state().round == 3
+
+
+def test_visual_is_used_when_editor_is_unset(memory, tmp_path):
+    memory.put(make_state())
+    ed = editor(tmp_path, "sed -i 's/\"closed\": false/\"closed\": true/' \"$1\"")
+    assert invoke(["edit", *memory.flags(), "--yes"], env={"VISUAL": ed, "EDITOR": None}).exit_code == 0
+    assert memory.state().closed is True
