@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from rdzvctl.backends.base import RendezvousBackend, Token
-from rdzvctl.errors import StateError
+from rdzvctl.errors import RdzvctlError, StateError
 from rdzvctl.state.analysis import KeepAlive, deadline_remaining, find_problems, node_statuses
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time, state_to_json
@@ -70,12 +70,30 @@ def snapshot_from(backend: RendezvousBackend, current: Optional[tuple], error: O
 
 
 def take_snapshot(backend: RendezvousBackend) -> Snapshot:
-    """Read the run once; a corrupt stored value becomes ``snapshot.error``."""
+    """Read the run once; a corrupt stored value becomes ``snapshot.error``.
+
+    When the stored wrapping itself is corrupt (``get_state`` raises), the raw
+    value and its token are looked up through ``list_runs`` where the backend
+    offers them, so ``reset --mode clear`` can still remove it fenced.
+    """
     try:
         current = backend.get_state()
     except StateError as exc:
-        return snapshot_from(backend, None, exc)
+        return snapshot_from(backend, _stored_despite(backend, exc), exc)
     return snapshot_from(backend, current)
+
+
+def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[tuple]:
+    """The run's raw ``(value, token)`` from ``list_runs`` after ``get_state`` failed, if listed."""
+    if "list_runs" not in backend.capabilities:
+        return None
+    try:
+        for entry in backend.list_runs():
+            if entry.run_id == backend.run_id:
+                return entry.state
+    except RdzvctlError:
+        return None
+    return None
 
 
 def describe(

@@ -49,6 +49,11 @@ def apply_change(
     """Run the write flow; returns a result document, or None when nothing was written."""
     from rdzvctl.cli.render import render_plan
 
+    if snap.error is not None and snap.token is None:
+        # The value is there but unreadable and the backend gave no token: any
+        # write would be blind (or refused as a conflict), so say why instead.
+        raise type(snap.error)(f"{snap.error}; the {snap.backend} backend gives no token for it, so rdzvctl "
+                               "cannot replace or remove it fenced: delete it with the backend's own tools")
     changed = render_plan(app, view_of(snap.raw), view_of(new), title)
     if not changed:
         return None
