@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import closing
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from rdzvctl.backends.base import (
     Address,
@@ -36,6 +36,9 @@ from rdzvctl.backends.base import (
     Token,
 )
 from rdzvctl.errors import BackendConfigError, StateCorruptError
+
+if TYPE_CHECKING:
+    from rdzvctl.backends.etcd_gateway import EtcdGateway
 
 __all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
 
@@ -80,6 +83,16 @@ class EtcdV3Backend(RendezvousBackend):
             raise BackendConfigError("an etcd password was given without a username")
         self._gw = EtcdGateway(EtcdHttp(endpoints, address.timeout, context, api="etcd"), username, password)
         self._renewed: Dict[int, float] = {}
+
+    @property
+    def gateway(self) -> Any:
+        """The v3 gateway client (shared by the torchrun plugin's store on the same cluster)."""
+        return self._gw
+
+    @property
+    def gateway(self) -> "EtcdGateway":
+        """The v3 client this backend uses (shared with the torchrun plugin's store)."""
+        return self._gw
 
     @property
     def key(self) -> str:
