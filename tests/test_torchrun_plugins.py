@@ -90,26 +90,34 @@ def test_entry_points_are_torchrun_handlers() -> None:
     assert plugins.etcd_v3_handler() is plugins.create_etcd_v3_handler
 
 
+def test_torch_registered_both_handlers() -> None:
+    """Importing torch's rendezvous package (done above) registered both creators."""
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry as registry
+
+    assert registry._registry["redis"] is plugins.create_redis_handler
+    assert registry._registry["etcd-v3"] is plugins.create_etcd_v3_handler
+
+
 _REGISTRY_PROBE = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.WARNING)
-    if sys.argv[1] == "plugins-first":
-        import rdzvctl.torchrun.plugins  # the circular-import order must work too
-    before = {m for m in sys.modules if m.split(".")[0] in ("redis", "etcd3gw", "grpc")}
+    import rdzvctl.torchrun.plugins  # first: torch then loads it while it is being imported
+    heavy = {m.split(".")[0] for m in sys.modules} & {"torch", "redis", "etcd3", "etcd3gw", "grpc"}
+    assert not heavy, heavy
     from torch.distributed.elastic.rendezvous import rendezvous_handler_registry as registry
     from rdzvctl.torchrun import plugins
     assert registry._registry["redis"] is plugins.create_redis_handler, registry._registry
     assert registry._registry["etcd-v3"] is plugins.create_etcd_v3_handler, registry._registry
-    heavy = {m for m in sys.modules if m.split(".")[0] in ("redis", "etcd3gw", "grpc")} - before
+    heavy = {m.split(".")[0] for m in sys.modules} & {"redis", "etcd3", "etcd3gw", "grpc"}
     assert not heavy, heavy
     print("registered")
 """)
 
 
-@pytest.mark.parametrize("order", ["torch-first", "plugins-first"])
-def test_torch_registers_the_plugins_lightly(order: str) -> None:
-    """Importing torch's rendezvous package registers both names, without warnings or client imports."""
-    done = subprocess.run([sys.executable, "-c", _REGISTRY_PROBE, order], capture_output=True,
+def test_plugins_import_lightly_and_register_in_any_order() -> None:
+    """The plugin module imports no torch or client library; registration works even when it is
+    imported before torch (torch re-enters it), and logs no plugin warning."""
+    done = subprocess.run([sys.executable, "-c", _REGISTRY_PROBE], capture_output=True,
                           text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "registered" in done.stdout

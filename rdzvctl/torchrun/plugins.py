@@ -113,16 +113,10 @@ def create_redis_backend(params: "RendezvousParameters") -> Tuple["TorchRendezvo
             ttl=backend.settings.ttl,
             timeout=timedelta(seconds=address.timeout),
             endpoint=endpoint,
-            prefix=backend.key + ".store/",
+            prefix=backend.store_prefix,
             translate=translate,
         )
     return TorchRendezvousBackend(backend), store
-
-
-def _gateway(backend: Any) -> Any:
-    """The backend's etcd v3 gateway client, shared by the store."""
-    gateway = getattr(backend, "gateway", None)
-    return gateway if gateway is not None else backend._gw
 
 
 def create_etcd_v3_backend(params: "RendezvousParameters") -> Tuple["TorchRendezvousBackend", "EtcdV3Store"]:
@@ -135,7 +129,7 @@ def create_etcd_v3_backend(params: "RendezvousParameters") -> Tuple["TorchRendez
     with torch_errors():
         backend = EtcdV3Backend.from_address(address)
         store = EtcdV3Store(
-            _gateway(backend),
+            backend.gateway,
             params.run_id,
             ttl=backend.ttl,
             timeout=timedelta(seconds=address.timeout),
