@@ -98,8 +98,7 @@ def test_edit_of_an_absent_run_exits_5(memory):
 
 def test_someone_else_writing_while_editing_exits_3(memory, tmp_path):
     memory.put(make_state())
-    flags = memory.flags()
-    flags[1] = "memory-racing"
+    flags = memory.flags(backend="memory-racing")
     ed = editor(tmp_path, "sed -i 's/\"closed\": false/\"closed\": true/' \"$1\"")
     result = invoke(["edit", *flags, "--yes"], env={"EDITOR": ed})
     assert result.exit_code == 3

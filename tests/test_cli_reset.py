@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import rdzvctl.backends.registry
 from rdzvctl.backup import read_backup
 from rdzvctl.state.model import NodeDesc
 from rdzvctl.testing import memory as memory_module
-from rdzvctl.testing.memory import MemoryBackend
 from tests.support.cli import (  # noqa: F401  (fixtures)
     NOW,
     cli_env,
@@ -28,17 +26,8 @@ from tests.support.cli import (  # noqa: F401  (fixtures)
 DEAD = NodeDesc.parse("trainer-3.cluster.local_4103_0")
 
 
-class UnlistedMemoryBackend(MemoryBackend):
-    """A backend that cannot list runs, so a corrupt value comes without a token."""
-
-    name = "memory-unlisted"
-    capabilities = frozenset({"clear"})
-
-
 def racing(memory) -> list:
-    flags = memory.flags()
-    flags[1] = "memory-racing"
-    return flags
+    return memory.flags(backend="memory-racing")
 
 
 # -- prune --------------------------------------------------------------------------
@@ -157,13 +146,9 @@ def test_clear_a_corrupt_stored_value(memory, cli_env):
     assert read_backup(path).state == b"\x00corrupt"
 
 
-def test_clear_of_a_corrupt_value_without_a_token_explains(memory, monkeypatch):
-    monkeypatch.setitem(rdzvctl.backends.registry._BUILTIN, "memory-unlisted",
-                        "tests.test_cli_reset:UnlistedMemoryBackend")
+def test_clear_of_a_corrupt_value_without_a_token_explains(memory):
     memory.corrupt()
-    flags = memory.flags()
-    flags[1] = "memory-unlisted"
-    result = invoke(["reset", *flags, "--mode", "clear", "--yes"])
+    result = invoke(["reset", *memory.flags(backend="memory-unlisted"), "--mode", "clear", "--yes"])
     assert result.exit_code == 6
     (line,) = result.stderr.strip().splitlines()
     assert "gives no token for it" in line

@@ -185,8 +185,7 @@ def test_token_on_absent_run_exits_3(memory, tmp_path):
 
 def test_concurrent_write_between_read_and_write_exits_3(memory, cli_env):
     memory.put(make_state())
-    flags = memory.flags()
-    flags[1] = "memory-racing"
+    flags = memory.flags(backend="memory-racing")
     result = invoke(["set", *flags, "--closed", "--yes"])
     assert result.exit_code == 3, result.stderr
     # Nothing of ours was written: the intruder's state is intact.

@@ -28,7 +28,7 @@ from click.testing import CliRunner, Result
 
 import rdzvctl.backends.registry
 import rdzvctl.inspect
-from rdzvctl.backends.base import Address
+from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.cli.main import cli
 from rdzvctl.state.codec import decode, encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
@@ -41,6 +41,7 @@ __all__ = [
     "Memory",
     "RacingMemoryBackend",
     "BrokenMemoryBackend",
+    "UnlistedMemoryBackend",
     "cli_env",
     "frozen_now",
     "memory",
@@ -99,8 +100,10 @@ class Memory:
     endpoint: str
     backend_name: str = "memory"
 
-    def flags(self, run_id: Optional[str] = "job42", conf: Optional[str] = None) -> List[str]:
-        args = ["--rdzv-backend", self.backend_name, "--rdzv-endpoint", self.endpoint]
+    def flags(self, run_id: Optional[str] = "job42", conf: Optional[str] = None,
+              backend: Optional[str] = None) -> List[str]:
+        """The address flags; ``backend`` picks a variant (memory-racing, memory-broken, memory-unlisted)."""
+        args = ["--rdzv-backend", backend or self.backend_name, "--rdzv-endpoint", self.endpoint]
         if run_id is not None:
             args += ["--rdzv-id", run_id]
         if conf is not None:
@@ -169,6 +172,14 @@ class RacingMemoryBackend(MemoryBackend):
         return super().clear(token)
 
 
+class UnlistedMemoryBackend(MemoryBackend):
+    """A memory backend that cannot list runs (so a corrupt value comes without a token)."""
+
+    name = "memory-unlisted"
+    capabilities = frozenset({"clear"})
+    list_runs = RendezvousBackend.list_runs
+
+
 class BrokenMemoryBackend(MemoryBackend):
     """A memory backend that breaks the contract: it writes even over a stale token."""
 
@@ -207,6 +218,7 @@ def memory(monkeypatch: pytest.MonkeyPatch, cli_env: Path, frozen_now: _dt.datet
     monkeypatch.setitem(builtin, "memory", "rdzvctl.testing.memory:MemoryBackend")
     monkeypatch.setitem(builtin, "memory-racing", "tests.support.cli:RacingMemoryBackend")
     monkeypatch.setitem(builtin, "memory-broken", "tests.support.cli:BrokenMemoryBackend")
+    monkeypatch.setitem(builtin, "memory-unlisted", "tests.support.cli:UnlistedMemoryBackend")
     monkeypatch.setattr(RacingMemoryBackend, "raced", 0)
     endpoint = f"mem-{os.getpid()}-{next(_ENDPOINTS)}"
     yield Memory(endpoint)

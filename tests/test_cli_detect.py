@@ -1,0 +1,212 @@
+"""rdzvctl corrupt-detect (one run, --all) and list: findings, severities, exit codes."""
+
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import datetime as _dt
+import pickle
+
+import pytest
+
+from tests.support.cli import (  # noqa: F401  (fixtures)
+    NOW,
+    cli_env,
+    frozen_now,
+    invoke,
+    json_out,
+    make_state,
+    memory,
+    node,
+)
+
+
+def codes(result) -> list:
+    return [p["code"] for r in json_out(result)["runs"] for p in r["problems"]]
+
+
+class _Explode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("false",))
+
+
+# -- one run ------------------------------------------------------------------------
+def test_clean_run_exits_0(memory):
+    memory.put(make_state(dead=0))
+    result = invoke(["corrupt-detect", *memory.flags()])
+    assert result.exit_code == 0, result.stderr
+    assert "status  ok" in result.stdout
+
+
+def test_dead_participants_in_a_complete_round_exit_1_with_the_repair(memory):
+    memory.put(make_state())
+    result = invoke(["corrupt-detect", *memory.flags()])
+    assert result.exit_code == 1
+    assert "dead-participants" in result.stdout and "trainer-3.cluster.local_4103_0" in result.stdout
+    assert "rdzvctl reset --mode prune" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("state", "code", "severity"),
+    [
+        (make_state(complete=False), "dead-participants", "warning"),
+        (make_state(dead=0, waiting=0, closed=True), "closed-while-alive", "warning"),
+        (make_state(alive=0, dead=0, waiting=0, complete=False, closed=True), "closed", "info"),
+    ],
+)
+@pytest.mark.parametrize("fail_on", ["info", "warning", "error"])
+def test_fail_on_levels(memory, state, code, severity, fail_on):
+    memory.put(state)
+    result = invoke(["corrupt-detect", *memory.flags(), "--fail-on", fail_on, "-o", "json"])
+    levels = ["info", "warning", "error"]
+    expected = 1 if levels.index(severity) >= levels.index(fail_on) else 0
+    assert result.exit_code == expected, result.stdout
+    doc = json_out(result)
+    assert code in codes(result) and doc["exit_code"] == expected and doc["fail_on"] == fail_on
+
+
+def test_invariants_are_checked(memory):
+    state = make_state(dead=0, waiting=0)
+    state.participants[node(1)] = 7  # ranks no longer 0..n-1
+    state.wait_list.add(node(0))  # participating and waiting
+    state.participants[node(50)] = 3  # no heartbeat
+    state.last_heartbeats[node(60)] = NOW + _dt.timedelta(minutes=5)  # clock skew, in no list
+    state.deadline = NOW  # a deadline on a complete round
+    memory.put(state)
+    result = invoke(["corrupt-detect", *memory.flags(conf="max_nodes=2"), "-o", "json"])
+    assert result.exit_code == 1
+    assert set(codes(result)) >= {"ranks-invalid", "participant-and-waiting", "missing-heartbeat",
+                                  "heartbeat-in-future", "deadline-on-complete", "over-max-nodes",
+                                  "orphan-heartbeats"}
+    for problem in json_out(result)["runs"][0]["problems"]:
+        assert problem["message"] and problem["severity"] in ("info", "warning", "error")
+
+
+def test_shared_run_id_is_flagged(memory):
+    memory.put(make_state(dead=0), run_id="none")
+    result = invoke(["corrupt-detect", *memory.flags(run_id="none"), "-o", "json"])
+    assert "shared-run-id" in codes(result)
+
+
+def test_absent_run_exits_5(memory):
+    result = invoke(["corrupt-detect", *memory.flags(run_id="absent")])
+    assert result.exit_code == 5
+    assert result.stderr.startswith("rdzvctl: NoStateError: ")
+
+
+def test_corrupt_pickle_exits_6(memory):
+    memory.put(b"\x80\x04garbage")
+    result = invoke(["corrupt-detect", *memory.flags(), "-o", "json"])
+    assert result.exit_code == 6
+    (run,) = json_out(result)["runs"]
+    assert run["status"] == "corrupt" and run["problems"][0]["code"] == "state-corrupt"
+    assert "reset --mode clear" in run["problems"][0]["repair"]
+
+
+def test_corrupt_stored_value_exits_6(memory):
+    memory.corrupt()
+    result = invoke(["corrupt-detect", *memory.flags()])
+    assert result.exit_code == 6
+    assert "status  corrupt" in result.stdout
+
+
+def test_unsafe_pickle_exits_6(memory):
+    memory.put(pickle.dumps(_Explode()))
+    result = invoke(["corrupt-detect", *memory.flags(), "-o", "json"])
+    assert result.exit_code == 6
+    (run,) = json_out(result)["runs"]
+    assert run["status"] == "unsafe" and run["problems"][0]["code"] == "state-unsafe"
+
+
+# -- every run ---------------------------------------------------------------------------
+@pytest.fixture
+def several_runs(memory):
+    memory.put(make_state(dead=0), run_id="healthy")
+    memory.put(make_state(), run_id="stuck")
+    memory.put(make_state(dead=0, waiting=0, closed=True), run_id="closed")
+    return memory
+
+
+def test_all_runs_json_summary(several_runs):
+    memory = several_runs
+    result = invoke(["corrupt-detect", *memory.flags(run_id=None), "--all", "-o", "json"])
+    assert result.exit_code == 1
+    doc = json_out(result)
+    assert doc["schema"] == "rdzvctl.corrupt-detect/v1"
+    assert [(r["run_id"], r["status"]) for r in doc["runs"]] == [("closed", "warning"), ("healthy", "ok"),
+                                                                 ("stuck", "error")]
+    assert doc["summary"] == {"runs": 3, "ok": 1, "warning": 1, "error": 1}
+    assert doc["exit_code"] == 1
+
+
+def test_corrupt_takes_precedence_over_findings(several_runs):
+    memory = several_runs
+    memory.put(b"\x80\x04garbage", run_id="broken")
+    memory.put(pickle.dumps(_Explode()), run_id="evil")
+    result = invoke(["corrupt-detect", *memory.flags(run_id=None), "--all", "-o", "json"])
+    assert result.exit_code == 6
+    summary = json_out(result)["summary"]
+    assert summary == {"runs": 5, "ok": 1, "warning": 1, "error": 1, "corrupt": 1, "unsafe": 1}
+
+
+def test_all_runs_text(several_runs):
+    result = invoke(["corrupt-detect", *several_runs.flags(run_id=None), "--all"])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["runs           3", "with findings  2"]
+    assert any(line.split()[:3] == ["stuck", "error", "1"] for line in lines)
+
+
+def test_all_runs_on_an_empty_backend(memory):
+    result = invoke(["corrupt-detect", *memory.flags(run_id=None), "--all", "-o", "json"])
+    assert result.exit_code == 0
+    assert json_out(result)["runs"] == []
+
+
+def test_all_runs_on_an_empty_filestore(memory, tmp_path):
+    store = tmp_path / "store"
+    store.write_bytes(b"")
+    result = invoke(["corrupt-detect", "--rdzv-backend", "c10d", "--rdzv-endpoint", str(store), "--rdzv-conf",
+                     "store_type=file", "--all", "-o", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert json_out(result)["summary"] == {"runs": 0}
+
+
+@pytest.mark.parametrize("command", ["corrupt-detect --all", "list"])
+def test_listing_on_a_backend_that_cannot_list_exits_2(memory, command):
+    result = invoke([*command.split(), *memory.flags(run_id=None, backend="memory-unlisted")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "rdzvctl: UnsupportedOperationError: the memory-unlisted backend cannot list runs"
+
+
+# -- list ---------------------------------------------------------------------------------
+def test_list_json(several_runs):
+    memory = several_runs
+    memory.put(b"\x80\x04garbage", run_id="broken")
+    result = invoke(["list", *memory.flags(run_id=None), "-o", "json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json_out(result)
+    assert doc["schema"] == "rdzvctl.list/v1" and doc["backend"] == "memory"
+    rows = {r["run_id"]: r for r in doc["runs"]}
+    assert set(rows) == {"broken", "closed", "healthy", "stuck"}
+    assert rows["stuck"]["health"] == "error" and rows["stuck"]["participants"] == 4
+    assert rows["stuck"]["waiting"] == 1 and rows["stuck"]["round"] == 2 and rows["stuck"]["complete"] is True
+    assert rows["closed"]["closed"] is True
+    assert rows["broken"]["health"] == "corrupt" and rows["broken"]["round"] is None
+    assert rows["healthy"]["token"] == str(memory.token("healthy"))
+
+
+def test_list_text(several_runs):
+    result = invoke(["list", *several_runs.flags(run_id=None)])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["RUN", "ID", "ROUND", "COMPLETE", "PARTICIPANTS", "WAITING", "CLOSED", "HEALTH"]
+    assert lines[1:] and lines[-1].split() == ["stuck", "2", "yes", "4", "1", "no", "error"]
+
+
+def test_list_of_an_unknown_backend_exits_2(memory):
+    result = invoke(["list", "--rdzv-backend", "nope"])
+    assert result.exit_code == 2
+    assert "registered backends:" in result.stderr
