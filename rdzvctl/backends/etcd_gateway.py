@@ -163,8 +163,14 @@ def prefix_range_end(prefix: bytes) -> bytes:
     return b"\x00"
 
 
+class _ServerError(http.client.HTTPException):
+    """A member answered 5xx (no leader, shutting down); its text is the reason."""
+
+
 def _reason(exc: BaseException) -> str:
     """A short, secret-free description of a socket/TLS/HTTP failure."""
+    if isinstance(exc, _ServerError):
+        return str(exc)
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
@@ -172,8 +178,13 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed ({exc.verify_message or exc.reason})"
     if isinstance(exc, ssl.SSLError):
-        hint = "; is the protocol (http/https) right?" if "VERSION" in str(exc.reason or "") else ""
-        return f"TLS failed ({exc.reason or exc}){hint}"
+        reason = str(exc.reason or exc)
+        hint = ""
+        if "VERSION" in reason or "EOF" in reason or "RECORD" in reason:
+            hint = "; is the member serving https (--rdzv-conf protocol)?"
+        elif "CERTIFICATE" in reason:
+            hint = "; the member wants a client certificate (ssl_cert, ssl_cert_key)"
+        return f"TLS failed ({reason}){hint}"
     if isinstance(exc, socket.gaierror):
         return "cannot resolve the host name"
     if isinstance(exc, (http.client.RemoteDisconnected, http.client.BadStatusLine)):
@@ -342,7 +353,7 @@ class EtcdHttp:
                     continue
                 if answer.status >= 500:
                     answered_5xx = answer
-                    failures.append((endpoint, http.client.HTTPException(f"HTTP {answer.status}")))
+                    failures.append((endpoint, _ServerError(f"answered HTTP {answer.status}")))
                     continue
                 self._preferred = index
                 return answer
@@ -389,6 +400,7 @@ class EtcdHttp:
             return HttpAnswer(endpoint, response.status, answer_headers, data)
 
     def _failure(self, failures: List[Tuple[Endpoint, BaseException]], deadline: float) -> Exception:
+        failures = list(dict(failures).items())  # the last failure of each member, in order
         timed_out = time.monotonic() >= deadline or (failures and all(_is_timeout(e) for _, e in failures))
         if not failures:
             error: Exception = BackendTimeoutError(
@@ -399,7 +411,7 @@ class EtcdHttp:
             if _is_timeout(exc) or timed_out:
                 error = BackendTimeoutError(f"{self.api} at {endpoint} did not answer within {self.timeout:g} s")
             else:
-                error = BackendUnavailableError(f"{self.api} at {endpoint} is unreachable: {_reason(exc)}")
+                error = BackendUnavailableError(f"cannot talk to {self.api} at {endpoint}: {_reason(exc)}")
         else:
             detail = "; ".join(f"{ep}: {_reason(exc)}" for ep, exc in failures)
             if timed_out:

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import closing
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from rdzvctl.backends.base import (
     Address,
@@ -36,9 +36,6 @@ from rdzvctl.backends.base import (
     Token,
 )
 from rdzvctl.errors import BackendConfigError, StateCorruptError
-
-if TYPE_CHECKING:
-    from rdzvctl.backends.etcd_gateway import EtcdGateway
 
 __all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
 
@@ -87,11 +84,6 @@ class EtcdV3Backend(RendezvousBackend):
     @property
     def gateway(self) -> Any:
         """The v3 gateway client (shared by the torchrun plugin's store on the same cluster)."""
-        return self._gw
-
-    @property
-    def gateway(self) -> "EtcdGateway":
-        """The v3 client this backend uses (shared with the torchrun plugin's store)."""
         return self._gw
 
     @property
