@@ -240,13 +240,13 @@ def json_out(result: Result) -> Any:
 
 
 def run_rdzvctl(args: Sequence[str], env: Optional[Dict[str, str]] = None, timeout: float = 60,
-                importtime: bool = False) -> subprocess.CompletedProcess:
-    """Run ``python -m rdzvctl ARGS`` as a real subprocess with a plain environment."""
+                importtime: bool = False, text: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m rdzvctl ARGS`` as a real subprocess with a plain environment (bytes if not ``text``)."""
     base = {k: v for k, v in os.environ.items() if k not in ENV and not k.startswith(("PET_", "RDZVCTL_"))}
     base.update({"NO_COLOR": "1", "COLUMNS": "120"})
     base.update(env or {})
     flags = ["-X", "importtime"] if importtime else []
-    return subprocess.run([sys.executable, *flags, "-m", "rdzvctl", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *flags, "-m", "rdzvctl", *args], capture_output=True, text=text,
                           env=base, timeout=timeout)
 
 

@@ -1,0 +1,249 @@
+"""backends, conformance, demo, completion; and rdzvctl as a real process on a FileStore."""
+
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from rdzvctl.backends.base import Address
+from rdzvctl.backends.registry import open_backend
+from rdzvctl.cli.commands.completion import completion_script
+from rdzvctl.state.codec import decode
+from rdzvctl.testing.memory import MemoryBackend
+from tests.support.cli import (  # noqa: F401  (fixtures)
+    cli_env,
+    closed_port,
+    frozen_now,
+    invoke,
+    json_out,
+    make_state,
+    memory,
+    run_rdzvctl,
+)
+
+BUILTINS = {
+    "c10d": ["clear", "list_runs", "store_keys"],
+    "etcd-v2": ["clear", "list_runs", "native_watch"],
+    "etcd-v3": ["clear", "list_runs", "native_watch"],
+    "redis": ["clear", "list_runs", "native_watch", "store_keys"],
+}
+
+
+class NeedsAbsentLibraryBackend(MemoryBackend):
+    name = "memory-needs-lib"
+    requires = ("rdzvctl_no_such_client_lib",)
+    install_hint = "rdzvctl-no-such-client-lib"
+
+
+# -- backends -----------------------------------------------------------------------
+def test_backends_json_lists_the_builtins_with_capabilities(memory):
+    result = invoke(["backends", "-o", "json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json_out(result)
+    assert doc["schema"] == "rdzvctl.backends/v1"
+    rows = {row["name"]: row for row in doc["backends"]}
+    for name, capabilities in BUILTINS.items():
+        row = rows[name]
+        assert row["capabilities"] == capabilities, name
+        assert row["error"] is None and row["summary"], name
+        assert row["origin"].startswith("rdzvctl"), name
+    assert rows["c10d"]["usable"] is True and rows["c10d"]["strict_fencing"] is False
+    assert rows["memory"]["capabilities"] == ["clear", "list_runs"]
+
+
+def test_backends_text(memory):
+    result = invoke(["backends"])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "ORIGIN", "CLIENT"]
+    for name in BUILTINS:
+        assert any(line.startswith(name + " ") for line in lines), name
+    assert "no (value is the token)" in result.stdout
+    assert lines[-1] == "Also: any torch RendezvousBackend as --rdzv-backend module:factory."
+
+
+def test_backends_reports_plugins_that_fail_or_lack_their_library(memory, monkeypatch):
+    import rdzvctl.backends.registry as registry
+
+    monkeypatch.setitem(registry._BUILTIN, "ghost", "rdzvctl_no_such_plugin:Backend")
+    monkeypatch.setitem(registry._BUILTIN, "memory-needs-lib", "tests.test_cli_misc:NeedsAbsentLibraryBackend")
+    result = invoke(["backends", "-o", "json"])
+    assert result.exit_code == 0
+    rows = {row["name"]: row for row in json_out(result)["backends"]}
+    assert rows["ghost"]["usable"] is False and "rdzvctl_no_such_plugin" in rows["ghost"]["error"]
+    assert rows["memory-needs-lib"]["missing"] == ["rdzvctl_no_such_client_lib"]
+    text = invoke(["backends"]).stdout
+    assert "failed to load" in text and "pip install rdzvctl-no-such-client-lib" in text
+    # Using it says what to install, exit 2.
+    result = invoke(["get", *memory.flags(backend="memory-needs-lib")])
+    assert result.exit_code == 2
+    assert "pip install rdzvctl-no-such-client-lib" in result.stderr
+
+
+# -- conformance -----------------------------------------------------------------------
+def test_conformance_of_the_reference_backend_passes(memory):
+    result = invoke(["conformance", *memory.flags(run_id=None), "--racers", "4"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "result   ok" in result.stdout
+    assert "racing_writers" in result.stdout
+
+
+def test_conformance_json(memory):
+    result = invoke(["conformance", *memory.flags(run_id=None), "-o", "json", "--racers", "2"])
+    assert result.exit_code == 0
+    doc = json_out(result)
+    assert doc["schema"] == "rdzvctl.conformance/v1" and doc["passed"] is True
+    outcomes = {case["name"]: case["outcome"] for case in doc["cases"]}
+    assert outcomes["set_old_token"] == "pass" and outcomes["list_runs"] == "pass"
+    assert set(outcomes.values()) <= {"pass", "skip", "limitation"}
+
+
+def test_conformance_of_a_broken_backend_fails(memory):
+    result = invoke(["conformance", *memory.flags(run_id=None, backend="memory-broken"), "-o", "json"])
+    assert result.exit_code == 1
+    doc = json_out(result)
+    assert doc["passed"] is False
+    failed = {case["name"] for case in doc["cases"] if case["outcome"] == "fail"}
+    assert {"set_old_token", "set_no_token_existing", "racing_writers"} <= failed
+    result = invoke(["conformance", *memory.flags(run_id=None, backend="memory-broken")])
+    assert result.exit_code == 1 and "result   fail" in result.stdout
+
+
+# -- demo and completion ------------------------------------------------------------------
+def test_demo_creates_a_filestore_rendezvous(memory, tmp_path):
+    result = invoke(["demo", "--path", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.stderr
+    store = tmp_path / "demo" / "rendezvous.store"
+    assert f"PET_RDZV_ENDPOINT={store}" in result.stdout
+    for command in ("rdzvctl get", "rdzvctl corrupt-detect", "rdzvctl reset --mode prune --dry-run",
+                    "rdzvctl restore BACKUP --yes", "rdzvctl watch"):
+        assert f"  {command} " in result.stdout
+    env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(store), "PET_RDZV_ID": "demo-job",
+           "PET_RDZV_CONF": "store_type=file"}
+    result = invoke(["get", "-o", "json"], env=env)
+    assert result.exit_code == 0, result.stderr
+    doc = json_out(result)
+    assert doc["summary"] == {"participants": 4, "alive": 3, "dead": 1, "waiting": 1, "redundant": 0,
+                              "deadline_remaining": None}
+    assert invoke(["corrupt-detect"], env=env).exit_code == 1
+    # Running it again on the same path rewrites the state, fenced.
+    assert invoke(["demo", "--path", str(tmp_path / "demo")]).exit_code == 0
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_prints_the_script(memory, shell):
+    result = invoke(["completion", shell])
+    assert result.exit_code == 0
+    assert result.stdout == completion_script(shell)
+    assert "_RDZVCTL_COMPLETE" in result.stdout
+
+
+def test_completion_of_an_unknown_shell_exits_2(memory):
+    assert invoke(["completion", "tcsh"]).exit_code == 2
+
+
+# -- as a real process ----------------------------------------------------------------------
+@pytest.fixture
+def demo_store(tmp_path) -> dict:
+    """A demo FileStore made by a real rdzvctl process; returns the PET_RDZV_* environment."""
+    done = run_rdzvctl(["demo", "--path", str(tmp_path / "demo")])
+    assert done.returncode == 0, done.stderr
+    store = tmp_path / "demo" / "rendezvous.store"
+    return {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(store), "PET_RDZV_ID": "demo-job",
+            "PET_RDZV_CONF": "store_type=file", "RDZVCTL_BACKUP_DIR": str(tmp_path / "backups")}
+
+
+def test_process_inspect_prune_restore_on_a_filestore(demo_store):
+    before = run_rdzvctl(["get", "-o", "raw"], env=demo_store, text=False)
+    assert before.returncode == 0 and before.stdout
+    detect = run_rdzvctl(["corrupt-detect", "-o", "json"], env=demo_store)
+    assert detect.returncode == 1
+    (problem,) = json.loads(detect.stdout)["runs"][0]["problems"]
+    assert problem["nodes"] == ["trainer-3.cluster.local_4103_0"] and problem["repair"] == "rdzvctl reset --mode prune"
+    prune = run_rdzvctl(["reset", "--mode", "prune", "--yes"], env=demo_store)
+    assert prune.returncode == 0, prune.stderr
+    backup = next(line.split(": ", 1)[1] for line in prune.stderr.splitlines() if line.startswith("Backup written"))
+    assert run_rdzvctl(["corrupt-detect"], env=demo_store).returncode == 0
+    restore = run_rdzvctl(["restore", backup, "--yes"], env=demo_store)
+    assert restore.returncode == 0, restore.stderr
+    after = run_rdzvctl(["get", "-o", "raw"], env=demo_store, text=False)
+    assert after.stdout == before.stdout
+
+
+def test_process_errors_are_one_line_and_verbose_adds_the_traceback(demo_store):
+    done = run_rdzvctl(["get", "--rdzv-id", "absent"], env=demo_store)
+    assert done.returncode == 5
+    assert done.stderr.splitlines() == [
+        f"rdzvctl: NoStateError: no rendezvous state for run 'absent' on c10d {demo_store['PET_RDZV_ENDPOINT']}"]
+    verbose = run_rdzvctl(["-v", "get", "--rdzv-id", "absent"], env=demo_store)
+    assert verbose.returncode == 5 and "Traceback (most recent call last)" in verbose.stderr
+    usage = run_rdzvctl(["get", "--rdzv-backend", "zookeeper"], env=demo_store)
+    assert usage.returncode == 2 and len(usage.stderr.splitlines()) == 1
+
+
+def test_process_unreachable_tcpstore_exits_4(tmp_path):
+    port = closed_port()
+    done = run_rdzvctl(["get", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "j",
+                        "--timeout", "1"], timeout=30)
+    assert done.returncode == 4
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("rdzvctl: ") and f"127.0.0.1:{port}" in line
+
+
+def test_process_clear_repairs_a_value_that_is_not_base64(tmp_path):
+    store = tmp_path / "store"
+    store.write_bytes(b"")
+    address = Address("c10d", str(store), "job", {"store_type": "file"})
+    with open_backend(address) as backend:
+        backend.store.set(backend.key, b"!!! not base64 !!!")
+    flags = ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(store), "--rdzv-id", "job", "--rdzv-conf",
+             "store_type=file", "--backup-dir", str(tmp_path / "b")]
+    get = run_rdzvctl(["get", *flags[:-2]])
+    assert get.returncode == 6 and "not base64" in get.stdout
+    clear = run_rdzvctl(["reset", "--mode", "clear", "--yes", *flags])
+    assert clear.returncode == 0, clear.stderr
+    assert run_rdzvctl(["get", *flags[:-2]]).returncode == 5
+    with open_backend(address) as backend:
+        assert backend.get_state() is None
+
+
+def test_console_script_runs():
+    script = shutil.which("rdzvctl")
+    if script is None:  # pragma: no cover - the package is installed in CI
+        pytest.skip("the rdzvctl console script is not on PATH")
+    done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.startswith("rdzvctl ")
+
+
+def test_demo_live_gives_watch_something_to_show(tmp_path):
+    path = tmp_path / "live"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RDZVCTL_"))}
+    live = subprocess.Popen([sys.executable, "-m", "rdzvctl", "demo", "--live", "--interval", "0.2", "--path",
+                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        store = path / "rendezvous.store"
+        watch_env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(store), "PET_RDZV_ID": "demo-job",
+                     "PET_RDZV_CONF": "store_type=file"}
+        # Wait for the demo to write its state, then follow it until a node joins the wait list.
+        for _ in range(100):
+            if store.exists() and run_rdzvctl(["get", "-o", "json"], env=watch_env).returncode == 0:
+                break
+        done = run_rdzvctl(["watch", "-o", "json", "--interval", "0.1", "--until", "round>=3", "--timeout", "2"],
+                           env=watch_env)
+        assert done.returncode == 1  # the demo never advances the round
+        kinds = [json.loads(line)["kind"] for line in done.stdout.splitlines()]
+        assert kinds[0] == "snapshot" and "joined-wait_list" in kinds
+    finally:
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=20)
+    assert live.returncode == 0, err
+    with open_backend(Address("c10d", str(store), "demo-job", {"store_type": "file"})) as backend:
+        assert decode(backend.get_state()[0]).round == 2
