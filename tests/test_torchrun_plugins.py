@@ -30,12 +30,13 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.elastic.rendezvous import RendezvousParameters  # noqa: E402
 
 from rdzvctl.torchrun import plugins  # noqa: E402
-from tests.support.etcd_server import etcd_server  # noqa: E402,F401
-from tests.support.redis_server import redis_server  # noqa: E402,F401
+from tests.support.etcd_server import etcd_auth_server, etcd_server  # noqa: E402,F401
+from tests.support.redis_server import redis_server, redis_server_auth  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 ALLREDUCE = REPO / "tests" / "e2e" / "allreduce.py"
 BACKENDS = ["redis", "etcd-v3"]
+E2E_TIMEOUT = 120.0  # seconds for a whole two-node torchrun job
 
 
 def _run_id(tag: str) -> str:
@@ -147,6 +148,25 @@ def test_backend_satisfies_torch_abc(backend_name: str, endpoint: str) -> None:
     assert backend.set_state(b"second", token) [2] is True
     stale = backend.set_state(b"third", token)
     assert stale is not None and stale[0] == b"second" and stale[2] is False
+
+
+def test_store_uses_the_backends_credentials(backend_name: str, request: pytest.FixtureRequest) -> None:
+    """Options such as a password reach both the backend and the store (one connection setup)."""
+    if backend_name == "redis":
+        from tests.support.redis_server import DEFAULT_PASSWORD
+
+        server = request.getfixturevalue("redis_server_auth")
+        conf = {"password": DEFAULT_PASSWORD}
+    else:
+        from tests.support.etcd_server import ROOT_PASSWORD
+
+        server = request.getfixturevalue("etcd_auth_server")
+        conf = {"username": "root", "password": ROOT_PASSWORD}
+    backend, store = _create(backend_name)(_params(backend_name, server.endpoint, _run_id("auth"), **conf))
+    assert backend.set_state(b"state")[2] is True
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert store.add("n", 1) == 1
 
 
 def test_unreachable_server_is_a_torch_connection_error(backend_name: str) -> None:
@@ -378,13 +398,24 @@ def test_gloo_process_group_on_our_store(backend_name: str, endpoint: str) -> No
 # -- end to end: two torchrun nodes -------------------------------------------------------------
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _kill_all(procs: List[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """Stop what is still running: SIGTERM first (torchrun then stops its workers, which run in
+    sessions of their own), SIGKILL to the process group after a grace period."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        _signal_group(proc, signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
             proc.wait(timeout=10)
 
 
@@ -423,9 +454,14 @@ def test_torchrun_two_nodes_allreduce(backend_name: str, endpoint: str, tmp_path
     from rdzvctl.state.codec import decode
 
     run_id = _run_id("e2e")
+
+    def logs() -> str:
+        return "\n".join((tmp_path / f"node{n}.log").read_text(errors="replace")[-3000:] for n in range(2))
+
     procs = [_torchrun(backend_name, endpoint, run_id, tmp_path, node) for node in range(2)]
     try:
-        _wait_for(lambda: all((tmp_path / f"rank{r}.done").exists() for r in range(2)), 100,
+        deadline = time.monotonic() + E2E_TIMEOUT
+        _wait_for(lambda: all((tmp_path / f"rank{r}.done").exists() for r in range(2)), E2E_TIMEOUT,
                   "both workers to finish the all-reduce", procs)
         # The job is still running: read the rendezvous the way rdzvctl does.
         with _rdzvctl_backend(backend_name, endpoint, run_id) as backend:
@@ -437,14 +473,20 @@ def test_torchrun_two_nodes_allreduce(backend_name: str, endpoint: str, tmp_path
         assert sorted(state.participants.values()) == [0, 1]
         assert set(state.last_heartbeats) >= set(state.participants)
         assert not state.wait_list
+        if "store_keys" in backend.capabilities:  # torch's per-round keys, in our store
+            with _rdzvctl_backend(backend_name, endpoint, run_id) as backend:
+                keys = backend.store_keys()
+            assert f"{state.round}/MASTER_ADDR" in keys and f"{state.round}/MASTER_PORT" in keys
         (tmp_path / "release").write_text("")
         for proc in procs:
-            proc.wait(timeout=60)
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except (AssertionError, subprocess.TimeoutExpired) as exc:
+        _kill_all(procs)
+        raise AssertionError(f"{exc}\n--- torchrun logs ---\n{logs()}") from exc
     finally:
         _kill_all(procs)
-    logs = "\n".join((tmp_path / f"node{n}.log").read_text(errors="replace")[-3000:] for n in range(2))
-    assert [proc.returncode for proc in procs] == [0, 0], logs
-    assert logs.count("all-reduce 3.0 (expected 3.0)") == 2, logs
+    assert [proc.returncode for proc in procs] == [0, 0], logs()
+    assert logs().count("all-reduce 3.0 (expected 3.0)") == 2, logs()
 
 
 # -- torch handlers against a competing fenced writer -----------------------------------------------

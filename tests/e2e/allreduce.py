@@ -2,8 +2,9 @@
 
 Each worker adds ``rank + 1`` across the world and checks the sum.  With
 ``RDZV_E2E_DIR`` set, it then writes ``<dir>/rank<N>.done`` and waits (up to
-``RDZV_E2E_HOLD`` seconds, default 60) for ``<dir>/release``, so a test can
-inspect the rendezvous while the job is still running.
+``RDZV_E2E_HOLD`` seconds, default 60, or until torchrun is gone) for
+``<dir>/release``, so a test can inspect the rendezvous while the job is
+still running.
 """
 
 import os
@@ -29,7 +30,10 @@ def main() -> int:
         with open(os.path.join(directory, f"rank{rank}.done"), "w") as done:
             done.write(f"{value.item()}\n")
         deadline = time.monotonic() + float(os.environ.get("RDZV_E2E_HOLD", "60"))
-        while not os.path.exists(os.path.join(directory, "release")) and time.monotonic() < deadline:
+        parent = os.getppid()
+        while not os.path.exists(os.path.join(directory, "release")):
+            if time.monotonic() > deadline or os.getppid() != parent:  # torchrun is gone: stop
+                return 1
             time.sleep(0.05)
     dist.barrier()
     dist.destroy_process_group()
