@@ -528,8 +528,9 @@ class EtcdGateway:
         self._token_lock = threading.Lock()
 
     def describe(self) -> str:
-        user = f"{self.username}@" if self.username else ""
-        return user + self.http.describe()
+        """The members, and the user if any; never the password."""
+        user = f" (user {self.username})" if self.username else ""
+        return self.http.describe() + user
 
     # -- plumbing ---------------------------------------------------------------
     def _headers(self) -> Dict[str, str]:
