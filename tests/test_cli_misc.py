@@ -247,3 +247,35 @@ def test_demo_live_gives_watch_something_to_show(tmp_path):
     assert live.returncode == 0, err
     with open_backend(Address("c10d", str(store), "demo-job", {"store_type": "file"})) as backend:
         assert decode(backend.get_state()[0]).round == 2
+
+
+# -- startup ---------------------------------------------------------------------------------
+HEAVY = {"rich", "torch", "redis", "etcd3", "etcd3gw", "grpc"}
+
+
+def imported_modules(stderr: str) -> set:
+    """Top-level module names from ``python -X importtime`` output."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":
+                names.add(name.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["get", "--help"], ["backends", "-o", "json"]])
+def test_startup_imports_no_heavy_module(args):
+    done = run_rdzvctl(args, importtime=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modules = imported_modules(done.stderr)
+    assert "click" in modules and "rdzvctl" in modules  # the parse works
+    assert not modules & HEAVY, sorted(modules & HEAVY)
+
+
+def test_plain_get_imports_no_heavy_module(demo_store):
+    for args in (["get"], ["get", "-o", "json"], ["corrupt-detect", "-o", "json"]):
+        done = run_rdzvctl(args, env=demo_store, importtime=True)
+        assert done.returncode in (0, 1), done.stderr[-2000:]
+        modules = imported_modules(done.stderr)
+        assert not modules & HEAVY, (args, sorted(modules & HEAVY))
