@@ -339,6 +339,31 @@ def test_store_keys_live_under_the_run_prefix_with_a_ttl(backend_name: str, requ
         assert '"lease":' in lease and '"lease":0' not in lease
 
 
+def test_etcd_store_replaces_a_lost_lease(etcd_server: Any) -> None:  # noqa: F811
+    """Keys die with their lease; a store whose lease was revoked (or expired) grants a new one."""
+    store = _make_store("etcd-v3", etcd_server.endpoint, _run_id("lease"))
+    store.set("a", "1")
+    store.gateway.lease_revoke(store._lease)
+    assert store.check(["a"]) is False
+    store.set("b", "2")
+    assert store.get("b") == b"2"
+    assert store.add("n", 4) == 4
+    assert store.compare_set("c", "", "x") == b"x"
+
+
+def test_redis_store_ttl_zero_never_expires(redis_server: Any) -> None:  # noqa: F811
+    run_id = _run_id("nottl")
+    store = _make_store("redis", redis_server.endpoint, run_id, ttl="0")
+    store.set("a", "1")
+    store.add("n", 1)
+    store.compare_set("c", "", "x")
+    store.append("log", "x")
+    client = redis_server.client()
+    keys = list(client.scan_iter(match=f"torch.rendezvous.{run_id}.store/*"))
+    assert len(keys) == 4
+    assert {client.ttl(key) for key in keys} == {-1}
+
+
 def test_clone_shares_the_keys(store: Any) -> None:
     twin = store.clone()
     store.set("shared", "yes")

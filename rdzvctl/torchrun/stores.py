@@ -352,14 +352,15 @@ class EtcdV3Store(_ServerStore):
 
     def _txn(self, compare: List[Dict[str, Any]], success: List[Dict[str, Any]],
              failure: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """A transaction whose writes carry the lease; re-granted once if it expired."""
+        """A transaction whose writes carry the lease; if etcd refuses it because the lease
+        is gone (expired or revoked), a new lease is granted and the transaction sent again."""
         for attempt in range(2):
             lease = self._lease_id(renew=attempt > 0)
             ops = [self._with_lease(op, lease) for op in success]
             try:
                 return self.gateway.txn(compare, ops, failure)
-            except BackendUnavailableError as exc:
-                if attempt or "lease not found" not in str(exc):
+            except BackendUnavailableError:
+                if attempt or self.gateway.lease_keepalive(lease) > 0:
                     raise
         raise AssertionError("unreachable")
 
