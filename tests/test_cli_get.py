@@ -249,6 +249,8 @@ def test_unsafe_pickle_is_never_executed(memory, unsafe_state, args):
     result = invoke([*args, *memory.flags()], env={"EDITOR": "true"})
     assert result.exit_code == 6, (result.stdout, result.stderr)
     assert "unsafe" in (result.stdout + result.stderr).lower()
+    if args == ["get"]:
+        assert re.search(r"^state\s+unsafe$", result.stdout, re.MULTILINE)
     assert "os.system" in result.stdout + result.stderr or "posix.system" in result.stdout + result.stderr
     assert memory.raw() == before
 

@@ -125,7 +125,9 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
     pairs = [("backend", f"{doc['backend']}  {doc['endpoint']}"), ("run id", doc["run_id"]),
              ("token", doc.get("token") or "-")]
     if state is None:
-        pairs.append(("state", "corrupt" if doc.get("problems") else "none"))
+        problems = doc.get("problems") or []
+        kind = problems[0]["code"].replace("state-", "", 1) if problems else "none"  # corrupt | unsafe
+        pairs.append(("state", kind))
         render_tables(app, pairs, [_problems_table(doc.get("problems", []))])
         return
     summary = doc["summary"]
