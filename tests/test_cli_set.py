@@ -385,3 +385,22 @@ def test_two_backups_in_the_same_instant_get_two_files(tmp_path):
     second = write_backup(backup, tmp_path)
     assert first != second
     assert read_backup(first).state == read_backup(second).state == b"state"
+
+
+def test_backup_is_fsynced_file_and_directory_before_the_write(memory, cli_env, monkeypatch):
+    import os
+
+    import rdzvctl.backup
+
+    memory.put(make_state())
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), memory.state().closed))
+        real_fsync(fd)
+
+    monkeypatch.setattr(rdzvctl.backup.os, "fsync", fsync)
+    assert invoke(["set", *memory.flags(), "--closed", "--yes"]).exit_code == 0
+    (path,) = backups(cli_env)
+    assert synced == [(str(path), False), (str(cli_env), False)]  # both before the state changed

@@ -22,3 +22,23 @@ def test_completion_file_is_current(shell):
 
 def test_every_shell_has_a_file():
     assert sorted(p.suffix.lstrip(".") for p in COMPLETIONS.glob("rdzvctl.*")) == sorted(SHELLS)
+
+
+@pytest.mark.parametrize(
+    ("words", "cword", "expected"),
+    [
+        ("rdzvctl ge", 1, ["get"]),
+        ("rdzvctl reset --mode ", 3, ["clear", "reopen", "prune"]),
+        ("rdzvctl get --rdzv-b", 2, ["--rdzv-backend"]),
+        ("rdzvctl completion ", 2, list(SHELLS)),
+    ],
+)
+def test_completion_completes_lazy_commands_and_options(words, cword, expected):
+    from click.testing import CliRunner
+
+    from rdzvctl.cli.main import cli
+
+    env = {"_RDZVCTL_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    result = CliRunner().invoke(cli, [], env=env, prog_name="rdzvctl")
+    assert result.exit_code == 0
+    assert [line.split(",", 1)[1] for line in result.output.splitlines()] == expected
