@@ -156,13 +156,6 @@ class _ServerStore(Store):
             values, _ = self._read([self._key(k) for k in keys])
         return all(v is not None for v in values)
 
-    def multi_set(self, keys: List[str], values: List[Data]) -> None:
-        """Set several keys (each one atomically; not as a transaction)."""
-        if len(keys) != len(values):
-            raise ValueError("multi_set needs as many values as keys")
-        for key, value in zip(keys, values):
-            self.set(key, value)
-
     # torch's trampoline calls these two by their C++ names.
     def deleteKey(self, key: str) -> bool:  # noqa: N802
         return self.delete_key(key)
