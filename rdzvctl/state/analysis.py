@@ -82,8 +82,7 @@ def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAli
         add(node, "waiting", None)
     for node in sorted(state.redundancy_list - set(state.participants) - state.wait_list):
         add(node, "redundant", None)
-    for node in sorted(set(state.last_heartbeats) - state.nodes.difference(state.last_heartbeats)
-                       - set(state.participants) - state.wait_list - state.redundancy_list):
+    for node in sorted(set(state.last_heartbeats) - set(state.participants) - state.wait_list - state.redundancy_list):
         add(node, "orphan", None)
     return rows
 
