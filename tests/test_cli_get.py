@@ -187,11 +187,28 @@ def test_bad_rdzv_conf_exits_2(memory, conf):
     assert_one_line_error(result, 2)
 
 
-@pytest.mark.parametrize("args", [["get", "--nope"], ["get", "--timeout", "0"], ["get", "-o", "yaml"], ["nope"]])
-def test_bad_flags_exit_2(memory, args):
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["get", "--nope"], ["No such option '--nope'", "(see 'rdzvctl get --help')"]),
+        (["get", "--timeout", "0"], ["--timeout", "must be positive"]),
+        (["get", "--timeout", "abc"], ["'abc' is not a valid float"]),
+        (["get", "-o", "yaml"], ["'yaml' is not one of 'text', 'json', 'raw'"]),
+        (["reset"], ["Missing option '--mode'. Choose from: clear, reopen, prune"]),
+        (["nope"], ["No such command 'nope'", "(see 'rdzvctl --help')"]),
+        (["--nope"], ["No such option '--nope'"]),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(memory, args, words):
     result = invoke(args)
-    assert result.exit_code == 2
-    assert "Traceback" not in result.stderr
+    line = assert_one_line_error(result, 2, *words)
+    assert line.startswith("rdzvctl: UsageError: ")
+
+
+def test_bare_rdzvctl_shows_the_help(memory):
+    result = invoke([])
+    assert result.exit_code == 2  # click's convention for a group called without a command
+    assert "Commands:" in result.stderr and "rdzvctl: " not in result.stderr
 
 
 def test_unreachable_backend_exits_4(memory):

@@ -50,6 +50,12 @@ class LazyGroup(click.Group):
         module = importlib.import_module(entry[0])
         return module.command  # type: ignore[no-any-return]
 
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise OneLineUsageError.wrap(exc) from exc
+
     def invoke(self, ctx: click.Context) -> Any:
         from rdzvctl.errors import RdzvctlError
 
@@ -57,6 +63,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except RdzvctlError as exc:
             raise CommandError(exc, bool((ctx.obj or {}).get("verbose"))) from exc
+        except click.UsageError as exc:  # a bad flag or value of a subcommand
+            raise OneLineUsageError.wrap(exc) from exc
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help from the table: listing commands must not import them.
@@ -79,6 +87,24 @@ class CommandError(click.ClickException):
 
             traceback.print_exception(type(self.error), self.error, self.error.__traceback__, file=file or sys.stderr)
         click.echo(f"rdzvctl: {type(self.error).__name__}: {self.error}", err=True, file=file)
+
+
+class OneLineUsageError(click.UsageError):
+    """click's usage errors (bad flags, bad values) as one line, like every other error."""
+
+    @classmethod
+    def wrap(cls, error: click.UsageError) -> click.UsageError:
+        if isinstance(error, cls) or type(error).__name__ == "NoArgsIsHelpError":  # bare `rdzvctl`: the help
+            return error
+        wrapped = cls(error.format_message(), error.ctx)
+        wrapped.exit_code = error.exit_code
+        return wrapped
+
+    def show(self, file: Any = None) -> None:
+        message = " ".join(self.format_message().split())  # click's choice lists span lines
+        if self.ctx is not None and "--help" not in message:
+            message += f" (see '{self.ctx.command_path} --help')"
+        click.echo(f"rdzvctl: UsageError: {message}", err=True, file=file)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
