@@ -111,3 +111,13 @@ def test_visual_is_used_when_editor_is_unset(memory, tmp_path):
     ed = editor(tmp_path, "sed -i 's/\"closed\": false/\"closed\": true/' \"$1\"")
     assert invoke(["edit", *memory.flags(), "--yes"], env={"VISUAL": ed, "EDITOR": None}).exit_code == 0
     assert memory.state().closed is True
+
+
+def test_failing_editor_exits_2_and_writes_nothing(memory, tmp_path):
+    token = memory.put(make_state())
+    for ed in ("false", str(tmp_path / "no-such-editor")):
+        result = invoke(["edit", *memory.flags(), "--yes"], env={"EDITOR": ed})
+        assert result.exit_code == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("rdzvctl: UsageError: ") and "Editing failed" in line and "nothing was written" in line
+    assert memory.token() == token

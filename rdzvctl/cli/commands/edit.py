@@ -41,7 +41,10 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
         original = json.dumps(state_to_json(snap.state), indent=2) + "\n"
         text = HEADER.format(run_id=snap.run_id, backend=snap.backend, endpoint=snap.endpoint,
                              token=snap.token_text) + original
-        edited = click.edit(text, extension=".json", require_save=True)
+        try:
+            edited = click.edit(text, extension=".json", require_save=True)
+        except click.ClickException as exc:  # the editor is missing or exited non-zero
+            raise UsageError(f"{exc.format_message()} ($EDITOR / $VISUAL); nothing was written") from None
         if edited is None:
             app.err("Edit cancelled: nothing was written.")
             return
