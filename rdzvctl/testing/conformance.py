@@ -317,8 +317,9 @@ CASES = [
 
 def _run_case(func, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int) -> CaseResult:
     name, description = next((n, d) for n, d, f in CASES if f is func)
-    ctx = _Context(factory, corrupter, racers)
+    ctx: Optional[_Context] = None
     try:
+        ctx = _Context(factory, corrupter, racers)  # a factory that raises fails the case, not the run
         func(ctx)
         return CaseResult(name, description, "pass")
     except _Limitation as exc:
@@ -331,7 +332,8 @@ def _run_case(func, factory: BackendFactory, corrupter: Optional[Corrupter], rac
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return CaseResult(name, description, "fail", f"raised {last}")
     finally:
-        ctx.close()
+        if ctx is not None:
+            ctx.close()
 
 
 def run_conformance(
