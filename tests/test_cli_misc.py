@@ -281,3 +281,13 @@ def test_startup_imports_no_heavy_module(args):
     modules = imported_modules(done.stderr)
     assert "click" in modules and "rdzvctl" in modules  # the parse works
     assert not modules & HEAVY, sorted(modules & HEAVY)
+
+
+def test_conformance_of_an_unreachable_backend_exits_4(memory):
+    port = closed_port()
+    result = invoke(["conformance", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                     "--timeout", "1"])
+    assert result.exit_code == 4
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("rdzvctl: BackendUnavailableError: ") and f"127.0.0.1:{port}" in line
+    assert result.stdout == ""
