@@ -1,0 +1,48 @@
+"""P1: ``rdzvctl get -o json`` as a fresh process on an 8-node state, every backend.
+
+Baseline: :mod:`bench.baseline` ``get`` (click imported, same client library,
+allow-list unpickle, JSON printed).  The server's own CLI (``redis-cli HGET``,
+``etcdctl get``) is timed for reference: it reads the raw value only.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from bench.context import Context, cpu_ratio, ms
+from bench.measure import Row, baseline_argv, rdzvctl_argv, time_interleaved
+from bench.servers import BACKENDS
+from bench.states import state_bytes
+
+ID = "P1"
+WHAT = "get -o json, 8 nodes, fresh process"
+RUN_ID = "bench-p1"
+LIMIT = 1.3
+
+
+def run(ctx: Context) -> List[Row]:
+    rows = ctx.skipped_rows(ID, WHAT, list(BACKENDS))
+    state = state_bytes(ctx.settings.small_nodes)
+    s = ctx.settings
+    for target in ctx.targets():
+        ctx.log(f"P1 {target.label}")
+        target.write(RUN_ID, state)
+        commands = {
+            "ours": rdzvctl_argv() + ["get", "-o", "json"] + target.flags(RUN_ID),
+            "base": baseline_argv("get", target.label, target.endpoint, RUN_ID),
+        }
+        envs = {}
+        reference = target.reference_read(RUN_ID)
+        if reference is not None:
+            commands["ref"] = reference.argv
+            envs["ref"] = dict(ctx.env, **reference.env)
+        try:
+            timed = time_interleaved(commands, ctx.env, s.warmup, s.repeats, envs=envs)
+        finally:
+            target.clear(RUN_ID)
+        rows.append(Row(ID, WHAT, target.label, ms(timed["ours"]), ms(timed["base"]), "ms", f"<= {LIMIT}x", LIMIT,
+                        cpu_ratio=cpu_ratio(timed["ours"], timed["base"])))
+        if reference is not None:
+            rows.append(Row(ID, f"  ref: {reference.name} (raw value only)", target.label, ms(timed["ref"]),
+                            ms(timed["base"]), "ms", "-", verdict="ref"))
+    return rows
