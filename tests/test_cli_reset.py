@@ -204,3 +204,15 @@ def test_unwritable_backup_dir_exits_2_before_writing(memory, tmp_path):
     assert result.exit_code == 2
     assert "backup" in result.stderr
     assert memory.token() == token
+
+
+def test_restore_of_a_backup_of_no_state_removes_the_state(memory, tmp_path, cli_env):
+    memory.put(make_state(), run_id="source")
+    doc = tmp_path / "s.json"
+    doc.write_text(invoke(["get", *memory.flags(run_id="source"), "-o", "json"]).stdout)
+    assert invoke(["set", *memory.flags(), "--create", "-f", str(doc), "--yes"]).exit_code == 0
+    (path,) = cli_env.glob("*.json")
+    assert read_backup(path).state is None
+    result = invoke(["restore", str(path), "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert memory.raw() is None
