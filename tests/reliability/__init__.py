@@ -1,0 +1,1 @@
+"""Reliability and security suite: fencing under load, faults, hostile input, nothing lost, live jobs."""
