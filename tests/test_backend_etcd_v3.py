@@ -410,3 +410,12 @@ def test_works_when_protobuf_was_imported_first(etcd_server):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_store_keys_are_torchruns_round_keys(etcd_server):
+    b = backend(etcd_server.endpoint)
+    store = f"/torch/elastic/store/{b.run_id}/torch.rendezvous.{b.run_id}"
+    raw(etcd_server, "kv/put", {"key": b64(f"{store}.3/MASTER_ADDR".encode()), "value": b64(b"10.0.0.1")})
+    raw(etcd_server, "kv/put", {"key": b64(f"{store}.3/MASTER_PORT".encode()), "value": b64(b"29500")})
+    raw(etcd_server, "kv/put", {"key": b64(f"{store}.x/NOT_A_ROUND".encode()), "value": b64(b"-")})
+    assert b.store_keys() == {"3/MASTER_ADDR": b"10.0.0.1", "3/MASTER_PORT": b"29500"}

@@ -582,7 +582,7 @@ class EtcdGateway:
             return BackendTimeoutError(f"{where} timed out on /v3/{path}: {message}")
         if code == _GRPC_UNAVAILABLE or answer.status >= 500:
             return BackendUnavailableError(f"{where} cannot serve /v3/{path}: {message}")
-        if answer.status == 404:
+        if answer.status == 404 and code is None:  # etcd itself answers 404 with a gRPC code (e.g. lease not found)
             return BackendUnavailableError(f"{where} does not serve the v3 JSON gateway (/v3/{path}: HTTP 404)")
         return BackendUnavailableError(f"{where} rejected /v3/{path}: {message}")
 

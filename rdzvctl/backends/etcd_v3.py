@@ -55,7 +55,7 @@ class EtcdV3Backend(RendezvousBackend):
     summary = "etcd v3 API through its JSON gateway (torch's key layout, leased)"
     requires = ()
     install_hint = ""
-    capabilities = frozenset({"clear", "list_runs", "native_watch"})
+    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
     strict_fencing = True
 
     def __init__(self, address: Address) -> None:
@@ -220,6 +220,24 @@ class EtcdV3Backend(RendezvousBackend):
                 continue
             entries.append(RunEntry(run_id, (state, int(kv["mod_revision"]))))
         yield from entries
+
+    def store_keys(self) -> Dict[str, bytes]:
+        """torchrun's per-round keys (``rdzvctl.torchrun`` store) as ``"<round>/<name>"``.
+
+        They live under ``/torch/elastic/store/<run_id>/`` with torch's round
+        prefix ``torch.rendezvous.<run_id>.<round>/``; one range request.
+        """
+        from rdzvctl.backends.etcd_gateway import prefix_range_end
+
+        prefix = f"/torch/elastic/store/{self.run_id}/torch.rendezvous.{self.run_id}.".encode()
+        doc = self._gw.range(prefix, prefix_range_end(prefix))
+        found = []
+        for kv in doc.get("kvs") or ():
+            rest = base64.b64decode(kv["key"])[len(prefix):]
+            round_, sep, name = rest.partition(b"/")
+            if sep and round_.isdigit():
+                found.append((int(round_), name.decode("utf-8", "replace"), base64.b64decode(kv.get("value", ""))))
+        return {f"{r}/{n}": v for r, n, v in sorted(found)}
 
     def watch(
         self,
