@@ -288,3 +288,73 @@ def test_conformance_of_an_unreachable_backend_exits_4(memory):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("rdzvctl: BackendUnavailableError: ") and f"127.0.0.1:{port}" in line
     assert result.stdout == ""
+
+
+# -- rich output on a terminal -------------------------------------------------------------
+@pytest.fixture
+def recording(monkeypatch) -> list:
+    """Rich output forced on, into recording consoles (as on a 100-column terminal)."""
+    import io
+
+    from rich.console import Console
+
+    import rdzvctl.cli.app
+
+    consoles: list = []
+
+    def console(self, stderr: bool = False) -> Console:
+        made = Console(file=io.StringIO(), record=True, width=100, force_terminal=True, highlight=False)
+        consoles.append(made)
+        return made
+
+    monkeypatch.setattr(rdzvctl.cli.app.App, "console", console)
+    return consoles
+
+
+RICH_ENV = {"NO_COLOR": None, "RDZVCTL_FORCE_RICH": "1"}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        (["get"], 0, "Participants"),
+        (["set", "--closed", "--dry-run"], 0, '+  "closed": true,'),
+        (["corrupt-detect"], 1, "dead-participants"),
+        (["list"], 0, "job42"),
+        (["backends"], 0, "c10d"),
+        (["watch", "--until", "round>=0", "--timeout", "5", "--interval", "0.02"], 0, "until-met"),
+    ],
+)
+def test_commands_render_with_rich(memory, recording, args, code, expected):
+    memory.put(make_state())
+    flags = memory.flags(run_id=None if args[0] in ("list", "backends") else "job42")
+    if args[0] == "backends":
+        flags = []
+    result = invoke([*args, *flags], env=RICH_ENV)
+    assert result.exit_code == code, result.stderr
+    text = "".join(c.export_text(clear=False) for c in recording)
+    assert expected in text
+    assert "\x1b[" in "".join(c.export_text(styles=True) for c in recording)
+
+
+def test_progress_is_shown_only_on_a_terminal(monkeypatch, recording):
+    import io
+    import sys
+
+    from rdzvctl.cli.commands.detect import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    from rdzvctl.cli.app import App
+
+    class AppStub:
+        console = App.console  # the recording one
+
+    app = AppStub()
+    assert list(_progress(app, iter(range(5)))) == list(range(5))  # not a terminal: no rich at all
+    assert recording == []
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert list(_progress(app, iter(range(500)))) == list(range(500))
+    assert len(recording) == 1
