@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -14,7 +15,7 @@ import pytest
 from rdzvctl.backends.base import Address, RendezvousBackend, SetResult, StateAndToken, Token
 from rdzvctl.backends.registry import open_backend
 from rdzvctl.backends.torch_adapter import TorchBackendAdapter
-from rdzvctl.errors import BackendUnavailableError, StateCorruptError
+from rdzvctl.errors import BackendUnavailableError, StateCorruptError, TokenConflictError
 from rdzvctl.testing import (
     CASES,
     BackendConformanceTests,
@@ -124,10 +125,28 @@ def test_adapter_reports_an_unreachable_store() -> None:
     with socket.socket() as sock:  # a free port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    address = Address(TORCH_C10D, f"127.0.0.1:{port}", "job",
-                      {"is_host": "false", "store_type": "tcp", "read_timeout": "1"})
+    # No read_timeout in the conf: the address's timeout bounds torch's store (not its 60 s default).
+    address = Address(TORCH_C10D, f"127.0.0.1:{port}", "job", {"is_host": "false", "store_type": "tcp"},
+                      timeout=1.0)
+    started = time.monotonic()
     with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}"):
         open_backend(address)
+    assert time.monotonic() - started < 15
+
+
+def test_adapter_passes_rdzvctl_errors_through() -> None:
+    class Wrapped:
+        def get_state(self) -> Any:
+            raise StateCorruptError("already typed")
+
+        def set_state(self, state: bytes, token: Any = None) -> Any:
+            raise TokenConflictError("lost")
+
+    adapter = TorchBackendAdapter(Address("pkg:factory", "h:1", "job"), backend=Wrapped())
+    with pytest.raises(StateCorruptError, match="already typed"):
+        adapter.get_state()
+    with pytest.raises(TokenConflictError):
+        adapter.set_state(b"x")
 
 
 # -- deliberately broken backends fail ---------------------------------------------------------

@@ -11,6 +11,7 @@ only here, when such a backend is asked for.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Optional
 
 from rdzvctl.backends.base import Address, RendezvousBackend, SetResult, StateAndToken, Token
@@ -18,6 +19,7 @@ from rdzvctl.errors import (
     BackendConfigError,
     BackendUnavailableError,
     MissingDependencyError,
+    RdzvctlError,
     StateCorruptError,
 )
 
@@ -50,13 +52,17 @@ class TorchBackendAdapter(RendezvousBackend):
             from torch.distributed.elastic.rendezvous import RendezvousParameters
         except ImportError as exc:
             raise MissingDependencyError(f"a module:factory backend needs torch: {exc}") from exc
+        conf = dict(address.conf)
+        # torch's c10d and etcd creators bound their store operations by read_timeout
+        # (60 s by default): make it rdzvctl's timeout unless the user chose one.
+        conf.setdefault("read_timeout", str(max(1, math.ceil(address.timeout))))
         params = RendezvousParameters(
             backend=address.backend.rsplit(":", 1)[-1],
             endpoint=address.endpoint,
             run_id=address.run_id,
             min_nodes=1,
             max_nodes=1,
-            **dict(address.conf),
+            **conf,
         )
         with _mapped_errors(address):
             built = factory(params)
@@ -84,7 +90,7 @@ def _mapped_errors(address: Address) -> Iterator[None]:
     """torch's rendezvous errors become ours; anything else from the backend is 'unavailable'."""
     try:
         yield
-    except (BackendConfigError, MissingDependencyError):
+    except RdzvctlError:  # already ours (config errors, or a wrapped rdzvctl backend)
         raise
     except Exception as exc:
         kind = type(exc).__name__
