@@ -193,8 +193,11 @@ class BrokenMemoryBackend(MemoryBackend):
 
 @pytest.fixture
 def frozen_now(monkeypatch: pytest.MonkeyPatch) -> _dt.datetime:
-    """Freeze rdzvctl's clock (``rdzvctl.inspect.now_utc``) at :data:`NOW`."""
+    """Freeze rdzvctl's clock (``rdzvctl.inspect.now_utc`` and its module-level imports) at :data:`NOW`."""
+    import rdzvctl.cli.change
+
     monkeypatch.setattr(rdzvctl.inspect, "now_utc", lambda: NOW)
+    monkeypatch.setattr(rdzvctl.cli.change, "now_utc", lambda: NOW)
     return NOW
 
 
