@@ -1,13 +1,20 @@
 """Fixtures for CLI tests through click's test runner.
 
-The in-memory reference backend is registered as ``memory`` (and a racing
-variant as ``memory-racing``) for the duration of a test; each test gets its
-own endpoint so runs never leak between tests.  Time is frozen at ``NOW`` so
-heartbeat ages and rendered output are stable.
+The in-memory reference backend is registered as ``memory`` for the duration
+of a test, with variants ``memory-racing`` (another writer sneaks in before
+our write), ``memory-broken`` (ignores tokens) and ``memory-unlisted`` (cannot
+list runs).  Each test gets its own endpoint so runs never leak between
+tests.  Time is frozen at ``NOW`` so heartbeat ages and rendered output are
+stable.
 
-Import what a test module needs explicitly::
+Import the fixtures a test module needs explicitly (and add
+``# ruff: noqa: F811`` since pytest passes them back as arguments)::
 
-    from tests.support.cli import cli_env, frozen_now, memory, NOW  # noqa: F401
+    from tests.support.cli import (  # noqa: F401  (fixtures)
+        cli_env,
+        frozen_now,
+        memory,
+    )
 """
 
 from __future__ import annotations
