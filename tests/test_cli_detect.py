@@ -228,7 +228,6 @@ def _options_of_every_command() -> set:
     return options
 
 
-@pytest.mark.xfail(strict=True, reason="analysis.py advises `set --no-deadline`; the option is --clear-deadline")
 def test_every_repair_names_real_options(memory):
     state = make_state(closed=True)
     state.participants[node(1)] = 7

@@ -153,7 +153,7 @@ def find_problems(
             out.append(Finding(
                 "deadline-on-complete", "warning",
                 "the round is complete but still has a last-call deadline (torch clears it on completion)",
-                "rdzvctl set --no-deadline",
+                "rdzvctl set --clear-deadline",
             ))
     for label, group in (("participant", participants), ("waiting node", state.wait_list),
                          ("redundant node", state.redundancy_list)):

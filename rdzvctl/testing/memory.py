@@ -60,6 +60,7 @@ class MemoryBackend(RendezvousBackend):
             if current is None or type(token) is not int or token != current[1]:
                 return False
             del _TABLE[self._key]
+            _CORRUPT.discard(self._key)
             return True
 
     def list_runs(self) -> Iterator[RunEntry]:
