@@ -293,6 +293,23 @@ def test_malformed_pickles_are_corrupt(data: bytes, label: str) -> None:
         decode(data)
 
 
+@pytest.mark.parametrize("offset, value", [(3, 0), (3, 31), (4, 24), (5, 60), (6, 60), (7, 0xFF)],
+                         ids=["day-0", "nov-31", "hour-24", "minute-60", "second-60", "microsecond-too-big"])
+@pytest.mark.parametrize("naive", [False, True])
+def test_out_of_range_datetime_payloads_are_corrupt(offset: int, value: int, naive: bool) -> None:
+    """The pickled datetime payload skips the constructor's range checks: decode must not."""
+    import datetime as dt
+
+    when = dt.datetime(2026, 11, 24, 21, 59, 58, 123456, tzinfo=UTC)
+    payload = when.__reduce__()[1][0]
+    data = encode(RendezvousState(wait_list={A}, last_heartbeats={A: when}, naive_datetimes=naive))
+    assert data.count(payload) == 1
+    bad = bytearray(payload)
+    bad[offset] = value
+    with pytest.raises(StateCorruptError, match="datetime"):
+        decode(data.replace(payload, bytes(bad)))
+
+
 def test_every_truncation_of_a_real_state_is_corrupt() -> None:
     import datetime as dt
 

@@ -292,6 +292,11 @@ class _Converter:
     def time(self, value: Any, where: str) -> _dt.datetime:
         if type(value) is not _dt.datetime:
             raise StateCorruptError(f"{where}: expected a datetime, found {_kind(value)}")
+        try:  # a pickled payload skips the constructor's range checks (day 0, hour 25, ...)
+            value = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                                 value.microsecond, value.tzinfo, fold=value.fold)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise StateCorruptError(f"{where}: not a valid datetime: {_reason(exc)}") from None
         if value.tzinfo is None:
             self.naive.add(True)
             return value.replace(tzinfo=_dt.timezone.utc)
