@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
+import time
 from typing import Any, Dict, Iterator, Optional
 from urllib.parse import quote, urlencode
 
@@ -197,25 +198,43 @@ class EtcdV2Backend(RendezvousBackend):
         stop: Optional[threading.Event] = None,
         since: Optional[StateAndToken] = None,
     ) -> Iterator[Optional[StateAndToken]]:
-        """etcd's own watch (``wait=true&waitIndex=``): no polling, one request per change."""
+        """etcd's own watch (``wait=true&waitIndex=``): no polling, one request per change.
+
+        Once the watch runs, an outage (a member restarting, a leader election)
+        is ridden out for up to ``address.timeout`` seconds: the watch waits
+        again from the index after the last change it saw.  A longer outage raises.
+        """
         stop = stop or threading.Event()
         last: Any = object() if since is None else since[1]
         next_index = 0
+        started = False  # the first read worked: from then on outages are ridden out
+        outage: Optional[float] = None  # when the server stopped answering
         while not stop.is_set():
-            if next_index == 0:  # (re)synchronise: read the key and the store index
-                status, doc, headers = self._call("GET", self.key, quorum="true")
-                if doc.get("errorCode") == _KEY_NOT_FOUND:
-                    current: Optional[StateAndToken] = None
-                else:
-                    self._raise_unexpected(status, doc)
-                    current = self._decode_node(doc["node"])
-                next_index = int(headers.get("x-etcd-index", doc.get("index", 0))) + 1
-                token = None if current is None else current[1]
-                if token != last:
-                    last = token
-                    yield current
+            try:
+                if next_index == 0:  # (re)synchronise: read the key and the store index
+                    status, doc, headers = self._call("GET", self.key, quorum="true")
+                    started, outage = True, None
+                    if doc.get("errorCode") == _KEY_NOT_FOUND:
+                        current: Optional[StateAndToken] = None
+                    else:
+                        self._raise_unexpected(status, doc)
+                        current = self._decode_node(doc["node"])
+                    next_index = int(headers.get("x-etcd-index", doc.get("index", 0))) + 1
+                    token = None if current is None else current[1]
+                    if token != last:
+                        last = token
+                        yield current
+                    continue
+                event = self._wait(next_index, stop)
+                outage = None
+            except BackendUnavailableError:
+                if not started:
+                    raise  # never connected: report at once (bad endpoint, options)
+                outage = time.monotonic() if outage is None else outage
+                if stop.is_set() or time.monotonic() - outage >= self.address.timeout:
+                    raise
+                stop.wait(0.2)
                 continue
-            event = self._wait(next_index, stop)
             if event is None:  # idle, interrupted or broken: wait again from the same index
                 stop.wait(0.05)
                 continue

@@ -35,7 +35,7 @@ from rdzvctl.backends.base import (
     StateAndToken,
     Token,
 )
-from rdzvctl.errors import BackendConfigError, StateCorruptError
+from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
 
 __all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
 
@@ -245,33 +245,52 @@ class EtcdV3Backend(RendezvousBackend):
         stop: Optional[threading.Event] = None,
         since: Optional[StateAndToken] = None,
     ) -> Iterator[Optional[StateAndToken]]:
-        """etcd's own watch; after a broken stream it resumes from the last revision seen."""
+        """etcd's own watch; after a broken stream it resumes from the last revision seen.
+
+        Once the watch runs, an outage (a member restarting, a leader election)
+        is ridden out for up to ``address.timeout`` seconds: the watch
+        reconnects and replays from the revision after the last one it saw,
+        so no change is missed or repeated.  A longer outage raises.
+        """
         stop = stop or threading.Event()
         last: Any = object() if since is None else since[1]
         next_revision = 0
+        started = False  # the first read worked: from then on outages are ridden out
+        outage: Optional[float] = None  # when the server stopped answering
         while not stop.is_set():
-            if next_revision == 0:  # (re)synchronise: read the key and the store revision
-                doc = self._gw.range(self._key)
-                current = self._first(doc)
-                next_revision = int(doc["header"]["revision"]) + 1
-                token = None if current is None else current[1]
-                if token != last:
-                    last = token
-                    yield current
+            try:
+                if next_revision == 0:  # (re)synchronise: read the key and the store revision
+                    doc = self._gw.range(self._key)
+                    started, outage = True, None
+                    current = self._first(doc)
+                    next_revision = int(doc["header"]["revision"]) + 1
+                    token = None if current is None else current[1]
+                    if token != last:
+                        last = token
+                        yield current
+                    continue
+                with closing(self._gw.watch(self._key, next_revision, stop)) as results:
+                    for result in results:
+                        outage = None
+                        if result.get("canceled") or result.get("compact_revision"):
+                            next_revision = 0  # history compacted away: re-read
+                            break
+                        for event in result.get("events") or ():
+                            kv = event.get("kv", {})
+                            next_revision = int(kv["mod_revision"]) + 1
+                            current = None if event.get("type") == "DELETE" else self._decode(kv)
+                            token = None if current is None else current[1]
+                            if token != last:
+                                last = token
+                                yield current
+            except BackendUnavailableError:
+                if not started:
+                    raise  # never connected: report at once (bad endpoint, credentials)
+                outage = time.monotonic() if outage is None else outage
+                if stop.is_set() or time.monotonic() - outage >= self.address.timeout:
+                    raise
+                stop.wait(0.2)
                 continue
-            with closing(self._gw.watch(self._key, next_revision, stop)) as results:
-                for result in results:
-                    if result.get("canceled") or result.get("compact_revision"):
-                        next_revision = 0  # history compacted away: re-read
-                        break
-                    for event in result.get("events") or ():
-                        kv = event.get("kv", {})
-                        next_revision = int(kv["mod_revision"]) + 1
-                        current = None if event.get("type") == "DELETE" else self._decode(kv)
-                        token = None if current is None else current[1]
-                        if token != last:
-                            last = token
-                            yield current
             if not stop.is_set():
                 stop.wait(0.05)
 
