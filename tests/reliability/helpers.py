@@ -25,6 +25,8 @@ __all__ = [
     "rdzvctl",
     "spawn_rdzvctl",
     "assert_one_line_error",
+    "assert_error_line",
+    "wait_connected",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -105,3 +107,45 @@ def assert_one_line_error(stderr: str, *, secrets: Sequence[str] = ()) -> str:
     for secret in secrets:
         assert secret not in stderr, f"the secret {secret!r} was printed"
     return lines[0]
+
+
+def assert_error_line(stderr: str, *, secrets: Sequence[str] = ()) -> str:
+    """stderr ends with the one ``rdzvctl: Error: message`` line (a write's plan may precede it)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("rdzvctl: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"expected one final error line, got:\n{stderr}"
+    assert "Traceback" not in stderr
+    for secret in secrets:
+        assert secret not in stderr, f"the secret {secret!r} was printed"
+    return errors[0]
+
+
+def _socket_inodes(pid: int) -> set:
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def wait_connected(pid: int, port: int, timeout: float = 30.0) -> bool:
+    """Wait until process ``pid`` has an established TCP connection to 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    remote = f"0100007F:{port:04X}"
+    while time.monotonic() < deadline:
+        inodes = _socket_inodes(pid)
+        if inodes:
+            with open("/proc/net/tcp") as table:
+                for line in table.readlines()[1:]:
+                    cols = line.split()
+                    if cols[2] == remote and cols[3] == "01" and cols[9] in inodes:
+                        return True
+        time.sleep(0.01)
+    return False

@@ -82,11 +82,25 @@ class Server:
     def pid(self) -> int:
         raise NotImplementedError
 
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    def running(self) -> bool:
+        raise NotImplementedError
+
     def start(self) -> None:
         raise NotImplementedError
 
+    def ensure_running(self) -> None:
+        """Resume and, if it is dead, restart (after a test that may have failed midway)."""
+        with contextlib.suppress(ProcessLookupError, AssertionError, TypeError):
+            os.kill(self.pid, signal.SIGCONT)
+        if not self.running():
+            self.start()
+
     def kill(self) -> None:
-        """SIGKILL, and wait until the process is gone."""
+        """SIGKILL (no SIGCONT first: a paused server dies without running again); waits until gone."""
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -184,7 +198,14 @@ class TcpStoreServer(Server):
 
     def __init__(self, zygote: TcpStoreZygote) -> None:
         self.zygote = zygote
-        self._pid, self.port = zygote.fork_server(0)
+        self._pid, self._port = zygote.fork_server(0)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def running(self) -> bool:
+        return self._alive()
 
     @property
     def pid(self) -> int:
@@ -205,7 +226,7 @@ class TcpStoreServer(Server):
         deadline = time.monotonic() + 15
         while True:  # the port may be held for a moment by the killed server's sockets
             try:
-                self._pid, _ = self.zygote.fork_server(self.port)
+                self._pid, _ = self.zygote.fork_server(self._port)
                 return
             except RuntimeError:
                 if time.monotonic() > deadline:
@@ -214,7 +235,6 @@ class TcpStoreServer(Server):
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGCONT)
             os.kill(self._pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while self._alive() and time.monotonic() < deadline:
@@ -233,7 +253,7 @@ class RedisAofServer(Server):
     def __init__(self, directory: Path, persistent: bool = True, extra: Optional[List[str]] = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self._port = free_port()
         self.persistent = persistent
         self.extra = list(extra or [])
         self.process: Optional[subprocess.Popen] = None
@@ -243,6 +263,13 @@ class RedisAofServer(Server):
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     @property
     def endpoint(self) -> str:
@@ -272,8 +299,6 @@ class RedisAofServer(Server):
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGCONT)
             self.process.kill()
             self.process.wait(10)
 
@@ -300,6 +325,13 @@ class EtcdServer(Server):
         return self.member.process.pid
 
     @property
+    def port(self) -> int:
+        return self.member.client_port
+
+    def running(self) -> bool:
+        return self.member.process is not None and self.member.process.poll() is None
+
+    @property
     def endpoint(self) -> str:
         return self.cluster.endpoint
 
@@ -307,8 +339,6 @@ class EtcdServer(Server):
         self.cluster.start()
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGCONT)
         self.member.kill()
 
     def stop(self) -> None:
