@@ -10,8 +10,10 @@ latin-1-only ``_codecs.encode``, which protocols 2 and 3 need for sets and bytes
 Two holes of the C unpickler are closed by an opcode walk before it runs
 (skipped when it provably cannot matter): extension codes already in
 copyreg's cache bypass ``find_class``, and hashing tuples nested very deep
-overflows the C stack.  The result is then checked field by field and
-converted into :class:`RendezvousState`; any malformed input becomes :class:`StateCorruptError` with the reason.
+overflows the C stack.  The result is then checked field by field (datetimes
+included: a pickled datetime skips its constructor's range checks) and
+converted into :class:`RendezvousState`; any malformed input becomes
+:class:`StateCorruptError` with the reason.
 
 Encoding uses the pure-Python pickler with stand-in classes that it writes under
 torch's module and class names, so torch unpickles real ``_RendezvousState``
