@@ -15,6 +15,8 @@ __all__ = ["Context", "ms", "cpu_ratio", "skip_row"]
 
 @dataclass
 class Context:
+    """One suite run: how hard to measure, the servers, the children's environment."""
+
     settings: Settings
     fleet: Fleet
     env: Dict[str, str]
@@ -25,8 +27,9 @@ class Context:
     def log(self, message: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    def targets(self, only: Optional[List[str]] = None) -> List[Target]:
-        return [t for label, t in self.fleet.targets.items() if only is None or label in only]
+    def targets(self) -> List[Target]:
+        """The backends whose servers are up, in table order."""
+        return list(self.fleet.targets.values())
 
     def skipped_rows(self, bench_id: str, what: str, labels: List[str]) -> List[Row]:
         """A 'skip' row for each wanted backend whose server did not start."""

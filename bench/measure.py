@@ -34,11 +34,11 @@ class Settings:
 
     quick: bool = False
     warmup: int = 2
-    repeats: int = 15
+    repeats: int = 25
     large_nodes: int = 4096
     small_nodes: int = 8
     runs: int = 10000
-    watch_events: int = 60
+    watch_events: int = 100
     tcp_samples: int = 20000
 
     @classmethod

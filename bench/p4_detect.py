@@ -143,7 +143,7 @@ def run(ctx: Context) -> List[Row]:
     count = s.runs
     what = f"corrupt-detect --all -o json, {count:,} runs"
     rows: List[Row] = []
-    repeats = max(3, s.repeats // 3)
+    repeats = max(3, s.repeats // 4)
     for label in ORDER:
         gated = label in GATED
         if label not in ctx.fleet.targets:
