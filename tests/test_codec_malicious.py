@@ -385,16 +385,34 @@ def test_deeply_nested_tuple_keys_are_corrupt_without_crashing(depth: int) -> No
     assert done.stdout.split("\n").count("") == 1 and done.stdout.count("corrupt") == 6, done.stdout
 
 
-def test_tuple_nesting_limit_is_exact() -> None:
+def test_tuple_nesting_limits() -> None:
     def keyed(depth: int) -> bytes:
         return PROTO + pickle.EMPTY_DICT + pickle.EMPTY_TUPLE + pickle.TUPLE1 * (depth - 1) + pickle.NONE \
             + pickle.SETITEM + pickle.STOP
 
-    # At the limit the pickle is merely not a state; one deeper it is refused as too deep.
+    # Below the budget the hash is safe: the pickle loads and is merely not a state.
+    with pytest.raises(StateCorruptError, match="not a _RendezvousState"):
+        decode(keyed(codec.SAFE_HASH_DEPTH - 1))
+    # Bytes that could nest past the budget are walked first, which refuses past MAX_TUPLE_DEPTH.
+    with pytest.raises(StateCorruptError, match="deep"):
+        decode(keyed(codec.SAFE_HASH_DEPTH))
     with pytest.raises(StateCorruptError, match="not a _RendezvousState"):
         decode(keyed(codec.MAX_TUPLE_DEPTH))
-    with pytest.raises(StateCorruptError, match="deep"):
-        decode(keyed(codec.MAX_TUPLE_DEPTH + 1))
+
+
+def test_large_real_states_skip_the_opcode_walk() -> None:
+    """One TUPLE2 per heartbeat: a 4,096-node state stays far below the walk's budget."""
+    import datetime as dt
+
+    from rdzvctl.state.model import NodeDesc, RendezvousState
+
+    now = dt.datetime.now(dt.timezone.utc)
+    state = RendezvousState(round=1, complete=True)
+    for i in range(4096):
+        node = NodeDesc(f"trainer-{i}.cluster.local", 1000 + i, 0)
+        state.participants[node] = i
+        state.last_heartbeats[node] = now
+    assert not codec._needs_scan(codec.encode(state))
 
 
 @pytest.mark.parametrize("opcode", [pickle.BINBYTES8, pickle.BINUNICODE8, pickle.BYTEARRAY8])
