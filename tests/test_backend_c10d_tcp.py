@@ -33,6 +33,7 @@ from tests.support.torch_peer import (  # noqa: F401  (fixtures)
     tcpstore_legacy,
     tcpstore_libuv,
     tcpstore_server,
+    torch_set,
     torch_tcpstore,
 )
 
@@ -120,7 +121,7 @@ def test_sentinel_reads_as_no_state(tcpstore_server, torch_store):
 
 def test_non_base64_value_is_corrupt_and_names_the_run(tcpstore_server, torch_store):
     b = backend(tcpstore_server.endpoint)
-    torch_store.set(f"torch.rendezvous.{b.run_id}", "3")  # e.g. a counter, not a state
+    torch_set(torch_store, f"torch.rendezvous.{b.run_id}", "3")  # e.g. a counter, not a state
     with pytest.raises(StateCorruptError, match=b.run_id):
         b.get_state()
 
@@ -184,8 +185,8 @@ def test_list_runs_finds_runs_sentinels_and_corrupt_values(tcpstore_server, torc
     ok, empty, bad = new_run_id(), new_run_id(), new_run_id()
     _, token, _ = backend(tcpstore_server.endpoint, ok).set_state(b"listed")
     torch_backend(torch_store, empty)
-    torch_store.set(f"torch.rendezvous.{bad}", "%%%")
-    torch_store.set(f"torch.rendezvous.{ok}.0/MASTER_ADDR", "node0")
+    torch_set(torch_store, f"torch.rendezvous.{bad}", "%%%")
+    torch_set(torch_store, f"torch.rendezvous.{ok}.0/MASTER_ADDR", "node0")
     runs = {entry.run_id: entry.state for entry in b.list_runs()}
     assert runs[ok] == (b"listed", token)
     assert runs[empty] is None
@@ -209,9 +210,9 @@ def test_store_keys_of_every_round(tcpstore_server, torch_store):
     b = backend(tcpstore_server.endpoint)
     for round_ in (0, 2):
         round_store = dist.PrefixStore(f"torch.rendezvous.{b.run_id}.{round_}", torch_store)
-        round_store.set("MASTER_ADDR", f"node{round_}")
-        round_store.set("MASTER_PORT", "29500")
-    torch_store.set(f"torch.rendezvous.{b.run_id}x.0/MASTER_ADDR", "another run")
+        torch_set(round_store, "MASTER_ADDR", f"node{round_}")
+        torch_set(round_store, "MASTER_PORT", "29500")
+    torch_set(torch_store, f"torch.rendezvous.{b.run_id}x.0/MASTER_ADDR", "another run")
     assert b.store_keys() == {
         "0/MASTER_ADDR": b"node0",
         "0/MASTER_PORT": b"29500",

@@ -24,6 +24,7 @@ from tests.support.torch_peer import (  # noqa: F401  (fixtures)
     refused_port,
     scripted_server,
     tcpstore_server,
+    torch_set,
     torch_tcpstore,
 )
 
@@ -53,7 +54,7 @@ def test_handshake_and_ping(client):
 
 def test_get_reads_what_torch_set(client, torch_client):
     key = new_key()
-    torch_client.set(key, b"\x00value\xff")
+    torch_set(torch_client, key, b"\x00value\xff")
     assert client.get("/" + key) == b"\x00value\xff"
 
 
@@ -62,13 +63,13 @@ def test_get_missing_key_is_none_and_creates_nothing(client, torch_client):
     assert client.get("/" + key) is None
     assert torch_client.check([key]) is False
     # The connection survives (the legacy server would drop it after a raw GET).
-    torch_client.set(key, b"later")
+    torch_set(torch_client, key, b"later")
     assert client.get("/" + key) == b"later"
 
 
 def test_get_of_empty_value(client, torch_client):
     key = new_key()
-    torch_client.set(key, b"")
+    torch_set(torch_client, key, b"")
     assert client.get("/" + key) == b""
 
 
@@ -88,7 +89,7 @@ def test_large_value_round_trips(client, torch_client):
 
 def test_check(client, torch_client):
     a, b = new_key(), new_key()
-    torch_client.set(a, b"1")
+    torch_set(torch_client, a, b"1")
     assert client.check(["/" + a]) is True
     assert client.check(["/" + a, "/" + b]) is False
     assert client.check(["/" + b]) is False
@@ -112,7 +113,7 @@ def test_compare_set_semantics(client, torch_client):
 
 def test_delete_key(client, torch_client):
     key = new_key()
-    torch_client.set(key, b"1")
+    torch_set(torch_client, key, b"1")
     assert client.delete_key("/" + key) is True
     assert client.delete_key("/" + key) is False
     assert torch_client.check([key]) is False
@@ -120,8 +121,8 @@ def test_delete_key(client, torch_client):
 
 def test_multi_get_with_missing_keys(client, torch_client):
     a, b, c = new_key(), new_key(), new_key()
-    torch_client.set(a, b"A")
-    torch_client.set(c, b"C")
+    torch_set(torch_client, a, b"A")
+    torch_set(torch_client, c, b"C")
     assert client.multi_get(["/" + a, "/" + c]) == [b"A", b"C"]
     assert client.multi_get(["/" + a, "/" + b, "/" + c]) == [b"A", None, b"C"]
     assert client.multi_get([]) == []
@@ -129,13 +130,13 @@ def test_multi_get_with_missing_keys(client, torch_client):
 
 def test_list_keys_returns_wire_keys(client, torch_client):
     key = new_key()
-    torch_client.set(key, b"1")
+    torch_set(torch_client, key, b"1")
     assert ("/" + key).encode() in client.list_keys()
 
 
 def test_many_requests_on_one_connection(client, torch_client):
     key = new_key()
-    torch_client.set(key, b"v" * 1500)
+    torch_set(torch_client, key, b"v" * 1500)
     for _ in range(500):
         assert client.get("/" + key) == b"v" * 1500
 

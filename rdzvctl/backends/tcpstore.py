@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Iterable, List, Optional, Sequence, Union
@@ -49,12 +50,22 @@ _I64 = struct.Struct("<q")
 _CHECK_ONE = struct.Struct("<BQQ")  # CHECK, n=1, key length
 _KEY_OP = struct.Struct("<BQ")  # opcode, key length
 _RECV_SIZE = 1 << 16
+# An expired SO_RCVTIMEO/SO_SNDTIMEO surfaces as EAGAIN (BlockingIOError).
+_TIMEOUTS = (socket.timeout, BlockingIOError)
 
 Key = Union[bytes, str]
 
 
 def _b(value: Key) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _timeval(seconds: float) -> bytes:
+    """``SO_RCVTIMEO``/``SO_SNDTIMEO`` option value for ``seconds`` (never 0: that means forever)."""
+    if sys.platform == "win32":  # pragma: no cover - a DWORD of milliseconds
+        return struct.pack("I", max(1, int(seconds * 1000)))
+    micros = max(1000, int(seconds * 1e6))
+    return struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
 
 
 class TcpStoreClient:
@@ -152,12 +163,17 @@ class TcpStoreClient:
                 f"{self.endpoint} answered the TCPStore handshake with {echo!r}: "
                 "it is not a TCPStore server or is too old for this client"
             )
+        # From now on a blocking socket with kernel timeouts: Python's own
+        # timeout mode costs a poll() before every send and recv.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
         return sock
 
     # -- low-level I/O (caller holds the lock) ---------------------------------
     def _fail(self, exc: BaseException, what: str) -> BackendUnavailableError:
         self._drop()
-        if isinstance(exc, socket.timeout):
+        if isinstance(exc, _TIMEOUTS):
             return BackendTimeoutError(
                 f"the TCPStore at {self.endpoint} did not {what} within {self.timeout:g} s"
             )
@@ -179,7 +195,7 @@ class TcpStoreClient:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise socket.timeout("timed out")
-                    sock.settimeout(left)
+                    self._set_recv_timeout(sock, left)
                     shortened = True
                 chunk = sock.recv(max(_RECV_SIZE, want - have))
                 if not chunk:
@@ -188,8 +204,15 @@ class TcpStoreClient:
                 have += len(chunk)
         finally:
             if shortened and self._sock is sock:
-                sock.settimeout(self.timeout)
+                self._set_recv_timeout(sock, self.timeout)
         self._buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @staticmethod
+    def _set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+        if sock.gettimeout() is None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        else:  # still in the handshake
+            sock.settimeout(seconds)
 
     def _read(self, n: int, deadline: float) -> bytes:
         sock = self._sock

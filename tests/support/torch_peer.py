@@ -30,6 +30,7 @@ __all__ = [
     "start_tcpstore",
     "shared_tcpstore",
     "torch_tcpstore",
+    "torch_set",
     "torch_filestore",
     "tcpstore_libuv",
     "tcpstore_legacy",
@@ -40,16 +41,24 @@ __all__ = [
     "scripted_server",
 ]
 
+# The server listens on an IPv4 loopback socket we hand it: on torch's default
+# dual-stack socket, peers show up as ::ffff:127.0.0.1, which torch resolves
+# (getnameinfo) for every connection -- through DNS, as /etc/hosts only names
+# 127.0.0.1; a slow or rate-limited resolver then stalls the server for
+# seconds.  It also keeps the test server off the network.
 _SERVER_SCRIPT = r"""
-import sys
+import os, socket, sys
 from datetime import timedelta
 import torch.distributed as dist
-store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+listener.bind(("127.0.0.1", 0))
+listener.listen(4096)
+port = listener.getsockname()[1]
+store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                       use_libuv=sys.argv[1] == "1", timeout=timedelta(seconds=30),
-                      multi_tenant=False)
-print(store.port, flush=True)
+                      master_listen_fd=listener.detach())
+print(port, flush=True)
 sys.stdin.read()  # serve until the test closes our stdin
-import os
 os._exit(0)  # skip torch's slow interpreter teardown
 """
 
@@ -102,6 +111,16 @@ def torch_tcpstore(server: TcpStoreServer, timeout: float = 10.0):
         server.host, server.port, is_master=False, use_libuv=server.use_libuv,
         timeout=timedelta(seconds=timeout),
     )
+
+
+def torch_set(store, key: str, value) -> None:
+    """torch's ``store.set``, then a round trip so the server has applied it.
+
+    SET has no reply: without this, a read on another connection can reach
+    the server first.
+    """
+    store.set(key, value)
+    store.check([key])
 
 
 def torch_filestore(path: str):
