@@ -225,7 +225,9 @@ def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_fact
     gate = cli.start("watch", *address, "--until", "complete", "--timeout", "60", "--interval", "0.2", "-o", "json")
     with cli.watch(*address, "--interval", "0.2") as watch:
         assert watch.wait_for("snapshot")["message"] == "no state yet"
-        with node_factory.group(target, run_id, 2, max_nodes=3) as nodes:  # a last call, then complete
+        # The nodes tolerate 60 s of silence: they do not drop the killed node before watch sees it stale.
+        tolerant = {"keep_alive_max_attempt": 60}
+        with node_factory.group(target, run_id, 2, max_nodes=3, **tolerant) as nodes:  # a last call, then complete
             for node in nodes:
                 node.send("next")
             created = watch.wait_for("state-created", timeout=30)
@@ -238,7 +240,7 @@ def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_fact
             assert {r["world_size"] for r in rounds} == {2}
             watch.wait_for("completed", timeout=30)
 
-            late = node_factory.spawn(target, run_id)  # the round is complete: it waits
+            late = node_factory.spawn(target, run_id, **tolerant)  # the round is complete: it waits
             late.send("next")
             watch.wait_for("joined-wait_list", timeout=30, node=late.node_id)
             late.kill()  # its heartbeat goes stale
@@ -305,6 +307,40 @@ def test_stuck_rendezvous_pruned_then_restored(target: Target, node_factory: Nod
             node.kill()
     ok(cli("restore", str(backup), *address, "--timeout", TIMEOUT, "--yes"))
     assert get_raw(cli, target, run_id) == before
+
+
+@on("c10d-tcp")
+def test_live_torch_nodes_drop_a_dead_peer_themselves(target: Target, node_factory: NodeFactory, cli: Rdzvctl,
+                                                      run_id: str) -> None:
+    """With the agents' own liveness, torch's survivors remove the dead participant on their next sync.
+
+    What is left is a complete round with a hole in its ranks (torch does not
+    renumber): rdzvctl flags it as an error, prune finds nothing dead, and the
+    survivors' next round completes without any repair.
+    """
+    address = [*target.address(run_id), "--timeout", TIMEOUT]
+    with node_factory.group(target, run_id, 3, min_nodes=2) as nodes:
+        nodes.next_round()
+        victim, survivors = nodes[1], [nodes[0], nodes[2]]
+        victim.kill()
+
+        def dropped() -> Optional[Dict[str, Any]]:
+            doc = ok(cli("get", *address, "-o", "json"))
+            document = doc.json()
+            return document if victim.node_id not in participants(document) else None
+
+        doc = wait_until(dropped, 20, f"the survivors dropping {victim.node_id}")
+        assert doc["state"]["complete"] is True and sorted(participants(doc)) == sorted(n.node_id for n in survivors)
+        assert sorted(doc["state"]["participants"][n.node_id] for n in survivors) == [0, 2]
+        detected = cli("corrupt-detect", *address, "-o", "json")
+        assert detected.code == 1, str(detected)
+        assert any(p["severity"] == "error" for p in detected.json()["runs"][0]["problems"])
+        nothing = ok(cli("reset", *address, "--mode", "prune", "--yes"))
+        assert "nothing to prune" in nothing.stderr
+        for node in survivors:
+            node.send("next")
+        again = [node.expect("round", timeout=45) for node in survivors]
+        assert sorted(r["rank"] for r in again) == [0, 1] and {r["world_size"] for r in again} == {2}
 
 
 # -- 4. a run id closed by a finished job ---------------------------------------------------------
