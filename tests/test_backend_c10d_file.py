@@ -276,3 +276,32 @@ def test_racing_torch_and_us_on_one_file_lose_no_update(filestore_path):
             proc.kill()
             proc.wait()
     assert ours.get_state()[0].split(b":")[0] == b"%d" % (2 * each)
+
+
+def test_a_torn_record_is_reported_and_nothing_is_appended(tmp_path):
+    path = str(tmp_path / "store")
+    FileStore(path, create=True).set(b"/k", b"v")
+    with open(path, "ab") as f:
+        f.write(b"\x05\x00\x00\x00/tor")  # a record cut short
+    size = os.path.getsize(path)
+    b = backend(path)
+    with pytest.raises(StateCorruptError, match="incomplete record"):
+        b.get_state()
+    with pytest.raises(StateCorruptError):
+        b.set_state(b"x")
+    assert os.path.getsize(path) == size
+
+
+def test_replay_in_small_chunks_matches_torch(filestore_path, monkeypatch):
+    import rdzvctl.backends.filestore as filestore
+
+    theirs = torch_filestore(filestore_path)
+    for i in range(50):
+        theirs.set(f"k{i % 7}", f"value-{i}" * (i % 5))
+    theirs.delete_key("k3")
+    monkeypatch.setattr(filestore, "_CHUNK", 29)  # records straddle every chunk boundary
+    ours = FileStore(filestore_path)
+    wire = [f"/k{i}" for i in range(7)]
+    expected = [theirs.get(k[1:]) if theirs.check([k[1:]]) else None for k in wire]
+    assert ours.multi_get(wire) == expected
+    assert expected[3] is None

@@ -22,13 +22,14 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError
+from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
 
 __all__ = ["FileStore"]
 
 _U32 = struct.Struct("<I")
 _INTERNAL = (b"refcount/", b"cleanup/")
 _HEAD = 64  # bytes remembered to notice a file replaced under the same inode
+_CHUNK = 8 << 20
 
 Key = Union[bytes, str]
 
@@ -145,21 +146,34 @@ class FileStore:
         """Replay what was appended since the last read; returns the file size."""
         st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino)
-        head = os.pread(fd, _HEAD, 0) if self._offset else b""
-        if ident != self._ident or st.st_size < self._offset or head != self._head[: len(head)]:
+        head = os.pread(fd, len(self._head), 0) if self._offset else b""
+        if ident != self._ident or st.st_size < self._offset or head != self._head:
             self._values, self._offset, self._ident, self._head = {}, 0, ident, b""
-        if st.st_size > self._offset:
-            data = os.pread(fd, st.st_size - self._offset, self._offset)
+        pos, carry = self._offset, b""
+        values = self._values
+        while pos < st.st_size:  # in chunks: the log can be far larger than its live values
+            chunk = os.pread(fd, min(_CHUNK, st.st_size - pos), pos)
+            if not chunk:
+                break
+            if not self._head:
+                self._head = chunk[:_HEAD]
+            data = carry + chunk if carry else chunk
             records, used = parse_records(data)
-            values = self._values
             for key, value in records:
                 if key[:1] == b"-":
                     values.pop(key[1:], None)
                 else:
                     values[key] = value
-            if not self._head:
-                self._head = data[:_HEAD]
             self._offset += used
+            carry = data[used:]
+            pos += len(chunk)
+        if carry:
+            # Writers append whole records under LOCK_EX, so under our lock
+            # a torn tail is damage (a crashed or unlocked writer).
+            raise StateCorruptError(
+                f"the FileStore file {self.path} ends with an incomplete record at byte "
+                f"{self._offset}; torch cannot read past it either"
+            )
         return st.st_size
 
     def _snapshot(self) -> Dict[bytes, bytes]:
