@@ -36,7 +36,7 @@ __all__ = ["C10dBackend", "NULL_SENTINEL", "KEY_PREFIX", "parse_endpoint"]
 NULL_SENTINEL = b"Y2FuaW1hZGFt"
 KEY_PREFIX = "torch.rendezvous."
 _WIRE_PREFIX = b"/" + KEY_PREFIX.encode()
-_MULTI_GET_BATCH = 1000
+_MULTI_GET_BATCH = 256  # values per MULTI_GET: bounds memory when states are large
 _HOST = re.compile(r"^[\w.:-]+$")
 
 Store = Union[TcpStoreClient, FileStore]
