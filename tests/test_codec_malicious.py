@@ -395,7 +395,7 @@ def test_tuple_nesting_limits() -> None:
         decode(keyed(codec.SAFE_HASH_DEPTH - 1))
     # Bytes that could nest past the budget are walked first, which refuses past MAX_TUPLE_DEPTH.
     with pytest.raises(StateCorruptError, match="deep"):
-        decode(keyed(codec.SAFE_HASH_DEPTH))
+        decode(keyed(codec.SAFE_HASH_DEPTH + 1))
     with pytest.raises(StateCorruptError, match="not a _RendezvousState"):
         decode(keyed(codec.MAX_TUPLE_DEPTH))
 
