@@ -131,8 +131,11 @@ def test_every_command_on_a_torch_state(target: Target, node_factory: NodeFactor
     # heartbeat older than 1 s is dead (no live node can be misjudged).
     address = [*target.address(run_id, keep_alive_max_attempt=1), "--timeout", TIMEOUT]
 
-    text, as_json, raw = (ok(r) for r in cli.all(["get", *address], ["get", *address, "-o", "json"],
-                                                 ["get", *address, "-o", "raw"]))
+    text, as_json, raw, keys = (ok(r) for r in cli.all(["get", *address], ["get", *address, "-o", "json"],
+                                                       ["get", *address, "-o", "raw"],
+                                                       ["get", *address, "--keys", "-o", "json"]))
+    if target.backend == "c10d":  # the round's store keys, where rank 0 published its address
+        assert keys.json()["store_keys"]["0/MASTER_ADDR"] == "127.0.0.1"
     assert f"run id    {run_id}" in text.out and "complete  yes" in text.out and "\x1b[" not in text.out
     doc = as_json.json()
     assert doc["schema"] == "rdzvctl.get/v1" and doc["run_id"] == run_id
@@ -218,7 +221,7 @@ def test_unreachable_endpoint_exits_4_within_the_timeout(target: Target, cli: Rd
 
 
 # -- 2. watch follows what other processes do -----------------------------------------------
-@on(*NETWORKED)  # a FileStore is polled exactly like a TCPStore
+@on()
 def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_factory: NodeFactory, cli: Rdzvctl,
                                                        run_id: str) -> None:
     address = target.address(run_id)
