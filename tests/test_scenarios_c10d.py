@@ -19,6 +19,8 @@ from tests.e2e_cli.cli import Rdzvctl
 from tests.support.torch_handlers import NodeFactory, Target, node_factory  # noqa: F401
 from tests.support.torch_peer import TcpStoreServer, tcpstore_server, torch_filestore, torch_tcpstore  # noqa: F401
 
+pytestmark = pytest.mark.torch  # real torch rendezvous handlers and stores
+
 TIMEOUT = 3.0
 KEY_PREFIX = "torch.rendezvous."
 
