@@ -189,10 +189,13 @@ def test_every_command_on_a_torch_state(target: Target, node_factory: NodeFactor
     ok(cli("restore", str(backup_path(pruned)), "--timeout", TIMEOUT, "--yes"))
     assert get_raw(cli, target, run_id) == saved.state
 
-    # clear removes the state the backend's way: no state afterwards (exit 5).
-    ok(cli("reset", *address, "--mode", "clear", "--yes"))
+    # clear removes the state the backend's way: no state afterwards (exit 5) ...
+    cleared = ok(cli("reset", *address, "--mode", "clear", "--yes"))
     gone = cli("get", *address)
     assert gone.code == 5 and run_id in gone.stderr, str(gone)
+    # ... and its backup brings it back, written only because no state exists.
+    ok(cli("restore", str(backup_path(cleared)), "--timeout", TIMEOUT, "--yes"))
+    assert get_raw(cli, target, run_id) == saved.state
 
 
 @on()
