@@ -1,10 +1,15 @@
 """Incident scenarios: rdzvctl as a subprocess, live servers, real torch rendezvous nodes.
 
-Every scenario runs against torch's c10d TCPStore first, then a FileStore,
-etcd (v2 and v3 API) and Redis.  The nodes are real torch
-``DynamicRendezvousHandler`` processes built the way torchrun builds them
-(tests/e2e_cli/rdzv_node.py) with a 1 s keep-alive; rdzvctl is told the same
-liveness with ``--rdzv-conf keep_alive_interval=1,keep_alive_max_attempt=3``.
+Every scenario runs against torch's c10d TCPStore first, then (where the
+backend changes what is tested) a FileStore, etcd (v2 and v3 API) and Redis.
+The nodes are real torch ``DynamicRendezvousHandler`` processes built the way
+torchrun builds them (tests/e2e_cli/rdzv_node.py) with a 1 s keep-alive and
+3 attempts; rdzvctl is told the same liveness with ``--rdzv-conf
+keep_alive_interval=1,keep_alive_max_attempt=3``.  Where a killed node must
+stay in the state long enough to be seen, the nodes tolerate 60 s instead
+(torch's survivors drop a dead peer themselves once it exceeds *their* limit).
+Every rdzvctl run is a subprocess with ``NO_COLOR=1``, a short ``--timeout``
+and its backups under the test's tmp_path.
 """
 
 # ruff: noqa: F811  (pytest fixtures imported by name)
@@ -293,10 +298,13 @@ def test_stuck_rendezvous_pruned_then_restored(target: Target, node_factory: Nod
         finding = next(p for p in detected.json()["runs"][0]["problems"] if p["code"] == "dead-participants")
         assert finding["nodes"] == [victim.node_id] and finding["severity"] == "error"
         assert finding["repair"].startswith("rdzvctl reset --mode prune")
+        text = cli("corrupt-detect", *address, "--timeout", TIMEOUT)
+        assert text.code == 1 and victim.node_id in text.out and "rdzvctl reset --mode prune" in text.out, str(text)
 
         with frozen(survivors):  # nobody writes between the read and the prune
             before = ok(cli("get", *address, "--timeout", TIMEOUT, "-o", "raw")).stdout
-            pruned = ok(cli("reset", *address, "--timeout", TIMEOUT, "--mode", "prune", "--yes", "-o", "json"))
+            pruned = ok(cli("reset", *address, "--timeout", TIMEOUT, "--mode", "prune", "--retry", "5", "--yes",
+                            "-o", "json"))
         backup = backup_path(pruned)
         assert str(backup) == pruned.json()["backup"] and victim.node_id in pruned.stderr
         assert read_backup(backup).state == before
