@@ -73,7 +73,14 @@ class Target:
                 backend.clear(current[1])
 
     def reference_read(self, run_id: str) -> Optional[Reference]:
-        """The server's own CLI reading the raw value, if it has one."""
+        """The server's own CLI reading the raw value, if it has one and it is installed."""
+        return _installed(self._reference_read(run_id))
+
+    def reference_watch(self, run_id: str) -> Optional[Reference]:
+        """The server's own CLI following the run's key, if it has one and it is installed."""
+        return _installed(self._reference_watch(run_id))
+
+    def _reference_read(self, run_id: str) -> Optional[Reference]:
         if self.label == "redis":
             return Reference("redis-cli HGET", ["redis-cli", "-h", self.host, "-p", str(self.port), "HGET",
                                                 f"torch.rendezvous.{run_id}", "state"])
@@ -83,8 +90,7 @@ class Target:
                                                           f"/torch/elastic/rendezvous/{run_id}"], {"ETCDCTL_API": api})
         return None
 
-    def reference_watch(self, run_id: str) -> Optional[Reference]:
-        """The server's own CLI following the run's key, if it has one."""
+    def _reference_watch(self, run_id: str) -> Optional[Reference]:
         key = f"/torch/elastic/rendezvous/{run_id}"
         url = f"http://{self.endpoint}"
         if self.label == "redis":
@@ -98,6 +104,9 @@ class Target:
                              ["etcdctl", "--endpoints", url, "watch", "--forever", key], {"ETCDCTL_API": "2"})
         return None
 
+
+def _installed(reference: Optional[Reference]) -> Optional[Reference]:
+    return reference if reference is not None and shutil.which(reference.argv[0]) else None
 
 
 @contextlib.contextmanager
