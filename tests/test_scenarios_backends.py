@@ -270,7 +270,7 @@ def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_fact
 
 
 # -- 3. a participant killed with SIGKILL: detect, prune, re-rendezvous, restore ----------------
-@on("c10d-tcp", "c10d-file", "etcd-v2")  # torch's own backends, where the field incidents happen
+@on("c10d-tcp", "etcd-v2")  # torch's own backends, where the field incidents happen
 def test_stuck_rendezvous_pruned_then_restored(target: Target, node_factory: NodeFactory, cli: Rdzvctl,
                                                run_id: str) -> None:
     """The agents tolerate 60 s without a heartbeat, the operator judges with 1 s x 4.
