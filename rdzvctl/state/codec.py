@@ -10,7 +10,11 @@ latin-1-only ``_codecs.encode``, which protocols 2 and 3 need for sets and bytes
 Two holes of the C unpickler are closed by an opcode walk before it runs
 (skipped when it provably cannot matter): extension codes already in
 copyreg's cache bypass ``find_class``, and hashing tuples nested very deep
-overflows the C stack.  The result is then checked field by field (datetimes
+overflows the C stack.  A third one by a lean size check that always runs:
+before Python 3.14 a tiny pickle naming a huge memo index (``LONG_BINPUT``,
+``PUT``) makes the C unpickler allocate and zero a memo table of that size,
+gigabytes for a few bytes (CPython gh-115952), and length fields are
+allocated before they are read.  The result is then checked field by field (datetimes
 included: a pickled datetime skips its constructor's range checks) and
 converted into :class:`RendezvousState`; any malformed input becomes
 :class:`StateCorruptError` with the reason.
@@ -131,6 +135,7 @@ def decode(data: bytes) -> RendezvousState:
     if not data:
         raise StateCorruptError("the state is empty")
     data = bytes(data)
+    _check_sizes(data)
     if _needs_scan(data):
         _scan(data)
     try:
@@ -144,6 +149,90 @@ def decode(data: bytes) -> RendezvousState:
     except Exception as exc:  # every malformed pickle: UnpicklingError, EOFError, ValueError, ...
         raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
     return _convert(obj)
+
+
+# Argument kinds of every opcode for _check_sizes: n >= 0 is a fixed-size
+# argument; the rest are named below (length-prefixed: -10 - width).
+_K_STOP, _K_UNKNOWN, _K_LINE, _K_LINES2, _K_PUT, _K_LONG_BINPUT = -1, -2, -3, -4, -5, -6
+
+
+def _argument_kinds() -> Tuple[int, ...]:
+    prefixed = {pickletools.TAKEN_FROM_ARGUMENT1: -11, pickletools.TAKEN_FROM_ARGUMENT4: -14,
+                pickletools.TAKEN_FROM_ARGUMENT4U: -14, pickletools.TAKEN_FROM_ARGUMENT8U: -18}
+    kinds = [_K_UNKNOWN] * 256
+    for op in pickletools.opcodes:
+        if op.name == "STOP":
+            kind = _K_STOP
+        elif op.name == "PUT":
+            kind = _K_PUT
+        elif op.name == "LONG_BINPUT":
+            kind = _K_LONG_BINPUT
+        elif op.arg is None:
+            kind = 0
+        elif op.arg.n >= 0:
+            kind = op.arg.n
+        elif op.arg.n == pickletools.UP_TO_NEWLINE:
+            kind = _K_LINES2 if op.arg is pickletools.stringnl_noescape_pair else _K_LINE
+        else:
+            kind = prefixed[op.arg.n]
+        kinds[ord(op.code)] = kind
+    return tuple(kinds)
+
+
+_ARGUMENT_KINDS = _argument_kinds()
+
+
+def _check_sizes(data: bytes) -> None:
+    """Refuse memo indices and length fields beyond the size of ``data``, before unpickling.
+
+    A real state's memo indices count its objects and its length fields count
+    bytes that follow, so both stay below ``len(data)``; the C unpickler would
+    otherwise allocate (and, for the memo, zero) whatever they claim.  A lean
+    walk that only skips arguments; anything else malformed is left to the
+    unpickler to report.
+    """
+    end = len(data)
+    pos = 0
+    kinds = _ARGUMENT_KINDS
+    find = data.find
+    while pos < end:
+        kind = kinds[data[pos]]
+        pos += 1
+        if kind >= 0:
+            pos += kind
+        elif kind <= -11:  # length-prefixed (signed 4-byte lengths read unsigned: negative is huge)
+            width = -10 - kind
+            pos += width + int.from_bytes(data[pos:pos + width], "little")
+            if pos > end:
+                raise StateCorruptError("not a valid pickle: a length field claims more bytes than the state holds")
+        elif kind == _K_LINE:
+            pos = find(b"\n", pos) + 1
+            if not pos:
+                return
+        elif kind == _K_LINES2:
+            pos = find(b"\n", pos) + 1
+            if not pos:
+                return
+            pos = find(b"\n", pos) + 1
+            if not pos:
+                return
+        elif kind == _K_LONG_BINPUT:
+            if int.from_bytes(data[pos:pos + 4], "little") >= end:
+                raise StateCorruptError("not a valid pickle: a memo index beyond any object the state holds")
+            pos += 4
+        elif kind == _K_PUT:
+            newline = find(b"\n", pos)
+            if newline < 0:
+                return
+            try:
+                index = int(data[pos:newline]) if newline - pos <= 20 else end
+            except ValueError:
+                return  # the unpickler refuses it
+            if index >= end:
+                raise StateCorruptError("not a valid pickle: a memo index beyond any object the state holds")
+            pos = newline + 1
+        else:  # STOP or an unknown opcode: the unpickler takes it from here
+            return
 
 
 def _needs_scan(data: bytes) -> bool:
@@ -289,6 +378,12 @@ class _Converter:
         cached = self.nodes.get(id(obj))
         if cached is not None:
             return cached
+        fields = obj.__dict__
+        if type(fields) is dict and len(fields) == 3:  # fast path: exactly today's three fields, right types
+            addr, pid, local_id = fields.get("addr"), fields.get("pid"), fields.get("local_id")
+            if type(addr) is str and type(pid) is int and type(local_id) is int:
+                node = self.nodes[id(obj)] = NodeDesc(addr, pid, local_id)
+                return node
         fields = _renamed(_fields(obj, where), _LEGACY_NODE_FIELDS, where)
         if set(fields) != _NODE_FIELDS:
             raise StateCorruptError(f"{where}: a _NodeDesc has fields {sorted(fields)}, expected addr, pid, local_id")
@@ -302,14 +397,19 @@ class _Converter:
         self.nodes[id(obj)] = node
         return node
 
-    def time(self, value: Any, where: str) -> _dt.datetime:
+    def time(self, value: Any, where: str, node: Optional[NodeDesc] = None) -> _dt.datetime:
+        """A validated aware UTC datetime; ``node`` only labels errors (built lazily: this is hot)."""
+
+        def label() -> str:
+            return where if node is None else f"{where}[{node}]"
+
         if type(value) is not _dt.datetime:
-            raise StateCorruptError(f"{where}: expected a datetime, found {_kind(value)}")
+            raise StateCorruptError(f"{label()}: expected a datetime, found {_kind(value)}")
         try:  # a pickled payload skips the constructor's range checks (day 0, hour 25, ...)
             value = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
                                  value.microsecond, value.tzinfo, fold=value.fold)
         except (ValueError, OverflowError, TypeError) as exc:
-            raise StateCorruptError(f"{where}: not a valid datetime: {_reason(exc)}") from None
+            raise StateCorruptError(f"{label()}: not a valid datetime: {_reason(exc)}") from None
         if value.tzinfo is None:
             self.naive.add(True)
             return value.replace(tzinfo=_dt.timezone.utc)
@@ -317,7 +417,7 @@ class _Converter:
         try:
             return value.astimezone(_dt.timezone.utc)
         except (OverflowError, ValueError) as exc:
-            raise StateCorruptError(f"{where}: datetime out of range: {_reason(exc)}") from None
+            raise StateCorruptError(f"{label()}: datetime out of range: {_reason(exc)}") from None
 
     def node_set(self, value: Any, where: str) -> Set[NodeDesc]:
         if type(value) not in (set, frozenset):
@@ -383,7 +483,7 @@ def _convert(obj: Any) -> RendezvousState:
     heartbeats: Dict[NodeDesc, _dt.datetime] = {}
     for key, when in conv.node_map(raw["last_heartbeats"], "last_heartbeats").items():
         node = conv.node(key, "last_heartbeats")
-        heartbeats[node] = conv.time(when, f"last_heartbeats[{node}]")
+        heartbeats[node] = conv.time(when, "last_heartbeats", node)
     state = RendezvousState(
         round=raw["round"],
         complete=raw["complete"],
