@@ -114,6 +114,8 @@ def _scenario(code: str) -> tuple:
     nodes: Optional[tuple] = None
     severity = "error"
     if code == "ranks-invalid":
+        s.participants = {A: 0, B: 0}
+    elif code == "participant-left":
         s.participants = {A: 0, B: 2}
     elif code == "complete-without-participants":
         s.participants, s.last_heartbeats = {}, {}
@@ -161,7 +163,7 @@ def _scenario(code: str) -> tuple:
 
 
 CODES = [
-    "ranks-invalid", "complete-without-participants", "deadline-on-complete", "missing-heartbeat",
+    "ranks-invalid", "participant-left", "complete-without-participants", "deadline-on-complete", "missing-heartbeat",
     "participant-and-waiting", "dead-participants", "dead-nodes", "heartbeat-in-future", "closed-with-waiting",
     "closed-while-alive", "closed", "over-max-nodes", "shared-run-id", "deadline-passed", "orphan-heartbeats",
     "naive-datetimes",

@@ -70,7 +70,7 @@ def test_fail_on_levels(memory, state, code, severity, fail_on):
 
 def test_invariants_are_checked(memory):
     state = make_state(dead=0, waiting=0)
-    state.participants[node(1)] = 7  # ranks no longer 0..n-1
+    state.participants[node(1)] = 0  # a rank twice
     state.wait_list.add(node(0))  # participating and waiting
     state.participants[node(50)] = 3  # no heartbeat
     state.last_heartbeats[node(60)] = NOW + _dt.timedelta(minutes=5)  # clock skew, in no list

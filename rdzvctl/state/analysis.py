@@ -34,6 +34,10 @@ SEVERITIES = ("info", "warning", "error")
 #: Run ids that many unrelated jobs end up sharing (pytorch#82160: "none").
 SUSPICIOUS_RUN_IDS = frozenset({"", "none", "None", "default", "test", "job", "run", "0", "1"})
 
+#: The placeholder node ``set --add-waiting`` puts in the wait list to make live
+#: agents restart a round; it never joins, so torch expires it like any dead node.
+RESTART_NODE = "rdzvctl-restart_0_0"
+
 #: A heartbeat this far in the future is clock skew, not jitter.
 FUTURE_TOLERANCE = _dt.timedelta(seconds=1)
 
@@ -136,12 +140,24 @@ def find_problems(
 
     if state.complete:
         ranks = sorted(state.participants.values())
-        if ranks != list(range(len(ranks))):
+        shown = f"{ranks[:8]}{'...' if len(ranks) > 8 else ''}"
+        if len(set(ranks)) != len(ranks) or (ranks and ranks[0] < 0):
             out.append(Finding(
                 "ranks-invalid", "error",
-                f"the round is complete but the ranks are {ranks[:8]}{'...' if len(ranks) > 8 else ''}, "
-                f"not exactly 0..{len(ranks) - 1}",
+                f"the round is complete but the ranks {shown} repeat or are negative; torch never assigns those",
                 "rdzvctl reset --mode clear (the agents re-rendezvous from scratch)",
+            ))
+        elif ranks != list(range(len(ranks))):
+            # torch drops a dead or leaving participant without renumbering: the
+            # survivors run on with a hole and only restart when a node waits.
+            missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))
+            out.append(Finding(
+                "participant-left", "error",
+                f"a participant left the complete round {state.round}: rank(s) {missing[:8]}"
+                f"{'...' if len(missing) > 8 else ''} are gone and the agents will not re-rendezvous "
+                "until a node waits",
+                f"rdzvctl set --add-waiting {RESTART_NODE} (live agents then restart the round, as torch "
+                "PR #151220 does)",
             ))
         if not participants:
             out.append(Finding(
