@@ -22,7 +22,6 @@ their client library lazily so ``rdzvctl --help`` stays fast.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -265,6 +264,8 @@ class RendezvousBackend(ABC):
                     return bytes(token).decode("ascii")
                 except UnicodeDecodeError:
                     pass
+            import hashlib  # only for whole-value tokens (c10d)
+
             return "sha256:" + hashlib.sha256(bytes(token)).hexdigest()[:20]
         return str(token)
 

@@ -100,7 +100,11 @@ class App:
         click.echo(text, err=True)
 
     def json(self, obj: Any) -> None:
-        click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+        """Indented for a person on a terminal; compact (C encoder, ~3x faster) for pipes and files."""
+        if sys.stdout.isatty():
+            click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+        else:
+            click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
 
     def json_line(self, obj: Any) -> None:
         click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
