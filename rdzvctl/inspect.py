@@ -119,6 +119,7 @@ def describe(
     state, now = snap.state, snap.fetched_at
     statuses = node_statuses(state, now, keep_alive)
     doc["state"] = state_to_json(state)
+    beats = doc["state"]["last_heartbeats"]  # formatted once, reused per node below
     remaining = deadline_remaining(state, now)
     participants = [s for s in statuses if s.role == "participant"]
     doc["summary"] = {
@@ -131,10 +132,10 @@ def describe(
     }
     doc["nodes"] = [
         {
-            "node": str(s.node),
+            "node": s.node.id,
             "role": s.role,
             "rank": s.rank,
-            "last_heartbeat": format_time(s.last_heartbeat),
+            "last_heartbeat": beats.get(s.node.id),
             "age": None if s.age is None else round(s.age, 3),
             "alive": s.alive,
         }

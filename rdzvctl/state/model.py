@@ -11,6 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Dict, Optional, Set
 
 __all__ = ["NodeDesc", "RendezvousState"]
@@ -32,12 +33,12 @@ class NodeDesc:
     local_id: int
 
     def __str__(self) -> str:
-        return f"{self.addr}_{self.pid}_{self.local_id}"
+        return self.id
 
-    @property
+    @cached_property
     def id(self) -> str:
-        """The node id as torch prints it (``addr_pid_localid``)."""
-        return str(self)
+        """The node id as torch prints it (``addr_pid_localid``); computed once per node."""
+        return f"{self.addr}_{self.pid}_{self.local_id}"
 
     @classmethod
     def parse(cls, node_id: str) -> "NodeDesc":
