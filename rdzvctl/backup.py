@@ -115,6 +115,8 @@ def read_backup(path: Path) -> Backup:
         raise UsageError(f"cannot read the backup {path}: {exc.strerror}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not a backup file (invalid JSON: {exc})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not a backup file (the JSON nests too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UsageError(f"{path}: not an rdzvctl backup (format must be {FORMAT!r})")
     for key in ("backend", "endpoint", "run_id", "time"):

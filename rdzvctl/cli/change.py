@@ -54,6 +54,8 @@ def apply_change(
         # write would be blind (or refused as a conflict), so say why instead.
         raise type(snap.error)(f"{snap.error}; the {snap.backend} backend gives no token for it, so rdzvctl "
                                "cannot replace or remove it fenced: delete it with the backend's own tools")
+    if new is not None:
+        _check_writable(new)
     changed = render_plan(app, view_of(snap.raw), view_of(new), title)
     if not changed:
         return None
@@ -77,6 +79,19 @@ def apply_change(
     token = None if result is None else backend.format_token(result[1])
     app.err("Written." + (f" New token: {token}" if token else " The state was removed."))
     return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
+
+
+def _check_writable(new: bytes) -> None:
+    """Write only what our own decoder accepts: torch unpickles the stored bytes unchecked.
+
+    Every state rdzvctl encodes passes; this stops ``restore`` from putting
+    foreign bytes (a tampered or corrupt backup) where torch would load them.
+    """
+    try:
+        decode(new)
+    except StateError as exc:
+        raise type(exc)(f"refusing to write bytes that are not a valid rendezvous state ({exc}); "
+                        "nothing was written") from None
 
 
 def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:

@@ -53,6 +53,8 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
             doc = json.loads(body)
         except ValueError as exc:
             raise UsageError(f"the edited text is not valid JSON: {exc}; nothing was written") from None
+        except RecursionError:
+            raise UsageError("the edited JSON nests too deeply; nothing was written") from None
         new_state = state_from_json(doc)
         if state_to_json(new_state) == state_to_json(snap.state):
             app.err("No changes: nothing was written.")

@@ -29,6 +29,8 @@ def read_document(source: str) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"{source}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{source}: the JSON nests too deeply to be a rendezvous state") from None
 
 
 @click.command("set")
