@@ -279,6 +279,11 @@ class RendezvousBackend(ABC):
         return f"<{type(self).__name__} {self.name} {self.describe()!r} run_id={self.run_id!r}>"
 
 
+def is_counter_token(token: Any) -> bool:
+    """A token that is a revision/index/version counter: a positive int, and never a bool."""
+    return type(token) is int and token > 0
+
+
 def wait_interval(deadline: float) -> float:
     """Seconds left until ``deadline`` (a ``time.monotonic`` value), never negative."""
     return max(0.0, deadline - time.monotonic())

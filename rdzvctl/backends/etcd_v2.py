@@ -29,6 +29,7 @@ from rdzvctl.backends.base import (
     SetResult,
     StateAndToken,
     Token,
+    is_counter_token,
 )
 from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
 
@@ -45,11 +46,6 @@ _NODE_EXIST = 105
 _INDEX_CLEARED = 401
 
 _API = "the etcd v2 API"
-
-
-def _valid_index(token: Any) -> bool:
-    """A modifiedIndex token is a positive int (bool is not an int here)."""
-    return type(token) is int and token > 0
 
 
 class EtcdV2Backend(RendezvousBackend):
@@ -134,7 +130,7 @@ class EtcdV2Backend(RendezvousBackend):
         return self._decode_node(doc["node"])
 
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
-        if token is not None and not _valid_index(token):
+        if token is not None and not is_counter_token(token):
             return self._current_refused()
         form: Dict[str, Any] = {"value": base64.b64encode(state).decode("ascii"), "ttl": self.ttl}
         if token is None:
@@ -159,7 +155,7 @@ class EtcdV2Backend(RendezvousBackend):
     # -- capabilities ----------------------------------------------------------------
     def clear(self, token: Token) -> bool:
         """Compare-and-delete on ``prevIndex``: removes the state only if ``token`` is current."""
-        if not _valid_index(token):
+        if not is_counter_token(token):
             return False
         status, doc, _ = self._call("DELETE", self.key, prevIndex=token)
         if doc.get("errorCode") in (_KEY_NOT_FOUND, _COMPARE_FAILED, _NOT_A_FILE):

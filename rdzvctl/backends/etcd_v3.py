@@ -34,6 +34,7 @@ from rdzvctl.backends.base import (
     SetResult,
     StateAndToken,
     Token,
+    is_counter_token,
 )
 from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
 
@@ -41,11 +42,6 @@ __all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
 
 DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
 DEFAULT_TTL = 7200
-
-
-def _valid_revision(token: Any) -> bool:
-    """A mod_revision token is a positive int (bool is not an int here)."""
-    return type(token) is int and token > 0
 
 
 class EtcdV3Backend(RendezvousBackend):
@@ -124,7 +120,7 @@ class EtcdV3Backend(RendezvousBackend):
         key = b64(self._key)
         value = b64(base64.b64encode(state))
         read_back = [{"request_range": {"key": key}}]
-        if token is not None and not _valid_revision(token):
+        if token is not None and not is_counter_token(token):
             current = self.get_state()
             return None if current is None else (*current, False)
         if token is None:
@@ -186,7 +182,7 @@ class EtcdV3Backend(RendezvousBackend):
         """Delete the state in a transaction guarded by ``mod_revision == token``."""
         from rdzvctl.backends.etcd_gateway import b64
 
-        if not _valid_revision(token):
+        if not is_counter_token(token):
             return False
         key = b64(self._key)
         txn = self._gw.txn(

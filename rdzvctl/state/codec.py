@@ -36,7 +36,7 @@ import pickletools
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
-from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState
 
 __all__ = [
     "TORCH_MODULE",
@@ -352,16 +352,7 @@ def _reason(exc: BaseException) -> str:
 
 # -- conversion from unpickled shells to the model ------------------------------
 _NODE_FIELDS = {"addr", "pid", "local_id"}
-_STATE_FIELDS = {
-    "round",
-    "complete",
-    "deadline",
-    "closed",
-    "participants",
-    "wait_list",
-    "redundancy_list",
-    "last_heartbeats",
-}
+_STATE_FIELDS = set(STATE_FIELDS)
 # Pre-release torch names, accepted if seen.
 _LEGACY_STATE_FIELDS = {"last_keep_alives": "last_heartbeats"}
 _LEGACY_NODE_FIELDS = {"fqdn": "addr"}

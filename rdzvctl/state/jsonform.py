@@ -26,7 +26,7 @@ import datetime as _dt
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Set
 
 from rdzvctl.errors import StateValidationError
-from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState
 
 __all__ = [
     "STATE_KEYS",
@@ -38,17 +38,7 @@ __all__ = [
     "parse_time",
 ]
 
-STATE_KEYS = (
-    "round",
-    "complete",
-    "deadline",
-    "closed",
-    "participants",
-    "wait_list",
-    "redundancy_list",
-    "last_heartbeats",
-    "datetime_style",
-)
+STATE_KEYS = (*STATE_FIELDS, "datetime_style")
 
 #: Top-level keys of ``get -o json``; all but ``state`` are read-only.
 DOCUMENT_KEYS = frozenset(

@@ -14,7 +14,19 @@ from datetime import datetime
 from functools import cached_property
 from typing import Dict, Optional, Set
 
-__all__ = ["NodeDesc", "RendezvousState"]
+__all__ = ["NodeDesc", "RendezvousState", "STATE_FIELDS"]
+
+#: torch's ``_RendezvousState`` attributes, in torch's order (pickle, JSON and model agree on these).
+STATE_FIELDS = (
+    "round",
+    "complete",
+    "deadline",
+    "closed",
+    "participants",
+    "wait_list",
+    "redundancy_list",
+    "last_heartbeats",
+)
 
 # How str() writes an int: ASCII digits, no leading zeros, "-" only.
 _INTEGER = re.compile(r"0|-?[1-9][0-9]*")
