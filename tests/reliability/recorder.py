@@ -108,8 +108,10 @@ def summary_lines(rec: Recorder) -> List[str]:
                         rec.fuzz.get(f"disallowed:{k.split(':', 1)[1]}", 0)]
                        for k, v in sorted(rec.fuzz.items()) if k.startswith("inputs:")])
     if rec.malicious:
-        out += _table("Malicious pickles", ["corpus", "total", "refused", "executed"],
-                      [["all", rec.malicious["total"], rec.malicious["refused"], rec.malicious["executed"]]])
+        rows = [["corpus: payloads / refused / executed",
+                 f"{rec.malicious['total']} / {rec.malicious['refused']} / {rec.malicious['executed']}"]]
+        rows += [[k, v] for k, v in sorted(rec.malicious.items()) if k not in ("total", "refused", "executed")]
+        out += _table("Malicious pickles", ["what", "count"], rows)
     if rec.backups:
         out += _table("Backups", ["what", "count"], [[k, v] for k, v in sorted(rec.backups.items())])
     if rec.live:
