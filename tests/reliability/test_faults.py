@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import signal
 import subprocess
 import threading
@@ -311,6 +312,51 @@ def test_watch_gives_up_when_the_outage_outlasts_the_timeout(server_target: Targ
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_kill_during_a_write_stream_keeps_every_acknowledged_write(server_target: Target,
+                                                                  recorder: Recorder) -> None:
+    """Fenced increments until the server is SIGKILLed at an arbitrary moment, then a restart:
+    the state is the last acknowledged write or the one in flight, whole, and writable again."""
+    if not server_target.server.persistent:
+        pytest.skip("a TCPStore keeps its data in memory: a restart empties it")
+    run_id = _run_id("stream")
+    backend = server_target.open(run_id, timeout=TIMEOUT)
+    put_state(backend, sample_state(round=0))
+    acknowledged, in_flight, failures = [0], [0], []
+
+    def write() -> None:
+        while True:
+            try:
+                raw, token = backend.get_state()
+                state = decode(raw)
+                state.round += 1
+                in_flight[0] = state.round
+                result = backend.set_state(encode(state), token)
+            except Exception as exc:  # the kill
+                failures.append(exc)
+                return
+            if result is not None and result[2]:
+                acknowledged[0] = state.round
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(0.5 + random.random())
+    server_target.server.kill()
+    writer.join(timeout=TIMEOUT + 10)
+    server_target.server.start()
+    after = decode(_raw(server_target, run_id)).round
+    fresh = server_target.open(run_id)
+    raw, token = fresh.get_state()
+    state = decode(raw)
+    state.round += 1
+    writable = bool(fresh.set_state(encode(state), token)[2])
+    ok = after in (acknowledged[0], in_flight[0]) and acknowledged[0] > 0 and writable and bool(failures)
+    recorder.record_fault(server_target.id, "SIGKILL during a write stream", ok,
+                          f"acknowledged {acknowledged[0]}, in flight {in_flight[0]}, after restart {after}")
+    assert failures and type(failures[0]).__module__.startswith("rdzvctl"), failures[:1]
+    assert after in (acknowledged[0], in_flight[0]), (acknowledged[0], in_flight[0], after)
+    assert writable
 
 
 # -- FileStore: a peer stuck holding torch's lock ----------------------------------------------------
