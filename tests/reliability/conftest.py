@@ -81,9 +81,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", params=BACKEND_IDS)
+@pytest.fixture(scope="module", params=[b for b in BACKEND_IDS if b != "c10d-file"])
 def fault_target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    """A server of each backend that the module's tests may kill, restart and pause."""
+    """A server of each networked backend that the module's tests may kill, restart and pause."""
     root = Path(tempfile.mkdtemp(prefix=f"rdzvctl-fault-{request.param}-"))
     started = _start(request.param, root)
     try:
@@ -91,3 +91,9 @@ def fault_target(request: pytest.FixtureRequest) -> Iterator[Target]:
     finally:
         _stop(started)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def filestore_target(tmp_path: Path) -> Target:
+    """A FileStore file of its own (no server: its faults are peers holding torch's lock)."""
+    return make_target("c10d-file", tmp_path)

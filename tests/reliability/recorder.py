@@ -74,9 +74,15 @@ RECORDER = Recorder()
 
 
 def _table(title: str, header: List[str], rows: List[List[Any]]) -> List[str]:
+    """A plain text table: numbers right-aligned, text left-aligned."""
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    numeric = [all(row[i].replace(".", "").replace(" / ", "").isdigit() or not row[i] for row in cells[1:])
+               for i in range(len(header))]
+
+    def fmt(row: List[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
+
     return [title, "  " + fmt(header), "  " + "  ".join("-" * w for w in widths)] + ["  " + fmt(r) for r in cells[1:]]
 
 
@@ -100,8 +106,16 @@ def summary_lines(rec: Recorder) -> List[str]:
     if rec.faults:
         rows = [[b, c[0], c[1]] for b, c in sorted(rec.faults.items(), key=lambda kv: kv[0])]
         rows.append(["total", sum(c[0] for c in rec.faults.values()), sum(c[1] for c in rec.faults.values())])
-        out += _table("Faults (SIGKILL+restart, SIGSTOP, leader loss, stuck lock)",
-                      ["backend", "injected", "survived"], rows)
+        out += _table("Faults injected, by backend", ["backend", "injected", "survived"], rows)
+        kinds: Dict[str, List[Any]] = {}
+        for backend, kind, survived, _ in rec.fault_log:
+            entry = kinds.setdefault(kind, [0, 0, []])
+            entry[0] += 1
+            entry[1] += int(survived)
+            if backend not in entry[2]:
+                entry[2].append(backend)
+        out += _table("Faults injected, by kind", ["fault", "injected", "survived", "backends"],
+                      [[k, v[0], v[1], ", ".join(v[2])] for k, v in sorted(kinds.items())])
     if rec.fuzz:
         out += _table("Decoder fuzzing", ["source", "inputs", "crashes", "disallowed globals resolved"],
                       [[k.split(":", 1)[1], v, rec.fuzz.get(f"crashes:{k.split(':', 1)[1]}", 0),

@@ -150,6 +150,8 @@ def test_fenced_increments_through_rdzvctl_set(target: Target, recorder: Recorde
     check = check_history(events, initial_token, initial, final_token, final, target.strict)
     check.figures.seconds = elapsed
     mode = f"rdzvctl set {CLI_DRIVERS}x{attempts}"
+    recorder.note(f"`rdzvctl set` runs are {CLI_DRIVERS}x{CLI_ATTEMPTS['c10d-tcp']} on c10d-tcp and "
+                  f"{CLI_DRIVERS}x{CLI_ATTEMPTS_DEFAULT} elsewhere: each attempt is a fresh interpreter (~0.4 s CPU)")
     recorder.record_writes(target.id, mode, check.figures)
     print(f"{target.id} {mode}: {check.text()} in {elapsed:.1f} s")
     errors = [e.value for e in events if e.outcome == "error"]
