@@ -37,6 +37,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
     terminalreporter.write_sep("=", "rdzvctl reliability summary")
     for line in lines:
         terminalreporter.write_line(line)
+    if config.getoption("verbose") > 0 and RECORDER.fault_log:
+        terminalreporter.write_line("Fault log (backend, fault, survived, outcome):")
+        for backend, kind, survived, detail in RECORDER.fault_log:
+            terminalreporter.write_line(f"  {backend:18} {kind:42} {'yes' if survived else 'NO':3}  {detail}")
 
 
 # -- servers ------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _kill_mid_command(target: Target, args: List[str], restart: bool = True) -> 
 
 
 def _check_failed_or_answered(run: CliRun, recorder: Recorder, target: Target, kind: str,
-                              ok_codes: tuple = (0,)) -> bool:
+                              ok_codes: tuple = (0,), detail: str = "") -> bool:
     """Exit 4 with one clear line within the timeout, or a normal answer."""
     in_time = run.elapsed <= TIMEOUT + SLACK
     if run.returncode == 4:
@@ -110,7 +110,7 @@ def _check_failed_or_answered(run: CliRun, recorder: Recorder, target: Target, k
     else:
         clear = run.returncode in ok_codes
     survived = in_time and clear
-    recorder.record_fault(target.id, kind, survived, f"exit {run.returncode} in {run.elapsed:.1f} s")
+    recorder.record_fault(target.id, kind, survived, f"exit {run.returncode} in {run.elapsed:.1f} s {detail}".strip())
     assert in_time, f"{kind}: took {run.elapsed:.1f} s (timeout {TIMEOUT:g} s)"
     assert clear, f"{kind}: exit {run.returncode}: {run.stderr}"
     return run.returncode == 4
@@ -174,7 +174,8 @@ def test_paused_server_write_is_applied_whole_or_not_at_all(server_target: Targe
     after = _raw(server_target, run_id)
     new = None if command == "reset" else encode(_with_round(before_state, 4))
     whole = after == before or (after is None if command == "reset" else decode(after) == decode(new))
-    _check_failed_or_answered(run, recorder, server_target, f"SIGSTOP mid-{command}")
+    outcome = "old state kept" if after == before else "new state applied after SIGCONT"
+    _check_failed_or_answered(run, recorder, server_target, f"SIGSTOP mid-{command}", detail=outcome)
     assert run.returncode == 4, run.stderr  # a paused server never answers in time
     assert "nothing was written" not in run.stderr  # the outcome is unknown: never claim it
     assert whole, f"after SIGCONT the state is neither the old nor the new one: {after!r}"

@@ -122,7 +122,7 @@ def _dump(fields: Any, protocol: int) -> bytes:
     return buffer.getvalue()
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(fields=_state_fields, protocol=st.integers(2, 5))
 def test_fuzz_decoder_structure(fields: Any, protocol: int, allow_list_log: Any, recorder: Recorder) -> None:
     """torch-shaped states whose fields hold anything: a valid state or a StateError, never a crash

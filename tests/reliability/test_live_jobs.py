@@ -149,7 +149,7 @@ def test_prune_racing_live_heartbeats(target: Target, node_factory: NodeFactory,
                                       recorder: Recorder, tmp_path: Any) -> None:
     handlers = _handler_target(target)
     run_id = f"prune-{uuid.uuid4().hex[:8]}"
-    liveness = {"keep_alive_interval": 1, "keep_alive_max_attempt": 3}
+    liveness = {"keep_alive_interval": 1, "keep_alive_max_attempt": 4}
     flags = handlers.address(run_id, **liveness)
     # The nodes tolerate 60 missed heartbeats, so only rdzvctl removes the dead one here.
     with node_factory.group(handlers, run_id, 3, min_nodes=2, max_nodes=3, keep_alive_max_attempt=60) as nodes:
@@ -159,7 +159,7 @@ def test_prune_racing_live_heartbeats(target: Target, node_factory: NodeFactory,
         readers = Readers(flags)
         try:
             victim.kill()
-            time.sleep(4.5)  # > 1 s x 3 attempts: dead to rdzvctl, still a participant to torch
+            time.sleep(6.0)  # > 1 s x 4 attempts: dead to rdzvctl, still a participant to torch
             pruned = rdzvctl(["reset", *flags, "--mode", "prune", "--retry", "20", "--yes", "-o", "json",
                               "--backup-dir", str(tmp_path), "--timeout", "5"])
             state = _state(target, run_id)
