@@ -1,12 +1,12 @@
 """Fixtures of the reliability suite and the figures it prints at the end of the run.
 
-Every test records what it did in the session-wide :data:`RECORDER` (through
+Every test records what it did in the run-wide :data:`RECORDER` (through
 the ``recorder`` fixture); ``pytest_terminal_summary`` prints the table:
 writes attempted/accepted/refused and lost updates per backend, faults
 injected/survived, fuzz inputs/crashes, malicious pickles refused, backups
 written and restored byte-identical, live-job checks.
 
-Servers: ``target`` is one healthy server per backend for the whole session
+Servers: ``target`` is one healthy server per backend for the whole test run
 (tests use their own run ids on it); ``fault_target`` is a separate one per
 module that fault tests kill, restart and pause.
 """
@@ -49,7 +49,7 @@ _ZYGOTE_LOCK = threading.Lock()
 
 
 def tcpstore_zygote() -> TcpStoreZygote:
-    """The session's TCPStore zygote (torch imported once), started on first use."""
+    """The TCPStore zygote of this test run (torch imported once), started on first use."""
     global _ZYGOTE
     with _ZYGOTE_LOCK:
         if _ZYGOTE is None:
@@ -75,7 +75,7 @@ def _stop(target: Target) -> None:
 
 @pytest.fixture(scope="session", params=BACKEND_IDS)
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    """A healthy server of each backend, shared by the session (use your own run ids)."""
+    """A healthy server of each backend, shared by the whole test run (use your own run ids)."""
     root = Path(tempfile.mkdtemp(prefix=f"rdzvctl-rel-{request.param}-"))
     started = _start(request.param, root)
     try:

@@ -1,4 +1,4 @@
-"""The session-wide figures of the reliability suite, printed as a table at the end of the run.
+"""The run-wide figures of the reliability suite, printed as a table at the end of the run.
 
 Tests record what they did through the ``recorder`` fixture (the
 :data:`RECORDER` singleton); ``tests/reliability/conftest.py`` prints
@@ -31,7 +31,7 @@ class WriteFigures:
 
 @dataclass
 class Recorder:
-    """Figures collected over the session (thread-safe)."""
+    """Figures collected over the test run (thread-safe)."""
 
     writes: Dict[Tuple[str, str], WriteFigures] = field(default_factory=dict)
     faults: Dict[str, List[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))

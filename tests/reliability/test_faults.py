@@ -28,7 +28,7 @@ import pytest
 
 from rdzvctl.backup import read_backup
 from rdzvctl.state.codec import decode, encode
-from tests.reliability.helpers import (
+from tests.reliability.common import (
     CliRun,
     assert_error_line,
     put_state,

@@ -24,7 +24,7 @@ import pytest
 
 from rdzvctl.backup import read_backup
 from rdzvctl.state.codec import decode
-from tests.reliability.helpers import REPO_ROOT, cli_env, put_state, rdzvctl, sample_state
+from tests.reliability.common import REPO_ROOT, cli_env, put_state, rdzvctl, sample_state
 from tests.reliability.history import Event, check_history
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target

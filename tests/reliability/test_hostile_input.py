@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from rdzvctl.errors import StateError
 from rdzvctl.state import codec
 from rdzvctl.state.codec import ALLOWED_GLOBALS, decode, encode
+from tests.reliability.common import REPO_ROOT, assert_one_line_error, cli_env, put_state, rdzvctl, sample_state
 from tests.reliability.fuzz_decoder import instrument_allow_list
-from tests.reliability.helpers import REPO_ROOT, assert_one_line_error, cli_env, put_state, rdzvctl, sample_state
 from tests.reliability.malicious.corpus import EXTENSION_CODE, Payload, build_corpus
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target

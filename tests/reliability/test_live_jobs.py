@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from rdzvctl.state.codec import decode
-from tests.reliability.helpers import rdzvctl, spawn_rdzvctl
+from tests.reliability.common import rdzvctl, spawn_rdzvctl
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target
 from tests.support import torch_handlers

@@ -25,8 +25,8 @@ import pytest
 from rdzvctl.backup import Backup, read_backup, write_backup
 from rdzvctl.errors import UsageError
 from rdzvctl.state.codec import decode, encode
+from tests.reliability.common import REPO_ROOT, cli_env, put_state, sample_state
 from tests.reliability.crash_after_backup import CRASH_EXIT
-from tests.reliability.helpers import REPO_ROOT, cli_env, put_state, sample_state
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target, make_target
 from tests.support.cli import invoke

@@ -1,4 +1,4 @@
-"""Small shared pieces of the reliability tests: realistic states and rdzvctl subprocesses."""
+"""Shared pieces of the reliability tests: realistic states and rdzvctl subprocesses."""
 
 from __future__ import annotations
 
