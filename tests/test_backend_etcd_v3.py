@@ -419,3 +419,12 @@ def test_store_keys_are_torchruns_round_keys(etcd_server):
     raw(etcd_server, "kv/put", {"key": b64(f"{store}.3/MASTER_PORT".encode()), "value": b64(b"29500")})
     raw(etcd_server, "kv/put", {"key": b64(f"{store}.x/NOT_A_ROUND".encode()), "value": b64(b"-")})
     assert b.store_keys() == {"3/MASTER_ADDR": b"10.0.0.1", "3/MASTER_PORT": b"29500"}
+
+
+def test_a_hang_up_during_the_tls_handshake_is_named_as_tls() -> None:
+    """A plain-http member answers a TLS hello with a reset or a rejected HTTP 400, by timing."""
+    from rdzvctl.backends.etcd_gateway import _reason
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert "TLS" in _reason(reset, tls=True) and "protocol" in _reason(reset, tls=True)
+    assert _reason(reset) == "connection reset by peer"

@@ -167,8 +167,16 @@ class _ServerError(http.client.HTTPException):
     """A member answered 5xx (no leader, shutting down); its text is the reason."""
 
 
-def _reason(exc: BaseException) -> str:
-    """A short, secret-free description of a socket/TLS/HTTP failure."""
+def _reason(exc: BaseException, tls: bool = False) -> str:
+    """A short, secret-free description of a socket/TLS/HTTP failure.
+
+    With ``tls``, a peer that hangs up is most likely a plain-http member
+    answering our TLS handshake (it may reset or send an HTTP 400 that the TLS
+    layer rejects, depending on timing): say so either way.
+    """
+    if tls and isinstance(exc, _STALE):
+        return (f"the connection closed during the TLS handshake ({_reason(exc)}); "
+                "is the member serving https (--rdzv-conf protocol)?")
     if isinstance(exc, _ServerError):
         return str(exc)
     if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -401,6 +409,7 @@ class EtcdHttp:
 
     def _failure(self, failures: List[Tuple[Endpoint, BaseException]], deadline: float) -> Exception:
         failures = list(dict(failures).items())  # the last failure of each member, in order
+        tls = self.ssl_context is not None
         timed_out = time.monotonic() >= deadline or (failures and all(_is_timeout(e) for _, e in failures))
         if not failures:
             error: Exception = BackendTimeoutError(
@@ -411,9 +420,9 @@ class EtcdHttp:
             if _is_timeout(exc) or timed_out:
                 error = BackendTimeoutError(f"{self.api} at {endpoint} did not answer within {self.timeout:g} s")
             else:
-                error = BackendUnavailableError(f"cannot talk to {self.api} at {endpoint}: {_reason(exc)}")
+                error = BackendUnavailableError(f"cannot talk to {self.api} at {endpoint}: {_reason(exc, tls)}")
         else:
-            detail = "; ".join(f"{ep}: {_reason(exc)}" for ep, exc in failures)
+            detail = "; ".join(f"{ep}: {_reason(exc, tls)}" for ep, exc in failures)
             if timed_out:
                 error = BackendTimeoutError(
                     f"no {self.api} member answered within {self.timeout:g} s ({detail})"
