@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from rdzvctl.backends.base import RendezvousBackend, Token
 from rdzvctl.errors import RdzvctlError, StateError
-from rdzvctl.state.analysis import KeepAlive, deadline_remaining, find_problems, node_statuses
+from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, KeepAlive, deadline_remaining, find_problems, node_statuses
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time, state_to_json
 from rdzvctl.state.model import RendezvousState
@@ -98,7 +98,7 @@ def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[t
 
 def describe(
     snap: Snapshot,
-    keep_alive: KeepAlive = KeepAlive(),  # noqa: B008 - frozen, immutable
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
     max_nodes: Optional[int] = None,
     store_keys: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:

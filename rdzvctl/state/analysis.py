@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = [
     "KeepAlive",
+    "DEFAULT_KEEP_ALIVE",
     "NodeStatus",
     "Finding",
     "SEVERITIES",
@@ -42,8 +43,7 @@ RESTART_NODE = "rdzvctl-restart_0_0"
 FUTURE_TOLERANCE = _dt.timedelta(seconds=1)
 
 
-@dataclass(frozen=True)
-class KeepAlive:
+class KeepAlive(NamedTuple):
     """torch's keep-alive settings: a node is dead after ``interval × max_attempt``."""
 
     interval: float = 5.0
@@ -54,8 +54,11 @@ class KeepAlive:
         return _dt.timedelta(seconds=self.interval * self.max_attempt)
 
 
-@dataclass(frozen=True)
-class NodeStatus:
+#: torch's defaults (``RendezvousTimeout.heartbeat`` 5 s, ``keep_alive_max_attempt`` 3).
+DEFAULT_KEEP_ALIVE = KeepAlive()
+
+
+class NodeStatus(NamedTuple):
     """What the state says about one node at ``now``."""
 
     node: NodeDesc
@@ -70,7 +73,7 @@ def _age(now: _dt.datetime, when: Optional[_dt.datetime]) -> Optional[float]:
     return None if when is None else (now - when).total_seconds()
 
 
-def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = KeepAlive()) -> List[NodeStatus]:
+def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE) -> List[NodeStatus]:
     """Every node with its role, rank and liveness; participants first, by rank."""
     expire = now - keep_alive.expiry
     rows: List[NodeStatus] = []
@@ -91,7 +94,7 @@ def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAli
     return rows
 
 
-def dead_nodes(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = KeepAlive()) -> List[NodeDesc]:
+def dead_nodes(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE) -> List[NodeDesc]:
     """Nodes torch's sanitizer would remove: a heartbeat older than the expiry."""
     expire = now - keep_alive.expiry
     return sorted(node for node, when in state.last_heartbeats.items() if when < expire)
@@ -102,8 +105,7 @@ def deadline_remaining(state: RendezvousState, now: _dt.datetime) -> Optional[fl
     return None if state.deadline is None else (state.deadline - now).total_seconds()
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
     """One problem: a stable code, a severity, one line of explanation and the repair."""
 
     code: str
@@ -128,7 +130,7 @@ def _show(nodes: Sequence[str], limit: int = 5) -> str:
 def find_problems(
     state: RendezvousState,
     now: _dt.datetime,
-    keep_alive: KeepAlive = KeepAlive(),
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
     max_nodes: Optional[int] = None,
     run_id: Optional[str] = None,
 ) -> List[Finding]:
@@ -279,7 +281,7 @@ def find_problems(
 def prune_dead_nodes(
     state: RendezvousState,
     now: _dt.datetime,
-    keep_alive: KeepAlive = KeepAlive(),
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
     min_nodes: Optional[int] = None,
 ) -> Tuple[RendezvousState, List[NodeDesc]]:
     """torch's ``_sanitize``: drop dead nodes everywhere, then its epilogue.
@@ -382,7 +384,7 @@ def diff_states(old: Optional[RendezvousState], new: Optional[RendezvousState]) 
 
 
 def stale_transitions(
-    state: RendezvousState, now: _dt.datetime, already: set, keep_alive: KeepAlive = KeepAlive()
+    state: RendezvousState, now: _dt.datetime, already: set, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE
 ) -> List[Event]:
     """Events for nodes whose heartbeat went stale since ``already`` (updated in place)."""
     dead = set(dead_nodes(state, now, keep_alive))
