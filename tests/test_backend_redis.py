@@ -534,3 +534,80 @@ def test_import_does_not_import_redis():
 def test_construction_does_not_contact_the_server():
     b = backend(f"127.0.0.1:{free_port()}")
     assert b._client_obj is None
+
+
+def _start_redis(port: int, directory) -> subprocess.Popen:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory), "--notify-keyspace-events", "KEA"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() == b"PONG":
+            return process
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.mark.slow
+def test_watch_rides_out_a_server_restart(tmp_path):
+    """A SIGKILLed and restarted server does not end the watch: it reconnects and reports what follows."""
+    from tests.support.redis_server import free_port
+
+    port = free_port()
+    server = _start_redis(port, tmp_path)
+    try:
+        watcher = backend(f"127.0.0.1:{port}", timeout=8.0)
+        writer = backend(f"127.0.0.1:{port}", run_id=watcher.run_id, timeout=8.0)
+        writer.set_state(b"before")
+        seen: list = []
+        stop = threading.Event()
+        failure: list = []
+
+        def follow() -> None:
+            try:
+                for item in watcher.watch(interval=0.05, stop=stop):
+                    seen.append(None if item is None else item[0])
+            except Exception as exc:  # reported by the assertions below
+                failure.append(exc)
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while seen != [b"before"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.kill()
+        server.wait(5)
+        time.sleep(0.5)  # the watch sees the outage
+        server = _start_redis(port, tmp_path)  # no persistence: the state is gone
+        writer.set_state(b"after")
+        deadline = time.monotonic() + 8
+        while b"after" not in seen and time.monotonic() < deadline and not failure:
+            time.sleep(0.05)
+        stop.set()
+        thread.join(5)
+        assert not failure, failure
+        assert seen[0] == b"before" and seen[-1] == b"after"
+        assert seen.count(b"after") == 1
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+def test_watch_gives_up_after_an_outage_longer_than_the_timeout(tmp_path):
+    from tests.support.redis_server import free_port
+
+    port = free_port()
+    server = _start_redis(port, tmp_path)
+    watcher = backend(f"127.0.0.1:{port}", timeout=1.0)
+    stop = threading.Event()
+    items = watcher.watch(interval=0.05, stop=stop)
+    assert next(items) is None
+    server.kill()
+    server.wait(5)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailableError):
+        for _ in items:
+            pass
+    assert time.monotonic() - started < 5

@@ -667,33 +667,61 @@ class RedisBackend(RendezvousBackend):
         """Yield the current state, then each change: pushed by keyspace events, else polled.
 
         A notification only triggers a fresh ``get_state``; the state is
-        also re-read every few seconds in case a notification was lost.
+        also re-read every few seconds in case a notification was lost.  An
+        outage (a restarted server, a failover) is ridden out for up to
+        ``address.timeout`` seconds: the watch reconnects, re-subscribes and
+        re-reads, so the first state after it is reported once.  Redis keeps
+        no history, so intermediate states written during the outage are not
+        replayed.  A longer outage raises.
         """
         stop = stop or threading.Event()
-        if self.notifications_enabled():
-            yield from self._watch_notified(interval, stop, since)
-        else:
-            yield from self._watch_polled(interval, stop, since)
+        # [first item still owed, last token seen, monotonic time of the last good read],
+        # shared by the attempts below so a reconnect neither repeats nor skips a state.
+        seen: List[Any] = [since is None, object() if since is None else since[1], 0.0]
+        outage: Optional[float] = None
+        while not stop.is_set():
+            try:
+                if self.notifications_enabled():
+                    yield from self._watch_notified(interval, stop, seen)
+                else:
+                    yield from self._watch_polled(interval, stop, seen)
+                return
+            except BackendTimeoutError:
+                raise  # a silent server already used the whole timeout
+            except BackendUnavailableError:
+                now = time.monotonic()
+                if outage is None or seen[2] > outage:  # a new outage: reads worked since the last one
+                    outage = now
+                if now - outage >= self.address.timeout:
+                    raise
+                stop.wait(min(0.2, self.address.timeout))
+
+    def _changed(self, seen: List[Any]) -> Tuple[bool, Optional[StateAndToken]]:
+        """Read the state; whether it is new to the watcher (updates ``seen``)."""
+        current = self.get_state()
+        seen[2] = time.monotonic()
+        token = None if current is None else current[1]
+        if seen[0] or token != seen[1]:
+            seen[0], seen[1] = False, token
+            return True, current
+        return False, current
 
     def _watch_polled(
-        self, interval: float, stop: threading.Event, since: Optional[StateAndToken]
+        self, interval: float, stop: threading.Event, seen: List[Any]
     ) -> Iterator[Optional[StateAndToken]]:
         cap = max(interval, min(interval * 8, 5.0))
         delay = interval
-        last: Any = object() if since is None else since[1]
-        first = since is None
         while not stop.is_set():
-            current = self.get_state()
-            token = None if current is None else current[1]
-            if first or token != last:
-                first, last, delay = False, token, interval
+            changed, current = self._changed(seen)
+            if changed:
+                delay = interval
                 yield current
             else:
                 delay = min(delay * 1.5, cap)
             stop.wait(delay)
 
     def _watch_notified(
-        self, interval: float, stop: threading.Event, since: Optional[StateAndToken]
+        self, interval: float, stop: threading.Event, seen: List[Any]
     ) -> Iterator[Optional[StateAndToken]]:
         channel = f"__keyspace@{self.settings.db}__:{self.key}"
         resync = max(interval, 5.0)
@@ -701,14 +729,10 @@ class RedisBackend(RendezvousBackend):
         try:
             with self._errors():
                 pubsub.subscribe(channel)
-            last: Any = object() if since is None else since[1]
-            first = since is None
             while not stop.is_set():
                 # Subscribed before this read, so no change between read and wait is missed.
-                current = self.get_state()
-                token = None if current is None else current[1]
-                if first or token != last:
-                    first, last = False, token
+                changed, current = self._changed(seen)
+                if changed:
                     yield current
                 deadline = time.monotonic() + resync
                 while not stop.is_set() and time.monotonic() < deadline:
