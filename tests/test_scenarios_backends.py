@@ -165,10 +165,11 @@ def test_every_command_on_a_torch_state(target: Target, node_factory: NodeFactor
     def dead_report() -> Optional[Dict[str, Any]]:
         result = cli("corrupt-detect", *address, "-o", "json")
         report = result.json()["runs"][0] if result.stdout else None
-        codes = {p["code"] for p in report["problems"]} if report else set()
-        return report if result.code == 1 and "dead-participants" in codes else None
+        dead = [p for p in report["problems"] if p["code"] == "dead-participants"] if report else []
+        # Both heartbeats expire, a moment apart: wait for the second one too.
+        return report if result.code == 1 and dead and sorted(dead[0]["nodes"]) == ids else None
 
-    report = wait_until(dead_report, 15, "dead participants")
+    report = wait_until(dead_report, 15, "both participants dead")
     dead = next(p for p in report["problems"] if p["code"] == "dead-participants")
     assert sorted(dead["nodes"]) == ids and "reset --mode prune" in dead["repair"]
 
