@@ -49,15 +49,17 @@ class Backup:
     state: Optional[bytes]  # None: there was no state
 
     def to_json(self) -> Dict[str, Any]:
+        from rdzvctl.text import scrub  # never a password in a backup, whatever the caller passed
+
         return {
             "format": FORMAT,
             "backend": self.backend,
-            "endpoint": self.endpoint,
+            "endpoint": scrub(self.endpoint),
             "run_id": self.run_id,
-            "conf": self.conf,
+            "conf": {k: scrub(v) for k, v in public_conf(self.conf).items()},
             "token": self.token,
             "time": self.time,
-            "command": self.command,
+            "command": scrub(self.command),
             "state_base64": None if self.state is None else base64.b64encode(self.state).decode("ascii"),
         }
 
@@ -101,7 +103,9 @@ def write_backup(backup: Backup, directory: Optional[Path] = None) -> Path:
 
 def public_conf(conf: Dict[str, str]) -> Dict[str, str]:
     """``--rdzv-conf`` without secrets (passwords are never written to backups)."""
-    return {k: v for k, v in conf.items() if not _SECRET_KEYS.search(k)}
+    from rdzvctl.text import is_secret_option
+
+    return {k: v for k, v in conf.items() if not _SECRET_KEYS.search(k) and not is_secret_option(k)}
 
 
 def read_backup(path: Path) -> Backup:

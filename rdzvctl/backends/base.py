@@ -94,6 +94,12 @@ class Address:
     conf: Mapping[str, str] = field(default_factory=dict)
     timeout: float = DEFAULT_TIMEOUT
 
+    def __post_init__(self) -> None:
+        # The passwords of this invocation, so nothing rdzvctl prints can show them (rdzvctl.text.scrub).
+        from rdzvctl.text import register_address_secrets
+
+        register_address_secrets(self.endpoint, self.conf, os.environ)
+
     @classmethod
     def from_env(
         cls,
@@ -250,7 +256,9 @@ class RendezvousBackend(ABC):
     # -- presentation helpers (no printing) ------------------------------------
     def describe(self) -> str:
         """The endpoint as shown to users, without secrets."""
-        return self.address.endpoint
+        from rdzvctl.text import scrub
+
+        return scrub(self.address.endpoint)
 
     def format_token(self, token: Token) -> str:
         """A short, stable text form of ``token`` for ``get`` and ``set --token``.

@@ -35,6 +35,7 @@ __all__ = [
     "EtcdHttp",
     "EtcdGateway",
     "parse_endpoints",
+    "split_credentials",
     "make_ssl_context",
     "b64",
     "unb64",
@@ -79,6 +80,32 @@ class HttpAnswer:
             ) from None
 
 
+def split_credentials(text: str) -> Tuple[str, Optional[str], Optional[str]]:
+    """Take ``user:password@`` out of ``http://user:password@host:2379`` endpoints.
+
+    Returns the endpoints without userinfo and the (URL-decoded) user and
+    password they named, ``None`` when none did.  Several members must name
+    the same user.
+    """
+    from urllib.parse import unquote
+
+    if "@" not in text:
+        return text, None, None
+    items: List[str] = []
+    users = set()
+    for item in text.split(","):
+        scheme, sep, rest = item.strip().rpartition("://")
+        userinfo, at, hostport = rest.rpartition("@")
+        if at:
+            user, _, password = userinfo.partition(":")
+            users.add((unquote(user), unquote(password)))
+        items.append(f"{scheme}{sep}{hostport}")
+    if len(users) > 1:
+        raise BackendConfigError("etcd endpoints name different users in their URLs")
+    user, password = users.pop()
+    return ",".join(items), user or None, password or None
+
+
 def parse_endpoints(text: str, default_port: int = DEFAULT_PORT) -> Tuple[List[Endpoint], Optional[str]]:
     """Parse ``host[:port][,host[:port]...]``, optionally with ``http://``/``https://``.
 
@@ -114,6 +141,9 @@ def parse_endpoints(text: str, default_port: int = DEFAULT_PORT) -> Tuple[List[E
                 raise BackendConfigError(f"etcd endpoint {raw!r}: the port is not a number") from None
             if not 0 < port < 65536:
                 raise BackendConfigError(f"etcd endpoint {raw!r}: the port is out of range")
+        if "@" in item:
+            raise BackendConfigError("etcd endpoint: credentials in the URL are not supported here; pass "
+                                     "--rdzv-conf username=...,password=... (etcd-v3)")
         if not host or "/" in host:
             raise BackendConfigError(f"etcd endpoint {raw!r}: expected host:port")
         endpoints.append(Endpoint(host, port))

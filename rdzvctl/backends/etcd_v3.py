@@ -13,8 +13,8 @@ It talks to etcd's JSON gateway with the standard library (see
 :mod:`rdzvctl.backends.etcd_gateway`): no grpc, no protobuf.  Options in
 ``--rdzv-conf``: ``protocol`` (http/https), ``ca_cert``, ``ssl_cert``,
 ``ssl_cert_key``, ``username``/``password`` (or ``ETCD_USERNAME``/
-``ETCD_PASSWORD``), ``ttl``, ``key_prefix``; the endpoint may list several
-members (``host1:2379,host2:2379``).
+``ETCD_PASSWORD``, or ``http://user:password@host:2379``), ``ttl``,
+``key_prefix``; the endpoint may list several members (``host1:2379,host2:2379``).
 """
 
 from __future__ import annotations
@@ -56,9 +56,16 @@ class EtcdV3Backend(RendezvousBackend):
 
     def __init__(self, address: Address) -> None:
         super().__init__(address)
-        from rdzvctl.backends.etcd_gateway import EtcdGateway, EtcdHttp, make_ssl_context, parse_endpoints
+        from rdzvctl.backends.etcd_gateway import (
+            EtcdGateway,
+            EtcdHttp,
+            make_ssl_context,
+            parse_endpoints,
+            split_credentials,
+        )
 
-        endpoints, scheme = parse_endpoints(address.endpoint)
+        members, url_user, url_password = split_credentials(address.endpoint)
+        endpoints, scheme = parse_endpoints(members)
         tls_files = [address.get(k) for k in ("ca_cert", "ssl_cert", "ssl_cert_key")]
         protocol = (address.get("protocol") or scheme or ("https" if any(tls_files) else "http")).strip().lower()
         if protocol not in ("http", "https"):
@@ -70,8 +77,8 @@ class EtcdV3Backend(RendezvousBackend):
         self.ttl = ttl if ttl and ttl > 0 else DEFAULT_TTL
         prefix = (address.get("key_prefix", DEFAULT_KEY_PREFIX) or "").strip("/")
         self.key_prefix = "/" + prefix if prefix else ""
-        username = address.get("username") or os.environ.get("ETCD_USERNAME") or None
-        password = address.get("password") or os.environ.get("ETCD_PASSWORD") or ""
+        username = address.get("username") or url_user or os.environ.get("ETCD_USERNAME") or None
+        password = address.get("password") or url_password or os.environ.get("ETCD_PASSWORD") or ""
         if password and not username:
             raise BackendConfigError("an etcd password was given without a username")
         self._gw = EtcdGateway(EtcdHttp(endpoints, address.timeout, context, api="etcd"), username, password)

@@ -2,13 +2,15 @@
 
 Data goes to stdout, status and errors to stderr.  Text output is rich on a
 terminal and plain (colourless, stable, rich not even imported) otherwise or
-with ``NO_COLOR``.
+with ``NO_COLOR``.  Everything printed passes :mod:`rdzvctl.text` here
+(secrets masked, control characters escaped; JSON with ``\\u`` escapes),
+except ``-o raw``, which is the exact bytes and refuses a terminal without
+``--force``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from typing import Any, Callable, Optional
@@ -18,6 +20,7 @@ import click
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.errors import UsageError
 from rdzvctl.state.analysis import KeepAlive
+from rdzvctl.text import json_text, safe, safe_lines
 
 __all__ = ["App", "with_app", "output_option", "write_options"]
 
@@ -94,22 +97,22 @@ class App:
         return sys.stdin.isatty() and sys.stderr.isatty()
 
     def out(self, text: str = "") -> None:
-        click.echo(text)
+        """Lines of rendered text on stdout (renderers already made each value safe; this is the guard)."""
+        click.echo(safe_lines(text))
 
     def err(self, text: str) -> None:
-        click.echo(text, err=True)
+        """One status line on stderr: secrets masked, control characters and line breaks escaped."""
+        click.echo(safe(text), err=True)
 
     def json(self, obj: Any) -> None:
         """Indented for a person on a terminal; compact (C encoder, ~3x faster) for pipes and files."""
-        if sys.stdout.isatty():
-            click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
-        else:
-            click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+        click.echo(json_text(obj, indent=2 if sys.stdout.isatty() else None))
 
     def json_line(self, obj: Any) -> None:
-        click.echo(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+        click.echo(json_text(obj))
 
     def raw(self, data: bytes) -> None:
+        """The exact bytes on stdout (never on a terminal unless --force: checked by output_option)."""
         stream = click.get_binary_stream("stdout")
         stream.write(data)
         stream.flush()
@@ -123,7 +126,7 @@ class App:
         """Ask on a terminal unless ``--yes``; raises click.Abort on 'no'."""
         if yes or not self.interactive:
             return
-        if not click.confirm(question, default=False, err=True):
+        if not click.confirm(safe(question), default=False, err=True):
             raise click.Abort()
 
     def exit(self, code: int) -> None:
@@ -156,11 +159,32 @@ def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def output_option(*choices: str, default: str = "text") -> Callable[..., Any]:
-    return click.option(
+    """-o/--output; with ``raw`` among the choices also --force, since raw bytes never go to a terminal.
+
+    Stacked under :func:`with_app`.  Raw state bytes hold whatever a writer
+    put there (escape sequences included), so ``-o raw`` on a terminal is a
+    usage error (exit 2) unless --force.
+    """
+    option = click.option(
         "-o", "--output", type=click.Choice(list(choices)), default=default, show_default=True,
         help="Output format: text (rich on a terminal, plain otherwise), json (documented schema)"
         + (", raw (the exact stored bytes)" if "raw" in choices else "") + ".",
     )
+    if "raw" not in choices:
+        return option
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def wrapper(app: App, *args: Any, force: bool, **kwargs: Any) -> Any:
+            if kwargs.get("output") == "raw" and not force and sys.stdout.isatty():
+                raise UsageError("-o raw writes the stored bytes as they are, which a terminal would "
+                                 "interpret: pipe it (e.g. > state.pickle) or add --force")
+            return func(app, *args, **kwargs)
+
+        return option(click.option("--force", is_flag=True,
+                                   help="With -o raw: write the bytes even to a terminal.")(wrapper))
+
+    return decorate
 
 
 def write_options(func: Callable[..., Any]) -> Callable[..., Any]:

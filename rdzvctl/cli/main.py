@@ -82,11 +82,7 @@ class CommandError(click.ClickException):
         self.exit_code = getattr(error, "exit_code", 1)
 
     def show(self, file: Any = None) -> None:
-        if self.verbose:
-            import traceback
-
-            traceback.print_exception(type(self.error), self.error, self.error.__traceback__, file=file or sys.stderr)
-        click.echo(f"rdzvctl: {type(self.error).__name__}: {self.error}", err=True, file=file)
+        report_error(self.error, verbose=self.verbose, file=file)
 
 
 class OneLineUsageError(click.UsageError):
@@ -104,7 +100,7 @@ class OneLineUsageError(click.UsageError):
         message = " ".join(self.format_message().split())  # click's choice lists span lines
         if self.ctx is not None and "--help" not in message:
             message += f" (see '{self.ctx.command_path} --help')"
-        click.echo(f"rdzvctl: UsageError: {message}", err=True, file=file)
+        report_error(self, file=file, name="UsageError", message=message)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -157,12 +153,26 @@ def main(argv: Optional[List[str]] = None) -> Any:
 
 def _report(exc: BaseException, code: int, prefix: str = "") -> None:
     verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:] or _env_verbose()
-    if verbose:
-        import traceback
-
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
-    click.echo(f"rdzvctl: {prefix}{type(exc).__name__}: {exc}", err=True)
+    report_error(exc, verbose=verbose, prefix=prefix)
     sys.exit(code)
+
+
+def report_error(error: BaseException, *, verbose: bool = False, file: Any = None, prefix: str = "",
+                 name: Optional[str] = None, message: Optional[str] = None) -> None:
+    """The one way an error reaches the user: ``rdzvctl: Name: message`` as exactly one line.
+
+    The message is untrusted (it may quote a store's data or a server's
+    answer): secrets are masked and control characters and line breaks
+    escaped (:func:`rdzvctl.text.safe`).  With ``-v`` the traceback and its
+    chained causes come first, formatted and scrubbed the same way.
+    """
+    from rdzvctl.text import format_traceback, safe
+
+    if verbose:
+        for line in format_traceback(error):
+            click.echo(line, err=True, file=file)
+    text = str(error) if message is None else message
+    click.echo(f"rdzvctl: {safe(prefix)}{safe(name or type(error).__name__)}: {safe(text)}", err=True, file=file)
 
 
 def _env_verbose() -> bool:

@@ -3,13 +3,20 @@
 Commands build data (the documents of :mod:`rdzvctl.inspect`, rows of
 tables) and hand it here; nothing in this module talks to a backend.  Plain
 output never imports rich, so scripted use stays fast and byte-stable.
+
+Every value shown (cells, titles, notes, pairs, event messages, diff lines)
+goes through :func:`rdzvctl.text.safe` here, so a node address, run id,
+store key or finding holding escape sequences, bidi overrides or line breaks
+is shown escaped and never forges a row.  Rich gets ``Text`` objects only,
+never markup built from data.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from rdzvctl.text import json_text, safe
 
 __all__ = [
     "Table",
@@ -32,10 +39,10 @@ class Table:
     """A titled table: column names and rows of strings; ``note`` prints below it."""
 
     def __init__(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], note: str = "") -> None:
-        self.title = title
-        self.columns = list(columns)
-        self.rows = [["" if c is None else str(c) for c in row] for row in rows]
-        self.note = note
+        self.title = safe(title)
+        self.columns = [safe(c) for c in columns]
+        self.rows = [["" if c is None else safe(c) for c in row] for row in rows]
+        self.note = safe(note)
 
 
 def fmt_seconds(seconds: Optional[float]) -> str:
@@ -83,6 +90,7 @@ def _plain_pairs(pairs: Sequence[Tuple[str, str]]) -> List[str]:
 
 def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[Table]) -> None:
     """Print key/value pairs then tables, rich on a terminal, plain otherwise."""
+    pairs = [(safe(k), safe(v)) for k, v in pairs]
     if not app.rich:
         blocks = []
         if pairs:
@@ -100,19 +108,19 @@ def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[T
         grid.add_column(style="bold")
         grid.add_column()
         for key, value in pairs:
-            grid.add_row(key, Text(value, style=_STYLES.get(value.split(" ")[0], "")))
+            grid.add_row(Text(key), Text(value, style=_STYLES.get(value.split(" ")[0], "")))
         console.print(grid)
     for table in tables:
         console.print()
-        rich_table = RichTable(title=table.title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
-                               show_edge=False, pad_edge=False)
+        rich_table = RichTable(title=Text(table.title) if table.title else None, title_justify="left",
+                               title_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for column in table.columns:
-            rich_table.add_column(column.upper(), overflow="fold")
+            rich_table.add_column(Text(column.upper()), overflow="fold")
         for row in table.rows:
             rich_table.add_row(*(Text(v, style=_STYLES.get(v, "")) for v in row))
-        console.print(rich_table if table.rows else f"[bold]{table.title}[/bold]\n  (none)")
+        console.print(rich_table if table.rows else Text.assemble((table.title, "bold"), "\n  (none)"))
         if table.note:
-            console.print(f"[dim]{table.note}[/dim]")
+            console.print(Text(table.note, style="dim"))
 
 
 def _yes(value: Any) -> str:
@@ -187,12 +195,13 @@ def _problems_table(problems: List[Dict[str, Any]]) -> Table:
 
 def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
     """Show a unified diff of two JSON documents; returns False when they are equal."""
-    old = json.dumps(before, indent=2, sort_keys=False).splitlines() if before is not None else []
-    new = json.dumps(after, indent=2, sort_keys=False).splitlines() if after is not None else []
+    # json_text: data-held controls, bidi and separators become \u escapes, so no diff line carries them.
+    old = json_text(before, indent=2).splitlines() if before is not None else []
+    new = json_text(after, indent=2).splitlines() if after is not None else []
     if old == new:
         app.err(f"{title}: no change.")
         return False
-    diff = list(difflib.unified_diff(old, new, "current", "new", lineterm="", n=2))
+    diff = [safe(line) for line in difflib.unified_diff(old, new, "current", "new", lineterm="", n=2)]
     app.err(f"{title}:")
     if app.rich:
         from rich.syntax import Syntax
@@ -206,7 +215,7 @@ def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
 
 def render_event(app: Any, event: Dict[str, Any]) -> None:
     """One watch event as a line: time, kind, message."""
-    line = f"{event['time']}  {event['kind']:<22} {event['message']}"
+    line = safe(f"{event['time']}  {event['kind']:<22} {event['message']}")
     if app.rich:
         from rich.text import Text
 
