@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, List, Mapping, Optional, Pattern, Set
+from typing import Any, List, Mapping, Optional, Pattern, Sequence, Set
 
 __all__ = [
     "MASK",
@@ -140,8 +140,14 @@ def json_text(obj: Any, indent: Optional[int] = None) -> str:
     return _compiled()[1].sub(lambda m: "".join(map(_json_escape, m.group())), text)
 
 
-def scrub(text: str) -> str:
-    """``text`` with every registered secret and any URL-userinfo or ``password=`` secret masked."""
+def scrub(text: str, extra: Sequence[str] = ()) -> str:
+    """``text`` with every registered secret and any URL-userinfo or ``password=`` secret masked.
+
+    ``extra`` secrets (e.g. a backend's own passwords) are masked whatever their length.
+    """
+    for secret in extra:
+        if secret and secret in text:
+            text = text.replace(secret, MASK)
     for secret in _ordered:
         if secret in text:
             text = text.replace(secret, MASK)

@@ -369,17 +369,13 @@ def _tls_options(options: Address, files: Mapping[str, Optional[str]]) -> Dict[s
     }
 
 
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return re.sub(r"(://[^/@\s:]*:)[^@\s]*@", r"\1***@", text)
-
-
 def translate_error(exc: BaseException, endpoint: str, timeout: float, secrets: Sequence[str] = ()) -> RdzvctlError:
     """The rdzvctl error for a redis-py (or socket/TLS) exception: the one place they are mapped."""
     from redis import exceptions as rx
 
-    text = _scrub(str(exc), secrets).strip().rstrip(".") or type(exc).__name__
+    from rdzvctl.text import scrub
+
+    text = scrub(str(exc), secrets).strip().rstrip(".") or type(exc).__name__
     upper = text.upper()
     where = f"Redis at {endpoint}"
     if isinstance(exc, (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError)) or upper.startswith(

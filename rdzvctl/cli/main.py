@@ -65,6 +65,10 @@ class LazyGroup(click.Group):
             raise CommandError(exc, bool((ctx.obj or {}).get("verbose"))) from exc
         except click.UsageError as exc:  # a bad flag or value of a subcommand
             raise OneLineUsageError.wrap(exc) from exc
+        except click.ClickException as exc:  # e.g. click.FileError: its text may quote untrusted input
+            if isinstance(exc, CommandError):
+                raise
+            raise CommandError(exc, bool((ctx.obj or {}).get("verbose"))) from exc
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help from the table: listing commands must not import them.
@@ -76,13 +80,13 @@ class CommandError(click.ClickException):
     """An rdzvctl error on its way out: one line, its documented exit code."""
 
     def __init__(self, error: BaseException, verbose: bool = False) -> None:
-        super().__init__(str(error))
+        super().__init__(error.format_message() if isinstance(error, click.ClickException) else str(error))
         self.error = error
         self.verbose = verbose
         self.exit_code = getattr(error, "exit_code", 1)
 
     def show(self, file: Any = None) -> None:
-        report_error(self.error, verbose=self.verbose, file=file)
+        report_error(self.error, verbose=self.verbose, file=file, message=self.message)
 
 
 class OneLineUsageError(click.UsageError):

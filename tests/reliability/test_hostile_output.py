@@ -376,3 +376,16 @@ def test_verbose_traceback_stays_scrubbed_on_an_unexpected_error(tmp_path: Path)
     assert not any(line.startswith("rdzvctl: all good") for line in done.stderr.splitlines())
     assert done.stderr.splitlines()[-1].startswith("rdzvctl: RuntimeError: echo: ***\\nrdzvctl: all good\\x1b]0;t")
 
+
+
+@pytest.mark.parametrize("backend,endpoint", [
+    ("etcd-v2", "http://root:V2-url-s3cret@127.0.0.1:1"),
+    ("etcd-v3", "http://root:V3-url-s3cret@127.0.0.1:1,http://other:V3-url-s3cret@127.0.0.1:2"),
+    ("c10d", "root:C10d-url-s3cret@127.0.0.1:1"),
+    ("redis", "redis://root:Redis-url-s3cret@127.0.0.1:bad/0"),
+])
+def test_credentials_in_a_bad_endpoint_are_never_printed(backend: str, endpoint: str) -> None:
+    code, out, err = _run_piped(["-v", "get", "--rdzv-backend", backend, "--rdzv-endpoint", endpoint,
+                                 "--rdzv-id", "job", "--timeout", "2"], cli_env())
+    assert code == 2, err
+    _no_secret(endpoint.split(":")[2 if "://" in endpoint else 1].partition("@")[0], out.decode(), err.decode())
