@@ -125,7 +125,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
       1 problems found         5 no state for that run
       2 usage error            6 state corrupt or unsafe
       3 token conflict: nothing written
-      130 interrupted (Ctrl-C); the message says what was written
+      130 interrupted: Ctrl-C; the message says what was written
 
     A write asks first on a terminal ('no' writes nothing, exit 0); with stdin
     or stderr not a terminal it needs --yes (else exit 2).
