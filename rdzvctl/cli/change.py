@@ -70,16 +70,8 @@ def apply_change(
     if not app.confirm(f"Write this to run {snap.run_id!r} on {snap.backend} {snap.endpoint}?", yes):
         app.err("Declined: nothing was written.")
         return None
-    address = backend.address
+    path = _save_backup(app, backend, snap, command, directory)
     progress = app.progress
-    path = write_backup(
-        # describe(), not the raw endpoint: a URL may hold a password, and backups never store secrets.
-        Backup(address.backend, backend.describe(), snap.run_id, public_conf(dict(address.conf)), snap.token_text,
-               format_time(now_utc()) or "", command, snap.raw),
-        directory,
-    )
-    progress.update(backup=str(path), run_id=snap.run_id)
-    app.err(f"Backup written: {path}")
     progress["writing"] = True
     try:
         result = write_fenced(backend, snap.token, new)
@@ -91,6 +83,20 @@ def apply_change(
     token = None if result is None else backend.format_token(result[1])
     app.err("Written." + (f" New token: {token}" if token else " The state was removed."))
     return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
+
+
+def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: str, directory: Path) -> Path:
+    """Back up what the write replaces; from here on an interruption names the backup."""
+    address = backend.address
+    path = write_backup(
+        # describe(), not the raw endpoint: a URL may hold a password, and backups never store secrets.
+        Backup(address.backend, backend.describe(), snap.run_id, public_conf(dict(address.conf)), snap.token_text,
+               format_time(now_utc()) or "", command, snap.raw),
+        directory,
+    )
+    app.progress.update(backup=str(path), run_id=snap.run_id)
+    app.err(f"Backup written: {path}")
+    return path
 
 
 def interrupted_message(progress: Dict[str, Any]) -> str:
