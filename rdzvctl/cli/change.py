@@ -101,13 +101,15 @@ def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: 
 
 def interrupted_message(progress: Dict[str, Any]) -> str:
     """What Ctrl-C reports for a command that writes, true to how far the write flow got."""
+    import shlex
+
     backup, run_id = progress.get("backup"), progress.get("run_id")
+    restore = f"`rdzvctl restore {shlex.quote(str(backup))}` puts back what was there"
     if progress.get("writing"):
         return (f"Interrupted during the write: run {run_id!r} may have been changed; check with `rdzvctl get` "
-                f"(same address flags); `rdzvctl restore {backup}` puts back what was there.")
+                f"(same address flags); {restore}.")
     if progress.get("written"):
-        return (f"Interrupted after the write: run {run_id!r} was changed; "
-                f"`rdzvctl restore {backup}` puts back what was there.")
+        return f"Interrupted after the write: run {run_id!r} was changed; {restore}."
     if backup:
         return f"Interrupted before the write: the backend was not changed (a backup was already saved: {backup})."
     return "Interrupted: nothing was written."

@@ -248,6 +248,18 @@ def test_answering_yes_at_the_prompt_backs_up_and_writes(consent_target: Target,
     assert len(_backups(backups)) == 1
 
 
+def test_ctrl_d_at_the_prompt_is_a_no(redis_target: Target, tmp_path: Path) -> None:
+    run_id, before = _seed(redis_target)
+    backups = tmp_path / "backups"
+    term = Terminal(_rdzvctl(_command(redis_target, run_id, ["reset", "--mode", "clear"], backups)), cli_env())
+    term.expect("[y/N]:")
+    term.send("\x04")  # the terminal's end-of-file character
+    code, _, shown = term.finish()
+    assert code == 0 and "Declined: nothing was written." in shown, shown
+    assert _current(redis_target, run_id) == before
+    assert _backups(backups) == []
+
+
 def test_ctrl_c_at_the_prompt_exits_130_and_nothing_was_written(consent_target: Target, tmp_path: Path) -> None:
     run_id, before = _seed(consent_target)
     backups = tmp_path / "backups"
@@ -336,6 +348,18 @@ def test_ctrl_c_during_the_write_says_it_may_have_been_written(redis_target: Tar
     assert last.startswith(f"Interrupted during the write: run {run_id!r} may have been changed"), stderr
     assert "rdzvctl get" in last and f"rdzvctl restore {backup}" in last
     assert _current(redis_target, run_id) in (before, None)  # old or new, never anything else
+
+
+def test_each_step_of_the_write_flow_has_its_own_interruption_message() -> None:
+    """The pure wording behind the cases above, including "after the write", which no signal hits reliably."""
+    from rdzvctl.cli.change import interrupted_message
+
+    assert interrupted_message({"writes": True}) == "Interrupted: nothing was written."
+    held = {"writes": True, "backup": "/b/r.json", "run_id": "r"}
+    assert "the backend was not changed" in interrupted_message(held) and "/b/r.json" in interrupted_message(held)
+    assert "may have been changed" in interrupted_message({**held, "writing": True})
+    after = interrupted_message({**held, "written": True})
+    assert after.startswith("Interrupted after the write: run 'r' was changed") and "rdzvctl restore /b/r.json" in after
 
 
 # -- exit codes of the root help ------------------------------------------------------------------
