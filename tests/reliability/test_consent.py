@@ -136,6 +136,33 @@ class Terminal:
         return self.proc.returncode, stdout.decode(), self.text + (stderr or b"").decode()
 
 
+_READ = {"x86_64": "0", "aarch64": "63"}.get(os.uname().machine)
+
+
+def _wait_blocked(pid: int, reading_stdin: bool = False) -> None:
+    """Until the main thread sleeps in a system call (``read(0, ...)`` for the prompt).
+
+    A SIGINT that lands while the process is still on its way into the call
+    only sets Python's flag, and the call then blocks with the flag unseen, a
+    race a person pressing Ctrl-C never hits.  Without ``/proc`` this is best effort.
+    """
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/syscall") as handle:
+                call = handle.read().split()
+        except OSError:
+            return
+        if state == "S" and call and call[0] != "running":
+            if not reading_stdin or _READ is None or call[:2] == [_READ, "0x0"]:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} never blocked in a system call ({state}, {call})")
+        time.sleep(0.01)
+
+
 def _backups(directory: Path) -> List[Path]:
     return sorted(directory.iterdir()) if directory.exists() else []
 
@@ -265,6 +292,7 @@ def test_ctrl_c_at_the_prompt_exits_130_and_nothing_was_written(consent_target: 
     backups = tmp_path / "backups"
     term = Terminal(_rdzvctl(_command(consent_target, run_id, ["reset", "--mode", "clear"], backups)), cli_env())
     term.expect("[y/N]:")
+    _wait_blocked(term.proc.pid, reading_stdin=True)
     term.proc.send_signal(signal.SIGINT)
     code, _, shown = term.finish()
     assert code == 130, shown
@@ -340,6 +368,7 @@ def test_ctrl_c_during_the_write_says_it_may_have_been_written(redis_target: Tar
     with server.paused():  # the write cannot complete while the server is stopped
         go.touch()
         _wait_for_line(log, "backend-write", proc)
+        _wait_blocked(proc.pid)  # waiting for the stopped server's answer
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=WAIT)
     (backup,) = _backups(backups)
