@@ -211,7 +211,8 @@ def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     func = marked
     func = click.option("--backup-dir", type=click.Path(file_okay=False), envvar="RDZVCTL_BACKUP_DIR",
-                        help="Where backups are written (default ~/.local/state/rdzvctl/backups).")(func)
+                        help="Where backups are written (default ~/.local/state/rdzvctl/backups); it must be "
+                             "owned by you or root and not writable by group or others.")(func)
     func = click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")(func)
     func = click.option("-y", "--yes", is_flag=True,
                         help="Write without asking (required when stdin or stderr is not a terminal).")(func)
