@@ -125,6 +125,14 @@ class App:
 
         return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
+    def require_consent_possible(self, yes: bool) -> None:
+        """Refuse (exit 2) a write that could neither be asked about nor has ``--yes``."""
+        if yes or self.interactive:
+            return
+        which = "stdin" if not _isatty(sys.stdin) else "stderr"
+        raise UsageError(f"not a terminal ({which} is not a tty), so rdzvctl cannot ask: add --yes to write, "
+                         "or --dry-run to only show the plan; nothing was written")
+
     def confirm(self, question: str, yes: bool) -> bool:
         """Consent to a write: ``--yes``, or 'y' at a terminal prompt; False on 'no' (or Ctrl-D).
 
@@ -135,10 +143,7 @@ class App:
         """
         if yes:
             return True
-        if not self.interactive:
-            which = "stdin" if not _isatty(sys.stdin) else "stderr"
-            raise UsageError(f"not a terminal ({which} is not a tty), so rdzvctl cannot ask: add --yes to write, "
-                             "or --dry-run to only show the plan; nothing was written")
+        self.require_consent_possible(yes)
         try:
             return click.confirm(question, default=False, err=True)
         except click.Abort as exc:  # click turns both Ctrl-C and Ctrl-D into Abort

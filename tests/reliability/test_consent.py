@@ -193,7 +193,8 @@ def test_restore_and_edit_off_a_terminal_need_yes(redis_target: Target, tmp_path
                                 encode(sample_state(round=9))), tmp_path / "saved")
     backups = tmp_path / "backups"
     editor = tmp_path / "editor.sh"
-    editor.write_text("#!/bin/sh\nsed -i 's/\"round\": 3/\"round\": 4/' \"$1\"\n")
+    ran = tmp_path / "editor-ran"
+    editor.write_text(f"#!/bin/sh\ntouch {ran}\nsed -i 's/\"round\": 3/\"round\": 4/' \"$1\"\n")
     editor.chmod(0o700)
     for argv in (["restore", str(saved), "--backup-dir", str(backups)],
                  _command(redis_target, run_id, ["edit"], backups)):
@@ -202,6 +203,7 @@ def test_restore_and_edit_off_a_terminal_need_yes(redis_target: Target, tmp_path
         assert done.returncode == 2 and "add --yes to write" in done.stderr, (argv, done.stderr)
         assert _current(redis_target, run_id) == before
     assert _backups(backups) == []
+    assert not ran.exists()  # refused before the editor opened: no edit is lost
 
 
 def test_stderr_piped_like_tail_is_refused_even_with_a_terminal_on_stdin(consent_target: Target,
