@@ -9,7 +9,8 @@ single ``except RdzvctlError`` and the library never has to know about click::
     │   ├── BackendNotFoundError         unknown --rdzv-backend (lists the known ones)
     │   ├── BackendConfigError           bad endpoint / --rdzv-conf / TLS material
     │   ├── MissingDependencyError       the backend's client library is not installed
-    │   └── UnsupportedOperationError    the backend lacks a capability (list, clear, ...)
+    │   ├── UnsupportedOperationError    the backend lacks a capability (list, clear, ...)
+    │   └── BackupError                  the backup directory is unsafe or the backup cannot be written
     ├── TokenConflictError          (3)  a fenced write lost: nothing was written
     ├── BackendUnavailableError     (4)  refused, unreachable, wrong protocol, auth failed
     │   └── BackendTimeoutError          no answer within the timeout
@@ -17,6 +18,9 @@ single ``except RdzvctlError`` and the library never has to know about click::
     └── StateError                  (6)  the stored state cannot be used
         ├── StateCorruptError            malformed base64 / pickle / types
         └── StateUnsafeError             the pickle names a global outside the allow-list
+
+An interrupted command (Ctrl-C) exits ``EXIT_INTERRUPTED`` (130, the shell's
+128 + SIGINT), with a line saying what was written.
 
 Messages are one sentence and never contain secrets (passwords, tokens of auth).
 """
@@ -33,6 +37,7 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_NO_STATE",
     "EXIT_CORRUPT",
+    "EXIT_INTERRUPTED",
     "RdzvctlError",
     "UsageError",
     "StateValidationError",
@@ -40,6 +45,7 @@ __all__ = [
     "BackendConfigError",
     "MissingDependencyError",
     "UnsupportedOperationError",
+    "BackupError",
     "TokenConflictError",
     "BackendUnavailableError",
     "BackendTimeoutError",
@@ -56,6 +62,7 @@ EXIT_CONFLICT = 3
 EXIT_UNAVAILABLE = 4
 EXIT_NO_STATE = 5
 EXIT_CORRUPT = 6
+EXIT_INTERRUPTED = 130
 
 
 class RdzvctlError(Exception):
@@ -93,6 +100,10 @@ class MissingDependencyError(UsageError):
 
 class UnsupportedOperationError(UsageError):
     """The backend does not offer the capability a command asked for."""
+
+
+class BackupError(UsageError):
+    """The backup cannot be written safely (unsafe directory, disk full, read-only); the backend was not touched."""
 
 
 class TokenConflictError(RdzvctlError):

@@ -26,6 +26,7 @@ EXIT_MEANINGS = {
     "EXIT_UNAVAILABLE": "unreachable",
     "EXIT_NO_STATE": "no state",
     "EXIT_CORRUPT": "corrupt or unsafe",
+    "EXIT_INTERRUPTED": "interrupted",
 }
 
 
@@ -95,7 +96,7 @@ def test_readme_exit_codes_match_the_constants():
 
 def test_help_exit_codes_match_the_constants():
     result = CliRunner().invoke(cli, ["--help"], env={"COLUMNS": "120"})
-    codes = dict(re.findall(r"(\d) ([a-z][a-z ]+?)(?=\s{2,}|\n|:)", result.output.split("Exit codes")[1]))
+    codes = dict(re.findall(r"(\d+) ([a-z][a-z ]+?)(?=\s{2,}|\n|:)", result.output.split("Exit codes")[1]))
     for name, value in exit_constants().items():
         assert EXIT_MEANINGS[name].split()[0] in codes.get(str(value), ""), (name, codes)
 

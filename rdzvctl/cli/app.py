@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import click
 
@@ -94,7 +94,13 @@ class App:
 
     @property
     def interactive(self) -> bool:
-        return sys.stdin.isatty() and sys.stderr.isatty()
+        """Both stdin (to answer) and stderr (where the question goes) are terminals."""
+        return _isatty(sys.stdin) and _isatty(sys.stderr)
+
+    @property
+    def progress(self) -> Dict[str, Any]:
+        """How far this invocation's write flow got (read by main's Ctrl-C message)."""
+        return _progress(self.ctx)
 
     def out(self, text: str = "") -> None:
         """Lines of rendered text on stdout (renderers already made each value safe; this is the guard)."""
@@ -122,15 +128,49 @@ class App:
 
         return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
-    def confirm(self, question: str, yes: bool) -> None:
-        """Ask on a terminal unless ``--yes``; raises click.Abort on 'no'."""
-        if yes or not self.interactive:
+    def require_consent_possible(self, yes: bool) -> None:
+        """Refuse (exit 2) a write that could neither be asked about nor has ``--yes``."""
+        if yes or self.interactive:
             return
-        if not click.confirm(safe(question), default=False, err=True):
-            raise click.Abort()
+        which = "stdin" if not _isatty(sys.stdin) else "stderr"
+        raise UsageError(f"not a terminal ({which} is not a tty), so rdzvctl cannot ask: add --yes to write, "
+                         "or --dry-run to only show the plan; nothing was written")
+
+    def confirm(self, question: str, yes: bool) -> bool:
+        """Consent to a write: ``--yes``, or 'y' at a terminal prompt; False on 'no' (or Ctrl-D).
+
+        Off a terminal without ``--yes`` nothing can answer (and with stderr
+        piped, ``... 2>&1 | tail -1``, nobody would see the question), so the
+        write is refused with exit 2, like terraform apply without
+        -auto-approve.  Ctrl-C at the prompt raises KeyboardInterrupt.
+        """
+        if yes:
+            return True
+        self.require_consent_possible(yes)
+        try:
+            return click.confirm(safe(question), default=False, err=True)
+        except click.Abort as exc:  # click turns both Ctrl-C and Ctrl-D into Abort
+            if isinstance(exc.__context__, EOFError):
+                click.echo(err=True)
+                return False
+            raise KeyboardInterrupt from None
 
     def exit(self, code: int) -> None:
         self.ctx.exit(code)
+
+
+def _progress(ctx: click.Context) -> Dict[str, Any]:
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {}
+    return root.obj.setdefault("progress", {})  # type: ignore[no-any-return]
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream is not None and bool(stream.isatty())
+    except ValueError:  # closed
+        return False
 
 
 def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -189,8 +229,20 @@ def output_option(*choices: str, default: str = "text") -> Callable[..., Any]:
 
 def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--yes, --dry-run and --backup-dir, shared by every command that writes."""
+
+    command = func
+
+    @functools.wraps(command)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        # A write command: an interruption must say what was (not) written.
+        _progress(click.get_current_context())["writes"] = True
+        return command(*args, **kwargs)
+
+    func = marked
     func = click.option("--backup-dir", type=click.Path(file_okay=False), envvar="RDZVCTL_BACKUP_DIR",
-                        help="Where backups are written (default ~/.local/state/rdzvctl/backups).")(func)
+                        help="Where backups are written (default ~/.local/state/rdzvctl/backups); it must be "
+                             "owned by you or root and not writable by group or others.")(func)
     func = click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")(func)
-    func = click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")(func)
+    func = click.option("-y", "--yes", is_flag=True,
+                        help="Write without asking (required when stdin or stderr is not a terminal).")(func)
     return func

@@ -1,9 +1,13 @@
 """The write flow shared by set, edit, reset and restore.
 
-Show the plan as a diff, stop there on ``--dry-run``, ask on a terminal
-unless ``--yes``, write a durable backup of what is replaced, then write
-fenced by the token that was read.  A conflict reports what changed meanwhile
-and exits 3 with nothing written.
+Show the plan as a diff, stop there on ``--dry-run``, check the backup
+directory, ask on a terminal unless ``--yes`` (off a terminal, refuse without
+it), write a durable backup of what is replaced, then write fenced by the
+token that was read.  A conflict reports what changed meanwhile and exits 3
+with nothing written; 'no' at the prompt writes nothing and exits 0.
+
+Each step is recorded in ``app.progress`` so that Ctrl-C reports truthfully
+what was written (:func:`interrupted_message`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from rdzvctl.backends.base import RendezvousBackend
-from rdzvctl.backup import Backup, public_conf, write_backup
+from rdzvctl.backup import Backup, backup_directory, public_conf, write_backup
 from rdzvctl.errors import StateError, TokenConflictError
 from rdzvctl.fence import write_fenced
 from rdzvctl.inspect import Snapshot, now_utc
@@ -21,7 +25,7 @@ from rdzvctl.state.analysis import diff_states
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time, state_to_json
 
-__all__ = ["apply_change", "view_of"]
+__all__ = ["apply_change", "view_of", "interrupted_message"]
 
 
 def view_of(raw: Optional[bytes]) -> Any:
@@ -62,23 +66,53 @@ def apply_change(
     if dry_run:
         app.err("Dry run: nothing was written.")
         return None
-    app.confirm(f"Write this to run {snap.run_id!r} on {snap.backend} {snap.endpoint}?", yes)
+    directory = backup_directory(Path(backup_dir) if backup_dir else None)  # unsafe: refuse before asking
+    if not app.confirm(f"Write this to run {snap.run_id!r} on {snap.backend} {snap.endpoint}?", yes):
+        app.err("Declined: nothing was written.")
+        return None
+    path = _save_backup(app, backend, snap, command, directory)
+    progress = app.progress
+    progress["writing"] = True
+    try:
+        result = write_fenced(backend, snap.token, new)
+    except TokenConflictError as exc:
+        progress["writing"] = False  # a lost fenced write wrote nothing
+        _report_conflict(app, snap, exc)
+        raise
+    progress.update(writing=False, written=True)
+    token = None if result is None else backend.format_token(result[1])
+    app.err("Written." + (f" New token: {token}" if token else " The state was removed."))
+    return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
+
+
+def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: str, directory: Path) -> Path:
+    """Back up what the write replaces; from here on an interruption names the backup."""
     address = backend.address
     path = write_backup(
         # describe(), not the raw endpoint: a URL may hold a password, and backups never store secrets.
         Backup(address.backend, backend.describe(), snap.run_id, public_conf(dict(address.conf)), snap.token_text,
                format_time(now_utc()) or "", command, snap.raw),
-        Path(backup_dir) if backup_dir else None,
+        directory,
     )
+    app.progress.update(backup=str(path), run_id=snap.run_id)
     app.err(f"Backup written: {path}")
-    try:
-        result = write_fenced(backend, snap.token, new)
-    except TokenConflictError as exc:
-        _report_conflict(app, snap, exc)
-        raise
-    token = None if result is None else backend.format_token(result[1])
-    app.err("Written." + (f" New token: {token}" if token else " The state was removed."))
-    return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
+    return path
+
+
+def interrupted_message(progress: Dict[str, Any]) -> str:
+    """What Ctrl-C reports for a command that writes, true to how far the write flow got."""
+    import shlex
+
+    backup, run_id = progress.get("backup"), progress.get("run_id")
+    restore = f"`rdzvctl restore {shlex.quote(str(backup))}` puts back what was there"
+    if progress.get("writing"):
+        return (f"Interrupted during the write: run {run_id!r} may have been changed; check with `rdzvctl get` "
+                f"(same address flags); {restore}.")
+    if progress.get("written"):
+        return f"Interrupted after the write: run {run_id!r} was changed; {restore}."
+    if backup:
+        return f"Interrupted before the write: the backend was not changed (a backup was already saved: {backup})."
+    return "Interrupted: nothing was written."
 
 
 def _check_writable(new: bytes) -> None:

@@ -7,7 +7,8 @@ documented exit code; ``-v`` adds the traceback.
 
 Exit codes: 0 ok; 1 problems found; 2 usage; 3 token conflict (nothing
 written); 4 backend unreachable or timed out; 5 no state for that run;
-6 state corrupt or unsafe.
+6 state corrupt or unsafe; 130 interrupted (Ctrl-C), with a line saying what
+was written.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
       1 problems found         5 no state for that run
       2 usage error            6 state corrupt or unsafe
       3 token conflict: nothing written
+      130 interrupted: Ctrl-C; the message says what was written
+
+    A write asks first on a terminal ('no' writes nothing, exit 0); with stdin
+    or stderr not a terminal it needs --yes (else exit 2).
     """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
@@ -131,13 +136,14 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Any:
     """Console entry point: run the CLI and turn our errors into exit codes."""
-    from rdzvctl.errors import RdzvctlError
+    from rdzvctl.errors import EXIT_INTERRUPTED, RdzvctlError
 
+    obj: Dict[str, Any] = {}  # the root context's; "progress" tells how far a write got
     try:
-        code = cli.main(args=argv, prog_name="rdzvctl", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted: nothing was written.", err=True)
-        sys.exit(1)
+        code = cli.main(args=argv, prog_name="rdzvctl", standalone_mode=False, obj=obj)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo(_interrupted(obj.get("progress") or {}), err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -145,14 +151,19 @@ def main(argv: Optional[List[str]] = None) -> Any:
         sys.exit(exc.exit_code)
     except RdzvctlError as exc:
         _report(exc, exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:  # a bug: still one line unless -v
         _report(exc, 1, prefix="internal error: ")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted(progress: Dict[str, Any]) -> str:
+    if not progress.get("writes"):
+        return "Interrupted."  # a read-only command: nothing to say about writing
+    from rdzvctl.cli.change import interrupted_message
+
+    return interrupted_message(progress)  # how far the write got
 
 
 def _report(exc: BaseException, code: int, prefix: str = "") -> None:
