@@ -35,6 +35,7 @@ import base64
 import binascii
 import copyreg
 import datetime as _dt
+import gc
 import io
 import pickle
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -145,8 +146,15 @@ def _decode(data: bytes) -> Tuple[RendezvousState, List[str]]:
     data = bytes(data)
     prescan.scan(data)
     needed = prescan.stack_needed(prescan.tuple_depth_bound(data))
-    obj = prescan.call_with_stack(lambda: _unpickle(data), needed)
-    return convert(obj)
+    # The cyclic GC would walk every container built so far, again and again (a third of
+    # the time of a large state); nothing built here needs it until decoding is over.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return convert(prescan.call_with_stack(lambda: _unpickle(data), needed))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _unpickle(data: bytes) -> Any:

@@ -64,10 +64,10 @@ MAX_HELPER_STACK = 64 * 1024 * 1024
 
 #: Memory the unpickler may grow by: a floor plus a multiple of the input size.
 #: Unpickling a real state grows the process by about 8x its size (65,536
-#: nodes, 5.9 MB: 48 MB), so 12x leaves headroom; at the 16 MiB cap the budget
-#: is 208 MiB.
+#: nodes, 5.9 MB: 48 MB), so 10x leaves headroom; at the 16 MiB cap the budget
+#: is 176 MiB, which with the interpreter and the input keeps a refusal under 256 MiB.
 MEMORY_FLOOR = 16 * 1024 * 1024
-MEMORY_PER_BYTE = 12
+MEMORY_PER_BYTE = 10
 #: How much input the unpickler gets between two memory checks (16 KiB of
 #: ``EMPTY_SET`` bytes is at most 3.5 MB of sets).
 CHUNK = 16 * 1024
