@@ -166,6 +166,11 @@ def _unpickle(data: bytes) -> Any:
         raise StateCorruptError("the pickle nests too deeply") from None
     except MemoryError:
         raise StateCorruptError("the pickle asks for more memory than a state can need") from None
+    except TypeError as exc:
+        if "unhashable type" in str(exc) and "Shell" in str(exc):
+            raise StateCorruptError("not a valid pickle: a torch object is used as a key or set item "
+                                    "before it is built") from None
+        raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
     except Exception as exc:  # every malformed pickle: UnpicklingError, EOFError, ValueError, ...
         raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
 

@@ -179,6 +179,8 @@ class _Converter:
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, _Shell):
+        return value._torch_name if isinstance(value, _Built) else f"a {value._torch_name} never built"
     return type(value).__name__
 
 
