@@ -28,7 +28,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 from rdzvctl.state.codec import TORCH_MODULE
 
@@ -341,28 +341,30 @@ def trust_payloads() -> List[Tuple[str, str, bytes]]:
             for name, kind, data in out]
 
 
-def resource_payloads(size: int) -> List[Tuple[str, bytes]]:
-    """Floods of opcodes that are cheap to write and costly to build, each about ``size`` bytes."""
+def resource_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
+    """Floods of opcodes that are cheap to write and costly to build, each about ``size`` bytes (made one at a time)."""
     def fill(unit: bytes, head: bytes = b"") -> bytes:
         return P4 + head + unit * ((size - len(head) - 3) // len(unit)) + pickle.STOP
 
     set_global = _global("builtins", "set") + pickle.BINPUT + b"\x00"
-    return [
-        ("flood-empty-set", fill(pickle.EMPTY_SET)),
-        ("flood-empty-dict", fill(pickle.EMPTY_DICT)),
-        ("flood-empty-list", fill(pickle.EMPTY_LIST)),
-        ("flood-mark-frozenset", fill(pickle.MARK + pickle.FROZENSET)),
-        ("flood-set-reduce", fill(pickle.BINGET + b"\x00" + pickle.EMPTY_TUPLE + pickle.REDUCE, set_global)),
-        ("flood-short-strings", fill(pickle.SHORT_BINUNICODE + b"\x03abc")),
-        ("flood-none", fill(pickle.NONE)),
-        ("flood-memoize", fill(pickle.MEMOIZE, pickle.NONE)),
-        ("flood-tuple1", fill(pickle.TUPLE1, pickle.EMPTY_TUPLE)),
-        ("flood-nodes", fill(pickle.BINGET + b"\x00" + pickle.EMPTY_TUPLE + pickle.NEWOBJ,
+    units = [
+        ("flood-empty-set", lambda: fill(pickle.EMPTY_SET)),
+        ("flood-empty-dict", lambda: fill(pickle.EMPTY_DICT)),
+        ("flood-empty-list", lambda: fill(pickle.EMPTY_LIST)),
+        ("flood-mark-frozenset", lambda: fill(pickle.MARK + pickle.FROZENSET)),
+        ("flood-set-reduce", lambda: fill(pickle.BINGET + b"\x00" + pickle.EMPTY_TUPLE + pickle.REDUCE, set_global)),
+        ("flood-short-strings", lambda: fill(pickle.SHORT_BINUNICODE + b"\x03abc")),
+        ("flood-none", lambda: fill(pickle.NONE)),
+        ("flood-memoize", lambda: fill(pickle.MEMOIZE, pickle.NONE)),
+        ("flood-tuple1", lambda: fill(pickle.TUPLE1, pickle.EMPTY_TUPLE)),
+        ("flood-nodes", lambda: fill(pickle.BINGET + b"\x00" + pickle.EMPTY_TUPLE + pickle.NEWOBJ,
                              _global(TORCH_MODULE, "_NodeDesc") + pickle.BINPUT + b"\x00")),
-        ("flood-datetimes", fill(pickle.BINGET + b"\x00" + pickle.SHORT_BINBYTES + b"\x0a" + b"\x07\xea\x0b\x18\x15"
+        ("flood-datetimes", lambda: fill(pickle.BINGET + b"\x00" + pickle.SHORT_BINBYTES + b"\x0a" + b"\x07\xea\x0b\x18\x15"
                                  + b"\x3b\x3a\x01\xe2\x40" + pickle.TUPLE1 + pickle.REDUCE,
                                  _global("datetime", "datetime") + pickle.BINPUT + b"\x00")),
     ]
+    for name, make in units:
+        yield name, make()
 
 
 def deep_tuple_payloads(depth: int) -> List[Tuple[str, bytes]]:
