@@ -252,3 +252,27 @@ def test_every_refusal_is_a_state_error() -> None:
     for data in (_raw_state(wait_list=frozenset()), _raw_state(round=10**5000)):
         with pytest.raises(StateError):
             check_writable(data)
+
+
+def test_a_build_dict_changed_afterwards_decodes_as_torch_sees_it() -> None:
+    """torch's BUILD copies the dict's items: a later SETITEM on the memoised dict changes nothing."""
+    import struct
+
+    from rdzvctl.state.codec import TORCH_MODULE
+
+    def text(value: str) -> bytes:
+        return pickle.BINUNICODE + struct.pack("<I", len(value)) + value.encode()
+
+    node = (pickle.GLOBAL + f"{TORCH_MODULE}\n_NodeDesc\n".encode() + pickle.EMPTY_TUPLE + pickle.NEWOBJ
+            + pickle.EMPTY_DICT + pickle.MARK + text("addr") + text("a") + text("pid") + pickle.BININT1 + b"\x01"
+            + text("local_id") + pickle.BININT1 + b"\x00" + pickle.SETITEMS + pickle.BINPUT + b"\xf0" + pickle.BUILD)
+    fields = {"round": pickle.BININT1 + b"\x00", "complete": pickle.NEWFALSE, "deadline": pickle.NONE,
+              "closed": pickle.NEWFALSE, "participants": pickle.EMPTY_DICT,
+              "wait_list": pickle.EMPTY_SET + pickle.MARK + node + pickle.ADDITEMS
+              + pickle.BINGET + b"\xf0" + text("addr") + text("b") + pickle.SETITEM + pickle.POP,
+              "redundancy_list": pickle.EMPTY_SET, "last_heartbeats": pickle.EMPTY_DICT}
+    data = (b"\x80\x04" + pickle.GLOBAL + f"{TORCH_MODULE}\n_RendezvousState\n".encode() + pickle.EMPTY_TUPLE
+            + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK + b"".join(text(k) + v for k, v in fields.items())
+            + pickle.SETITEMS + pickle.BUILD + pickle.STOP)
+    (seen_by_torch,) = pickle.loads(data).wait_list
+    assert decode(data).wait_list == {NodeDesc(seen_by_torch.addr, 1, 0)} == {NodeDesc("a", 1, 0)}

@@ -48,7 +48,9 @@ class _Shell:
                 raise StateUnsafeError(f"the pickle sets {self._torch_name} attributes through a slot-state "
                                        "BUILD, which torch's own pickles never do (torch itself fails on it)")
             raise StateCorruptError(f"a {self._torch_name} is built from {type(state).__name__}, not a dict")
-        self._fields = state
+        # Copied, as torch's BUILD copies the items: a later SETITEM on the same dict
+        # (fetched from the memo) changes neither torch's object nor ours.
+        self._fields = state.copy()
         self.__class__ = self._built  # type: ignore[assignment]
 
 
