@@ -34,35 +34,38 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 UTC = _dt.timezone.utc
-NOW = _dt.datetime.now(UTC).replace(microsecond=0)
 A, B, C, D = (NodeDesc(f"node-{c}.cluster.local", 4000 + i, 0) for i, c in enumerate("abcd"))
-FRESH = NOW - _dt.timedelta(seconds=1)
-STALE = NOW - _dt.timedelta(hours=1)
 
 
-def _many(n: int) -> RendezvousState:
+def _many(n: int, fresh: _dt.datetime) -> RendezvousState:
     nodes = [NodeDesc(f"trainer-{i:05d}.cluster.local", 10000 + i, 0) for i in range(n)]
     return RendezvousState(round=7, complete=True, participants={x: i for i, x in enumerate(nodes)},
-                           last_heartbeats={x: FRESH for x in nodes})
+                           last_heartbeats={x: fresh for x in nodes})
 
 
-def _written_states() -> List[Tuple[str, RendezvousState]]:
-    """What encode() is given on every write path (set, edit, reset, restore of our own bytes)."""
+def _written_states(now: Optional[_dt.datetime] = None) -> List[Tuple[str, RendezvousState]]:
+    """What encode() is given on every write path (set, edit, reset, restore of our own bytes).
+
+    Built when a test runs: torch's _sanitize judges heartbeats by its own clock.
+    """
+    current = now or _dt.datetime.now(UTC).replace(microsecond=0)
+    fresh = current - _dt.timedelta(seconds=1)
+    stale = current - _dt.timedelta(hours=1)
     complete = RendezvousState(round=3, complete=True, participants={A: 0, B: 1}, wait_list={C},
-                               redundancy_list={D}, last_heartbeats={A: FRESH, B: STALE, C: FRESH, D: FRESH})
+                               redundancy_list={D}, last_heartbeats={A: fresh, B: stale, C: fresh, D: fresh})
     states = [
         ("empty", RendezvousState()),
-        ("forming", RendezvousState(round=1, deadline=NOW + _dt.timedelta(seconds=30), participants={A: 0, B: 0},
-                                    last_heartbeats={A: FRESH, B: FRESH})),
+        ("forming", RendezvousState(round=1, deadline=current + _dt.timedelta(seconds=30), participants={A: 0, B: 0},
+                                    last_heartbeats={A: fresh, B: fresh})),
         ("complete with wait and redundancy lists", complete),
         ("closed", RendezvousState(round=2, complete=True, closed=True, participants={A: 0},
-                                   last_heartbeats={A: FRESH})),
-        ("naive datetimes (torch < 2.6)", RendezvousState(round=1, deadline=NOW, participants={A: 0}, wait_list={B},
-                                                         last_heartbeats={A: FRESH, B: FRESH}, naive_datetimes=True)),
-        ("4096 nodes", _many(4096)),
-        ("reset --mode prune", prune_dead_nodes(complete, NOW)[0]),
+                                   last_heartbeats={A: fresh})),
+        ("naive datetimes (torch < 2.6)", RendezvousState(round=1, deadline=current, participants={A: 0}, wait_list={B},
+                                                         last_heartbeats={A: fresh, B: fresh}, naive_datetimes=True)),
+        ("4096 nodes", _many(4096, fresh)),
+        ("reset --mode prune", prune_dead_nodes(complete, current)[0]),
         ("reset --mode reopen", reopen(RendezvousState(round=2, complete=True, closed=True, participants={A: 0},
-                                                       last_heartbeats={A: FRESH}))),
+                                                       last_heartbeats={A: fresh}))),
         ("reset --mode clear (a fresh state)", RendezvousState()),
         ("set --remove-node", remove_node(complete, A)),
         ("set -f (get -o json round trip)", state_from_json(state_to_json(complete))),
@@ -70,7 +73,12 @@ def _written_states() -> List[Tuple[str, RendezvousState]]:
     return states
 
 
-_STATES = _written_states()
+_LABELS = [label for label, _ in _written_states()]
+_AWARE = [label for label, state in _written_states() if not state.naive_datetimes]
+
+
+def _state(label: str) -> RendezvousState:
+    return dict(_written_states())[label]
 
 
 class _MemoryBackend:
@@ -103,9 +111,10 @@ def _holder(data: bytes) -> Tuple[Any, _MemoryBackend]:
     return _BackendRendezvousStateHolder(backend, settings, cache_duration=0), backend  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("label, state", _STATES, ids=[label for label, _ in _STATES])
+@pytest.mark.parametrize("label", _LABELS)
 @pytest.mark.parametrize("protocol", [2, 4, 5])
-def test_written_states_load_and_work_in_torch(label: str, state: RendezvousState, protocol: int) -> None:
+def test_written_states_load_and_work_in_torch(label: str, protocol: int) -> None:
+    state = _state(label)
     state_cls, node_cls = torch_classes()
     data = encode(state, protocol=protocol)
     assert check_writable(data) == state  # the gate every write path uses
@@ -120,24 +129,25 @@ def test_written_states_load_and_work_in_torch(label: str, state: RendezvousStat
     loaded.wait_list.add(late)
     loaded.redundancy_list.add(late)
     loaded.redundancy_list.remove(late)
-    loaded.last_heartbeats[late] = loaded.deadline or (_dt.datetime.utcnow() if state.naive_datetimes else NOW)
+    loaded.last_heartbeats[late] = loaded.deadline or (_dt.datetime.utcnow() if state.naive_datetimes else _dt.datetime.now(UTC))
     del loaded.last_heartbeats[late]
     loaded.wait_list.discard(late)
     again = decode(pickle.dumps(loaded))  # torch re-pickles it (its holder's sync does pickle.dumps)
     assert again == state and again.naive_datetimes == state.naive_datetimes
 
 
-@pytest.mark.parametrize("label, state", [s for s in _STATES if not s[1].naive_datetimes],
-                         ids=[label for label, s in _STATES if not s.naive_datetimes])
-def test_torch_state_holder_syncs_sanitizes_and_writes_back(label: str, state: RendezvousState) -> None:
+@pytest.mark.parametrize("label", _AWARE)
+def test_torch_state_holder_syncs_sanitizes_and_writes_back(label: str) -> None:
     """torch 2.13's own holder: sync() unpickles our bytes, _sanitize() drops the stale nodes (aware
     datetimes: torch 2.13 compares with datetime.now(timezone.utc)), and its write-back decodes."""
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _remove_participant_epilogue
 
+    state = _state(label)
     holder, backend = _holder(encode(state))
     holder.sync()
     torch_state = holder.state
-    stale = {n for n, when in state.last_heartbeats.items() if when < NOW - _dt.timedelta(seconds=15)}
+    # Fresh heartbeats are 1 s old, stale ones an hour: torch's 15 s expiry splits them either way.
+    stale = {n for n, when in state.last_heartbeats.items() if when < _dt.datetime.now(UTC) - _dt.timedelta(minutes=1)}
     assert {(n.addr, n.pid, n.local_id) for n in torch_state.last_heartbeats} == \
         {(n.addr, n.pid, n.local_id) for n in set(state.last_heartbeats) - stale}
     _remove_participant_epilogue(torch_state, holder._settings)
@@ -150,7 +160,7 @@ def test_torch_state_holder_syncs_sanitizes_and_writes_back(label: str, state: R
 
 def test_naive_states_work_with_the_torch_that_wrote_them() -> None:
     """torch < 2.6 compares heartbeats with naive utcnow(); rdzvctl writes such a state back naive."""
-    label, state = next(s for s in _STATES if s[1].naive_datetimes)
+    state = next(s for _, s in _written_states() if s.naive_datetimes)
     loaded = pickle.loads(encode(state))
     expire = _dt.datetime.utcnow() - _dt.timedelta(seconds=15)
     assert all(when.tzinfo is None and when > expire for when in loaded.last_heartbeats.values())
@@ -176,7 +186,7 @@ def _raw_state(node_fields: Optional[Dict[str, Any]] = None, state_node: Any = N
     node = state_node or _Raw(node_cls, node_fields or {"addr": A.addr, "pid": A.pid, "local_id": A.local_id})
     base: Dict[str, Any] = {"round": 1, "complete": True, "deadline": None, "closed": False,
                             "participants": {node: 0}, "wait_list": set(), "redundancy_list": set(),
-                            "last_heartbeats": {node: FRESH}}
+                            "last_heartbeats": {node: _dt.datetime(2026, 11, 24, 22, 0, tzinfo=UTC)}}
     base.update(fields)
     return pickle.dumps(_Raw(state_cls, {k: v for k, v in base.items() if v is not _DROP}))
 

@@ -12,7 +12,7 @@ wrote (the caller decides whether that is acceptable).
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Set, Tuple
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState
@@ -33,6 +33,7 @@ class _Shell:
 
     __slots__ = ("_fields",)
     _torch_name = ""
+    _built: ClassVar[type]  # the class a BUILD turns the shell into
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # NEWOBJ (what torch writes) calls only __new__; REDUCE and OBJ with arguments call the class.
@@ -51,7 +52,7 @@ class _Shell:
         # Copied, as torch's BUILD copies the items: a later SETITEM on the same dict
         # (fetched from the memo) changes neither torch's object nor ours.
         self._fields = state.copy()
-        self.__class__ = self._built  # type: ignore[assignment]
+        self.__class__ = self._built
 
 
 class _Built(_Shell):

@@ -134,7 +134,7 @@ def scan(data: bytes) -> None:
     pos = 0
     match = _RUN.match
     while True:
-        pos = match(data, pos).end()
+        pos = match(data, pos).end()  # type: ignore[union-attr]  # a possessive * always matches
         if pos >= end:
             return
         op = data[pos]
