@@ -163,3 +163,34 @@ def test_restoring_legacy_bytes_is_refused_by_the_write_gate() -> None:
     assert decode(legacy).round == 1
     with pytest.raises(StateCorruptError, match="older torch"):
         check_writable(legacy)
+
+
+@pytest.mark.parametrize("name", ["class-node-hash-none", "class-node-del-codecs", "unusable-frozen-wait-list",
+                                  "edge-round-10**5000", "legacy-last-keep-alives"])
+def test_restore_of_a_tampered_backup_writes_nothing(tmp_path: Path, name: str) -> None:
+    """A backup whose bytes were swapped for hostile or legacy ones: restore exits 6, the store is untouched."""
+    import base64
+
+    from tests.support.cli import run_rdzvctl
+
+    assert run_rdzvctl(["demo", "--path", str(tmp_path / "demo")]).returncode == 0
+    env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(tmp_path / "demo" / "rendezvous.store"),
+           "PET_RDZV_ID": "demo-job", "PET_RDZV_CONF": "store_type=file", "RDZVCTL_BACKUP_DIR": str(tmp_path / "bk")}
+    prune = run_rdzvctl(["reset", "--mode", "prune", "--yes"], env=env)
+    assert prune.returncode == 0, prune.stderr
+    backup = Path(next(line.split(": ", 1)[1] for line in prune.stderr.splitlines() if line.startswith("Backup")))
+    before = run_rdzvctl(["get", "-o", "raw"], env=env, text=False).stdout
+    if name.startswith("legacy"):
+        data = before.replace(b"\x8c\x0flast_heartbeats", b"\x8c\x10last_keep_alives")
+        assert decode(data).round == decode(before).round
+    else:
+        data = dict((n, d) for n, _, d in trust_payloads())[name]
+    doc = json.loads(backup.read_text())
+    doc["state_base64"] = base64.b64encode(data).decode("ascii")
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(doc))
+    done = run_rdzvctl(["restore", str(tampered), "--yes"], env=env)
+    assert done.returncode == 6, done.stderr
+    assert "nothing was written" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr
+    assert run_rdzvctl(["get", "-o", "raw"], env=env, text=False).stdout == before
