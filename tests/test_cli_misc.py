@@ -313,6 +313,28 @@ def test_live_demo_heartbeats_and_removes_its_temp_dir(tmp_path):
     assert list(tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize(("typed", "meant"), [("gte", "get"), ("corupt-detect", "corrupt-detect"), ("lsit", "list"),
+                                             ("rest", "reset")])
+def test_a_mistyped_command_suggests_the_closest(typed, meant):
+    done = run_rdzvctl([typed, "--rdzv-id", "x"])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"rdzvctl: UsageError: No such command '{typed}'. Did you mean '{meant}'? (see 'rdzvctl --help')"]
+
+
+def test_an_unknown_command_far_from_any_gets_no_suggestion():
+    done = run_rdzvctl(["xyzzy"])
+    assert done.returncode == 2 and "Did you mean" not in done.stderr and "No such command 'xyzzy'" in done.stderr
+
+
+def test_help_names_both_environment_variables_in_precedence_order():
+    done = run_rdzvctl(["get", "--help"], env={"COLUMNS": "200"})
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())  # help wraps lines
+    for name in ("BACKEND", "ENDPOINT", "ID", "CONF"):
+        assert f"[env: RDZVCTL_RDZV_{name}, then PET_RDZV_{name}]" in text
+
+
 # -- startup ---------------------------------------------------------------------------------
 HEAVY = {"rich", "torch", "redis", "etcd3", "etcd3gw", "grpc"}
 

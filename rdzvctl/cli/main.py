@@ -50,6 +50,18 @@ class LazyGroup(click.Group):
         module = importlib.import_module(entry[0])
         return module.command  # type: ignore[no-any-return]
 
+    def resolve_command(
+        self, ctx: click.Context, args: List[str]
+    ) -> Tuple[Optional[str], Optional[click.Command], List[str]]:
+        name = args[0] if args else ""
+        if name and name not in COMMANDS and not name.startswith("-") and not ctx.resilient_parsing:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+            if close:
+                ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
+        return super().resolve_command(ctx, args)
+
     def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
         try:
             return super().parse_args(ctx, args)
