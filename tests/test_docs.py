@@ -65,8 +65,10 @@ def test_ci_fails_when_pytest_runs_no_test():
 
 
 def test_ci_installs_what_a_user_gets_at_pinned_versions():
-    commands = commands_of((ROOT / ".ci" / "run").read_text())
-    assert not any(" -e " in line or "--editable" in line for line in commands), "CI must not install editable"
+    installs = [line for line in commands_of((ROOT / ".ci" / "run").read_text()) if "pip install" in line]
+    assert installs, ".ci/run installs nothing with pip"
+    assert not any(" -e " in line or "--editable" in line for line in installs), "CI must not install editable"
+    assert all("-c constraints/test.txt" in line for line in installs), "every install is constrained to the pins"
     pins = dict(line.split("==", 1) for line in commands_of((ROOT / "constraints" / "test.txt").read_text()))
     assert pins.get("torch") == "2.13.0"
     assert not [name for name in pins if name.startswith("nvidia")], "the CPU torch pulls no nvidia-* wheel"
