@@ -107,7 +107,7 @@ class _Context:
                     current = backend.get_state()
                     if current is not None:
                         backend.clear(current[1])
-                discard_scratch_run(backend)
+                _discard_scratch_run(backend)
             except Exception:  # cleanup is best effort; the case result stands
                 pass
             try:
@@ -116,7 +116,7 @@ class _Context:
                 pass
 
 
-def discard_scratch_run(backend: RendezvousBackend) -> None:
+def _discard_scratch_run(backend: RendezvousBackend) -> None:
     """Remove what a cleared scratch run still leaves on a built-in backend.
 
     A fenced ``clear`` keeps what protects a *reused* run id: c10d puts torch's
