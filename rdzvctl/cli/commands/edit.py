@@ -55,7 +55,7 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
         header = HEADER.format(run_id=snap.run_id, backend=snap.backend, endpoint=snap.endpoint,
                                token=snap.token_text)
         new_state = _edit_until_valid(app, header, json.dumps(state_to_json(snap.state), indent=2) + "\n",
-                                      snap.token_text)
+                                      snap.token_text or "")
         if new_state is None:
             return
         if state_to_json(new_state) == state_to_json(snap.state):
