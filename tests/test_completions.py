@@ -148,6 +148,21 @@ def test_run_ids_come_from_the_backend(shell, shell_env, filestore):
     assert complete(shell, line + "job-b", shell_env) == ["job-b"]
 
 
+HOSTILE_RUN_IDS = ("evil;touch pwned", "two words", "line\nbreak", "\x1b[31mred", "$(touch pwned)", "quote'd")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_run_ids_a_shell_would_not_take_literally_are_never_offered(shell, shell_env, tmp_path):
+    store = tmp_path / "hostile.store"
+    store.write_bytes(b"")
+    for run_id in ("job-ok", *HOSTILE_RUN_IDS):
+        with open_backend(Address("c10d", str(store), run_id, {"store_type": "file"})) as backend:
+            assert backend.set_state(encode(RendezvousState(round=1)))[2]
+    line = f"rdzvctl get --rdzv-backend c10d --rdzv-endpoint {store} --rdzv-conf store_type=file --rdzv-id "
+    assert complete(shell, line, {**shell_env, "PWD": str(tmp_path)}) == ["job-ok"]
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("shell", SHELLS)
 def test_run_ids_use_the_environment_address(shell, shell_env, filestore):
     env = {**shell_env, "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(filestore),

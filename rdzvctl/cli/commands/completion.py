@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, List
 
 import click
@@ -12,6 +13,10 @@ SHELLS = ("bash", "zsh", "fish")
 RUN_ID_TIMEOUT = 2.0
 #: At most this many run ids are offered.
 MAX_RUN_IDS = 1000
+#: Run ids come from the store (untrusted) and the shell inserts a candidate into the command
+#: line as it is: only ids made of these characters are offered (no spaces, quotes, shell
+#: metacharacters or control characters), and none longer than 256 characters.
+SAFE_RUN_ID = re.compile(r"[A-Za-z0-9._:@%+=,/-]{1,256}")
 
 
 def complete_backend(ctx: click.Context, param: click.Parameter, incomplete: str) -> List[Any]:
@@ -28,6 +33,7 @@ def complete_run_id(ctx: click.Context, param: click.Parameter, incomplete: str)
 
     Silent on any failure (no backend given, unreachable, cannot list, slow):
     a completion must never print an error into the user's command line.
+    Run ids that a shell would not take literally are never offered.
     """
     import threading
 
@@ -44,7 +50,7 @@ def complete_run_id(ctx: click.Context, param: click.Parameter, incomplete: str)
                                    ctx.params.get("rdzv_conf"), timeout)
         with open_backend(address, "") as backend:
             for entry in backend.list_runs():
-                if entry.run_id.startswith(incomplete):
+                if entry.run_id.startswith(incomplete) and SAFE_RUN_ID.fullmatch(entry.run_id):
                     found.append(entry.run_id)
                 if len(found) >= MAX_RUN_IDS:
                     break
