@@ -127,8 +127,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """Inspect and repair PyTorch elastic rendezvous state.
 
     Address a run the torchrun way: --rdzv-backend, --rdzv-endpoint,
-    --rdzv-id and --rdzv-conf (or PET_RDZV_* / RDZVCTL_RDZV_* variables),
-    so a command copied from a torchrun launch line just works.
+    --rdzv-id and --rdzv-conf (or RDZVCTL_RDZV_* variables, then torchrun's
+    PET_RDZV_*), so a command copied from a torchrun launch line just works.
 
     \b
     Exit codes (every command):
