@@ -116,7 +116,7 @@ def test_conformance_of_a_broken_backend_fails(memory):
 
 # -- demo and completion ------------------------------------------------------------------
 def test_demo_creates_a_filestore_rendezvous(memory, tmp_path):
-    result = invoke(["demo", "--path", str(tmp_path / "demo")])
+    result = invoke(["demo", "--no-live", "--path", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.stderr
     store = tmp_path / "demo" / "rendezvous.store"
     assert f"PET_RDZV_ENDPOINT={store}" in result.stdout
@@ -132,8 +132,30 @@ def test_demo_creates_a_filestore_rendezvous(memory, tmp_path):
                               "deadline_remaining": None}
     assert invoke(["corrupt-detect"], env=env).exit_code == 1
     # Running it again on the same path rewrites the state, fenced.
-    assert invoke(["demo", "--path", str(tmp_path / "demo")]).exit_code == 0
+    again = invoke(["demo", "--no-live", "--path", str(tmp_path / "demo")])
+    assert again.exit_code == 0
+    assert "after 15 s every node looks dead" in again.stdout and f"rm -r {tmp_path / 'demo'}" in again.stdout
 
+
+def test_demo_heartbeats_keep_its_story_true_ten_minutes_later():
+    """Ten simulated minutes of the live demo's ticks: still 3 participants alive, exactly 1 dead."""
+    import datetime as dt
+    import random
+
+    from rdzvctl.cli.commands.demo import MAX_WAITING, demo_state, heartbeat
+    from rdzvctl.state.analysis import dead_nodes, node_statuses
+
+    start = dt.datetime(2026, 11, 24, 22, 0, tzinfo=dt.timezone.utc)
+    state, rng, joined = demo_state(start), random.Random(7), 0
+    now = start
+    for _ in range(300):  # every 2 s for 10 minutes
+        now += dt.timedelta(seconds=2)
+        joined = heartbeat(state, now, rng, joined)
+        assert len(state.wait_list) <= MAX_WAITING
+    assert [str(n) for n in dead_nodes(state, now)] == ["trainer-3.cluster.local_4103_0"]
+    participants = [s for s in node_statuses(state, now) if s.role == "participant"]
+    assert sorted(s.alive for s in participants) == [False, True, True, True]
+    assert joined > 0 and state.round == 2 and state.complete
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_prints_the_script(memory, shell):
@@ -151,7 +173,7 @@ def test_completion_of_an_unknown_shell_exits_2(memory):
 @pytest.fixture
 def demo_store(tmp_path) -> dict:
     """A demo FileStore made by a real rdzvctl process; returns the PET_RDZV_* environment."""
-    done = run_rdzvctl(["demo", "--path", str(tmp_path / "demo")])
+    done = run_rdzvctl(["demo", "--no-live", "--path", str(tmp_path / "demo")])
     assert done.returncode == 0, done.stderr
     store = tmp_path / "demo" / "rendezvous.store"
     return {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(store), "PET_RDZV_ID": "demo-job",
@@ -254,6 +276,63 @@ def test_demo_live_gives_watch_something_to_show(tmp_path):
     assert live.returncode == 0, err
     with open_backend(Address("c10d", str(store), "demo-job", {"store_type": "file"})) as backend:
         assert decode(backend.get_state()[0]).round == 2
+
+
+def test_live_demo_heartbeats_and_removes_its_temp_dir(tmp_path):
+    """The default demo keeps its nodes alive while it runs and leaves nothing behind when stopped."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RDZVCTL_"))}
+    live = subprocess.Popen([sys.executable, "-m", "rdzvctl", "demo", "--interval", "0.1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**env, "TMPDIR": str(tmp), "NO_COLOR": "1"})
+    try:
+        first = live.stdout.readline()
+        store = first.split("FileStore ", 1)[1].rstrip(".\n")
+        assert store.startswith(str(tmp)) and os.path.exists(store)
+        watch_env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": store, "PET_RDZV_ID": "demo-job",
+                     "PET_RDZV_CONF": "store_type=file"}
+        seen = set()
+        for _ in range(200):  # until every live node has heartbeated at least once more
+            doc = json.loads(run_rdzvctl(["get", "-o", "json"], env=watch_env).stdout)
+            beats = doc["state"]["last_heartbeats"]
+            seen.add(beats["trainer-0.cluster.local_4100_0"])
+            if len(seen) > 2:
+                break
+        assert len(seen) > 2, "the demo's live nodes never heartbeated"
+        assert doc["summary"]["dead"] == 1 and doc["summary"]["alive"] == 3
+        assert beats["trainer-3.cluster.local_4103_0"] < min(seen)  # the dead node stays dead
+    finally:
+        live.send_signal(signal.SIGTERM)
+        try:
+            _, err = live.communicate(timeout=20)
+        except subprocess.TimeoutExpired:  # pragma: no cover - never leave it running
+            live.kill()
+            _, err = live.communicate()
+    assert live.returncode == 0, err
+    assert "Stopped; removed" in err
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("gte", "get"), ("corupt-detect", "corrupt-detect"), ("lsit", "list"),
+                                             ("rest", "reset")])
+def test_a_mistyped_command_suggests_the_closest(typed, meant):
+    done = run_rdzvctl([typed, "--rdzv-id", "x"])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"rdzvctl: UsageError: No such command '{typed}'. Did you mean '{meant}'? (see 'rdzvctl --help')"]
+
+
+def test_an_unknown_command_far_from_any_gets_no_suggestion():
+    done = run_rdzvctl(["xyzzy"])
+    assert done.returncode == 2 and "Did you mean" not in done.stderr and "No such command 'xyzzy'" in done.stderr
+
+
+def test_help_names_both_environment_variables_in_precedence_order():
+    done = run_rdzvctl(["get", "--help"], env={"COLUMNS": "200"})
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())  # help wraps lines
+    for name in ("BACKEND", "ENDPOINT", "ID", "CONF"):
+        assert f"[env: RDZVCTL_RDZV_{name}, then PET_RDZV_{name}]" in text
 
 
 # -- startup ---------------------------------------------------------------------------------

@@ -46,12 +46,34 @@ def commands_of(script: str) -> list:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def ci_test_command() -> list:
+    """The one pytest invocation of .ci/run, without the shell's exit-status handling."""
+    runs = [line for line in commands_of((ROOT / ".ci" / "run").read_text()) if re.match(r"(\S*python3?\S* -m )?pytest\b", line)]
+    assert len(runs) == 1, f".ci/run should run pytest once, found {runs}"
+    return shlex.split(runs[0].split("||")[0])
+
+
 def test_readme_test_command_is_what_ci_runs():
     match = re.search(r"The test command itself.*?```(?:bash|sh|console)?\n(.*?)```", README, re.DOTALL)
     assert match, "README lost the fenced block after 'The test command itself'"
     (readme_command,) = commands_of(match.group(1))
-    ci_command = commands_of((ROOT / ".ci" / "run").read_text())[-1]
-    assert shlex.split(readme_command) == shlex.split(ci_command)
+    assert shlex.split(readme_command) == ci_test_command()
+
+
+def test_ci_fails_when_pytest_runs_no_test():
+    script = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r'"\$status" -eq 5 \]; then.*?exit 1', script, re.DOTALL), "pytest's exit 5 must fail CI"
+
+
+def test_ci_installs_what_a_user_gets_at_pinned_versions():
+    installs = [line for line in commands_of((ROOT / ".ci" / "run").read_text()) if "pip install" in line]
+    assert installs, ".ci/run installs nothing with pip"
+    assert not any(" -e " in line or "--editable" in line for line in installs), "CI must not install editable"
+    assert all("-c constraints/test.txt" in line for line in installs), "every install is constrained to the pins"
+    pins = dict(line.split("==", 1) for line in commands_of((ROOT / "constraints" / "test.txt").read_text()))
+    assert pins.get("torch") == "2.13.0"
+    assert not [name for name in pins if name.startswith("nvidia")], "the CPU torch pulls no nvidia-* wheel"
+    assert {"click", "pytest", "redis", "rich"} <= set(pins)
 
 
 def test_every_command_has_help_text():

@@ -40,6 +40,7 @@ __all__ = [
     "RendezvousBackend",
     "parse_conf",
     "CAPABILITIES",
+    "SHARED_CONF_KEYS",
 ]
 
 Token = Any
@@ -73,6 +74,39 @@ def parse_conf(text: str) -> Dict[str, str]:
             raise BackendConfigError(f"--rdzv-conf: expected key=value, got {item!r}")
         conf[key.strip()] = value.strip()
     return conf
+
+
+#: ``--rdzv-conf`` keys every backend accepts: rdzvctl's liveness and size settings, and
+#: what torch's dynamic rendezvous and torchrun read from rdzv_conf in torch 2.13:
+#: ``dynamic_rendezvous.create_handler`` (``join``/``last_call``/``close``/``heartbeat_timeout``
+#: via ``_get_timeout``, ``keep_alive_interval``, ``keep_alive_max_attempt``),
+#: ``launcher.api.LaunchConfig`` (``timeout``, always set by torchrun), ``run.py`` (``rank``
+#: for the static backend) and the c10d/etcd backends' ``read_timeout``.  torch's
+#: ``heartbeat_timeout`` only bounds the keep-alive write (``_keep_alive``); liveness is
+#: ``keep_alive_interval x keep_alive_max_attempt`` (``_sanitize``), so rdzvctl judges the same.
+SHARED_CONF_KEYS: FrozenSet[str] = frozenset({
+    "keep_alive_interval", "keep_alive_max_attempt", "min_nodes", "max_nodes",
+    "join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
+    "timeout", "rank", "read_timeout",
+})
+
+
+def check_conf_keys(backend: str, conf: Mapping[str, str], accepted: Optional[FrozenSet[str]]) -> None:
+    """Refuse a ``--rdzv-conf`` key neither the backend nor torch/rdzvctl knows (a typo would be ignored
+    silently otherwise, e.g. leaving liveness at its default); ``accepted=None`` accepts any key."""
+    if accepted is None:
+        return
+    known = sorted(accepted | SHARED_CONF_KEYS)
+    for key in sorted(conf):
+        if key in accepted or key in SHARED_CONF_KEYS:
+            continue
+        import difflib
+
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise BackendConfigError(
+            f"--rdzv-conf: unknown key {key!r} for the {backend} backend{hint} (known keys: {', '.join(known)})"
+        )
 
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -189,6 +223,9 @@ class RendezvousBackend(ABC):
     #: True when every successful write yields a new token, even for equal bytes
     #: (no ABA).  torch's c10d design uses the value as the token, so it is not.
     strict_fencing: ClassVar[bool] = True
+    #: The ``--rdzv-conf`` keys the backend reads, besides :data:`SHARED_CONF_KEYS`;
+    #: any other key is refused.  None (a plugin that does not say) accepts every key.
+    conf_keys: ClassVar[Optional[FrozenSet[str]]] = None
 
     def __init__(self, address: Address) -> None:
         self.address = address
@@ -196,6 +233,7 @@ class RendezvousBackend(ABC):
     @classmethod
     def from_address(cls, address: Address) -> "RendezvousBackend":
         """Build a backend for ``address``; validates the endpoint and options."""
+        check_conf_keys(cls.name or address.backend, address.conf, cls.conf_keys)
         return cls(address)
 
     @property

@@ -76,6 +76,7 @@ class C10dBackend(RendezvousBackend):
     summary = "torch's c10d store: TCPStore (default) or FileStore (store_type=file), no torch needed"
     requires = ()
     capabilities = frozenset({"clear", "list_runs", "store_keys"})
+    conf_keys = frozenset({"store_type", "is_host"})  # torch's c10d options (is_host: ignored by a client)
     strict_fencing = False
 
     def __init__(self, address: Address) -> None:

@@ -56,6 +56,7 @@ class EtcdV2Backend(RendezvousBackend):
     requires = ()
     install_hint = ""
     capabilities = frozenset({"clear", "list_runs", "native_watch"})
+    conf_keys = frozenset({"protocol", "ca_cert", "ssl_cert", "ssl_cert_key", "ttl", "key_prefix"})
     strict_fencing = True
 
     def __init__(self, address: Address) -> None:

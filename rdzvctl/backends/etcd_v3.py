@@ -52,6 +52,8 @@ class EtcdV3Backend(RendezvousBackend):
     requires = ()
     install_hint = ""
     capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
+    conf_keys = frozenset({"protocol", "ca_cert", "ssl_cert", "ssl_cert_key", "ttl", "key_prefix", "username",
+                           "password"})
     strict_fencing = True
 
     def __init__(self, address: Address) -> None:

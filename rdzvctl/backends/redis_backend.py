@@ -437,6 +437,9 @@ class RedisBackend(RendezvousBackend):
     requires = ("redis",)
     install_hint = "redis"
     capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
+    conf_keys = frozenset({"username", "password", "db", "ttl", "key_prefix", "cluster", "sentinel_master",
+                           "sentinel_username", "sentinel_password", "ssl", "ssl_ca_certs", "ssl_certfile",
+                           "ssl_keyfile", "ssl_password", "ssl_cert_reqs", "ssl_check_hostname"})
     strict_fencing = True
 
     def __init__(self, address: Address) -> None:

@@ -173,16 +173,27 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+def _completer(name: str) -> Callable[..., Any]:
+    """A shell_complete callback that imports rdzvctl.cli.commands.completion only when completing."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> Any:
+        from rdzvctl.cli.commands import completion
+
+        return getattr(completion, name)(ctx, param, incomplete)
+
+    return complete
+
+
 def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add the torchrun-style address options and pass an :class:`App` first."""
 
-    @click.option("--rdzv-backend", "rdzv_backend", metavar="NAME",
-                  help="Backend name (c10d, etcd-v2, etcd-v3, redis, or module:factory). [env: PET_RDZV_BACKEND]")
+    @click.option("--rdzv-backend", "rdzv_backend", metavar="NAME", shell_complete=_completer("complete_backend"),
+                  help="Backend name (c10d, etcd-v2, etcd-v3, redis, or module:factory). [env: RDZVCTL_RDZV_BACKEND, then PET_RDZV_BACKEND]")
     @click.option("--rdzv-endpoint", "rdzv_endpoint", metavar="HOST:PORT",
-                  help="Backend endpoint, as given to torchrun. [env: PET_RDZV_ENDPOINT]")
-    @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", help="The run id (torchrun --rdzv-id). [env: PET_RDZV_ID]")
+                  help="Backend endpoint, as given to torchrun. [env: RDZVCTL_RDZV_ENDPOINT, then PET_RDZV_ENDPOINT]")
+    @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", shell_complete=_completer("complete_run_id"), help="The run id (torchrun --rdzv-id). [env: RDZVCTL_RDZV_ID, then PET_RDZV_ID]")
     @click.option("--rdzv-conf", "rdzv_conf", metavar="K=V,...",
-                  help="Backend options and keep-alive settings, as for torchrun. [env: PET_RDZV_CONF]")
+                  help="Backend options and keep-alive settings, as for torchrun. [env: RDZVCTL_RDZV_CONF, then PET_RDZV_CONF]")
     @click.option("--timeout", type=float, metavar="SECONDS",
                   help="Timeout of each backend operation (default 10). [env: RDZVCTL_TIMEOUT]")
     @click.pass_context

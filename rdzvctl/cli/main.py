@@ -51,6 +51,18 @@ class LazyGroup(click.Group):
         module = importlib.import_module(entry[0])
         return module.command  # type: ignore[no-any-return]
 
+    def resolve_command(
+        self, ctx: click.Context, args: List[str]
+    ) -> Tuple[Optional[str], Optional[click.Command], List[str]]:
+        name = args[0] if args else ""
+        if name and name not in COMMANDS and not name.startswith("-") and not ctx.resilient_parsing:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+            if close:
+                ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
+        return super().resolve_command(ctx, args)
+
     def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
         try:
             return super().parse_args(ctx, args)
@@ -116,8 +128,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """Inspect and repair PyTorch elastic rendezvous state.
 
     Address a run the torchrun way: --rdzv-backend, --rdzv-endpoint,
-    --rdzv-id and --rdzv-conf (or PET_RDZV_* / RDZVCTL_RDZV_* variables),
-    so a command copied from a torchrun launch line just works.
+    --rdzv-id and --rdzv-conf (or RDZVCTL_RDZV_* variables, then torchrun's
+    PET_RDZV_*), so a command copied from a torchrun launch line just works.
 
     \b
     Exit codes (every command):

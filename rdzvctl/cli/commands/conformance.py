@@ -16,7 +16,10 @@ def command(app: App, output: str, racers: int) -> None:
     """Check a live backend against torch's backend contract and rdzvctl's stricter one.
 
     Each case uses a fresh scratch run id (rdzvctl-conformance-*) and removes
-    its state afterwards where the backend can.  --rdzv-id is not needed.
+    its state afterwards where the backend can clear; on the built-in backends
+    also what a clear keeps (c10d's sentinel, Redis's version counter, etcd v2's
+    empty directories, etcd v3's lease), so the backend is left as it was.
+    --rdzv-id is not needed.
     Exit 0 when every case passes (declared limitations included), 1 otherwise.
     """
     from rdzvctl.backends.registry import open_backend

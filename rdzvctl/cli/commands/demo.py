@@ -1,19 +1,38 @@
-"""rdzvctl demo: a realistic rendezvous in a local FileStore, no server needed."""
+"""rdzvctl demo: a realistic rendezvous in a local FileStore, no server needed.
+
+By default the demo stays in the foreground and keeps its healthy nodes
+heartbeating (as torch's agents do), so the story it tells stays true for as
+long as somebody reads it: three participants alive, one dead, a node waiting.
+When it stops (Ctrl-C, SIGTERM or ``--duration``) it removes the temporary
+directory it made.  ``--no-live`` writes the state once and exits; its
+heartbeats are then a snapshot that decays (every node looks dead after
+keep_alive_interval x keep_alive_max_attempt = 15 s).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import random
+import shutil
+import signal
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
 from rdzvctl.cli.app import App
 
 RUN_ID = "demo-job"
+#: How many nodes may wait for the next round at once while the demo runs.
+MAX_WAITING = 3
+
+
+def _dead_node():
+    from rdzvctl.state.model import NodeDesc
+
+    return NodeDesc("trainer-3.cluster.local", 4103, 0)
 
 
 def demo_state(now: _dt.datetime):
@@ -21,7 +40,7 @@ def demo_state(now: _dt.datetime):
     from rdzvctl.state.model import NodeDesc, RendezvousState
 
     alive = [NodeDesc(f"trainer-{i}.cluster.local", 4100 + i, 0) for i in range(3)]
-    dead = NodeDesc("trainer-3.cluster.local", 4103, 0)
+    dead = _dead_node()
     waiting = NodeDesc("trainer-4.cluster.local", 5120, 0)
     members = sorted(alive + [dead])
     state = RendezvousState(round=2, complete=True, closed=False)
@@ -33,18 +52,50 @@ def demo_state(now: _dt.datetime):
     return state
 
 
+def heartbeat(state: Any, now: _dt.datetime, rng: random.Random, joined: int) -> int:
+    """One tick of the simulated agents: every node but the dead one heartbeats, and now
+    and then a node joins or leaves the wait list (at most :data:`MAX_WAITING` wait).
+    Returns how many nodes have joined so far (the next joiner's number)."""
+    from rdzvctl.state.model import NodeDesc
+
+    dead = _dead_node()
+    for node in state.last_heartbeats:
+        if node != dead:
+            state.last_heartbeats[node] = now
+    roll = rng.random()
+    if roll < 0.3 and len(state.wait_list) < MAX_WAITING:
+        node = NodeDesc(f"trainer-{10 + joined}.cluster.local", 6010 + joined, 0)
+        joined += 1
+        state.wait_list.add(node)
+        state.last_heartbeats[node] = now
+    elif roll < 0.45 and state.wait_list:
+        node = sorted(state.wait_list)[0]
+        state.wait_list.discard(node)
+        state.last_heartbeats.pop(node, None)
+    return joined
+
+
 @click.command("demo")
-@click.option("--path", type=click.Path(file_okay=False), help="Directory for the FileStore (default: a new temp dir).")
-@click.option("--live", is_flag=True, help="Keep nodes heartbeating and joining until interrupted (for watch).")
+@click.option("--path", type=click.Path(file_okay=False),
+              help="Directory for the FileStore (default: a new temp dir, removed when the demo stops).")
+@click.option("--live/--no-live", default=True, show_default=True,
+              help="Keep the nodes heartbeating until stopped (--no-live: write once and exit; "
+                   "the heartbeats then age and every node looks dead after 15 s).")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
-              help="Seconds between simulated heartbeats with --live.")
+              help="Seconds between simulated heartbeats.")
+@click.option("--duration", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Stop the live demo after this many seconds.")
 @click.pass_context
-def command(ctx: click.Context, path: Optional[str], live: bool, interval: float) -> None:
+def command(ctx: click.Context, path: Optional[str], live: bool, interval: float, duration: float) -> None:
     """Create a FileStore holding a realistic rendezvous and print commands to try.
 
     The state has three healthy participants, one whose heartbeat is stale
     (so the round is stuck) and one node waiting for the next round.  It is a
     real torch FileStore: torch's own C10dRendezvousBackend reads it too.
+
+    The demo keeps running and heartbeating the healthy nodes, like torch's
+    agents, so the state stays true while you try the commands in another
+    terminal; Ctrl-C stops it and removes the temporary directory.
     """
     from rdzvctl.backends.base import Address
     from rdzvctl.backends.registry import open_backend
@@ -56,68 +107,75 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     directory = path or tempfile.mkdtemp(prefix="rdzvctl-demo-")
     os.makedirs(directory, exist_ok=True)
     store = os.path.join(directory, "rendezvous.store")
+    backups = os.path.join(directory, "backups")
     with open(store, "ab"):
         pass  # the FileStore file must exist; rdzvctl never creates one behind torch's back
     address = Address("c10d", store, RUN_ID, {"store_type": "file"})
     with open_backend(address) as backend:
         current = backend.get_state()
         write_fenced(backend, None if current is None else current[1], encode(demo_state(now_utc())))
-    env = f"export PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT={store} PET_RDZV_ID={RUN_ID} PET_RDZV_CONF=store_type=file"
+    env = (f"export PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT={store} PET_RDZV_ID={RUN_ID} "
+           f"PET_RDZV_CONF=store_type=file RDZVCTL_BACKUP_DIR={backups}")
     app.out(f"A rendezvous for run {RUN_ID!r} is in the FileStore {store}.\n")
-    app.out("Address it the torchrun way (flags or these variables):\n")
+    app.out("Address it the torchrun way (flags or these variables)" + (", in another terminal" if live else "")
+            + ":\n")
     app.out(f"  {env}\n")
     app.out("Then try:")
     for line, why in (
         ("rdzvctl get", "decoded state: ranks, heartbeat ages, a dead participant"),
         ("rdzvctl corrupt-detect", "names the dead node and the repair (exit 1)"),
         ("rdzvctl reset --mode prune --dry-run", "the repair as a diff, nothing written"),
-        ("rdzvctl reset --mode prune --yes", "prune it, fenced, with a backup"),
+        ("rdzvctl reset --mode prune --yes", "prune it, fenced, with a backup (exit 3: a heartbeat won; rerun)"),
         ("rdzvctl restore BACKUP --yes", "put the exact prior bytes back"),
-        ("rdzvctl watch", "follow changes live (run `rdzvctl demo --live --path DIR` for activity)"),
+        ("rdzvctl watch", "follow the heartbeats and nodes joining and leaving live"),
         ("rdzvctl get -o json", "the documented JSON form"),
     ):
         app.out(f"  {line:<40} # {why}")
-    if live:
-        app.err(f"\nSimulating live nodes every {interval:g}s; Ctrl-C to stop.")
-        _run_live(address, interval)
+    if not live:
+        app.out(f"\nThis is a snapshot: its heartbeats age, so after 15 s every node looks dead "
+                f"(`rdzvctl demo` keeps them alive).\nRemove it with: rm -r {directory}")
+        return
+    removal = "and removes " + directory if path is None else "(" + directory + " is kept)"
+    app.err(f"\nNodes heartbeat every {interval:g}s for up to {duration:g}s; Ctrl-C stops them {removal}.")
+    try:
+        _run_live(address, interval, duration)
+    finally:
+        if path is None:
+            shutil.rmtree(directory, ignore_errors=True)
+            app.err(f"Stopped; removed {directory}.")
+        else:
+            app.err("Stopped.")
 
 
-def _run_live(address, interval: float) -> None:
-    """Heartbeat the healthy nodes and let a node join or leave now and then."""
+def _run_live(address: Any, interval: float, duration: float) -> None:
+    """Heartbeat the healthy nodes until interrupted, SIGTERM or ``duration`` seconds."""
     from rdzvctl.backends.registry import open_backend
     from rdzvctl.errors import TokenConflictError
     from rdzvctl.fence import write_fenced
     from rdzvctl.inspect import now_utc
     from rdzvctl.state.codec import decode, encode
-    from rdzvctl.state.model import NodeDesc
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     rng = random.Random(7)
-    extra = 10
-    with open_backend(address) as backend:
-        try:
-            while True:
+    joined = 0
+    end = time.monotonic() + duration
+    try:
+        with open_backend(address) as backend:
+            while time.monotonic() + interval < end:
                 time.sleep(interval)
                 current = backend.get_state()
-                if current is None:
+                if current is None:  # cleared by the user: the demo's nodes are gone
                     continue
                 state = decode(current[0])
-                now = now_utc()
-                for node in list(state.last_heartbeats):
-                    if (now - state.last_heartbeats[node]).total_seconds() < 20:
-                        state.last_heartbeats[node] = now
-                roll = rng.random()
-                if roll < 0.3:
-                    node = NodeDesc(f"trainer-{extra}.cluster.local", 6000 + extra, 0)
-                    extra += 1
-                    state.wait_list.add(node)
-                    state.last_heartbeats[node] = now
-                elif roll < 0.45 and state.wait_list:
-                    node = sorted(state.wait_list)[0]
-                    state.wait_list.discard(node)
-                    state.last_heartbeats.pop(node, None)
+                joined = heartbeat(state, now_utc(), rng, joined)
                 try:
                     write_fenced(backend, current[1], encode(state))
                 except TokenConflictError:
-                    continue
-        except KeyboardInterrupt:
-            return
+                    continue  # the user wrote meanwhile; beat again next tick
+    except KeyboardInterrupt:
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
 from rdzvctl.cli.app import App, with_app, write_options
-from rdzvctl.errors import NoStateError, UsageError
+from rdzvctl.errors import NoStateError, StateValidationError, UsageError
 
 HEADER = (
     "# Edit the rendezvous state of run {run_id!r} ({backend} {endpoint}), token {token}.\n"
     "# Lines starting with '#' are ignored. An unchanged file writes nothing.\n"
     "# Node ids are addr_pid_localid; datetimes ISO-8601 UTC. The write is fenced by the token above.\n"
 )
+
+ERROR_HEADER = (
+    "# rdzvctl could not use this edit, so nothing was written:\n"
+    "{error}"
+    "# Fix it and save to try again. To stop, save it unchanged or quit without saving\n"
+    "# (the edit is then kept in a file), or empty the file to discard it.\n"
+    "#\n"
+)
+
+#: The editor is reopened at most this many times on an invalid edit.
+MAX_ROUNDS = 10
 
 
 @click.command("edit")
@@ -23,13 +34,16 @@ HEADER = (
 def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> None:
     """Open the state as JSON in $EDITOR and write it back, fenced by its token.
 
-    If someone else writes the state while you edit, nothing is written and
-    the exit code is 3: run edit again on the fresh state.
+    An edit that is not valid JSON or not a valid state reopens the editor
+    with the error at the top (like kubectl edit); saving it unchanged stops
+    and keeps the edit in a file whose path is printed.  If someone else
+    writes the state while you edit, nothing is written and the exit code is
+    3: run edit again on the fresh state.
     """
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import take_snapshot
     from rdzvctl.state.codec import encode
-    from rdzvctl.state.jsonform import state_from_json, state_to_json
+    from rdzvctl.state.jsonform import state_to_json
 
     with app.open() as backend:
         snap = take_snapshot(backend)
@@ -40,26 +54,76 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
                                "(use `rdzvctl set --create -f FILE` to create one)")
         if not dry_run:
             app.require_consent_possible(yes)  # before the editor: an edit nobody can confirm would be lost
-        original = json.dumps(state_to_json(snap.state), indent=2) + "\n"
-        text = HEADER.format(run_id=snap.run_id, backend=snap.backend, endpoint=snap.endpoint,
-                             token=snap.token_text) + original
-        try:
-            edited = click.edit(text, extension=".json", require_save=True)
-        except click.ClickException as exc:  # the editor is missing or exited non-zero
-            raise UsageError(f"{exc.format_message()} ($EDITOR / $VISUAL); nothing was written") from None
-        if edited is None:
-            app.err("Edit cancelled: nothing was written.")
+        header = HEADER.format(run_id=snap.run_id, backend=snap.backend, endpoint=snap.endpoint,
+                               token=snap.token_text)
+        new_state = _edit_until_valid(app, header, json.dumps(state_to_json(snap.state), indent=2) + "\n",
+                                      snap.token_text or "")
+        if new_state is None:
             return
-        body = "\n".join(line for line in edited.splitlines() if not line.lstrip().startswith("#"))
-        try:
-            doc = json.loads(body)
-        except ValueError as exc:
-            raise UsageError(f"the edited text is not valid JSON: {exc}; nothing was written") from None
-        except RecursionError:
-            raise UsageError("the edited JSON nests too deeply; nothing was written") from None
-        new_state = state_from_json(doc)
         if state_to_json(new_state) == state_to_json(snap.state):
             app.err("No changes: nothing was written.")
             return
         apply_change(app, backend, snap, encode(new_state), yes=yes, dry_run=dry_run, backup_dir=backup_dir,
                      command="edit", title=f"Changes to run {snap.run_id!r}")
+
+
+def _edit_until_valid(app: App, header: str, body: str, token: str) -> Any:
+    """The state the user saved, reopening the editor on an invalid one; None when cancelled."""
+    presented = header + body
+    error: Optional[UsageError] = None
+    for _ in range(MAX_ROUNDS):
+        edited = _run_editor(presented)
+        if edited is None:  # quit without saving
+            if error is None:
+                app.err("Edit cancelled: nothing was written.")
+                return None
+            raise _kept(error, body, token)
+        previous, body = body, "".join(
+            line for line in edited.splitlines(keepends=True) if not line.lstrip().startswith("#"))
+        if error is not None and (edited == presented or body == previous):  # saved unchanged: stop
+            raise _kept(error, body, token)
+        if not body.strip():
+            app.err("Edit cancelled (empty file): nothing was written.")
+            return None
+        try:
+            return _parse(body)
+        except UsageError as exc:
+            error = exc
+            lines = "".join(f"#   {line}\n" for line in str(exc).splitlines() or [""])
+            presented = ERROR_HEADER.format(error=lines) + header + (body if body.endswith("\n") else body + "\n")
+    assert error is not None
+    raise _kept(error, body, token)
+
+
+def _run_editor(text: str) -> Optional[str]:
+    try:
+        return click.edit(text, extension=".json", require_save=True)
+    except click.ClickException as exc:  # the editor is missing or exited non-zero
+        raise UsageError(f"{exc.format_message()} ($EDITOR / $VISUAL); nothing was written") from None
+
+
+def _parse(body: str) -> Any:
+    from rdzvctl.state.jsonform import state_from_json
+
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise UsageError(f"the edited text is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError("the edited JSON nests too deeply") from None
+    return state_from_json(doc)
+
+
+def _kept(error: UsageError, body: str, token: str) -> UsageError:
+    """``error``, saying nothing was written and where the user's last edit is kept."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="rdzvctl-edit-", suffix=".json")
+    with os.fdopen(fd, "w") as out:
+        out.write(body)
+    tail = (f"; nothing was written; your edit is kept in {path} "
+            f"(fix it, then `rdzvctl set ... -f {path} --token {token}`)")
+    if isinstance(error, StateValidationError):
+        return StateValidationError(error.field, error.reason + tail)
+    return UsageError(str(error) + tail)
