@@ -304,3 +304,16 @@ def test_clear_of_a_removed_state_with_old_keys_on_real_backends(keyed_backend, 
         assert decode(backend.get_state()[0]) == fresh_state(1), kind
         (path,) = cli_env.glob("*.json")
         assert read_backup(path).state is None
+
+
+def test_round_of_store_key_parses_only_torchs_keys() -> None:
+    from rdzvctl.backends.base import round_of_store_key
+
+    prefix = b"torch.rendezvous.job."
+    assert round_of_store_key(b"torch.rendezvous.job.3/MASTER_ADDR", prefix) == (3, b"MASTER_ADDR")
+    assert round_of_store_key(b"torch.rendezvous.job.12/torchelastic/role_info/0", prefix) == (
+        12, b"torchelastic/role_info/0")
+    for other in (b"torch.rendezvous.job", b"torch.rendezvous.job.5.0/MASTER_ADDR", b"torch.rendezvous.job1.0/x",
+                  b"torch.rendezvous.job.3", b"torch.rendezvous.job.-1/x", b"torch.rendezvous.job. 3/x",
+                  b"torch.rendezvous.job.\xd9\xa3/x", b"torch.rendezvous.job." + b"9" * 5000 + b"/x"):
+        assert round_of_store_key(other, prefix) is None, other
