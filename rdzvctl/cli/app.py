@@ -93,6 +93,11 @@ class App:
         return sys.stdout.isatty() or os.environ.get("RDZVCTL_FORCE_RICH") == "1"
 
     @property
+    def full_diff(self) -> bool:
+        """--full-diff: a write's plan shows every diff line, however long."""
+        return bool(self.ctx.meta.get("rdzvctl.full_diff"))
+
+    @property
     def interactive(self) -> bool:
         return sys.stdin.isatty() and sys.stderr.isatty()
 
@@ -187,8 +192,14 @@ def output_option(*choices: str, default: str = "text") -> Callable[..., Any]:
     return decorate
 
 
+def _remember_full_diff(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    ctx.meta["rdzvctl.full_diff"] = value
+
+
 def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--yes, --dry-run and --backup-dir, shared by every command that writes."""
+    """--yes, --dry-run, --backup-dir and --full-diff, shared by every command that writes."""
+    func = click.option("--full-diff", is_flag=True, expose_value=False, callback=_remember_full_diff,
+                        help="Show the plan's whole diff (long ones are summarised by default).")(func)
     func = click.option("--backup-dir", type=click.Path(file_okay=False), envvar="RDZVCTL_BACKUP_DIR",
                         help="Where backups are written (default ~/.local/state/rdzvctl/backups).")(func)
     func = click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")(func)

@@ -24,6 +24,7 @@ __all__ = [
     "render_get",
     "render_plan",
     "render_event",
+    "plan_summary",
     "fmt_age",
     "fmt_seconds",
     "SUMMARY_LIMIT",
@@ -193,8 +194,19 @@ def _problems_table(problems: List[Dict[str, Any]]) -> Table:
     return Table("Problems", ["severity", "code", "message"], rows)
 
 
+#: A plan's diff longer than this many lines is summarised unless ``--full-diff``.
+PLAN_DIFF_LIMIT = 60
+#: How many names a plan summary shows per changed field.
+PLAN_NAMED = 3
+
+
 def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
-    """Show a unified diff of two JSON documents; returns False when they are equal."""
+    """Show a unified diff of two JSON documents; returns False when they are equal.
+
+    A diff longer than :data:`PLAN_DIFF_LIMIT` lines (a large state cleared or
+    pruned) is summarised field by field, so the question that follows is on
+    screen; ``--full-diff`` (``app.full_diff``) shows every line.
+    """
     # json_text: data-held controls, bidi and separators become \u escapes, so no diff line carries them.
     old = json_text(before, indent=2).splitlines() if before is not None else []
     new = json_text(after, indent=2).splitlines() if after is not None else []
@@ -202,6 +214,11 @@ def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
         app.err(f"{title}: no change.")
         return False
     diff = [safe(line) for line in difflib.unified_diff(old, new, "current", "new", lineterm="", n=2)]
+    if len(diff) > PLAN_DIFF_LIMIT and not getattr(app, "full_diff", False):
+        app.err(f"{title} (a {len(diff)}-line diff, summarised; --full-diff shows it all):")
+        for line in plan_summary(before, after):
+            app.err(f"  {line}")
+        return True
     app.err(f"{title}:")
     if app.rich:
         from rich.syntax import Syntax
@@ -211,6 +228,44 @@ def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
         for line in diff:
             app.err(line)
     return True
+
+
+def _named(names: List[str]) -> str:
+    shown = ", ".join(names[:PLAN_NAMED])
+    return shown + (f" and {len(names) - PLAN_NAMED} more" if len(names) > PLAN_NAMED else "")
+
+
+def _size(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return f"{len(value)} entries"
+    return json_text(value)
+
+
+def plan_summary(before: Any, after: Any) -> List[str]:
+    """What a plan changes, one line per top-level field (counts and the first names, never every node)."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        which, doc = ("removes", before) if after is None else ("writes", after)
+        if not isinstance(doc, dict):
+            return [f"{which} the state"]
+        return [f"{which} the state:"] + [f"  {k}: {_size(v)}" for k, v in doc.items() if k != "bytes_base64"]
+    lines = []
+    for key in list(before) + [k for k in after if k not in before]:
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
+            old_items = old if isinstance(old, dict) else {k: None for k in (old or [])}
+            new_items = new if isinstance(new, dict) else {k: None for k in (new or [])}
+            parts = []
+            for label, names in (("added", [k for k in new_items if k not in old_items]),
+                                 ("removed", [k for k in old_items if k not in new_items]),
+                                 ("changed", [k for k in new_items if k in old_items and old_items[k] != new_items[k]])):
+                if names:
+                    parts.append(f"{len(names)} {label} ({_named([str(n) for n in names])})")
+            lines.append(f"{key}: " + "; ".join(parts))
+        else:
+            lines.append(f"{key}: {json_text(old)} -> {json_text(new)}")
+    return lines
 
 
 def render_event(app: Any, event: Dict[str, Any]) -> None:
