@@ -71,6 +71,8 @@ def apply_change(
         Path(backup_dir) if backup_dir else None,
     )
     app.err(f"Backup written: {path}")
+    if snap.raw is not None:
+        app.err(_restore_hint(path, snap))
     try:
         result = write_fenced(backend, snap.token, new)
     except TokenConflictError as exc:
@@ -79,6 +81,14 @@ def apply_change(
     token = None if result is None else backend.format_token(result[1])
     app.err("Written." + (f" New token: {token}" if token else " The state was removed."))
     return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
+
+
+def _restore_hint(path: Path, snap: Snapshot) -> str:
+    """What the backup is good for: ``restore`` for a usable state, forensics for bytes torch cannot load."""
+    if snap.error is not None or snap.state is None:
+        return ("It keeps the undecodable bytes for forensics; restore will not write bytes torch cannot load "
+                "back.")
+    return f"To undo: rdzvctl restore {path}"
 
 
 def _check_writable(new: bytes) -> None:

@@ -33,7 +33,8 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
 
     Liveness uses --rdzv-conf keep_alive_interval and keep_alive_max_attempt
     (torch's defaults 5 s x 3); min_nodes=N lets prune clear the deadline like torch.
-    The backup path is printed; `rdzvctl restore PATH` puts the exact bytes back.
+    The backup path is printed; `rdzvctl restore PATH` puts a decodable state
+    back (the bytes of a corrupt one are kept there for forensics only).
     """
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import now_utc, take_snapshot
