@@ -1,8 +1,8 @@
 """What every command shares: the address, output mode, streams and confirmation.
 
 Data goes to stdout, status and errors to stderr.  Text output is rich on a
-terminal and plain (colourless, stable, rich not even imported) otherwise or
-with ``NO_COLOR``.  Everything printed passes :mod:`rdzvctl.text` here
+terminal (without colours under ``NO_COLOR``) and plain (colourless, stable,
+rich not even imported) otherwise.  Everything printed passes :mod:`rdzvctl.text` here
 (secrets masked, control characters escaped; JSON with ``\\u`` escapes),
 except ``-o raw``, which is the exact bytes and refuses a terminal without
 ``--force``.
@@ -87,8 +87,11 @@ class App:
     # -- output ---------------------------------------------------------------
     @property
     def rich(self) -> bool:
-        """Rich output: stdout is a terminal and NO_COLOR is not set."""
-        if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        """Rich output (tables, panels): stdout is a terminal (or RDZVCTL_FORCE_RICH=1), TERM is not dumb.
+
+        ``NO_COLOR`` only drops the colours (see :meth:`console`); the layout stays.
+        """
+        if os.environ.get("TERM") == "dumb":
             return False
         return sys.stdout.isatty() or os.environ.get("RDZVCTL_FORCE_RICH") == "1"
 
@@ -125,7 +128,7 @@ class App:
     def console(self, stderr: bool = False) -> Any:
         from rich.console import Console
 
-        return Console(stderr=stderr, highlight=False, soft_wrap=False)
+        return Console(stderr=stderr, highlight=False, soft_wrap=False, no_color=bool(os.environ.get("NO_COLOR")))
 
     def confirm(self, question: str, yes: bool) -> None:
         """Ask on a terminal unless ``--yes``; raises click.Abort on 'no'."""

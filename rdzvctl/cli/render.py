@@ -99,7 +99,6 @@ def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[T
         blocks += ["\n".join(_plain_table(t)) for t in tables]
         app.out("\n\n".join(blocks))
         return
-    from rich import box
     from rich.table import Table as RichTable
     from rich.text import Text
 
@@ -109,19 +108,75 @@ def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[T
         grid.add_column(style="bold")
         grid.add_column()
         for key, value in pairs:
-            grid.add_row(Text(key), Text(value, style=_STYLES.get(value.split(" ")[0], "")))
+            # Only a value that is a status word is styled ("liveness: dead after 15s ..." is not an error).
+            grid.add_row(Text(key), Text(value, style=_STYLES.get(value, "")))
         console.print(grid)
     for table in tables:
         console.print()
-        rich_table = RichTable(title=Text(table.title) if table.title else None, title_justify="left",
-                               title_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        for column in table.columns:
-            rich_table.add_column(Text(column.upper()), overflow="fold")
-        for row in table.rows:
-            rich_table.add_row(*(Text(v, style=_STYLES.get(v, "")) for v in row))
-        console.print(rich_table if table.rows else Text.assemble((table.title, "bold"), "\n  (none)"))
+        if not table.rows:
+            console.print(Text.assemble((table.title, "bold"), "\n  (none)"))
+        elif _prose_below(table, console.width):
+            _print_stacked(console, table)
+        else:
+            console.print(_rich_table(table, console.width))
         if table.note:
             console.print(Text(table.note, style="dim"))
+
+
+#: Columns of identifiers (codes, node ids, run ids, keys): never wrapped or folded while the table fits.
+_IDENTIFIERS = {"code", "codes", "node", "run id", "key", "name", "case"}
+#: Columns of prose: they wrap at spaces; below this width they go on their own lines instead.
+_PROSE = {"message", "repair", "why", "summary", "description", "detail"}
+_PROSE_MIN_WIDTH = 36
+
+
+def _widths(table: Table) -> List[int]:
+    return [max(len(c), *(len(r[i]) for r in table.rows)) for i, c in enumerate(table.columns)]
+
+
+def _prose_below(table: Table, width: int) -> bool:
+    """True when the prose columns would be squeezed below :data:`_PROSE_MIN_WIDTH` beside the others."""
+    prose = [i for i, c in enumerate(table.columns) if c in _PROSE]
+    if not prose:
+        return False
+    widths = _widths(table)
+    beside = sum(w + 2 for i, w in enumerate(widths) if i not in prose)
+    return (width - beside) / len(prose) < _PROSE_MIN_WIDTH
+
+
+def _rich_table(table: Table, width: int) -> Any:
+    from rich import box
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    rich_table = RichTable(title=Text(table.title) if table.title else None, title_justify="left",
+                           title_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    widths = _widths(table)
+    keep = sum(w + 2 for w, c in zip(widths, table.columns) if c in _IDENTIFIERS) <= width - 8
+    for column, natural in zip(table.columns, widths):
+        if keep and column in _IDENTIFIERS:
+            rich_table.add_column(Text(column.upper()), no_wrap=True, min_width=natural, overflow="fold")
+        else:
+            rich_table.add_column(Text(column.upper()), overflow="fold")
+    for row in table.rows:
+        rich_table.add_row(*(Text(v, style=_STYLES.get(v, "")) for v in row))
+    return rich_table
+
+
+def _print_stacked(console: Any, table: Table) -> None:
+    """A narrow terminal: the short columns on one line, each prose cell indented on its own lines below."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    prose = [i for i, c in enumerate(table.columns) if c in _PROSE]
+    if table.title:
+        console.print(Text(table.title, style="bold"))
+    for row in table.rows:
+        head = Text("  ").join(Text(row[i], style=_STYLES.get(row[i], "")) for i in range(len(row)) if i not in prose)
+        console.print(head, no_wrap=True, overflow="fold")
+        for i in prose:
+            if row[i]:
+                console.print(Padding(Text(row[i]), (0, 0, 0, 4)))
 
 
 def _yes(value: Any) -> str:
@@ -177,8 +232,10 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
         ]
         tables.append(Table(title, columns, rows, note))
     tables.append(_problems_table(doc["problems"]))
-    if doc.get("store_keys"):
-        tables.append(Table("Store keys", ["key", "value"], sorted(doc["store_keys"].items())))
+    if doc.get("store_keys") is not None:  # asked for (--keys)
+        keys = doc["store_keys"]
+        tables.append(Table("Store keys", ["key", "value"], sorted(keys.items()),
+                            "" if keys else "no round keys for this run (torch writes them once a round completes)"))
     pairs.append(("liveness", f"dead after {expiry:g}s without a heartbeat "
                               f"({ka['interval']:g}s x {ka['max_attempt']})"))
     render_tables(app, pairs, tables)
