@@ -230,7 +230,7 @@ class C10dBackend(RendezvousBackend):
         return self.store.endpoint
 
 
-_ROUND_PREFIX = re.compile(rb"(.+)\.[0-9]+")
+_ROUND_PREFIX = re.compile(rb"(.+)\.[0-9]+", re.DOTALL)  # run ids may hold any byte, line breaks too
 
 
 def _is_round_key(name: bytes, names: Set[bytes]) -> bool:
