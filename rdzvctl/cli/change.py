@@ -111,10 +111,12 @@ def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:
     except StateError:
         app.err("Meanwhile the stored state became undecodable.")
         return
-    events = diff_states(snap.state, now_state)
+    from rdzvctl.cli.render import group_events
+
+    events = group_events(diff_states(snap.state, now_state))
     if events:
         app.err("Changed meanwhile:")
-        for event in events:
-            app.err(f"  {event.message}")
+        for _, message, _ in events:
+            app.err(f"  {message}")
     elif current is not None:
         app.err("Changed meanwhile: the state was rewritten (heartbeats or equal content).")

@@ -34,13 +34,6 @@ def parse_until(text: Optional[str]) -> Optional[Callable[[Any, bool], bool]]:
     return lambda state, exists: state is not None and state.round >= target
 
 
-#: A grouped event (many nodes of one kind at once) lists this many nodes in ``-o json``'s ``nodes``.
-GROUP_NODES = 20
-#: ... and names this many in its one-line message.
-GROUP_NAMED = 3
-_GROUP_PHRASE = {"heartbeat-fresh": "heartbeating again", "rank-changed": "changed rank"}
-
-
 @click.command("watch")
 @with_app
 @output_option("text", "json")
@@ -109,21 +102,10 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
 
     def emit_all(events: List[Any]) -> None:
         """One line per event; many nodes of one kind at once become one event with a count."""
-        by_kind: Dict[str, List[Any]] = {}
-        for event in events:
-            by_kind.setdefault(event.kind if event.node else id(event), []).append(event)
-        for group in by_kind.values():
-            event = group[0]
-            if len(group) == 1:
-                emit(event.kind, event.message, {"node": event.node, **event.data} if event.node or event.data
-                     else None)
-                continue
-            nodes = [e.node for e in group]
-            shown = ", ".join(nodes[:GROUP_NAMED]) + (f" and {len(nodes) - GROUP_NAMED} more"
-                                                      if len(nodes) > GROUP_NAMED else "")
-            phrase = _GROUP_PHRASE.get(event.kind, event.kind.replace("-", " "))
-            emit(event.kind, f"{len(nodes)} nodes {phrase}: {shown}",
-                 {"count": len(nodes), "nodes": nodes[:GROUP_NODES]})
+        from rdzvctl.cli.render import group_events
+
+        for kind, message, fields in group_events(events):
+            emit(kind, message, fields or None)
 
     thread = threading.Thread(target=follow, name="rdzvctl-watch", daemon=True)
     thread.start()
