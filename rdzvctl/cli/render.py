@@ -124,8 +124,9 @@ def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[T
             console.print(Text(table.note, style="dim"))
 
 
-#: Columns of identifiers (codes, node ids, run ids, keys): never wrapped or folded while the table fits.
-_IDENTIFIERS = {"code", "codes", "node", "run id", "key", "name", "case"}
+#: Columns of identifiers (codes, node ids, run ids, keys) and status words: never wrapped or
+#: folded while they fit; the other columns give way first (their headers may fold).
+_IDENTIFIERS = {"code", "codes", "node", "run id", "key", "name", "case", "health", "status", "severity"}
 #: Columns of prose: they wrap at spaces; below this width they go on their own lines instead.
 _PROSE = {"message", "repair", "why", "summary", "description", "detail"}
 _PROSE_MIN_WIDTH = 36
