@@ -50,8 +50,8 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
     Events: node joined/left participants, wait list or redundancy list, rank
     changed, round advanced, completed, closed/reopened, deadline set/cleared,
     heartbeat went stale, state created/removed/corrupt.  Many nodes of one
-    kind at once are one event with a count (``-o json``: ``count`` and the
-    first nodes in ``nodes``).  A corrupt value is reported and watching goes
+    kind at once are one event with a count (-o json: "count", and the first
+    node ids in "nodes").  A corrupt value is reported and watching goes
     on.  The backend's native watch is used where it has one; otherwise the
     state is polled.
 
