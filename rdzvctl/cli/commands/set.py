@@ -92,7 +92,8 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
         new_state = state_from_document(read_document(source))  # validate before touching the backend
         violations = torch_invariant_violations(new_state)
         if violations and not force:
-            raise StateValidationError("", f"{source} breaks torch's invariants: {'; '.join(violations)}; "
+            where = "the state on stdin" if source == "-" else source
+            raise StateValidationError("", f"{where} breaks torch's invariants: {'; '.join(violations)}; "
                                            "nothing was written (--force writes it anyway)")
     nodes_out = [_node(n, "--remove-node") for n in remove_nodes]
     nodes_in = [_node(n, "--add-waiting") for n in add_waiting]
