@@ -238,7 +238,7 @@ def test_unreachable_endpoint_exits_4_within_the_timeout(target: Target, cli: Rd
 def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_factory: NodeFactory, cli: Rdzvctl,
                                                        run_id: str) -> None:
     address = target.address(run_id)
-    gate = cli.start("watch", *address, "--until", "complete", "--timeout", "60", "--interval", "0.2", "-o", "json")
+    gate = cli.start("watch", *address, "--until", "complete", "--for", "60", "--interval", "0.2", "-o", "json")
     with cli.watch(*address, "--interval", "0.2") as watch:
         assert watch.wait_for("snapshot")["message"] == "no state yet"
         # The nodes tolerate 60 s of silence: they do not drop the killed node before watch sees it stale.
@@ -258,7 +258,7 @@ def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_fact
 
             late = node_factory.spawn(target, run_id, **tolerant)  # the round is complete: it waits
             late.send("next")
-            watch.wait_for("joined-wait_list", timeout=30, node=late.node_id)
+            watch.wait_for("joined-wait-list", timeout=30, node=late.node_id)
             late.kill()  # its heartbeat goes stale
 
             write_racing_nodes(cli, "set", *address, "--timeout", TIMEOUT, "--closed", "--yes")

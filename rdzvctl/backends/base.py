@@ -271,7 +271,11 @@ class RendezvousBackend(ABC):
         raise UnsupportedOperationError(f"the {self.name} backend cannot clear a state")
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run on the backend with its raw state, read in as few requests as possible."""
+        """Every run on the backend with its raw state, sorted by run id, read in as few requests as possible.
+
+        Every run is yielded, an unreadable one with its ``error`` set: a
+        listing never hides a run that ``get`` would show.
+        """
         raise UnsupportedOperationError(f"the {self.name} backend cannot list runs")
 
     def store_keys(self) -> Dict[str, bytes]:

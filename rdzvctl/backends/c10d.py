@@ -24,7 +24,7 @@ from __future__ import annotations
 import binascii
 import re
 from base64 import b64decode, b64encode
-from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
 
 from rdzvctl.backends.base import (
     Address,
@@ -190,20 +190,20 @@ class C10dBackend(RendezvousBackend):
         return self.store.compare_set(self.key, token, NULL_SENTINEL) == NULL_SENTINEL
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every ``torch.rendezvous.<run_id>`` key with its state (``None`` for the sentinel).
+        """Every ``torch.rendezvous.<run_id>`` key with its state (``None`` for the sentinel), sorted by run id.
 
-        A value that is not base64 is returned raw, as its own token, so
-        decoding it reports the corruption and a fenced ``clear`` can repair it.
+        A run id may hold ``/``; a key is a round's store key
+        (``torch.rendezvous.<run_id>.<round>/<name>``) rather than a run only
+        when that ``<run_id>`` is a run too.  A value that is not base64 is
+        returned raw, as its own token, so decoding it reports the corruption
+        and a fenced ``clear`` can repair it.
         """
-        keys = sorted(k for k in self.store.list_keys()
-                      if k.startswith(_WIRE_PREFIX) and b"/" not in k[len(_WIRE_PREFIX):])
+        names = {k[len(_WIRE_PREFIX):] for k in self.store.list_keys() if k.startswith(_WIRE_PREFIX)}
+        keys = sorted(_WIRE_PREFIX + name for name in names if not _is_round_key(name, names))
         for start in range(0, len(keys), _MULTI_GET_BATCH):
             batch = keys[start:start + _MULTI_GET_BATCH]
             for key, value in zip(batch, self.store.multi_get(batch)):
-                try:
-                    run_id = key[len(_WIRE_PREFIX):].decode()
-                except UnicodeDecodeError:
-                    continue  # not a key torch writes
+                run_id = key[len(_WIRE_PREFIX):].decode("utf-8", "replace")
                 if value is None:
                     continue  # deleted since the listing
                 try:
@@ -245,3 +245,17 @@ class C10dBackend(RendezvousBackend):
 
     def describe(self) -> str:
         return self.store.endpoint
+
+
+_ROUND_PREFIX = re.compile(rb"(.+)\.[0-9]+", re.DOTALL)  # run ids may hold any byte, line breaks too
+
+
+def _is_round_key(name: bytes, names: Set[bytes]) -> bool:
+    """``<run_id>.<round>/<key>`` of a run in ``names``: a per-round store key, not a run."""
+    cut = name.find(b"/")
+    while cut != -1:
+        match = _ROUND_PREFIX.fullmatch(name, 0, cut)
+        if match and match.group(1) in names:
+            return True
+        cut = name.find(b"/", cut + 1)
+    return False

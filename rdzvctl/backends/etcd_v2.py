@@ -168,7 +168,7 @@ class EtcdV2Backend(RendezvousBackend):
         return True
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run under the key prefix, from one recursive GET.
+        """Every run under the key prefix, sorted by run id, from one recursive GET.
 
         A run whose value is not base64 is listed with its ``error`` set.
         """
@@ -190,6 +190,7 @@ class EtcdV2Backend(RendezvousBackend):
                 entries.append(RunEntry(run_id, self._decode_node(node)))
             except StateCorruptError as exc:
                 entries.append(RunEntry(run_id, None, exc))
+        entries.sort(key=lambda entry: entry.run_id)
         yield from entries
 
     def _store_nodes(self) -> Iterator["tuple[bytes, Dict[str, Any]]"]:

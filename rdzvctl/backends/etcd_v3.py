@@ -203,7 +203,7 @@ class EtcdV3Backend(RendezvousBackend):
         return bool(txn.get("succeeded"))
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run under the key prefix, from one range request.
+        """Every run under the key prefix, sorted by run id, from one range request.
 
         A run whose value is not base64 is listed with its ``error`` set.
         """
@@ -225,6 +225,7 @@ class EtcdV3Backend(RendezvousBackend):
                 entries.append(RunEntry(run_id, None, error))
                 continue
             entries.append(RunEntry(run_id, (state, int(kv["mod_revision"]))))
+        entries.sort(key=lambda entry: entry.run_id)
         yield from entries
 
     @property

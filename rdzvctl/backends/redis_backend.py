@@ -564,37 +564,61 @@ class RedisBackend(RendezvousBackend):
         return removed == 1
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run under the key prefix, found by SCAN and read by pipelined HMGETs.
+        """Every run under the key prefix, sorted by run id: found by SCAN, read by pipelined HMGETs.
 
-        Keys of other types (store keys under the same prefix) and hashes
-        without rendezvous fields are skipped.  A state whose base64 is
-        corrupt is yielded undecoded, so the state layer reports it as
-        corrupt instead of hiding the run.
+        The torchrun store's STRING keys (``<key>.store/...``) are not runs and
+        are skipped.  Every other key is a run: a key of another type, a hash
+        without a ``state`` or ``version`` field comes with its ``error`` set;
+        a state whose base64 is corrupt is yielded undecoded (with its
+        version as the token), so the state layer reports it as corrupt and a
+        fenced ``clear`` can remove it.
         """
+        from redis import exceptions as rx
+
         prefix = self.settings.key_prefix.encode()
         pattern = _glob_escape(self.settings.key_prefix) + "*"
         client = self.client
         keys = iter(())
+        entries: List[RunEntry] = []
         with self._errors():
-            keys = client.scan_iter(match=pattern, count=LIST_BATCH, _type="hash")
+            keys = client.scan_iter(match=pattern, count=LIST_BATCH)
         while True:
             with self._errors():
                 batch = [key for _, key in zip(range(LIST_BATCH), keys)]
                 if not batch:
-                    return
+                    break
                 pipe = client.pipeline(transaction=False)
                 for key in batch:
                     pipe.hmget(key, ["state", "version"])
-                rows = pipe.execute()
-            for key, (state, version) in zip(batch, rows):
-                if state is None or not version:
-                    continue
+                rows = pipe.execute(raise_on_error=False)
+            for key, row in zip(batch, rows):
+                name = key.decode("utf-8", "replace")
                 run_id = key[len(prefix):].decode("utf-8", "replace")
+                if isinstance(row, rx.ResponseError):
+                    if b".store/" in key[len(prefix):]:
+                        continue  # a torchrun store key of some run
+                    if "WRONGTYPE" not in str(row).upper():
+                        raise translate_error(row, self.describe(), self.address.timeout, self.settings.secrets)
+                    entries.append(RunEntry(run_id, None, StateCorruptError(
+                        f"the Redis key {name!r} is a key of another type where a rendezvous hash belongs")))
+                    continue
+                if isinstance(row, Exception):
+                    raise translate_error(row, self.describe(), self.address.timeout, self.settings.secrets)
+                state, version = row
+                if state is None:
+                    entries.append(RunEntry(run_id, None, StateCorruptError(
+                        f"the Redis hash {name!r} has no state field (not a rendezvous hash)")))
+                    continue
                 try:
-                    yield RunEntry(run_id, _decode(key.decode("utf-8", "replace"), state, version))
-                except StateCorruptError:
-                    text = version.decode("ascii", "replace")
-                    yield RunEntry(run_id, (bytes(state), int(text) if text.isdigit() else text))
+                    entries.append(RunEntry(run_id, _decode(name, state, version)))
+                except StateCorruptError as exc:
+                    text = (version or b"").decode("ascii", "replace")
+                    if text.isdigit():
+                        entries.append(RunEntry(run_id, (bytes(state), int(text))))
+                    else:
+                        entries.append(RunEntry(run_id, None, exc))
+        entries.sort(key=lambda entry: entry.run_id)
+        yield from entries
 
     @property
     def store_prefix(self) -> str:

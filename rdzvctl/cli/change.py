@@ -76,6 +76,8 @@ def apply_change(
         app.err("Declined: nothing was written.")
         return None
     path = _save_backup(app, backend, snap, command, directory)
+    if snap.raw is not None:
+        app.err(_restore_hint(path, snap))
     progress = app.progress
     progress["writing"] = True
     try:
@@ -120,6 +122,14 @@ def interrupted_message(progress: Dict[str, Any]) -> str:
     return "Interrupted: nothing was written."
 
 
+def _restore_hint(path: Path, snap: Snapshot) -> str:
+    """What the backup is good for: ``restore`` for a usable state, forensics for bytes torch cannot load."""
+    if snap.error is not None or snap.state is None:
+        return ("It keeps the undecodable bytes for forensics; restore will not write bytes torch cannot load "
+                "back.")
+    return f"To undo: rdzvctl restore {path}"
+
+
 def _check_writable(new: bytes) -> None:
     """Write only what torch's agents can load and use: they unpickle the stored bytes unchecked.
 
@@ -141,10 +151,12 @@ def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:
     except StateError:
         app.err("Meanwhile the stored state became undecodable.")
         return
-    events = diff_states(snap.state, now_state)
+    from rdzvctl.cli.render import group_events
+
+    events = group_events(diff_states(snap.state, now_state))
     if events:
         app.err("Changed meanwhile:")
-        for event in events:
-            app.err(f"  {event.message}")
+        for _, message, _ in events:
+            app.err(f"  {message}")
     elif current is not None:
         app.err("Changed meanwhile: the state was rewritten (heartbeats or equal content).")

@@ -9,6 +9,9 @@ import click
 from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.errors import NoStateError, TokenConflictError
 
+#: How many dead nodes the prune plan names (the diff or its summary has the rest).
+PRUNE_NAMED = 5
+
 
 @click.command("reset")
 @with_app
@@ -38,7 +41,8 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
 
     Liveness uses --rdzv-conf keep_alive_interval and keep_alive_max_attempt
     (torch's defaults 5 s x 3); min_nodes=N lets prune clear the deadline like torch.
-    The backup path is printed; `rdzvctl restore PATH` puts the exact bytes back.
+    The backup path is printed; `rdzvctl restore PATH` puts a decodable state
+    back (the bytes of a corrupt one are kept there for forensics only).
     """
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import now_utc, take_snapshot
@@ -74,7 +78,9 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
                     if not removed:
                         app.err(f"Run {snap.run_id!r} has no dead nodes: nothing to prune.")
                         return
-                    app.err(f"Dead node(s) to prune: {', '.join(map(str, removed))}")
+                    shown = ", ".join(map(str, removed[:PRUNE_NAMED]))
+                    more = f" and {len(removed) - PRUNE_NAMED} more" if len(removed) > PRUNE_NAMED else ""
+                    app.err(f"{len(removed)} dead node(s) to prune: {shown}{more}")
                 new = encode(new_state)
             try:
                 result = apply_change(app, backend, snap, new, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
