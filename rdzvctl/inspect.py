@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from rdzvctl.backends.base import RendezvousBackend, Token
 from rdzvctl.errors import RdzvctlError, StateError
-from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, KeepAlive, deadline_remaining, find_problems, node_statuses
+from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Finding, KeepAlive, deadline_remaining, node_statuses
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time, state_to_json
+from rdzvctl.state.lifecycle import Lifecycle
 from rdzvctl.state.model import RendezvousState
 
-__all__ = ["Snapshot", "take_snapshot", "describe", "SCHEMA", "now_utc"]
+__all__ = ["Snapshot", "take_snapshot", "describe", "assess", "probe_tcp", "read_store_keys", "SCHEMA", "now_utc"]
+
+#: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
+PROBE_TIMEOUT = 0.5
 
 SCHEMA = "rdzvctl.get/v1"
 
@@ -96,11 +100,65 @@ def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[t
     return None
 
 
+def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
+    """One bounded TCP connect: ``listening``, ``refused`` or ``unreachable`` (timeout, no route, no name)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return "unreachable"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except ConnectionRefusedError:
+            return "refused"
+        except OSError:
+            return "unreachable"
+    return "listening"
+
+
+def read_store_keys(backend: RendezvousBackend) -> Optional[Dict[str, bytes]]:
+    """The run's per-round store keys, or None where the backend cannot list them."""
+    if "store_keys" not in backend.capabilities:
+        return None
+    return backend.store_keys()
+
+
+def assess(
+    state: RendezvousState,
+    now: _dt.datetime,
+    run_id: Optional[str],
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
+    max_nodes: Optional[int] = None,
+    store_keys: Optional[Dict[str, bytes]] = None,
+    closed_since: Optional[_dt.datetime] = None,
+    probe: bool = True,
+) -> Tuple[Lifecycle, List[Finding]]:
+    """The lifecycle and findings of a state; with store keys, the published rank-0 address is probed."""
+    from rdzvctl.state.findings import find_problems, master_address_findings, master_addresses
+    from rdzvctl.state.lifecycle import lifecycle
+
+    life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
+    findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
+    if store_keys:
+        published = master_addresses(store_keys)
+        probes = {}
+        if probe and published:
+            _, addr, port = published[-1]
+            probes[(addr, port)] = probe_tcp(addr, port)
+        extra = master_address_findings(state, now, store_keys, probes, keep_alive)
+        findings = extra + findings
+    return life, findings
+
+
 def describe(
     snap: Snapshot,
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
     max_nodes: Optional[int] = None,
-    store_keys: Optional[Dict[str, Any]] = None,
+    store_keys: Optional[Dict[str, bytes]] = None,
 ) -> Dict[str, Any]:
     """The ``get -o json`` document (schema ``rdzvctl.get/v1``)."""
     doc: Dict[str, Any] = {
@@ -141,13 +199,20 @@ def describe(
         }
         for s in statuses
     ]
-    doc["problems"] = [
-        {"code": f.code, "severity": f.severity, "message": f.message, "repair": f.repair, "nodes": list(f.nodes)}
-        for f in find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=snap.run_id)
-    ]
+    life, findings = assess(state, now, snap.run_id, keep_alive, max_nodes, store_keys)
+    doc["lifecycle"] = life.to_json()
+    doc["problems"] = [f.to_json() for f in findings]
     if store_keys is not None:
-        doc["store_keys"] = store_keys
+        doc["store_keys"] = {k: printable(v) for k, v in store_keys.items()}
     return doc
+
+
+def printable(value: bytes) -> str:
+    """A store value as text: UTF-8, else ``0x`` and hex."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + value.hex()
 
 
 def problem_for_error(error: StateError) -> Dict[str, Any]:
@@ -158,6 +223,10 @@ def problem_for_error(error: StateError) -> Dict[str, Any]:
         "message": str(error),
         "repair": "rdzvctl reset --mode clear (a backup of the bytes is kept)",
         "nodes": [],
+        "torch_next": "agents-fail",
+        "outlook": ("every agent unpickles it unchecked at its next sync (`_BackendRendezvousStateHolder.sync`): "
+                    "what it names runs there" if error.kind == "unsafe" else
+                    "every agent's next sync fails to load it (`_BackendRendezvousStateHolder.sync`)"),
     }
 
 

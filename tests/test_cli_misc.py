@@ -128,7 +128,7 @@ def test_demo_creates_a_filestore_rendezvous(memory, tmp_path):
     result = invoke(["get", "-o", "json"], env=env)
     assert result.exit_code == 0, result.stderr
     doc = json_out(result)
-    assert doc["summary"] == {"participants": 4, "alive": 3, "dead": 1, "waiting": 1, "redundant": 0,
+    assert doc["summary"] == {"participants": 4, "alive": 3, "dead": 1, "waiting": 0, "redundant": 0,
                               "deadline_remaining": None}
     assert invoke(["corrupt-detect"], env=env).exit_code == 1
     # Running it again on the same path rewrites the state, fenced.
@@ -168,7 +168,8 @@ def test_process_inspect_prune_restore_on_a_filestore(demo_store):
     assert detect.returncode == 1
     assert not imported_modules(detect.stderr) & HEAVY
     (problem,) = json.loads(detect.stdout)["runs"][0]["problems"]
-    assert problem["nodes"] == ["trainer-3.cluster.local_4103_0"] and problem["repair"] == "rdzvctl reset --mode prune"
+    assert problem["nodes"] == ["trainer-3.cluster.local_4103_0"] and problem["repair"].startswith(
+        "rdzvctl reset --mode prune") and problem["torch_next"] == "stays"
     prune = run_rdzvctl(["reset", "--mode", "prune", "--yes"], env=demo_store)
     assert prune.returncode == 0, prune.stderr
     backup = next(line.split(": ", 1)[1] for line in prune.stderr.splitlines() if line.startswith("Backup written"))
@@ -326,7 +327,7 @@ RICH_ENV = {"NO_COLOR": None, "RDZVCTL_FORCE_RICH": "1"}
     ],
 )
 def test_commands_render_with_rich(memory, recording, args, code, expected):
-    memory.put(make_state())
+    memory.put(make_state(waiting=0))  # stuck: nobody waits
     flags = memory.flags(run_id=None if args[0] in ("list", "backends") else "job42")
     if args[0] == "backends":
         flags = []

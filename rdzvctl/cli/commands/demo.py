@@ -17,19 +17,16 @@ RUN_ID = "demo-job"
 
 
 def demo_state(now: _dt.datetime):
-    """Round 2 complete: three healthy participants, one dead one, one waiting node."""
+    """Round 2 complete: three healthy participants, one dead one, nobody waiting (stuck)."""
     from rdzvctl.state.model import NodeDesc, RendezvousState
 
     alive = [NodeDesc(f"trainer-{i}.cluster.local", 4100 + i, 0) for i in range(3)]
     dead = NodeDesc("trainer-3.cluster.local", 4103, 0)
-    waiting = NodeDesc("trainer-4.cluster.local", 5120, 0)
     members = sorted(alive + [dead])
     state = RendezvousState(round=2, complete=True, closed=False)
     state.participants = {node: rank for rank, node in enumerate(members)}
     state.last_heartbeats = {node: now - _dt.timedelta(seconds=1 + i) for i, node in enumerate(alive)}
     state.last_heartbeats[dead] = now - _dt.timedelta(seconds=47)
-    state.wait_list = {waiting}
-    state.last_heartbeats[waiting] = now - _dt.timedelta(seconds=2)
     return state
 
 
@@ -42,8 +39,8 @@ def demo_state(now: _dt.datetime):
 def command(ctx: click.Context, path: Optional[str], live: bool, interval: float) -> None:
     """Create a FileStore holding a realistic rendezvous and print commands to try.
 
-    The state has three healthy participants, one whose heartbeat is stale
-    (so the round is stuck) and one node waiting for the next round.  It is a
+    The state has three healthy participants and one whose heartbeat is
+    stale, and nobody waits: torch's survivors stay in the round (stuck).  It is a
     real torch FileStore: torch's own C10dRendezvousBackend reads it too.
     """
     from rdzvctl.backends.base import Address

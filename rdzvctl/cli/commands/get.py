@@ -14,7 +14,12 @@ from rdzvctl.errors import EXIT_CORRUPT, EXIT_NO_STATE, NoStateError, Unsupporte
 @click.option("--all-nodes", is_flag=True, help="Show every node even in large states (default: summarise).")
 @click.option("--keys", "show_keys", is_flag=True, help="Also show the run's per-round store keys (e.g. MASTER_ADDR).")
 def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
-    """Show the decoded state of a run: round, nodes with rank and liveness, problems.
+    """Show the decoded state of a run: phase, round, nodes with rank and liveness, problems.
+
+    The phase says what torch does next (forming, complete, recovering,
+    stuck, closing, finished, closed-under-live-agents).  With --keys the
+    round's published MASTER_ADDR:PORT is also probed (one bounded TCP
+    connect) and a dead rank-0 address is a finding.
 
     \b
     Examples:
@@ -36,7 +41,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         keys = None
         if show_keys and snap.state is not None:
             try:
-                keys = {k: _printable(v) for k, v in backend.store_keys().items()}
+                keys = backend.store_keys()
             except UnsupportedOperationError as exc:
                 app.err(f"note: {exc}")
     if not snap.exists:
@@ -52,10 +57,3 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         app.exit(EXIT_CORRUPT)
     if not snap.exists:
         app.exit(EXIT_NO_STATE)
-
-
-def _printable(value: bytes) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return "0x" + value.hex()
