@@ -24,9 +24,17 @@ from __future__ import annotations
 import binascii
 import re
 from base64 import b64decode, b64encode
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple, Union
 
-from rdzvctl.backends.base import Address, RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
+from rdzvctl.backends.base import (
+    Address,
+    RendezvousBackend,
+    RunEntry,
+    SetResult,
+    StateAndToken,
+    Token,
+    round_of_store_key,
+)
 from rdzvctl.backends.filestore import FileStore
 from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
 from rdzvctl.errors import BackendConfigError, StateCorruptError
@@ -202,18 +210,22 @@ class C10dBackend(RendezvousBackend):
                 except StateCorruptError:
                     yield RunEntry(run_id, (value, value))
 
+    def _store_key_names(self) -> List[Tuple[int, bytes, bytes]]:
+        """``(round, name, wire key)`` of each per-round key of the run, sorted (LIST_KEYS /
+        one FileStore replay); the state key ``torch.rendezvous.<run_id>`` itself has no ``/``."""
+        prefix = self.key + b"."
+        found = []
+        for key in self.store.list_keys():
+            parsed = round_of_store_key(key, prefix)
+            if parsed is not None:
+                found.append((parsed[0], parsed[1], key))
+        found.sort()
+        return found
+
     def store_keys(self) -> Dict[str, bytes]:
         """The run's per-round store keys (``torch.rendezvous.<run_id>.<round>/<name>``)
         of every round found, as ``"<round>/<name>"`` sorted by round then name."""
-        prefix = self.key + b"."
-        found: List[Tuple[int, bytes, bytes]] = []
-        for key in self.store.list_keys():
-            if not key.startswith(prefix):
-                continue
-            round_, sep, name = key[len(prefix):].partition(b"/")
-            if sep and round_.isdigit():
-                found.append((int(round_), name, key))
-        found.sort()
+        found = self._store_key_names()
         out: Dict[str, bytes] = {}
         for start in range(0, len(found), _MULTI_GET_BATCH):
             batch = found[start:start + _MULTI_GET_BATCH]
@@ -222,6 +234,10 @@ class C10dBackend(RendezvousBackend):
                 if value is not None:
                     out[f"{round_}/{name.decode(errors='replace')}"] = value
         return out
+
+    def store_rounds(self) -> FrozenSet[int]:
+        """The rounds with per-round keys, from the key names alone (no values fetched)."""
+        return frozenset(round_ for round_, _, _ in self._store_key_names())
 
     def close(self) -> None:
         self.store.close()

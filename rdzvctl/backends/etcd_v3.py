@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import closing
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional
 
 from rdzvctl.backends.base import (
     Address,
@@ -35,6 +35,7 @@ from rdzvctl.backends.base import (
     StateAndToken,
     Token,
     is_counter_token,
+    round_of_store_key,
 )
 from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
 
@@ -217,6 +218,12 @@ class EtcdV3Backend(RendezvousBackend):
             entries.append(RunEntry(run_id, (state, int(kv["mod_revision"]))))
         yield from entries
 
+    @property
+    def _round_prefix(self) -> bytes:
+        """Where torch's per-round keys of the run start: rdzvctl's torchrun store prefix
+        (``rdzvctl.torchrun.stores.etcd_store_prefix``) plus torch's round prefix."""
+        return f"/torch/elastic/store/{self.run_id}/torch.rendezvous.{self.run_id}.".encode()
+
     def store_keys(self) -> Dict[str, bytes]:
         """torchrun's per-round keys (``rdzvctl.torchrun`` store) as ``"<round>/<name>"``.
 
@@ -225,15 +232,28 @@ class EtcdV3Backend(RendezvousBackend):
         """
         from rdzvctl.backends.etcd_gateway import prefix_range_end
 
-        prefix = f"/torch/elastic/store/{self.run_id}/torch.rendezvous.{self.run_id}.".encode()
+        prefix = self._round_prefix
         doc = self._gw.range(prefix, prefix_range_end(prefix))
         found = []
         for kv in doc.get("kvs") or ():
-            rest = base64.b64decode(kv["key"])[len(prefix):]
-            round_, sep, name = rest.partition(b"/")
-            if sep and round_.isdigit():
-                found.append((int(round_), name.decode("utf-8", "replace"), base64.b64decode(kv.get("value", ""))))
+            parsed = round_of_store_key(base64.b64decode(kv["key"]), prefix)
+            if parsed is not None:
+                found.append((parsed[0], parsed[1].decode("utf-8", "replace"),
+                              base64.b64decode(kv.get("value", ""))))
         return {f"{r}/{n}": v for r, n, v in sorted(found)}
+
+    def store_rounds(self) -> FrozenSet[int]:
+        """The rounds with per-round keys: one keys-only range request."""
+        from rdzvctl.backends.etcd_gateway import prefix_range_end
+
+        prefix = self._round_prefix
+        doc = self._gw.range(prefix, prefix_range_end(prefix), keys_only=True)
+        rounds = set()
+        for kv in doc.get("kvs") or ():
+            parsed = round_of_store_key(base64.b64decode(kv["key"]), prefix)
+            if parsed is not None:
+                rounds.add(parsed[0])
+        return frozenset(rounds)
 
     def watch(
         self,

@@ -54,7 +54,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from rdzvctl.backends.base import (
@@ -64,6 +64,7 @@ from rdzvctl.backends.base import (
     SetResult,
     StateAndToken,
     Token,
+    round_of_store_key,
 )
 from rdzvctl.errors import (
     BackendConfigError,
@@ -601,26 +602,29 @@ class RedisBackend(RendezvousBackend):
         """Where the torchrun plugin's store keeps the run's store keys (STRING keys)."""
         return self.key + ".store/"
 
+    def _store_key_names(self) -> List[Tuple[int, bytes, bytes]]:
+        """``(round, name, key)`` of each per-round key of the run, sorted (SCAN, names only)."""
+        text = self.store_prefix + f"torch.rendezvous.{self.run_id}."
+        prefix = text.encode()
+        found: List[Tuple[int, bytes, bytes]] = []
+        with self._errors():
+            for key in self.client.scan_iter(match=_glob_escape(text) + "*", count=LIST_BATCH):
+                parsed = round_of_store_key(key, prefix)
+                if parsed is not None:
+                    found.append((parsed[0], parsed[1], key))
+        found.sort()
+        return found
+
     def store_keys(self) -> Dict[str, bytes]:
         """The run's per-round store keys as ``"<round>/<name>"``, sorted by round then name.
 
         torch's handler writes them through a ``PrefixStore`` named
         ``torch.rendezvous.<run_id>.<round>``, inside :attr:`store_prefix`.
         """
-        prefix = self.store_prefix.encode()
-        round_prefix = f"torch.rendezvous.{self.run_id}.".encode()
+        found = self._store_key_names()
         client = self.client
-        found: List[Tuple[int, bytes, bytes]] = []
+        out: Dict[str, bytes] = {}
         with self._errors():
-            for key in client.scan_iter(match=_glob_escape(self.store_prefix) + "*", count=LIST_BATCH):
-                rest = key[len(prefix):]
-                if not rest.startswith(round_prefix):
-                    continue
-                round_, sep, name = rest[len(round_prefix):].partition(b"/")
-                if sep and round_.isdigit():
-                    found.append((int(round_), name, key))
-            found.sort()
-            out: Dict[str, bytes] = {}
             for start in range(0, len(found), LIST_BATCH):
                 batch = found[start:start + LIST_BATCH]
                 pipe = client.pipeline(transaction=False)
@@ -630,6 +634,10 @@ class RedisBackend(RendezvousBackend):
                     if isinstance(value, bytes):
                         out[f"{round_}/{name.decode(errors='replace')}"] = value
         return out
+
+    def store_rounds(self) -> FrozenSet[int]:
+        """The rounds with per-round keys, from one SCAN of the key names (no values fetched)."""
+        return frozenset(round_ for round_, _, _ in self._store_key_names())
 
     # -- watch ----------------------------------------------------------------
     def _node_client(self) -> Any:

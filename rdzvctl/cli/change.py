@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.backup import Backup, public_conf, write_backup
@@ -45,8 +45,11 @@ def apply_change(
     backup_dir: Optional[str],
     command: str,
     title: str,
+    notes: Sequence[str] = (),
 ) -> Optional[Dict[str, Any]]:
-    """Run the write flow; returns a result document, or None when nothing was written."""
+    """Run the write flow; returns a result document, or None when nothing was written.
+
+    ``notes`` are shown with the plan (before the diff, also on ``--dry-run``)."""
     from rdzvctl.cli.render import render_plan
 
     if snap.error is not None and snap.token is None:
@@ -56,6 +59,8 @@ def apply_change(
                                "cannot replace or remove it fenced: delete it with the backend's own tools")
     if new is not None:
         _check_writable(new)
+    for note in notes:
+        app.err(note)
     changed = render_plan(app, view_of(snap.raw), view_of(new), title)
     if not changed:
         return None
