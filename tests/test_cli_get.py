@@ -114,7 +114,7 @@ def test_address_from_torchrun_environment(memory):
 
 def test_keys_on_a_backend_without_store_keys_is_a_note(memory):
     memory.put(make_state())
-    result = invoke(["get", *memory.flags(), "--keys"])
+    result = invoke(["get", *memory.flags(backend="memory-unlisted"), "--keys"])
     assert result.exit_code == 0
     assert "note:" in result.stderr and "store keys" in result.stderr
 

@@ -1,8 +1,8 @@
 """corrupt-detect --for-launch (the launch gate), --settle, and the published MASTER_ADDR probe.
 
-The in-memory backend is extended with per-round store keys (what the c10d,
-redis and etcd-v3 backends return from ``store_keys()``); the probe connects
-to real loopback ports.
+The in-memory backend holds per-round store keys (what the c10d, redis and
+etcd-v3 backends return from ``store_keys()``); the probe connects to real
+loopback ports.
 """
 
 # ruff: noqa: F811
@@ -16,10 +16,8 @@ from typing import Dict
 
 import pytest
 
-import rdzvctl.backends.registry
 import rdzvctl.inspect
 from rdzvctl.state.model import NodeDesc, RendezvousState
-from rdzvctl.testing.memory import MemoryBackend
 from tests.support.cli import (  # noqa: F401  (fixtures)
     NOW,
     cli_env,
@@ -34,28 +32,21 @@ from tests.support.cli import (  # noqa: F401  (fixtures)
 SECOND = _dt.timedelta(seconds=1)
 
 
-class KeyedMemoryBackend(MemoryBackend):
-    """The memory backend plus the run's per-round store keys (``"<round>/<name>"``)."""
-
-    capabilities = frozenset({"clear", "list_runs", "store_keys"})
-    KEYS: Dict[str, bytes] = {}
-
-    def store_keys(self) -> Dict[str, bytes]:
-        return dict(self.KEYS)
+def set_keys(memory, keys: Dict[str, bytes]) -> None:
+    """Per-round store keys as torch's handler writes them (``"<round>/<name>"``)."""
+    backend = memory.backend()
+    for key, value in keys.items():
+        round_, _, name = key.partition("/")
+        backend.put_store_key(int(round_), name, value)
 
 
 @pytest.fixture
-def keyed(memory, monkeypatch):
-    monkeypatch.setitem(rdzvctl.backends.registry._BUILTIN, "memory-keys",
-                        "tests.test_cli_launch_gate:KeyedMemoryBackend")
-    monkeypatch.setattr(KeyedMemoryBackend, "KEYS", {})
-    memory.backend_name = "memory-keys"
+def keyed(memory):
     return memory
 
 
 def gate(memory, *extra):
-    return invoke(["corrupt-detect", *memory.flags(backend=memory.backend_name), "--for-launch", "-o", "json",
-                   *extra])
+    return invoke(["corrupt-detect", *memory.flags(), "--for-launch", "-o", "json", *extra])
 
 
 # -- the launch gate -------------------------------------------------------------------------
@@ -66,7 +57,7 @@ def test_no_state_and_no_keys_is_a_yes(keyed):
 
 
 def test_no_state_but_stale_round_keys_is_a_no(keyed):
-    KeyedMemoryBackend.KEYS = {"0/MASTER_ADDR": b"10.1.2.3", "0/MASTER_PORT": b"29500"}
+    set_keys(keyed, {"0/MASTER_ADDR": b"10.1.2.3", "0/MASTER_PORT": b"29500"})
     result = gate(keyed)
     assert result.exit_code == 1
     assert "stale MASTER_ADDR" in json_out(result)["launch"]["reason"]
@@ -80,12 +71,12 @@ def test_a_finished_run_is_a_no_even_with_fail_on_error(keyed):
     assert doc["launch"]["ok"] is False and "RendezvousClosedError" in doc["launch"]["reason"]
     (run,) = doc["runs"]
     assert run["phase"] == "finished" and run["problems"][0]["code"] == "closed"
-    text = invoke(["corrupt-detect", *keyed.flags(backend="memory-keys"), "--for-launch"])
+    text = invoke(["corrupt-detect", *keyed.flags(), "--for-launch"])
     assert text.exit_code == 1 and "launch  no: the run is closed" in text.stdout
 
 
 def test_a_run_whose_agents_all_died_is_a_yes(keyed):
-    KeyedMemoryBackend.KEYS = {"2/MASTER_ADDR": b"10.1.2.3", "2/MASTER_PORT": b"29500"}  # round 2's own keys
+    set_keys(keyed, {"2/MASTER_ADDR": b"10.1.2.3", "2/MASTER_PORT": b"29500"})  # round 2's own keys
     keyed.put(make_state(alive=0, dead=2, waiting=0))
     result = gate(keyed)
     assert result.exit_code == 0, result.stdout
@@ -98,7 +89,7 @@ def test_a_running_job_is_a_no(keyed):
 
 
 def test_without_store_keys_the_gate_says_what_it_did_not_check(memory):
-    result = invoke(["corrupt-detect", *memory.flags(), "--for-launch", "-o", "json"])
+    result = invoke(["corrupt-detect", *memory.flags(backend="memory-unlisted"), "--for-launch", "-o", "json"])
     assert result.exit_code == 0 and "not checked" in json_out(result)["launch"]["reason"]
 
 
@@ -120,14 +111,14 @@ def test_a_dead_rank0_address_where_nothing_listens_is_a_finding(keyed):
     alive = NodeDesc("10.9.9.9", 1, 0)
     keyed.put(RendezvousState(round=1, complete=True, participants={dead: 0, alive: 1},
                               last_heartbeats={dead: NOW - 60 * SECOND, alive: NOW - SECOND}))
-    KeyedMemoryBackend.KEYS = {"0/MASTER_ADDR": b"127.0.0.1", "0/MASTER_PORT": str(port).encode()}
-    result = invoke(["corrupt-detect", *keyed.flags(backend="memory-keys"), "-o", "json"])
+    set_keys(keyed, {"0/MASTER_ADDR": b"127.0.0.1", "0/MASTER_PORT": str(port).encode()})
+    result = invoke(["corrupt-detect", *keyed.flags(), "-o", "json"])
     assert result.exit_code == 1
     found = {p["code"]: p for p in json_out(result)["runs"][0]["problems"]}
     finding = found["master-addr-dead"]
     assert finding["nodes"] == [str(dead)] and "refused" in finding["message"]
     assert finding["torch_next"] == "agents-fail" and f"127.0.0.1:{port}" in finding["message"]
-    shown = invoke(["get", *keyed.flags(backend="memory-keys"), "--keys", "-o", "json"])
+    shown = invoke(["get", *keyed.flags(), "--keys", "-o", "json"])
     assert "master-addr-dead" in {p["code"] for p in json_out(shown)["problems"]}
 
 
@@ -139,8 +130,8 @@ def test_a_listening_rank0_address_is_not_a_finding(keyed):
         node = NodeDesc("127.0.0.1", 4242, 0)
         keyed.put(RendezvousState(round=1, complete=True, participants={node: 0},
                                   last_heartbeats={node: NOW - SECOND}))
-        KeyedMemoryBackend.KEYS = {"1/MASTER_ADDR": b"127.0.0.1", "1/MASTER_PORT": str(port).encode()}
-        result = invoke(["corrupt-detect", *keyed.flags(backend="memory-keys"), "-o", "json"])
+        set_keys(keyed, {"1/MASTER_ADDR": b"127.0.0.1", "1/MASTER_PORT": str(port).encode()})
+        result = invoke(["corrupt-detect", *keyed.flags(), "-o", "json"])
     assert result.exit_code == 0, result.stdout
     assert json_out(result)["runs"][0]["problems"] == []
 

@@ -27,7 +27,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
       rdzvctl get ... -o json | jq '.nodes[] | select(.alive == false)'
       rdzvctl get ... -o raw > state.pickle
     """
-    from rdzvctl.inspect import describe, take_snapshot
+    from rdzvctl.inspect import describe, read_store_keys, take_snapshot
 
     with app.open() as backend:
         snap = take_snapshot(backend)
@@ -41,9 +41,11 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         keys = None
         if show_keys and snap.state is not None:
             try:
-                keys = backend.store_keys()
+                keys = read_store_keys(backend)
             except UnsupportedOperationError as exc:
                 app.err(f"note: {exc}")
+            if keys is None and "store_keys" not in backend.capabilities:
+                app.err(f"note: the {backend.name} backend has no per-round store keys")
     if not snap.exists:
         raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
     doc = describe(snap, app.keep_alive, app.max_nodes, keys)
