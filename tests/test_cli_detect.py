@@ -22,6 +22,14 @@ from tests.support.cli import (  # noqa: F401  (fixtures)
 )
 
 
+@pytest.fixture(autouse=True)
+def _quick_confirmation(monkeypatch):
+    """These states never change: confirming a stuck verdict needs no real wait here."""
+    import rdzvctl.cli.commands.detect
+
+    monkeypatch.setattr(rdzvctl.cli.commands.detect, "CONFIRM_SECONDS", 0.3)
+
+
 def codes(result) -> list:
     return [p["code"] for r in json_out(result)["runs"] for p in r["problems"]]
 

@@ -136,6 +136,27 @@ def test_a_listening_rank0_address_is_not_a_finding(keyed):
     assert json_out(result)["runs"][0]["problems"] == []
 
 
+# -- a stuck verdict is confirmed ---------------------------------------------------------------
+def test_a_restarting_agent_between_leaving_and_waiting_is_not_reported_stuck(real_clock):
+    """torch's restarting agent writes twice: ``_RendezvousExitOp`` removes it from the complete round (a free
+    rank, nobody waiting: looks stuck), then ``_RendezvousJoinOp`` puts it on the wait list (recovering)."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    a, b, c = (NodeDesc(f"node_{x}", i, 0) for i, x in enumerate("abc"))
+    left = RendezvousState(round=1, complete=True, participants={b: 1, c: 2}, last_heartbeats={b: now, c: now})
+    real_clock.put(left)
+    waiting = left.copy()
+    waiting.wait_list, waiting.last_heartbeats[a] = {a}, now
+    timer = threading.Timer(0.4, real_clock.put, args=(waiting,))
+    timer.start()
+    try:
+        result = invoke(["corrupt-detect", *real_clock.flags(), "-o", "json"])
+    finally:
+        timer.cancel()
+    run = json_out(result)["runs"][0]
+    assert run["phase"] == "recovering" and result.exit_code == 0, result.stdout
+    assert not [p for p in run["problems"] if p["repair"]]
+
+
 # -- --settle ---------------------------------------------------------------------------------
 @pytest.fixture
 def real_clock(memory, monkeypatch):

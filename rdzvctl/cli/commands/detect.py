@@ -1,4 +1,4 @@
-"""rdzvctl corrupt-detect: decode, type-check and check torch's invariants."""
+"""rdzvctl corrupt-detect: decode, check torch's invariants, say what torch does next; the launch gate."""
 
 from __future__ import annotations
 
@@ -161,7 +161,41 @@ def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, O
     except RdzvctlError as exc:
         app.err(f"note: the run's store keys could not be read ({exc}); MASTER_ADDR not checked")
     report, state = check_raw(backend.run_id, None if current is None else current[0], None, app, now, keys)
+    if report.get("lifecycle", {}).get("torch_next") == "stays":
+        report, state = _confirm_stuck(app, backend, keys, report, state)
     return report, state, keys
+
+
+#: How long a "stuck" verdict with live agents is re-checked before it is reported.
+CONFIRM_SECONDS = 2.0
+
+
+def _confirm_stuck(app: App, backend: Any, keys: Any, report: Dict[str, Any],
+                   state: Any) -> Tuple[Dict[str, Any], Any]:
+    """Re-read a run judged stuck while agents are alive, for a moment, before saying so.
+
+    A restarting agent leaves its round (``_RendezvousExitOp``) one write before
+    it waits for the next (``_RendezvousJoinOp``): in between, a snapshot shows
+    a complete round with a free rank and nobody waiting, which is "stuck" only
+    if it lasts.  Stuck means nothing changes, so the verdict stands only if it
+    holds for :data:`CONFIRM_SECONDS` (a few of torch's 1 s syncs).
+    """
+    import time
+
+    from rdzvctl.inspect import now_utc
+
+    give_up = time.monotonic() + CONFIRM_SECONDS
+    while time.monotonic() < give_up:
+        time.sleep(0.25)
+        try:
+            current = backend.get_state()
+        except StateError as exc:
+            return check_raw(backend.run_id, None, exc, app, now_utc())[0], None
+        report, state = check_raw(backend.run_id, None if current is None else current[0], None, app, now_utc(),
+                                  keys)
+        if report.get("lifecycle", {}).get("torch_next") != "stays":
+            break
+    return report, state
 
 
 def _settle(app: App, backend: Any, first_seen: Any, report: Dict[str, Any],
