@@ -223,7 +223,9 @@ def master_address_findings(
     torch's agents share rank 0's agent store and keep the address of their
     first round (``DynamicRendezvousHandler.next_rendezvous`` rebuilds it only
     for a new rank 0 without a store server): when the node behind it is
-    gone, the survivors' next round fails connecting to it.  ``probe`` maps
+    gone, the survivors' next round fails connecting to it.  Judged only
+    where the keys show that sharing (a completed round that published
+    nothing); without it every round publishes afresh and torch recovers.  ``probe`` maps
     ``(addr, port)`` to ``"listening"``, ``"refused"`` or ``"unreachable"``
     (the CLI's bounded TCP connect; absent: not probed).
     """
@@ -231,6 +233,11 @@ def master_address_findings(
     if not published or state.closed:
         return []
     round_, addr, port = published[-1]  # the address the agents use: the newest round that published one
+    # Without a shared agent store every completed round publishes its own address, and a dead one is only
+    # the node torch is recovering from; a completed round after the newest published one shows the agents
+    # share rank 0's store and keep its address (rounds below state.round were all complete).
+    if round_ >= (state.round if state.complete else state.round - 1):
+        return []
     live = liveness(state, now, keep_alive.expiry)
     at_addr = [n for n in state.nodes if n.addr == addr]
     alive_there = [n for n in at_addr if n in live.live]
