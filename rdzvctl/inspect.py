@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from rdzvctl.backends.base import RendezvousBackend, Token
 from rdzvctl.errors import RdzvctlError, StateError
@@ -19,12 +19,15 @@ from rdzvctl.state.jsonform import format_time, state_to_json
 from rdzvctl.state.lifecycle import Lifecycle
 from rdzvctl.state.model import RendezvousState
 
-__all__ = ["Snapshot", "take_snapshot", "describe", "assess", "probe_tcp", "read_store_keys", "SCHEMA", "now_utc"]
+__all__ = ["Snapshot", "take_snapshot", "describe", "assess", "probe_tcp", "read_store_keys", "reread_while",
+           "CONFIRM_SECONDS", "SCHEMA", "now_utc"]
 
 #: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
 PROBE_TIMEOUT = 0.5
 
 SCHEMA = "rdzvctl.get/v1"
+
+T = TypeVar("T")
 
 
 def now_utc() -> _dt.datetime:
@@ -118,6 +121,26 @@ def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
         except OSError:
             return "unreachable"
     return "listening"
+
+
+#: How long a "stuck" verdict with live agents is re-checked before it is reported: a restarting
+#: agent leaves its round (``_RendezvousExitOp``) one write before it waits (``_RendezvousJoinOp``),
+#: and in between a snapshot shows a free rank and nobody waiting.
+CONFIRM_SECONDS = 2.0
+
+
+def reread_while(read: Callable[[], T], again: Callable[[T], bool], seconds: float, pause: float = 0.25,
+                 first: Optional[T] = None) -> T:
+    """``first`` (else ``read()``), then ``read()`` every ``pause`` s while ``again(result)`` holds,
+    for at most ``seconds``."""
+    import time
+
+    result = read() if first is None else first
+    give_up = time.monotonic() + seconds
+    while again(result) and time.monotonic() < give_up:
+        time.sleep(pause)
+        result = read()
+    return result
 
 
 def read_store_keys(backend: RendezvousBackend) -> Optional[Dict[str, bytes]]:
@@ -228,6 +251,11 @@ def problem_for_error(error: StateError) -> Dict[str, Any]:
                     "what it names runs there" if error.kind == "unsafe" else
                     "every agent's next sync fails to load it (`_BackendRendezvousStateHolder.sync`)"),
     }
+
+
+def stays(doc: Dict[str, Any]) -> bool:
+    """The document's run is judged stuck with nothing in torch to change it (``torch_next`` "stays")."""
+    return (doc.get("lifecycle") or {}).get("torch_next") == "stays"
 
 
 def worst_severity(problems: List[Dict[str, Any]]) -> Optional[str]:

@@ -31,6 +31,14 @@ SNAPSHOTS = Path(__file__).parent / "snapshots"
 ANSI = re.compile(r"\x1b\[")
 
 
+@pytest.fixture(autouse=True)
+def _quick_confirmation(monkeypatch):
+    """These states never change: confirming a stuck verdict needs no real wait here."""
+    import rdzvctl.inspect
+
+    monkeypatch.setattr(rdzvctl.inspect, "CONFIRM_SECONDS", 0.3)
+
+
 def assert_one_line_error(result, code: int, *words: str) -> str:
     """The error contract: exit ``code``, one ``rdzvctl: `` line on stderr, no traceback."""
     assert result.exit_code == code, (result.stdout, result.stderr)

@@ -259,6 +259,9 @@ def test_a_published_address_of_a_dead_node_is_a_finding() -> None:
     # Keys of the current round: every round publishes its own (no shared agent store), torch recovers.
     assert master_address_findings(state, NOW, {"3/MASTER_ADDR": b"10.0.0.9", "3/MASTER_PORT": b"29500"},
                                    {("10.0.0.9", 29500): "refused"}) == []
+    # Nobody alive: no agent uses the address, a new job publishes its own.
+    gone = RendezvousState(round=3, complete=True, participants={dead: 1}, last_heartbeats={dead: STALE})
+    assert master_address_findings(gone, NOW, keys, {("10.0.0.9", 29500): "refused"}) == []
     # A live node at that address and nothing probed: no finding; probed and refused: a finding.
     state.last_heartbeats[dead] = FRESH
     assert master_address_findings(state, NOW, keys, {}) == []

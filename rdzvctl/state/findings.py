@@ -239,6 +239,8 @@ def master_address_findings(
     if round_ >= (state.round if state.complete else state.round - 1):
         return []
     live = liveness(state, now, keep_alive.expiry)
+    if not live.live:
+        return []  # no agent left to use the address; a new job publishes its own
     at_addr = [n for n in state.nodes if n.addr == addr]
     alive_there = [n for n in at_addr if n in live.live]
     result = (probe or {}).get((addr, port))

@@ -117,7 +117,7 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
         with app.open() as backend:
             report, state, keys = _check_one(app, backend, now)
             if settle and report.get("phase") == "closing":
-                report, state = _settle(app, backend, now, report, state)
+                report, state = _settle(app, backend, now, keys)
             reports = [report]
             if for_launch and report["status"] not in ("corrupt", "unsafe"):
                 from rdzvctl.state.lifecycle import launch_verdict
@@ -147,75 +147,42 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
 
 
 def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, Optional[Dict[str, bytes]]]:
-    """Read one run and its store keys (where the backend lists them) and check it."""
-    from rdzvctl.errors import RdzvctlError
-    from rdzvctl.inspect import read_store_keys
+    """Read one run and its store keys (where the backend lists them) and check it.
 
-    try:
-        current = backend.get_state()
-    except StateError as exc:
-        return check_raw(backend.run_id, None, exc, app, now)[0], None, None
+    A stuck verdict while agents are alive stands only if it lasts
+    (``rdzvctl.inspect.CONFIRM_SECONDS``): stuck means nothing changes.
+    """
+    from rdzvctl import inspect
+    from rdzvctl.errors import RdzvctlError
+
     keys = None
     try:
-        keys = read_store_keys(backend)
+        keys = inspect.read_store_keys(backend)
     except RdzvctlError as exc:
         app.err(f"note: the run's store keys could not be read ({exc}); MASTER_ADDR not checked")
-    report, state = check_raw(backend.run_id, None if current is None else current[0], None, app, now, keys)
-    if report.get("lifecycle", {}).get("torch_next") == "stays":
-        report, state = _confirm_stuck(app, backend, keys, report, state)
+    report, state = inspect.reread_while(lambda: _read_one(app, backend, inspect.now_utc(), keys),
+                                         lambda checked: inspect.stays(checked[0]), inspect.CONFIRM_SECONDS,
+                                         first=_read_one(app, backend, now, keys))
     return report, state, keys
 
 
-#: How long a "stuck" verdict with live agents is re-checked before it is reported.
-CONFIRM_SECONDS = 2.0
+def _read_one(app: App, backend: Any, now: Any, keys: Any, closed_since: Any = None) -> Tuple[Dict[str, Any], Any]:
+    try:
+        current = backend.get_state()
+    except StateError as exc:
+        return check_raw(backend.run_id, None, exc, app, now)[0], None
+    return check_raw(backend.run_id, None if current is None else current[0], None, app, now, keys, closed_since)
 
 
-def _confirm_stuck(app: App, backend: Any, keys: Any, report: Dict[str, Any],
-                   state: Any) -> Tuple[Dict[str, Any], Any]:
-    """Re-read a run judged stuck while agents are alive, for a moment, before saying so.
-
-    A restarting agent leaves its round (``_RendezvousExitOp``) one write before
-    it waits for the next (``_RendezvousJoinOp``): in between, a snapshot shows
-    a complete round with a free rank and nobody waiting, which is "stuck" only
-    if it lasts.  Stuck means nothing changes, so the verdict stands only if it
-    holds for :data:`CONFIRM_SECONDS` (a few of torch's 1 s syncs).
-    """
-    import time
-
-    from rdzvctl.inspect import now_utc
-
-    give_up = time.monotonic() + CONFIRM_SECONDS
-    while time.monotonic() < give_up:
-        time.sleep(0.25)
-        try:
-            current = backend.get_state()
-        except StateError as exc:
-            return check_raw(backend.run_id, None, exc, app, now_utc())[0], None
-        report, state = check_raw(backend.run_id, None if current is None else current[0], None, app, now_utc(),
-                                  keys)
-        if report.get("lifecycle", {}).get("torch_next") != "stays":
-            break
-    return report, state
-
-
-def _settle(app: App, backend: Any, first_seen: Any, report: Dict[str, Any],
-            state: Any) -> Tuple[Dict[str, Any], Any]:
+def _settle(app: App, backend: Any, first_seen: Any, keys: Any) -> Tuple[Dict[str, Any], Any]:
     """Re-read a closed run until the phase is decided (finished or closed-under-live-agents), bounded."""
-    import time
-
-    from rdzvctl.inspect import now_utc
+    from rdzvctl import inspect
 
     ka = app.keep_alive
-    give_up = time.monotonic() + ka.expiry.total_seconds() + ka.interval + 1.0
-    while report.get("phase") == "closing" and time.monotonic() < give_up:
-        time.sleep(min(1.0, ka.interval))
-        try:
-            current = backend.get_state()
-        except StateError as exc:
-            return check_raw(backend.run_id, None, exc, app, now_utc())[0], None
-        report, state = check_raw(backend.run_id, None if current is None else current[0], None, app, now_utc(),
-                                  closed_since=first_seen)
-    return report, state
+    return inspect.reread_while(
+        lambda: _read_one(app, backend, inspect.now_utc(), keys, closed_since=first_seen),
+        lambda checked: checked[0].get("phase") == "closing",
+        ka.expiry.total_seconds() + ka.interval + 1.0, pause=min(1.0, ka.interval))
 
 
 def _render(app: App, reports: List[Dict[str, Any]], all_runs: bool, verdict: Any = None) -> None:
