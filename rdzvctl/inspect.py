@@ -161,19 +161,16 @@ def assess(
     probe: bool = True,
 ) -> Tuple[Lifecycle, List[Finding]]:
     """The lifecycle and findings of a state; with store keys, the published rank-0 address is probed."""
-    from rdzvctl.state.findings import find_problems, master_address_findings, master_addresses
-    from rdzvctl.state.lifecycle import lifecycle
+    from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
+    from rdzvctl.state.lifecycle import lifecycle, liveness
 
     life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
     findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
     if store_keys:
-        published = master_addresses(store_keys)
         probes = {}
-        if probe and published:
-            _, addr, port = published[-1]
-            probes[(addr, port)] = probe_tcp(addr, port)
-        extra = master_address_findings(state, now, store_keys, probes, keep_alive)
-        findings = extra + findings
+        if probe and not state.closed and liveness(state, now, keep_alive.expiry).live:
+            probes = {(addr, port): probe_tcp(addr, port) for addr, port in addresses_to_probe(store_keys)}
+        findings = master_address_findings(state, now, store_keys, probes, keep_alive) + findings
     return life, findings
 
 

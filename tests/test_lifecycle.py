@@ -268,6 +268,23 @@ def test_a_published_address_of_a_dead_node_is_a_finding() -> None:
     assert master_address_findings(state, NOW, keys, {("10.0.0.9", 29500): "refused"})
 
 
+def test_the_field_case_a_survivor_keeps_the_dead_rank0_address_of_round_0() -> None:
+    """Seen live (shared agent store, kill -9 of rank 0's agent): round 1's new rank 0 created a store and
+    published its own address (``next_rendezvous``: a new rank 0 without a store server), the other survivor kept
+    round 0's, and round 2 published nothing; the dead node has already been dropped (``_sanitize``)."""
+    a, b = NodeDesc("127.0.0.1", 101, 0), NodeDesc("127.0.0.1", 102, 0)
+    state = RendezvousState(round=2, complete=True, participants={a: 0, b: 1}, last_heartbeats={a: FRESH, b: FRESH})
+    keys = {"0/MASTER_ADDR": b"127.0.0.1", "0/MASTER_PORT": b"43873",
+            "1/MASTER_ADDR": b"127.0.0.1", "1/MASTER_PORT": b"37729"}
+    probes = {("127.0.0.1", 43873): "refused", ("127.0.0.1", 37729): "listening"}
+    (finding,) = master_address_findings(state, NOW, keys, probes)
+    assert "round 0" in finding.message and "43873" in finding.message and "no longer in the state" in finding.message
+    assert finding.nodes == () and "restart every agent" in finding.repair
+    # Round 2 forming: round 1 (the last complete one) published, round 0's sharing is still shown by nothing.
+    forming = RendezvousState(round=2, participants={a: 0}, last_heartbeats={a: FRESH})
+    assert master_address_findings(forming, NOW, keys, probes) == []
+
+
 def test_keep_alive_namedtuple_is_what_the_model_reads() -> None:
     ka = KeepAlive(2, 3)
     state = RendezvousState(participants={A: 0}, last_heartbeats={A: NOW - 7 * SECOND})

@@ -211,6 +211,21 @@ def master_addresses(store_keys: Mapping[str, object]) -> List[Tuple[int, str, i
     return out
 
 
+#: At most this many published addresses (the newest rounds first) are judged and probed.
+MAX_PROBES = 4
+
+
+def addresses_to_probe(store_keys: Mapping[str, object]) -> List[Tuple[str, int]]:
+    """The distinct published ``(MASTER_ADDR, MASTER_PORT)`` of the newest rounds (at most :data:`MAX_PROBES`)."""
+    seen: List[Tuple[str, int]] = []
+    for _, addr, port in reversed(master_addresses(store_keys)):
+        if (addr, port) not in seen:
+            seen.append((addr, port))
+        if len(seen) == MAX_PROBES:
+            break
+    return seen
+
+
 def master_address_findings(
     state: RendezvousState,
     now: _dt.datetime,
@@ -218,47 +233,56 @@ def master_address_findings(
     probe: Optional[Mapping[Tuple[str, int], str]] = None,
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
 ) -> List[Finding]:
-    """A round whose published MASTER_ADDR:PORT is a dead node's (and, probed, where nothing listens).
+    """A published MASTER_ADDR:PORT the live agents keep, of a dead node (and, probed, where nothing listens).
 
-    torch's agents share rank 0's agent store and keep the address of their
-    first round (``DynamicRendezvousHandler.next_rendezvous`` rebuilds it only
-    for a new rank 0 without a store server): when the node behind it is
-    gone, the survivors' next round fails connecting to it.  Judged only
-    where the keys show that sharing (a completed round that published
-    nothing); without it every round publishes afresh and torch recovers.  ``probe`` maps
-    ``(addr, port)`` to ``"listening"``, ``"refused"`` or ``"unreachable"``
-    (the CLI's bounded TCP connect; absent: not probed).
+    With torch's default shared agent store the agents keep the bootstrap
+    address of the first round they joined (``DynamicRendezvousHandler.
+    next_rendezvous`` rebuilds it only for a new rank 0 without a store
+    server, which then publishes its own): when the node behind a kept
+    address is gone, those agents' next rounds fail connecting to it (the
+    workers' ``init_process_group`` times out) however often they restart.
+    The keys show the sharing: a completed round after a published one that
+    published nothing (rounds below ``state.round`` were all complete).
+    Without sharing every round publishes afresh and torch recovers by itself.
+    ``probe`` maps ``(addr, port)`` to ``"listening"``, ``"refused"`` or
+    ``"unreachable"`` (the CLI's bounded TCP connect; absent: not probed).
     """
     published = master_addresses(store_keys)
     if not published or state.closed:
         return []
-    round_, addr, port = published[-1]  # the address the agents use: the newest round that published one
-    # Without a shared agent store every completed round publishes its own address, and a dead one is only
-    # the node torch is recovering from; a completed round after the newest published one shows the agents
-    # share rank 0's store and keep its address (rounds below state.round were all complete).
-    if round_ >= (state.round if state.complete else state.round - 1):
-        return []
     live = liveness(state, now, keep_alive.expiry)
     if not live.live:
-        return []  # no agent left to use the address; a new job publishes its own
-    at_addr = [n for n in state.nodes if n.addr == addr]
-    alive_there = [n for n in at_addr if n in live.live]
-    result = (probe or {}).get((addr, port))
-    if result == "listening" or (alive_there and result is None):
-        return []
-    dead_there = _ids(n for n in at_addr if n not in live.live)
-    why = (f"nothing listens there ({result})" if result in ("refused", "unreachable")
-           else f"no live node has address {addr}")
-    if alive_there and result not in ("refused", "unreachable"):
-        return []
-    nodes = dead_there or _ids(at_addr)
-    return [Finding(
-        "master-addr-dead", "error",
-        f"round {round_} published MASTER_ADDR:PORT {addr}:{port}, and {why}"
-        + (f"; the node(s) there stopped heartbeating: {show_nodes(nodes)}" if dead_there else ""),
-        "restart every agent of the job (or launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): the agents keep "
-        "this address in memory, no write to the store changes it",
-        nodes, "agents-fail",
-        "the agents keep the first round's rank-0 store address (`DynamicRendezvousHandler.next_rendezvous`): "
-        "their next round fails connecting to it (Gloo connectFullMesh ... Connection refused, then "
-        "DistStoreError: wait timeout on MASTER_ADDR)")]
+        return []  # no agent left to use an address; a new job publishes its own
+    last_completed = state.round if state.complete else state.round - 1
+    rounds = {r for r, _, _ in published}
+    out: List[Finding] = []
+    judged: List[Tuple[str, int]] = []
+    for round_, addr, port in reversed(published):
+        if (addr, port) in judged or len(judged) == MAX_PROBES:
+            continue
+        judged.append((addr, port))
+        # A completed round after round_ without keys (counted, never enumerated: rounds are values).
+        later_published = sum(1 for r in rounds if round_ < r <= last_completed)
+        if later_published >= last_completed - round_:
+            continue  # every later round published its own: no sign the agents keep this one
+        result = (probe or {}).get((addr, port))
+        at_addr = [n for n in state.nodes if n.addr == addr]
+        alive_there = [n for n in at_addr if n in live.live]
+        if result == "listening" or (result is None and alive_there):
+            continue
+        why = (f"nothing listens there ({result})" if result in ("refused", "unreachable")
+               else f"no live node has address {addr}")
+        dead_there = _ids(n for n in at_addr if n not in live.live)
+        out.append(Finding(
+            "master-addr-dead", "error",
+            f"round {round_} published MASTER_ADDR:PORT {addr}:{port} and {why}; "
+            + (f"the node(s) there stopped heartbeating: {show_nodes(dead_there)}" if dead_there else
+               "the node that published it is no longer in the state")
+            + f"; the agents share rank 0's store (round(s) after {round_} published none)",
+            "restart every agent of the job (or launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): the agents keep "
+            "this address in memory, no write to the store changes it",
+            dead_there, "agents-fail",
+            f"agents that joined in round {round_} keep this address "
+            "(`DynamicRendezvousHandler.next_rendezvous`): their next rounds fail connecting to it (Gloo "
+            "connectFullMesh ... Connection refused, DistStoreError: wait timeout) however often they restart"))
+    return out
