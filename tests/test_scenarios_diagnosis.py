@@ -153,3 +153,31 @@ def test_clean_finish_is_a_finished_run_and_the_launch_gate_says_no(job_target: 
     gate = run_rdzvctl(["corrupt-detect", *_flags(job_target, run_id), "--for-launch", "-o", "json"])
     assert gate.returncode == 1, gate.stdout
     assert json.loads(gate.stdout)["launch"]["ok"] is False
+
+
+def test_survivors_keeping_a_dead_rank0_address_are_recognised(torchrun_jobs: JobRunner) -> None:
+    """torch's default shared agent store: after kill -9 of rank 0's agent the survivors' next rounds fail on
+    its address (a new rank 0 publishes its own, the other survivor keeps the old one:
+    ``DynamicRendezvousHandler.next_rendezvous``); rdzvctl names the round and the address nothing listens on."""
+    from tests.support.torchrun_jobs import c10d_target
+
+    target = c10d_target()
+    run_id = unique_run_id("share")
+    job = torchrun_jobs.start(target, run_id, nodes=3, min_nodes=2, max_nodes=3, max_restarts=5, hold=120,
+                              loop=True, share_store=True, pg_timeout=8)
+    job.wait_trained()
+    first = json.loads(run_rdzvctl(["get", *_flags(target, run_id), "--keys", "-o", "json"]).stdout)
+    published = first["store_keys"]
+    rank0 = min(range(3), key=lambda i: job.procs[i].pid)  # torch ranks nodes by (addr, pid, local id)
+    job.kill(rank0)
+
+    def reported() -> Optional[Dict[str, Any]]:
+        run = detect(target, run_id)["runs"][0]
+        found = [p for p in run["problems"] if p["code"] == "master-addr-dead"]
+        return found[0] if found else None
+
+    finding = wait_until(reported, 150, "master-addr-dead")
+    round0 = f"{published['0/MASTER_ADDR']}:{published['0/MASTER_PORT']}"
+    assert "round 0" in finding["message"] and round0 in finding["message"], finding
+    assert "refused" in finding["message"] and finding["torch_next"] == "agents-fail"
+    assert "restart every agent" in finding["repair"]
