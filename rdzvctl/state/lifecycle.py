@@ -31,7 +31,7 @@ settings; nothing here does I/O.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.model import NodeDesc, RendezvousState
@@ -99,7 +99,7 @@ class Lifecycle(NamedTuple):
                 "nodes": list(self.nodes), "known_at": None if self.known_at is None else format_time(self.known_at)}
 
 
-def _ids(*groups: Sequence[NodeDesc]) -> Tuple[str, ...]:
+def _ids(*groups: Iterable[NodeDesc]) -> Tuple[str, ...]:
     return tuple(sorted({str(n) for group in groups for n in group}))
 
 

@@ -28,7 +28,7 @@ def check_raw(run_id: str, raw: Optional[bytes], error: Optional[BaseException],
         kind = getattr(error, "kind", "corrupt")
         err = error if isinstance(error, StateError) else StateError(str(error))
         return {"run_id": run_id, "status": kind, "phase": None, "problems": [problem_for_error(err)]}, None
-    if raw is None:
+    if raw is None or state is None:
         return {"run_id": run_id, "status": "absent", "phase": None, "problems": []}, None
     life, findings = assess(state, now, run_id, app.keep_alive, app.max_nodes, store_keys, closed_since)
     return {
