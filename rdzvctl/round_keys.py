@@ -108,9 +108,10 @@ def check_reopen(backend: RendezvousBackend, state: RendezvousState) -> str:
     """A note on the round the reopened run will use; raises :class:`RoundKeysInUseError`
     if that round (or a later one) already has store keys (the run was rewound before)."""
     next_round = join_round(state)
+    note = _unexpiring(state)
     keys = read_round_keys(backend)
     if keys.rounds is None:
-        return f"Round keys: {keys.text()}; new agents will rendezvous in round {next_round}."
+        return f"Round keys: {keys.text()}; new agents will rendezvous in round {next_round}." + note
     later = sorted(r for r in keys.rounds if r >= next_round)
     if later:
         raise RoundKeysInUseError(
@@ -118,6 +119,23 @@ def check_reopen(backend: RendezvousBackend, state: RendezvousState) -> str:
             f"store already holds keys of {describe_rounds(later)} from an earlier job (the round went back): "
             "they would read its MASTER_ADDR; use reset --mode clear instead; nothing was written")
     if not keys.rounds:
-        return f"Round keys: the store holds none for this run; new agents will rendezvous in round {next_round}."
+        return (f"Round keys: the store holds none for this run; new agents will rendezvous in round "
+                f"{next_round}." + note)
     return (f"Round keys: the store holds keys of {keys.text()}; new agents will rendezvous in round "
-            f"{next_round}, which has none.")
+            f"{next_round}, which has none." + note)
+
+
+def _unexpiring(state: RendezvousState) -> str:
+    """A warning when a complete round has participants torch can never expire.
+
+    torch's ``_BackendRendezvousStateHolder._sanitize`` removes only nodes found
+    in ``last_heartbeats``; a participant without one stays, and the round never
+    moves on for the new agents (they wait until their join timeout).
+    """
+    if not state.complete:
+        return ""
+    missing = [node for node in state.participants if node not in state.last_heartbeats]
+    if not missing:
+        return ""
+    return (f" Warning: {len(missing)} participant(s) have no heartbeat, which torch never expires: new agents "
+            "wait for them until join_timeout (remove them with `rdzvctl set --remove-node`).")

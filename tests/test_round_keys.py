@@ -280,3 +280,40 @@ def test_clear_of_a_corrupt_state_on_real_backends(keyed_backend, cli_env) -> No
         result = invoke(["reset", *_flags(address, run_id), "--mode", "clear", "--yes"])
         assert result.exit_code == 0, result.stderr
         assert decode(backend.get_state()[0]) == fresh_state(5), kind
+
+
+def test_reopen_warns_about_participants_torch_never_expires(memory, cli_env) -> None:
+    state = make_state(round=1, closed=True, dead=0)
+    state.last_heartbeats.pop(sorted(state.participants)[0])
+    memory.put(state)
+    result = invoke(["reset", *memory.flags(), "--mode", "reopen", "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert "1 participant(s) have no heartbeat" in result.stderr and "--remove-node" in result.stderr
+
+
+def test_clear_of_a_removed_state_with_old_keys_on_real_backends(keyed_backend, cli_env) -> None:
+    """The state was removed (c10d: torch's sentinel is back) but round 0's keys were not."""
+    kind, address, write = keyed_backend
+    run_id = _run_id()
+    with open_backend(address.with_run_id(run_id)) as backend:
+        _, token, _ = backend.set_state(encode(make_state(round=0)))
+        assert backend.clear(token) and backend.get_state() is None
+        write(backend, 0, "MASTER_ADDR", b"127.0.0.9")
+        result = invoke(["reset", *_flags(address, run_id), "--mode", "clear", "--yes"])
+        assert result.exit_code == 0, result.stderr
+        assert decode(backend.get_state()[0]) == fresh_state(1), kind
+        (path,) = cli_env.glob("*.json")
+        assert read_backup(path).state is None
+
+
+def test_round_of_store_key_parses_only_torchs_keys() -> None:
+    from rdzvctl.backends.base import round_of_store_key
+
+    prefix = b"torch.rendezvous.job."
+    assert round_of_store_key(b"torch.rendezvous.job.3/MASTER_ADDR", prefix) == (3, b"MASTER_ADDR")
+    assert round_of_store_key(b"torch.rendezvous.job.12/torchelastic/role_info/0", prefix) == (
+        12, b"torchelastic/role_info/0")
+    for other in (b"torch.rendezvous.job", b"torch.rendezvous.job.5.0/MASTER_ADDR", b"torch.rendezvous.job1.0/x",
+                  b"torch.rendezvous.job.3", b"torch.rendezvous.job.-1/x", b"torch.rendezvous.job. 3/x",
+                  b"torch.rendezvous.job.\xd9\xa3/x", b"torch.rendezvous.job." + b"9" * 5000 + b"/x"):
+        assert round_of_store_key(other, prefix) is None, other

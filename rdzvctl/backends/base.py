@@ -63,6 +63,8 @@ SetResult = Tuple[bytes, Token, bool]
 CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
 
 DEFAULT_TIMEOUT = 10.0
+#: Rounds are counters: a store key whose round has more digits than an int64 is not torch's.
+_MAX_ROUND_DIGITS = 18
 
 
 class RunEntry(NamedTuple):
@@ -323,8 +325,8 @@ def round_of_store_key(name: bytes, round_prefix: bytes) -> Optional[Tuple[int, 
     if not name.startswith(round_prefix):
         return None
     round_, sep, rest = name[len(round_prefix):].partition(b"/")
-    if not sep or not round_.isdigit() or not round_.isascii():
-        return None
+    if not sep or not round_.isdigit() or len(round_) > _MAX_ROUND_DIGITS:
+        return None  # (a longer "round" is no key torch wrote, and int() would refuse it)
     return int(round_), rest
 
 

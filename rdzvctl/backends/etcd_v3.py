@@ -219,10 +219,15 @@ class EtcdV3Backend(RendezvousBackend):
         yield from entries
 
     @property
+    def store_prefix(self) -> str:
+        """Where the torchrun plugin's store keeps the run's store keys (torch's etcd-v2 store
+        directory, one per run); the plugin hands it to ``rdzvctl.torchrun.stores.EtcdV3Store``."""
+        return f"/torch/elastic/store/{self.run_id}/"
+
+    @property
     def _round_prefix(self) -> bytes:
-        """Where torch's per-round keys of the run start: rdzvctl's torchrun store prefix
-        (``rdzvctl.torchrun.stores.etcd_store_prefix``) plus torch's round prefix."""
-        return f"/torch/elastic/store/{self.run_id}/torch.rendezvous.{self.run_id}.".encode()
+        """Where torch's per-round keys of the run start: the store prefix plus torch's round prefix."""
+        return f"{self.store_prefix}torch.rendezvous.{self.run_id}.".encode()
 
     def store_keys(self) -> Dict[str, bytes]:
         """torchrun's per-round keys (``rdzvctl.torchrun`` store) as ``"<round>/<name>"``.

@@ -6,8 +6,11 @@ Why the round matters (torch 2.13, ``dynamic_rendezvous.py``):
   round ``PrefixStore("torch.rendezvous.<run_id>.<round>", store)`` on the
   handler's store, and ``next_rendezvous`` has rank 0 publish
   ``MASTER_ADDR``/``MASTER_PORT`` there (``RendezvousStoreInfo.build``: rank 0
-  ``set``s, every rank ``get``s); torchrun's agent adds its rank assignment
-  and exit-barrier keys under the same prefix.
+  ``set``s, every rank ``get``s); torchrun's agent keeps that store
+  (``SimpleElasticAgent._rendezvous``) for its rank assignment
+  (``_assign_worker_ranks``: ``torchelastic/role_info/``,
+  ``torchelastic/assigned_ranks/``) and exit barrier (``_exit_barrier``:
+  ``torchelastic/agent/terminal_state``), under the same prefix.
 * Nothing deletes those keys (on Redis/etcd-v3 they expire with the store's
   TTL, 7200 s; on c10d and etcd-v2 never).  torch does not need to: a
   ``_RendezvousState`` round only grows (``_remove_participant_epilogue`` is the

@@ -39,6 +39,7 @@ __all__ = [
     "CaseResult",
     "ConformanceFailure",
     "ConformanceLimitation",
+    "StoreWriter",
     "CASES",
     "run_conformance",
     "BackendConformanceTests",

@@ -8,10 +8,11 @@ keep all-reducing, until the test releases it).  Backends: ``c10d`` on a torch
 TCPStore the test started (``tests/support/torch_peer.py``, IPv4 listen fd),
 ``redis`` and ``etcd-v3`` through rdzvctl's torchrun handlers (entry points).
 
-Everything is bounded: :meth:`TorchrunJob.wait` takes a timeout, and
-:meth:`TorchrunJob.stop` (called by the ``torchrun_jobs`` fixture, or the
-``with`` block) kills every agent's process group and every worker (torch
-starts workers in sessions of their own), whatever happened::
+Everything is bounded: every wait takes a timeout (and raises
+:class:`JobTimeout` with the agents' logs), and :meth:`TorchrunJob.stop`
+(called by the ``torchrun_jobs`` fixture, or the ``with`` block) SIGKILLs
+every agent's process group and every worker (torch starts workers in
+sessions of their own), whatever happened::
 
     from tests.support.etcd_server import etcd_server  # noqa: F401  (job_target needs both
     from tests.support.redis_server import redis_server  # noqa: F401   server fixtures in scope)
@@ -75,9 +76,6 @@ DEFAULT_CONF: Dict[str, str] = {
     "keep_alive_max_attempt": "10",
     "read_timeout": "30",
 }
-
-#: Seconds an agent gets to stop its workers after SIGTERM before its group gets SIGKILL.
-STOP_GRACE = 10.0
 
 
 def unique_run_id(tag: str = "job") -> str:
@@ -338,24 +336,21 @@ class TorchrunJob:
                         self._worker_pids.append(pid)
 
     def stop(self) -> None:
-        """Stop everything still running: SIGTERM to each agent's group (torchrun then stops its
-        workers), SIGKILL after :data:`STOP_GRACE`, then SIGKILL to any worker left over."""
+        """Kill everything still running, at once: SIGKILL to each agent's process group and to
+        every worker seen (torch starts workers in sessions of their own).  Teardown needs no
+        grace; a test that wants torchrun's own SIGTERM handling uses ``kill(i, SIGTERM)``."""
         self._note_workers()
-        running = [proc for proc in self.procs if proc.poll() is None]
-        for proc in running:
-            _kill(proc.pid, signal.SIGTERM, group=True)
-        deadline = time.monotonic() + STOP_GRACE
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill(proc.pid, signal.SIGKILL, group=True)
-                proc.wait(timeout=10)
         pids = set(self._worker_pids) | {r["pid"] for r in self.envs() if isinstance(r.get("pid"), int)}
+        for proc in self.procs:
+            if proc.poll() is None:
+                _kill(proc.pid, signal.SIGKILL, group=True)
         for pid in pids:
-            if _is_our_worker(pid):
+            if _is_our_worker(pid) or pid in self._worker_pids:
                 _kill(pid, signal.SIGKILL, group=True)
                 _kill(pid, signal.SIGKILL)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
 
     def __enter__(self) -> "TorchrunJob":
         return self
