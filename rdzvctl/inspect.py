@@ -13,12 +13,19 @@ from typing import Any, Dict, List, Optional
 
 from rdzvctl.backends.base import RendezvousBackend, Token
 from rdzvctl.errors import RdzvctlError, StateError
-from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, KeepAlive, deadline_remaining, find_problems, node_statuses
+from rdzvctl.state.analysis import (
+    DEFAULT_KEEP_ALIVE,
+    KeepAlive,
+    NodeStatus,
+    deadline_remaining,
+    find_problems,
+    node_statuses,
+)
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time, state_to_json
 from rdzvctl.state.model import RendezvousState
 
-__all__ = ["Snapshot", "take_snapshot", "describe", "SCHEMA", "now_utc"]
+__all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "SCHEMA", "now_utc"]
 
 SCHEMA = "rdzvctl.get/v1"
 
@@ -121,15 +128,7 @@ def describe(
     doc["state"] = state_to_json(state)
     beats = doc["state"]["last_heartbeats"]  # formatted once, reused per node below
     remaining = deadline_remaining(state, now)
-    participants = [s for s in statuses if s.role == "participant"]
-    doc["summary"] = {
-        "participants": len(participants),
-        "alive": sum(1 for s in participants if s.alive),
-        "dead": sum(1 for s in participants if s.alive is False),
-        "waiting": len(state.wait_list),
-        "redundant": len(state.redundancy_list),
-        "deadline_remaining": None if remaining is None else round(remaining, 3),
-    }
+    doc["summary"] = summarize(state, statuses, remaining)
     doc["nodes"] = [
         {
             "node": s.node.id,
@@ -148,6 +147,19 @@ def describe(
     if store_keys is not None:
         doc["store_keys"] = store_keys
     return doc
+
+
+def summarize(state: RendezvousState, statuses: List[NodeStatus], remaining: Optional[float]) -> Dict[str, Any]:
+    """The ``summary`` of ``get -o json``: participant, liveness and list counts (also the exporter's gauges)."""
+    participants = [s for s in statuses if s.role == "participant"]
+    return {
+        "participants": len(participants),
+        "alive": sum(1 for s in participants if s.alive),
+        "dead": sum(1 for s in participants if s.alive is False),
+        "waiting": len(state.wait_list),
+        "redundant": len(state.redundancy_list),
+        "deadline_remaining": None if remaining is None else round(remaining, 3),
+    }
 
 
 def problem_for_error(error: StateError) -> Dict[str, Any]:

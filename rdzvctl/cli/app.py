@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import click
 
@@ -38,6 +38,7 @@ class App:
         self._flags = (backend, endpoint, run_id, conf, timeout)
         self._address: Optional[Address] = None
         self.verbose = bool((ctx.find_root().obj or {}).get("verbose"))
+        self.run_ids: Tuple[str, ...] = ()  # every --rdzv-id given, for commands that take several
 
     # -- addressing -----------------------------------------------------------
     @property
@@ -130,14 +131,22 @@ class App:
         self.ctx.exit(code)
 
 
-def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the torchrun-style address options and pass an :class:`App` first."""
+def with_app(func: Optional[Callable[..., Any]] = None, *, many_run_ids: bool = False) -> Any:
+    """Add the torchrun-style address options and pass an :class:`App` first.
+
+    With ``many_run_ids``, ``--rdzv-id`` may be repeated: the ids given are
+    ``app.run_ids`` (the address keeps the last one, or the environment's).
+    """
+    if func is None:
+        return functools.partial(with_app, many_run_ids=many_run_ids)
 
     @click.option("--rdzv-backend", "rdzv_backend", metavar="NAME",
                   help="Backend name (c10d, etcd-v2, etcd-v3, redis, or module:factory). [env: PET_RDZV_BACKEND]")
     @click.option("--rdzv-endpoint", "rdzv_endpoint", metavar="HOST:PORT",
                   help="Backend endpoint, as given to torchrun. [env: PET_RDZV_ENDPOINT]")
-    @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", help="The run id (torchrun --rdzv-id). [env: PET_RDZV_ID]")
+    @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", multiple=many_run_ids,
+                  help="The run id (torchrun --rdzv-id)" + ("; repeat for several" if many_run_ids else "")
+                  + ". [env: PET_RDZV_ID]")
     @click.option("--rdzv-conf", "rdzv_conf", metavar="K=V,...",
                   help="Backend options and keep-alive settings, as for torchrun. [env: PET_RDZV_CONF]")
     @click.option("--timeout", type=float, metavar="SECONDS",
@@ -145,11 +154,14 @@ def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, rdzv_backend: Optional[str], rdzv_endpoint: Optional[str],
-                rdzv_id: Optional[str], rdzv_conf: Optional[str], timeout: Optional[float],
+                rdzv_id: Any, rdzv_conf: Optional[str], timeout: Optional[float],
                 *args: Any, **kwargs: Any) -> Any:
         if timeout is not None and timeout <= 0:
             raise click.BadParameter("must be positive", param_hint="--timeout")
-        app = App(ctx, rdzv_backend, rdzv_endpoint, rdzv_id, rdzv_conf, timeout)
+        run_ids: Tuple[str, ...] = tuple(rdzv_id) if many_run_ids else ()
+        run_id = (run_ids[-1] if run_ids else None) if many_run_ids else rdzv_id
+        app = App(ctx, rdzv_backend, rdzv_endpoint, run_id, rdzv_conf, timeout)
+        app.run_ids = run_ids
         return func(app, *args, **kwargs)
 
     return wrapper
