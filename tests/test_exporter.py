@@ -304,3 +304,11 @@ def test_repeated_rdzv_id_exports_those_runs(filestore: str) -> None:
     with ExporterProcess(["--rdzv-backend", "c10d", "--rdzv-endpoint", filestore, "--rdzv-conf", "store_type=file",
                           "--rdzv-id", "job42", "--rdzv-id", "absent"]) as exporter:
         assert exporter.scrape().run_ids() == ["job42"]
+
+
+def test_the_run_reader_imports_no_client_library() -> None:
+    code = ("import sys\nimport rdzvctl.monitor.runs\n"
+            "heavy = [m for m in ('prometheus_client', 'redis', 'torch', 'rich', 'click') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
