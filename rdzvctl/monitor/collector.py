@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, TextIO
 
@@ -103,6 +104,7 @@ class RendezvousCollector:
             return iter(self._collect())
 
     def _collect(self) -> List[Metric]:
+        started = time.perf_counter()
         now = self._now()
         scrape = self.reader.scrape(now.timestamp())  # type: ignore[attr-defined]
         self.last = scrape
@@ -118,9 +120,9 @@ class RendezvousCollector:
                                      "(unavailable, timeout, config, internal).", labels=BACKEND_LABELS + ["kind"])
         for kind, count in sorted(self._errors.items()):
             errors.add_metric(base + [kind], count)
-        duration = GaugeMetricFamily("rdzvctl_scrape_duration_seconds",
-                                     "Time the last read and decode of the backend took.", labels=BACKEND_LABELS)
-        duration.add_metric(base, scrape.seconds)
+        duration = GaugeMetricFamily("rdzvctl_scrape_duration_seconds", "Time this scrape took to read, decode and "
+                                     "analyse the runs (the page's formatting not included).", labels=BACKEND_LABELS)
+        duration.add_metric(base, time.perf_counter() - started)
         out += [up, errors, duration]
         out += self._backend_gauges(base, scrape)
         return out
@@ -141,6 +143,8 @@ class RendezvousCollector:
                         f"{self.reader.max_runs} are not exported (rdzvctl_runs_over_limit)")
 
     def _write(self, line: str) -> None:
+        # Messages may quote store strings (a key, a run id): control characters are shown escaped.
+        line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
         try:
             self._log.write(line + "\n")
             self._log.flush()
