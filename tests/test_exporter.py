@@ -7,10 +7,12 @@ Prometheus in test_exporter_prometheus.py.
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import itertools
 import signal
 import subprocess
 import sys
+import urllib.request
 from typing import Any, List, Optional
 
 import pytest
@@ -295,6 +297,13 @@ def test_serves_metrics_and_healthz_and_stops_cleanly(filestore: str, signum: in
         assert page.value("rdzvctl_backend_up") == 1
         assert exporter.get("/healthz") == (200, "ok\n")
         assert exporter.get("/nothing")[0] == 404
+        request = urllib.request.Request(exporter.url, headers={
+            "Accept-Encoding": "gzip", "Accept": "application/openmetrics-text;version=1.0.0"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            assert answer.headers["Content-Encoding"] == "gzip"
+            assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
+            text = gzip.decompress(answer.read()).decode()
+        assert text.rstrip().endswith("# EOF") and 'rdzvctl_backend_up{backend="c10d"' in text
     finally:
         assert exporter.stop(signum) == code
     assert "Traceback" not in exporter.stderr and exporter.stderr.endswith("rdzvctl exporter: stopped")

@@ -187,20 +187,22 @@ class RendezvousCollector:
         failures = CounterMetricFamily("rdzvctl_state_decode_failures", "Stored values of the run that did not "
                                        "decode (corrupt or unsafe).", labels=RUN_LABELS)
         for record in runs:
-            labels = base + [record.run_id]
-            advanced.add_metric(labels, record.rounds_advanced)
-            failures.add_metric(labels, record.decode_failures)
-            gauges["rdzvctl_state_decoded"].add_metric(labels, _flag(record.state is not None))
+            # One label dict per run, shared by its samples (add_metric would build one per sample).
+            labels = dict(zip(RUN_LABELS, base + [record.run_id]))
+            advanced.add_sample("rdzvctl_rounds_advanced_total", labels, record.rounds_advanced)
+            failures.add_sample("rdzvctl_state_decode_failures_total", labels, record.decode_failures)
+            gauges["rdzvctl_state_decoded"].add_sample("rdzvctl_state_decoded", labels, _flag(record.state is not None))
             if record.state is None:
                 if record.error is not None:
                     problem = problem_for_error(record.error)
-                    findings.add_metric(labels + [problem["code"], problem["severity"]], 1.0)
+                    findings.add_sample("rdzvctl_findings", {**labels, "code": problem["code"],
+                                                             "severity": problem["severity"]}, 1.0)
                 continue
-            gauges["rdzvctl_state_size_bytes"].add_metric(labels, record.size)
+            gauges["rdzvctl_state_size_bytes"].add_sample("rdzvctl_state_size_bytes", labels, record.size)
             self._add_state(gauges, findings, labels, record, now)
         return [*gauges.values(), findings, advanced, failures]
 
-    def _add_state(self, gauges: Dict[str, GaugeMetricFamily], findings: GaugeMetricFamily, labels: List[str],
+    def _add_state(self, gauges: Dict[str, GaugeMetricFamily], findings: GaugeMetricFamily, labels: Dict[str, str],
                    record: RunRecord, now) -> None:
         state = record.state
         assert state is not None
@@ -223,6 +225,6 @@ class RendezvousCollector:
         }
         for name, value in values.items():
             if value is not None:
-                gauges[name].add_metric(labels, value)
+                gauges[name].add_sample(name, labels, value)
         for (code, severity), count in sorted(Counter((f.code, f.severity) for f in result.findings).items()):
-            findings.add_metric(labels + [code, severity], count)
+            findings.add_sample("rdzvctl_findings", {**labels, "code": code, "severity": severity}, count)

@@ -1,4 +1,4 @@
-"""Serve ``/metrics`` (prometheus_client's handler: text or OpenMetrics, gzip) and ``/healthz``.
+"""Serve ``/metrics`` (text or OpenMetrics as the scraper asks, gzip) and ``/healthz``.
 
 ``/healthz`` says the exporter process answers; whether the backend does is
 ``rdzvctl_backend_up`` on ``/metrics``.  SIGINT and SIGTERM stop the server
@@ -7,6 +7,7 @@ cleanly (:func:`serve` returns the signal number).
 
 from __future__ import annotations
 
+import gzip
 import signal
 import socket
 import threading
@@ -14,7 +15,7 @@ from http.server import ThreadingHTTPServer
 from typing import Callable, List, Optional, Tuple, Type
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import MetricsHandler
+from prometheus_client.exposition import MetricsHandler, choose_encoder, gzip_accepted
 
 from rdzvctl.errors import UsageError
 
@@ -22,6 +23,9 @@ __all__ = ["DEFAULT_LISTEN", "parse_listen", "make_server", "serve"]
 
 #: Loopback only by default: exposing the page is a decision.
 DEFAULT_LISTEN = "127.0.0.1:9469"
+
+#: Fast gzip: a page of 10,000 runs (~15 MB) shrinks ~20x at level 1 in a tenth of level 9's time.
+GZIP_LEVEL = 1
 
 
 def parse_listen(text: str) -> Tuple[str, int]:
@@ -39,11 +43,24 @@ def _handler(registry: CollectorRegistry) -> Type[MetricsHandler]:
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.split("?", 1)[0]
             if path in ("/metrics", "/"):
-                super().do_GET()
+                self._metrics()
             elif path == "/healthz":
                 self._reply(200, b"ok\n")
             else:
                 self._reply(404, b"not found: try /metrics or /healthz\n")
+
+        def _metrics(self) -> None:
+            # prometheus_client's own handler gzips at level 9: seconds of CPU for a 10,000-run page.
+            encoder, content_type = choose_encoder(self.headers.get("Accept") or "")
+            body = encoder(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            if gzip_accepted(self.headers.get("Accept-Encoding") or ""):
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
         def _reply(self, status: int, body: bytes) -> None:
             self.send_response(status)
