@@ -321,3 +321,15 @@ def test_the_run_reader_imports_no_client_library() -> None:
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_busy_listen_port_is_a_usage_error(filestore: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_rdzvctl(["exporter", "--rdzv-backend", "c10d", "--rdzv-endpoint", filestore, "--rdzv-conf",
+                            "store_type=file", "--all", "--listen", f"127.0.0.1:{port}"])
+    assert done.returncode == 2 and "cannot listen there" in done.stderr and "Traceback" not in done.stderr

@@ -101,8 +101,8 @@ def serve(server: ThreadingHTTPServer, on_ready: Optional[Callable[[str], None]]
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if on_ready is not None:
-            host, port = server.server_address[:2]
-            shown = f"[{host}]" if ":" in str(host) else host
+            host, port = (str(part) for part in server.server_address[:2])
+            shown = f"[{host}]" if ":" in host else host
             on_ready(f"http://{shown}:{port}/metrics")
         server.serve_forever(poll_interval=0.2)
     finally:
