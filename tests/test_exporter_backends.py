@@ -3,8 +3,9 @@
 The exporter runs as a real process against each server.  Its values equal
 what ``rdzvctl get -o json`` reports for the same state; runs appear and
 disappear with the backend; a server killed while a scrape waits on it gives
-``rdzvctl_backend_up 0`` and the exporter keeps serving, then recovers; a
-redis password never reaches the page or the log.
+``rdzvctl_backend_up 0`` and the exporter keeps serving, then recovers; TLS
+and auth options work as for every command, and a redis or etcd password
+never reaches the page or the log.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ pytest.importorskip("prometheus_client")
 from rdzvctl.state.codec import encode  # noqa: E402
 from tests.reliability.servers import BACKEND_IDS, FileLockHolder, Target, TcpStoreZygote, make_target  # noqa: E402
 from tests.support.cli import make_state, run_rdzvctl  # noqa: E402
+from tests.support.etcd_server import ROOT_PASSWORD, etcd_auth_server, etcd_tls_server  # noqa: E402,F401
 from tests.support.exporter import ExporterProcess, Page  # noqa: E402
 from tests.support.redis_server import DEFAULT_PASSWORD, redis_server_auth  # noqa: E402,F401
 
@@ -201,3 +203,28 @@ def test_no_secret_in_the_page_or_the_log(redis_server_auth: Any) -> None:  # no
         assert page.value("rdzvctl_backend_up") == 0
         assert DEFAULT_PASSWORD not in page.text
     assert "backend down" in exporter.stderr and DEFAULT_PASSWORD not in exporter.stderr
+
+
+def test_etcd_over_tls_with_client_certificates(etcd_tls_server: Any) -> None:  # noqa: F811
+    target = Target("etcd-v3", "etcd-v3", etcd_tls_server.endpoint, etcd_tls_server.conf())
+    _put(target, "job42", make_state(now=_now()))
+    with ExporterProcess([*target.flags("job42"), "--timeout", "5"]) as exporter:
+        page = exporter.scrape()
+        assert page.value("rdzvctl_backend_up") == 1 and page.run_ids() == ["job42"]
+        assert {dict(k)["endpoint"] for k in page.series("rdzvctl_backend_up")} == {
+            f"https://{etcd_tls_server.endpoint}"}
+
+
+def test_etcd_password_never_in_the_page_or_the_log(etcd_auth_server: Any) -> None:  # noqa: F811
+    good = Target("etcd-v3", "etcd-v3", etcd_auth_server.endpoint, {"username": "root", "password": ROOT_PASSWORD})
+    _put(good, "job42", make_state(now=_now()))
+    with ExporterProcess([*good.flags("job42"), "--timeout", "5"]) as exporter:
+        page = exporter.scrape()
+        assert page.value("rdzvctl_backend_up") == 1 and page.run_ids() == ["job42"]
+        assert ROOT_PASSWORD not in page.text
+    bad = Target("etcd-v3", "etcd-v3", etcd_auth_server.endpoint, {"username": "root", "password": "x" + ROOT_PASSWORD})
+    with ExporterProcess([*bad.flags("job42"), "--timeout", "5"]) as exporter:
+        page = exporter.scrape()
+        assert page.value("rdzvctl_backend_up") == 0
+        assert ROOT_PASSWORD not in page.text
+    assert "backend down" in exporter.stderr and ROOT_PASSWORD not in exporter.stderr
