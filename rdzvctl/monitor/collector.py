@@ -10,6 +10,7 @@ per ``code`` and ``severity`` that the run has now.
 
 from __future__ import annotations
 
+import datetime as _dt
 import sys
 import threading
 import time
@@ -84,7 +85,7 @@ class RendezvousCollector:
 
     def __init__(self, reader: RunReader, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
                  max_nodes: Optional[int] = None, join_timeout: float = DEFAULT_JOIN_TIMEOUT,
-                 clock: Optional[Callable[[], object]] = None, log: Optional[TextIO] = None) -> None:
+                 clock: Optional[Callable[[], _dt.datetime]] = None, log: Optional[TextIO] = None) -> None:
         self.reader = reader
         self.keep_alive = keep_alive
         self.max_nodes = max_nodes
@@ -94,9 +95,10 @@ class RendezvousCollector:
         self._lock = threading.Lock()
         self._errors: Counter = Counter(dict.fromkeys(ERROR_KINDS, 0))  # every kind from 0, for increase()
         self._last_error: Optional[str] = None
+        self._last_over_limit = 0
         self.last: Optional[Scrape] = None
 
-    def _now(self):  # -> datetime (UTC)
+    def _now(self) -> _dt.datetime:
         return self._clock() if self._clock is not None else now_utc()
 
     def collect(self) -> Iterator[Metric]:
@@ -106,7 +108,7 @@ class RendezvousCollector:
     def _collect(self) -> List[Metric]:
         started = time.perf_counter()
         now = self._now()
-        scrape = self.reader.scrape(now.timestamp())  # type: ignore[attr-defined]
+        scrape = self.reader.scrape(now.timestamp())
         self.last = scrape
         self._note(scrape)
         base = [self.reader.backend_name, self.reader.endpoint]
@@ -117,7 +119,7 @@ class RendezvousCollector:
                                labels=BACKEND_LABELS)
         up.add_metric(base, _flag(scrape.ok))
         errors = CounterMetricFamily("rdzvctl_backend_errors", "Failed reads of the backend, by kind "
-                                     "(unavailable, timeout, config, internal).", labels=BACKEND_LABELS + ["kind"])
+                                     "(unavailable, timeout, config, corrupt, internal).", labels=BACKEND_LABELS + ["kind"])
         for kind, count in sorted(self._errors.items()):
             errors.add_metric(base + [kind], count)
         duration = GaugeMetricFamily("rdzvctl_scrape_duration_seconds", "Time this scrape took to read, decode and "
@@ -138,7 +140,8 @@ class RendezvousCollector:
         elif self._last_error is not None:
             self._write("rdzvctl exporter: backend up again")
             self._last_error = None
-        if scrape.over_limit:
+        if scrape.ok and scrape.over_limit != self._last_over_limit:
+            self._last_over_limit = scrape.over_limit
             self._write(f"rdzvctl exporter: {scrape.over_limit} run(s) beyond --max-runs "
                         f"{self.reader.max_runs} are not exported (rdzvctl_runs_over_limit)")
 
@@ -176,7 +179,7 @@ class RendezvousCollector:
         out.append(info)
         return out
 
-    def _run_metrics(self, runs: List[RunRecord], now, base: List[str]) -> List[Metric]:
+    def _run_metrics(self, runs: List[RunRecord], now: _dt.datetime, base: List[str]) -> List[Metric]:
         gauges: Dict[str, GaugeMetricFamily] = {
             name: GaugeMetricFamily(name, text, labels=RUN_LABELS) for name, text in _RUN_GAUGES.items()
         }
@@ -203,7 +206,7 @@ class RendezvousCollector:
         return [*gauges.values(), findings, advanced, failures]
 
     def _add_state(self, gauges: Dict[str, GaugeMetricFamily], findings: GaugeMetricFamily, labels: Dict[str, str],
-                   record: RunRecord, now) -> None:
+                   record: RunRecord, now: _dt.datetime) -> None:
         state = record.state
         assert state is not None
         result: RunAnalysis = analyze(state, now, self.keep_alive, self.max_nodes, record.run_id)
