@@ -60,6 +60,9 @@ CASES = [
         series("rdzvctl_participants_alive", OTHER, "0x20"),
         series("rdzvctl_waiting_nodes", OTHER, "0x20"),
         series("rdzvctl_join_timeout_seconds", {k: RUN[k] for k in ("backend", "endpoint")}, "600x20"),
+        # a second exporter (an HA pair) on the same backend must not break the match
+        series("rdzvctl_join_timeout_seconds", {"backend": RUN["backend"], "endpoint": RUN["endpoint"],
+                                                "instance": "exporter-b:9469"}, "600x20"),
     ], [
         quiet("RendezvousStuck", "10m"),
         alert("RendezvousStuck", "13m", RUN, "page",
