@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gzip
+import io
 import itertools
 import signal
 import subprocess
@@ -45,8 +46,8 @@ class Store:
         self.fail = fail  # an exception the backend raises on list_runs, while set
         self.address = Address("memory", self.endpoint, "", {})
         self.reader = RunReader(self.address, run_ids, max_runs, opener=self._open)
-        self.collector = RendezvousCollector(self.reader, KeepAlive(5.0, 3), clock=lambda: self.now,
-                                             log=open("/dev/null", "w"))
+        self.log = io.StringIO()
+        self.collector = RendezvousCollector(self.reader, KeepAlive(5.0, 3), clock=lambda: self.now, log=self.log)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
 
@@ -219,6 +220,7 @@ def test_an_outage_is_backend_up_0_and_the_next_good_read_recovers() -> None:
     assert store.scrape().value("rdzvctl_backend_errors_total", kind="timeout") == 1
     store.fail = RuntimeError("a broken plugin")
     assert store.scrape().value("rdzvctl_backend_errors_total", kind="internal") == 1
+    assert "RuntimeError (internal error)" in store.log.getvalue() and "a broken plugin" not in store.log.getvalue()
     store.fail = None
     page = store.scrape()
     assert page.value("rdzvctl_backend_up") == 1 and page.run_ids() == ["job42"]
@@ -333,3 +335,13 @@ def test_a_busy_listen_port_is_a_usage_error(filestore: str) -> None:
         done = run_rdzvctl(["exporter", "--rdzv-backend", "c10d", "--rdzv-endpoint", filestore, "--rdzv-conf",
                             "store_type=file", "--all", "--listen", f"127.0.0.1:{port}"])
     assert done.returncode == 2 and "cannot listen there" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_verbose_logs_the_traceback_of_a_bug() -> None:
+    store = Store()
+    store.collector.verbose = True
+    store.fail = RuntimeError("a broken plugin")
+    store.scrape()
+    lines = store.log.getvalue().splitlines()
+    assert lines[0] == "rdzvctl exporter: backend down: RuntimeError (internal error)"
+    assert lines[1].startswith("Traceback") and lines[-1] == "RuntimeError: a broken plugin"

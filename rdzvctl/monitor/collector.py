@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, TextIO
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from rdzvctl import __version__
+from rdzvctl.errors import RdzvctlError
 from rdzvctl.inspect import now_utc, problem_for_error
 from rdzvctl.monitor.runs import (
     ERROR_KINDS,
@@ -85,13 +86,15 @@ class RendezvousCollector:
 
     def __init__(self, reader: RunReader, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
                  max_nodes: Optional[int] = None, join_timeout: float = DEFAULT_JOIN_TIMEOUT,
-                 clock: Optional[Callable[[], _dt.datetime]] = None, log: Optional[TextIO] = None) -> None:
+                 clock: Optional[Callable[[], _dt.datetime]] = None, log: Optional[TextIO] = None,
+                 verbose: bool = False) -> None:
         self.reader = reader
         self.keep_alive = keep_alive
         self.max_nodes = max_nodes
         self.join_timeout = join_timeout
         self._clock = clock
         self._log = log if log is not None else sys.stderr
+        self.verbose = verbose  # log the traceback of a failure that is not an rdzvctl error (a bug)
         self._lock = threading.Lock()
         self._errors: Counter = Counter(dict.fromkeys(ERROR_KINDS, 0))  # every kind from 0, for increase()
         self._last_error: Optional[str] = None
@@ -136,6 +139,13 @@ class RendezvousCollector:
             line = describe_error(scrape.error)
             if line != self._last_error:
                 self._write(f"rdzvctl exporter: backend down: {line}")
+                if self.verbose and not isinstance(scrape.error, RdzvctlError):
+                    import traceback
+
+                    for text in traceback.format_exception(type(scrape.error), scrape.error,
+                                                           scrape.error.__traceback__):
+                        for part in text.rstrip("\n").splitlines():
+                            self._write(part)
             self._last_error = line
         elif self._last_error is not None:
             self._write("rdzvctl exporter: backend up again")

@@ -57,7 +57,7 @@ def command(app: App, all_runs: bool, listen: Optional[str], max_runs: Optional[
     if join_timeout is None or join_timeout <= 0:
         raise UsageError("--rdzv-conf join_timeout must be positive")
     reader = RunReader(address, run_ids, max_runs or DEFAULT_MAX_RUNS)
-    collector = RendezvousCollector(reader, app.keep_alive, app.max_nodes, join_timeout)
+    collector = RendezvousCollector(reader, app.keep_alive, app.max_nodes, join_timeout, verbose=app.verbose)
     registry = prometheus_client.CollectorRegistry(auto_describe=False)
     registry.register(collector)
     server = make_server(listen or DEFAULT_LISTEN, registry)
