@@ -345,3 +345,14 @@ def test_verbose_logs_the_traceback_of_a_bug() -> None:
     lines = store.log.getvalue().splitlines()
     assert lines[0] == "rdzvctl exporter: backend down: RuntimeError (internal error)"
     assert lines[1].startswith("Traceback") and lines[-1] == "RuntimeError: a broken plugin"
+
+
+def test_the_readme_lists_every_exported_metric() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Monitoring"):readme.index("## Safety design")]
+    listed = {m for line in section.splitlines() if line.startswith("| `rdzvctl_")
+              for m in re.findall(r"`(rdzvctl_[a-z_]+)", line)}
+    assert listed == set(METRIC_NAMES)
