@@ -13,14 +13,21 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from rdzvctl.backends.base import RendezvousBackend, Token
 from rdzvctl.errors import RdzvctlError, StateError
-from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Finding, KeepAlive, deadline_remaining, node_statuses
+from rdzvctl.state.analysis import (
+    DEFAULT_KEEP_ALIVE,
+    Finding,
+    KeepAlive,
+    NodeStatus,
+    deadline_remaining,
+    node_statuses,
+)
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time, state_to_json
 from rdzvctl.state.lifecycle import Lifecycle
 from rdzvctl.state.model import RendezvousState
 
-__all__ = ["Snapshot", "take_snapshot", "describe", "assess", "probe_tcp", "read_store_keys", "reread_while",
-           "CONFIRM_SECONDS", "SCHEMA", "now_utc"]
+__all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
+           "reread_while", "CONFIRM_SECONDS", "SCHEMA", "now_utc"]
 
 #: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
 PROBE_TIMEOUT = 0.5
@@ -199,15 +206,7 @@ def describe(
     doc["state"] = state_to_json(state)
     beats = doc["state"]["last_heartbeats"]  # formatted once, reused per node below
     remaining = deadline_remaining(state, now)
-    participants = [s for s in statuses if s.role == "participant"]
-    doc["summary"] = {
-        "participants": len(participants),
-        "alive": sum(1 for s in participants if s.alive),
-        "dead": sum(1 for s in participants if s.alive is False),
-        "waiting": len(state.wait_list),
-        "redundant": len(state.redundancy_list),
-        "deadline_remaining": None if remaining is None else round(remaining, 3),
-    }
+    doc["summary"] = summarize(state, statuses, remaining)
     doc["nodes"] = [
         {
             "node": s.node.id,
@@ -233,6 +232,19 @@ def printable(value: bytes) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return "0x" + value.hex()
+
+
+def summarize(state: RendezvousState, statuses: List[NodeStatus], remaining: Optional[float]) -> Dict[str, Any]:
+    """The ``summary`` of ``get -o json``: participant, liveness and list counts (also the exporter's gauges)."""
+    participants = [s for s in statuses if s.role == "participant"]
+    return {
+        "participants": len(participants),
+        "alive": sum(1 for s in participants if s.alive),
+        "dead": sum(1 for s in participants if s.alive is False),
+        "waiting": len(state.wait_list),
+        "redundant": len(state.redundancy_list),
+        "deadline_remaining": None if remaining is None else round(remaining, 3),
+    }
 
 
 def problem_for_error(error: StateError) -> Dict[str, Any]:
