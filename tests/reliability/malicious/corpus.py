@@ -28,11 +28,12 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 from rdzvctl.state.codec import TORCH_MODULE
 
-__all__ = ["Payload", "build_corpus", "EXTENSION_CODE", "trust_payloads", "resource_payloads", "deep_tuple_payloads"]
+__all__ = ["Payload", "build_corpus", "EXTENSION_CODE", "trust_payloads", "resource_payloads", "deep_tuple_payloads",
+           "hash_flood_payloads"]
 
 #: The copyreg extension code the EXT payloads use (registered by the test, to os.system).
 EXTENSION_CODE = 0x7A11
@@ -380,3 +381,129 @@ def deep_tuple_payloads(depth: int) -> List[Tuple[str, bytes]]:
         "in-a-state": _shell(_fields(participants=pickle.EMPTY_DICT + deep + pickle.NONE + pickle.SETITEM)),
     }
     return [(f"deep-tuple-{name}-{depth}", P4 + body + pickle.STOP) for name, body in bodies.items()]
+
+
+# -- hash floods ------------------------------------------------------------------
+# Keys whose hashes an attacker can choose collide in one dict or set, and the C
+# unpickler's SETITEMS/ADDITEMS then costs O(n^2) comparisons.  int hashes are
+# n mod (2^61 - 1); a tuple's hash mixes its items' hashes with an invertible
+# step (CPython 3.11's xxHash variant), a frozenset's XORs shuffled item hashes.
+_M61 = 2**61 - 1
+_MASK = 2**64 - 1
+_P1, _P2, _P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+
+def _rotl31(x: int) -> int:
+    return ((x << 31) | (x >> 33)) & _MASK
+
+
+def _int_for_lane(lane: int) -> "int | None":
+    """An int within 64 bits whose hash, as an unsigned word, is ``lane`` (None if there is none)."""
+    if lane < _M61:
+        return lane
+    negative = (1 << 64) - lane  # hash(-x) == -(x mod M61)
+    if negative < _M61 and negative != 1:  # hash(-1) is -2
+        return -negative
+    return None
+
+
+def _colliding_pairs(count: int) -> List[Tuple[int, int]]:
+    """``count`` tuples (a, b) of ints within 64 bits, all with one hash."""
+    target = 0x5EED_5EED_5EED_5EED
+    out: List[Tuple[int, int]] = []
+    inverse = pow(_P2, -1, 2**64)
+    a = 1
+    while len(out) < count:
+        acc = (_rotl31((_P5 + a * _P2) & _MASK) * _P1) & _MASK
+        b = _int_for_lane(((target - acc) * inverse) & _MASK)
+        if b is not None:
+            out.append((a, b))
+        a += 1
+    return out
+
+
+def _unshuffle(h: int) -> int:
+    """The inverse of CPython's frozenset ``_shuffle_bits``."""
+    h = ((h * pow(3644798167, -1, 2**64)) & _MASK) ^ 89869747
+    x = h  # undo x ^ (x << 16)
+    for _ in range(4):
+        x = h ^ ((x << 16) & _MASK)
+    return x
+
+
+def _shuffle(h: int) -> int:
+    return (((h ^ 89869747) ^ (h << 16)) * 3644798167) & _MASK
+
+
+def _colliding_frozen_pairs(count: int) -> List[Tuple[int, int]]:
+    """``count`` pairs {a, b} of ints within 64 bits whose frozensets share one hash."""
+    target = 0x0BAD_F00D_0BAD_F00D
+    out: List[Tuple[int, int]] = []
+    a = 3
+    while len(out) < count:
+        b = _int_for_lane(_unshuffle(target ^ _shuffle(a)))
+        if b is not None and b != a:
+            out.append((a, b))
+        a += 1
+    return out
+
+
+def _int(n: int) -> bytes:
+    if -(2**31) <= n < 2**31:
+        return pickle.BININT + struct.pack("<i", n)
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return pickle.LONG1 + bytes([len(raw)]) + raw
+
+
+def hash_flood_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
+    """Dicts and sets of about ``size`` bytes whose keys all share one hash (made one at a time).
+
+    Kinds: ints of 2^61 and more (one hash), floats (hash-equal groups, the
+    opcode alone is never in a state), tuples and frozensets of two ints within
+    64 bits (colliding by construction), 1-tuples and frozensets of big ints,
+    and a mix, as dict keys (SETITEMS) and set items (ADDITEMS).
+    """
+    def keys_until(unit_size: int) -> int:
+        return max(1, (size - 16) // unit_size)
+
+    def as_dict(keys: Iterable[bytes]) -> bytes:
+        return P4 + pickle.EMPTY_DICT + pickle.MARK + b"".join(k + pickle.NONE for k in keys) + pickle.SETITEMS + pickle.STOP
+
+    def as_set(keys: Iterable[bytes]) -> bytes:
+        return P4 + pickle.EMPTY_SET + pickle.MARK + b"".join(keys) + pickle.ADDITEMS + pickle.STOP
+
+    def big_ints(n: int) -> List[bytes]:
+        return [_int(k * _M61) for k in range(1, n + 1)]
+
+    def pairs(n: int) -> List[bytes]:
+        return [_int(a) + _int(b) + pickle.TUPLE2 for a, b in _colliding_pairs(n)]
+
+    def frozen(n: int) -> List[bytes]:
+        return [pickle.MARK + _int(a) + _int(b) + pickle.FROZENSET for a, b in _colliding_frozen_pairs(n)]
+
+    def floats(n: int) -> List[bytes]:
+        # i * 2^(61 j) all hash to i: groups of 16 equal hashes
+        return [pickle.BINFLOAT + struct.pack(">d", float(i) * 2.0 ** (61 * j)) for i in range(1, n // 16 + 2)
+                for j in range(16)][:n]
+
+    units = [
+        ("hash-int-keys", lambda: as_dict(big_ints(keys_until(11)))),
+        ("hash-int-items", lambda: as_set(big_ints(keys_until(10)))),
+        ("hash-float-keys", lambda: as_dict(floats(keys_until(10)))),
+        ("hash-tuple-keys", lambda: as_dict(pairs(keys_until(12)))),
+        ("hash-tuple-items", lambda: as_set(pairs(keys_until(11)))),
+        ("hash-frozenset-keys", lambda: as_dict(frozen(keys_until(13)))),
+        ("hash-frozenset-items", lambda: as_set(frozen(keys_until(12)))),
+        ("hash-big-1-tuples", lambda: as_set([k + pickle.TUPLE1 for k in big_ints(keys_until(11))])),
+        ("hash-big-frozensets", lambda: as_set([pickle.MARK + k + pickle.FROZENSET for k in big_ints(keys_until(12))])),
+        ("hash-mixed", lambda: as_set([k for trio in zip(big_ints(keys_until(36)), pairs(keys_until(36)),
+                                                        [k + pickle.TUPLE1 for k in big_ints(keys_until(36))])
+                                       for k in trio])),
+        ("hash-memo-tuple-keys", lambda: P4 + b"".join(
+            _int(a) + _int(b) + pickle.TUPLE2 + pickle.MEMOIZE + pickle.POP for a, b in _colliding_pairs(keys_until(16)))
+            + pickle.EMPTY_DICT + pickle.MARK + b"".join(
+                pickle.LONG_BINGET + struct.pack("<I", i) + pickle.NONE for i in range(keys_until(16)))
+            + pickle.SETITEMS + pickle.STOP),
+    ]
+    for name, make in units:
+        yield name, make()
