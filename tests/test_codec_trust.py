@@ -117,7 +117,8 @@ def test_floods_at_the_cap_are_refused_within_256_mib(size: int) -> None:
     outcomes = json.loads(done.stdout)
     assert all(o.startswith("StateCorruptError") for o in outcomes.values()), outcomes
     assert "MemoryError" not in done.stdout
-    assert sum("builds more than" in o for o in outcomes.values()) >= 5  # container floods hit the metered budget
+    # Container floods hit the metered budget (tuple and frozenset floods are refused by the prescan).
+    assert sum("builds more than" in o for o in outcomes.values()) >= 4
 
 
 def test_size_limit_is_named_in_the_error() -> None:

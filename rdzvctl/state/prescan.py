@@ -85,13 +85,19 @@ def _counted(width: int) -> bytes:
     return b"(?:" + b"|".join(b"\\x%02x" % n + pad + (b"[\\s\\S]{%d}" % n if n else b"") for n in range(256)) + b")"
 
 
+#: Opcodes no state has: floats, 256-byte-and-longer ints, frozensets.
+_NEVER = {"FLOAT", "BINFLOAT", "LONG4", "FROZENSET"}
+#: Opcodes the run admits only in the narrow forms states use (see :func:`_build_run`).
+_NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
+
+
 def _build_run() -> "re.Pattern[bytes]":
     """A possessive run of opcodes that need no decision (STOP and the rare ones excluded)."""
     plain: List[str] = []
     fixed: dict = {}
     lines: List[str] = []
     counted: dict = {1: [], 4: [], 8: []}
-    special = {"STOP", "LONG_BINPUT", "PUT", "FRAME", "EXT1", "EXT2", "EXT4", "GLOBAL", "INST"}
+    special = {"STOP", "LONG_BINPUT", "PUT", "FRAME", "EXT1", "EXT2", "EXT4", "GLOBAL", "INST"} | _NEVER | _NARROW
     widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
               pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
     for op in pickletools.opcodes:
@@ -112,16 +118,29 @@ def _build_run() -> "re.Pattern[bytes]":
     parts.append(b"r[\\s\\S]{2}[\\x00-\\x1f]\\x00")  # LONG_BINPUT up to MAX_MEMO_INDEX
     parts.append(b"p[0-9]{1,6}\\n")  # PUT below a million
     parts.append(b"\\x95[\\s\\S]{3}\\x00{5}")  # FRAME below 16 MiB
+    # Integers within 64 bits (at most 19 digits: below 2^63.2), the only ones a state holds.
+    parts.append(b"\\x8a(?:" + b"|".join(b"\\x%02x[\\s\\S]{%d}" % (n, n) for n in range(9)) + b")")  # LONG1
+    parts.append(b"I[-+]?[0-9]{1,19}\\n")  # INT
+    parts.append(b"L[-+]?[0-9]{1,19}L?\\n")  # LONG
+    # A tuple goes straight to REDUCE (memoised or not): it only ever holds a call's arguments.
+    parts.append(b"[\\x85\\x86\\x87t](?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?[Rb]")
     parts += [_cls(codes) + _counted(width) for width, codes in sorted(counted.items())]
     return re.compile(b"(?:" + b"|".join(parts) + b")*+")
 
 
 _RUN = _build_run()
-_LENGTHS = {pickle.BINSTRING[0]: (4, True), pickle.LONG4[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
+_LENGTHS = {pickle.BINSTRING[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
             pickle.BINBYTES[0]: (4, False), pickle.BINUNICODE8[0]: (8, False), pickle.BINBYTES8[0]: (8, False),
             pickle.BYTEARRAY8[0]: (8, False), pickle.FRAME[0]: (8, False)}
 _EXTENSIONS = {pickle.EXT1[0]: 1, pickle.EXT2[0]: 2, pickle.EXT4[0]: 4}
 _MEMO = "not a valid pickle: a memo index beyond any object the state holds"
+_NOT_A_STATE = {
+    **{pickle.FLOAT[0]: "a float", pickle.BINFLOAT[0]: "a float", pickle.FROZENSET[0]: "a frozenset",
+       pickle.LONG4[0]: "an integer beyond 64 bits", pickle.LONG1[0]: "an integer beyond 64 bits",
+       pickle.INT[0]: "an integer beyond 64 bits", pickle.LONG[0]: "an integer beyond 64 bits"},
+    **dict.fromkeys(pickle.TUPLE + pickle.TUPLE1 + pickle.TUPLE2 + pickle.TUPLE3,
+                    "a tuple that is not a call's arguments"),
+}
 
 
 def scan(data: bytes) -> None:
@@ -161,6 +180,9 @@ def scan(data: bytes) -> None:
                 # Extension codes in copyreg's cache skip find_class (and the allow-list) entirely.
                 raise StateUnsafeError("the pickle uses an extension code, which a rendezvous state never does")
             pos += 1 + _EXTENSIONS[op]
+        elif op in _NOT_A_STATE:
+            raise StateCorruptError(f"the pickle holds {_NOT_A_STATE[op]}, which a rendezvous state never does; "
+                                    "refused before unpickling")
         elif op in (pickle.GLOBAL[0], pickle.INST[0]):
             return  # only a truncated GLOBAL/INST is left out of the run: the unpickler refuses it
         else:  # STOP, an unknown opcode or a truncated argument: the unpickler stops here

@@ -292,8 +292,8 @@ def trust_payloads() -> List[Tuple[str, str, bytes]]:
         ("class-node-setstate-none", "class-mutation", _on_class(node_cls, "__setstate__", pickle.NONE)),
         ("class-node-dict-state", "class-mutation", _real_state() + node_cls + _dict(_str("__hash__"), pickle.NONE)
          + pickle.BUILD + pickle.POP + pickle.STOP),
-        ("class-codecs-defaults", "class-mutation", _on_class(codecs_encode, "__defaults__",
-                                                              _str("rot13") + pickle.TUPLE1)),
+        # (a tuple as the value, as __defaults__ wants, is refused before unpickling: not a call's arguments)
+        ("class-codecs-defaults", "class-mutation", _on_class(codecs_encode, "__defaults__", _str("rot13"))),
         ("class-set-attribute", "class-mutation", _on_class(_global("builtins", "set"), "add", pickle.NONE)),
         ("class-datetime-attribute", "class-mutation", _on_class(_global("datetime", "datetime"), "now",
                                                                  pickle.NONE)),
