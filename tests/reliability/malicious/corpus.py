@@ -451,14 +451,16 @@ def _colliding_frozen_pairs(count: int) -> List[Tuple[int, int]]:
 def _int(n: int) -> bytes:
     if -(2**31) <= n < 2**31:
         return pickle.BININT + struct.pack("<i", n)
-    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    raw = pickle.encode_long(n)  # type: ignore[attr-defined]  # the pickler's own minimal form
     return pickle.LONG1 + bytes([len(raw)]) + raw
 
 
 def hash_flood_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
     """Dicts and sets of about ``size`` bytes whose keys all share one hash (made one at a time).
 
-    Kinds: ints of 2^61 and more (one hash), floats (hash-equal groups, the
+    Kinds: ints within 64 bits as colliding as they can be (at most about 10
+    share a hash; hashes equal in their low 40 bits), which a state may hold
+    and the decoder must still decide quickly; ints of 2^61 and more (one hash), floats (hash-equal groups, the
     opcode alone is never in a state), tuples and frozensets of two ints within
     64 bits (colliding by construction), 1-tuples and frozensets of big ints,
     and a mix, as dict keys (SETITEMS) and set items (ADDITEMS).
@@ -466,11 +468,20 @@ def hash_flood_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
     def keys_until(unit_size: int) -> int:
         return max(1, (size - 16) // unit_size)
 
+    def fitting(units: Iterable[bytes]) -> bytes:
+        out, room = [], size - 8
+        for unit in units:
+            room -= len(unit)
+            if room < 0:
+                break
+            out.append(unit)
+        return b"".join(out)
+
     def as_dict(keys: Iterable[bytes]) -> bytes:
-        return P4 + pickle.EMPTY_DICT + pickle.MARK + b"".join(k + pickle.NONE for k in keys) + pickle.SETITEMS + pickle.STOP
+        return P4 + pickle.EMPTY_DICT + pickle.MARK + fitting(k + pickle.NONE for k in keys) + pickle.SETITEMS + pickle.STOP
 
     def as_set(keys: Iterable[bytes]) -> bytes:
-        return P4 + pickle.EMPTY_SET + pickle.MARK + b"".join(keys) + pickle.ADDITEMS + pickle.STOP
+        return P4 + pickle.EMPTY_SET + pickle.MARK + fitting(keys) + pickle.ADDITEMS + pickle.STOP
 
     def big_ints(n: int) -> List[bytes]:
         return [_int(k * _M61) for k in range(1, n + 1)]
@@ -486,7 +497,24 @@ def hash_flood_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
         return [pickle.BINFLOAT + struct.pack(">d", float(i) * 2.0 ** (61 * j)) for i in range(1, n // 16 + 2)
                 for j in range(16)][:n]
 
+    def int64_groups(n: int) -> List[bytes]:
+        # every int within 64 bits that shares a hash with 1, 2, 3, ... (about 10 each): the most a state can hold
+        out: List[bytes] = []
+        h = 1
+        while len(out) < n:
+            out += [_int(v) for v in range(h - 5 * _M61, 2**63, _M61) if v >= -(2**63) and hash(v) == h]
+            out += [_int(v) for v in range(-h, -(2**63) - 1, -_M61) if hash(v) == -h and v != -1]
+            h += 1
+        return out[:n]
+
+    def low_bits(n: int) -> List[bytes]:
+        # distinct hashes equal in their low 40 bits: the first probes of every key collide
+        return [_int(i << 40) for i in range(1, n + 1)]
+
     units = [
+        ("hash-int64-same-hash", lambda: as_set(int64_groups(keys_until(10)))),
+        ("hash-int64-low-bits", lambda: as_set(low_bits(keys_until(9)))),
+        ("hash-int64-low-bits-keys", lambda: as_dict(low_bits(keys_until(10)))),
         ("hash-int-keys", lambda: as_dict(big_ints(keys_until(11)))),
         ("hash-int-items", lambda: as_set(big_ints(keys_until(10)))),
         ("hash-float-keys", lambda: as_dict(floats(keys_until(10)))),
@@ -500,9 +528,9 @@ def hash_flood_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
                                                         [k + pickle.TUPLE1 for k in big_ints(keys_until(36))])
                                        for k in trio])),
         ("hash-memo-tuple-keys", lambda: P4 + b"".join(
-            _int(a) + _int(b) + pickle.TUPLE2 + pickle.MEMOIZE + pickle.POP for a, b in _colliding_pairs(keys_until(16)))
+            _int(a) + _int(b) + pickle.TUPLE2 + pickle.MEMOIZE + pickle.POP for a, b in _colliding_pairs(keys_until(24)))
             + pickle.EMPTY_DICT + pickle.MARK + b"".join(
-                pickle.LONG_BINGET + struct.pack("<I", i) + pickle.NONE for i in range(keys_until(16)))
+                pickle.LONG_BINGET + struct.pack("<I", i) + pickle.NONE for i in range(keys_until(24)))
             + pickle.SETITEMS + pickle.STOP),
     ]
     for name, make in units:
