@@ -22,6 +22,45 @@ thread whose stack is sized for that bound when the current one is too small
 consumes, the memory grown since the start is compared with a budget derived
 from the input size, so a flood of cheap objects is refused after a bounded
 amount of memory.  Nothing here builds an object from the pickle.
+
+Hash floods.  The C unpickler hashes at ``SETITEM``/``SETITEMS``,
+``ADDITEMS``, ``FROZENSET`` and inside ``set()``; n keys that share a hash cost
+O(n^2) comparisons there, inside one opcode (no read in between, so the
+metered input cannot stop it; 10,000 colliding keys took 3-12 s).  Hashes an
+attacker can choose come only from ints, floats, tuples, frozensets and what
+hashes like a tuple of ints (timedelta, timezone, an aware datetime); str,
+bytes and naive datetimes hash with SipHash under a per-process key, built
+shells by identity, and lists, dicts, sets and bytearrays not at all.  Each
+is closed by what real states never contain (torch writes protocol 2-5 with
+BININT*/LONG1 ints, bytes payloads and tuples only as call arguments):
+
+* floats: ``FLOAT`` and ``BINFLOAT`` are refused;
+* ints: only within 64 bits (``LONG1`` of at most 8 bytes, ``INT``/``LONG``
+  text of at most 19 digits; ``LONG4`` refused).  ``hash(n)`` is
+  ``n mod (2^61 - 1)`` (negated for negative n), so at most 9 distinct ints
+  in that range share a hash value, and equal ints are one key;
+* frozensets: ``FROZENSET`` is refused and ``frozenset`` is not an allowed global;
+* tuples: every tuple opcode must be followed, after at most one memo put,
+  by ``REDUCE`` or ``BUILD`` (checked in the run), so no other opcode sees a
+  tuple before a call took it.  ``BUILD`` with a tuple always fails (the
+  shells and the allowed calls refuse it; nothing else has settable
+  attributes), and ``REDUCE`` succeeds only on an allowed global that takes
+  exactly what its own pickles pass (``rdzvctl.state.codec``): ``datetime``
+  (bytes or latin-1 text, a timezone), ``timedelta`` (an offset under a day:
+  1.7e11 values), ``timezone`` (validates its own: a timedelta, a str),
+  ``set`` (a list of built nodes), ``_codecs.encode`` (a str, "latin1"); a
+  shell class refuses arguments.  So every tuple that survives (in the
+  memo) holds a SipHash-keyed item, an unhashable list or three ints from
+  the offset range, and the objects returned hash the same way.  An aware
+  datetime hashes as (days, seconds, microseconds): at most 2^61 values,
+  where each key sharing a chosen hash costs about 2^44 hash evaluations
+  to find.
+
+What remains is CPython's probing of distinct hashes: keys equal in their
+low bits share their first slots until the perturbation (5 more hash bits
+per probe) separates them, within about 13 probes; the worst shape measured
+(16 MiB of ints equal in their low 40 bits, ``hash-int64-low-bits`` in the
+hostile corpus and bench P8) costs about 3x a set of ordinary ints.
 """
 
 from __future__ import annotations
