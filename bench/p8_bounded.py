@@ -37,14 +37,15 @@ def _inputs(quick: bool) -> List[Tuple[str, bytes]]:
     wanted = {"flood-empty-set", "flood-empty-dict", "flood-set-reduce", "flood-short-strings", "flood-none",
               "flood-memoize", "flood-tuple1", "flood-nodes"}
     # Hash floods: the int ones a state may hold reach the unpickler (as colliding as
-    # 64-bit ints get); the tuple and frozenset ones are refused by the prescan.
+    # 64-bit ints get); the tuple and frozenset ones are refused by the prescan;
+    # hash-node-ids is a valid state whose nodes collide as hash((addr, pid, local_id)).
     floods = {"hash-int64-low-bits", "hash-int64-same-hash", "hash-tuple-items", "hash-memo-tuple-keys",
-              "hash-frozenset-items"}
+              "hash-frozenset-items", "hash-node-ids"}
     if quick:
         wanted = {"flood-empty-set", "flood-none"}
         floods = {"hash-int64-low-bits"}
     out = [(name, data) for name, data in resource_payloads(MAX_STATE_BYTES) if name in wanted]
-    out += [(name, data) for name, data in hash_flood_payloads(MAX_STATE_BYTES) if name in floods]
+    out += list(hash_flood_payloads(MAX_STATE_BYTES, floods))
     nodes = 180_000 if not quick else 20_000
     real = state_bytes(nodes)
     while len(real) > MAX_STATE_BYTES:

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, List, Tuple
 from rdzvctl.state.codec import TORCH_MODULE
 
 __all__ = ["Payload", "build_corpus", "EXTENSION_CODE", "trust_payloads", "resource_payloads", "deep_tuple_payloads",
-           "hash_flood_payloads"]
+           "hash_flood_payloads", "node_hash_flood"]
 
 #: The copyreg extension code the EXT payloads use (registered by the test, to os.system).
 EXTENSION_CODE = 0x7A11
@@ -448,6 +448,38 @@ def _colliding_frozen_pairs(count: int) -> List[Tuple[int, int]]:
     return out
 
 
+def _colliding_node_ids(count: int) -> List[Tuple[int, int]]:
+    """``count`` (pid, local_id) pairs within 64 bits whose ``hash((addr, pid, local_id))`` agree
+    for one addr, whatever hash(addr) is: a pid lane step of 2^33/P2 passes the 31-bit rotation
+    as +1 (no carry for all but a 2^-11 share of hash(addr)), which the local_id lane cancels."""
+    inverse = pow(_P2, -1, 2**64)
+    delta, step = (2**33 * inverse) & _MASK, (_P1 * inverse) & _MASK
+    out: List[Tuple[int, int]] = []
+    j = 0
+    while len(out) < count:
+        pid, local_id = _int_for_lane((1000 + j * delta) & _MASK), _int_for_lane((7 - j * step) & _MASK)
+        if pid is not None and local_id is not None:
+            out.append((pid, local_id))
+        j += 1
+    return out
+
+
+def node_hash_flood(size: int) -> bytes:
+    """A valid state of about ``size`` bytes whose wait_list nodes share one addr and, as
+    ``hash((addr, pid, local_id))``, one hash: costly to whoever builds a set of them."""
+    memo = b"".join(part + pickle.BINPUT + bytes([i]) + pickle.POP for i, part in enumerate(
+        [_global(TORCH_MODULE, "_NodeDesc"), _str("addr"), _str("host"), _str("pid"), _str("local_id")]))
+
+    def node(pid: int, local_id: int) -> bytes:
+        get = [pickle.BINGET + bytes([i]) for i in range(5)]
+        return (get[0] + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK + get[1] + get[2]
+                + get[3] + _int(pid) + get[4] + _int(local_id) + pickle.SETITEMS + pickle.BUILD)
+
+    unit = len(node(2**62, 2**62))
+    nodes = b"".join(node(pid, lid) for pid, lid in _colliding_node_ids(max(1, (size - 400) // unit)))
+    return P4 + memo + _shell(_fields(wait_list=pickle.EMPTY_SET + pickle.MARK + nodes + pickle.ADDITEMS)) + pickle.STOP
+
+
 def _int(n: int) -> bytes:
     if -(2**31) <= n < 2**31:
         return pickle.BININT + struct.pack("<i", n)
@@ -455,15 +487,16 @@ def _int(n: int) -> bytes:
     return pickle.LONG1 + bytes([len(raw)]) + raw
 
 
-def hash_flood_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
-    """Dicts and sets of about ``size`` bytes whose keys all share one hash (made one at a time).
+def hash_flood_payloads(size: int, names: "Iterable[str] | None" = None) -> Iterator[Tuple[str, bytes]]:
+    """Dicts and sets of about ``size`` bytes whose keys all share one hash (made one at a time; only ``names``).
 
     Kinds: ints within 64 bits as colliding as they can be (at most about 10
     share a hash; hashes equal in their low 40 bits), which a state may hold
     and the decoder must still decide quickly; ints of 2^61 and more (one hash), floats (hash-equal groups, the
     opcode alone is never in a state), tuples and frozensets of two ints within
     64 bits (colliding by construction), 1-tuples and frozensets of big ints,
-    and a mix, as dict keys (SETITEMS) and set items (ADDITEMS).
+    and a mix, as dict keys (SETITEMS) and set items (ADDITEMS); and a valid state
+    whose nodes collide as ``hash((addr, pid, local_id))`` (``hash-node-ids``).
     """
     def keys_until(unit_size: int) -> int:
         return max(1, (size - 16) // unit_size)
@@ -527,11 +560,14 @@ def hash_flood_payloads(size: int) -> Iterator[Tuple[str, bytes]]:
         ("hash-mixed", lambda: as_set([k for trio in zip(big_ints(keys_until(36)), pairs(keys_until(36)),
                                                         [k + pickle.TUPLE1 for k in big_ints(keys_until(36))])
                                        for k in trio])),
+        ("hash-node-ids", lambda: node_hash_flood(size)),
         ("hash-memo-tuple-keys", lambda: P4 + b"".join(
             _int(a) + _int(b) + pickle.TUPLE2 + pickle.MEMOIZE + pickle.POP for a, b in _colliding_pairs(keys_until(24)))
             + pickle.EMPTY_DICT + pickle.MARK + b"".join(
                 pickle.LONG_BINGET + struct.pack("<I", i) + pickle.NONE for i in range(keys_until(24)))
             + pickle.SETITEMS + pickle.STOP),
     ]
+    chosen = None if names is None else set(names)
     for name, make in units:
-        yield name, make()
+        if chosen is None or name in chosen:
+            yield name, make()
