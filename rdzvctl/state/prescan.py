@@ -161,8 +161,11 @@ def _build_run() -> "re.Pattern[bytes]":
     parts.append(b"\\x8a(?:" + b"|".join(b"\\x%02x[\\s\\S]{%d}" % (n, n) for n in range(9)) + b")")  # LONG1
     parts.append(b"I[-+]?[0-9]{1,19}\\n")  # INT
     parts.append(b"L[-+]?[0-9]{1,19}L?\\n")  # LONG
-    # A tuple goes straight to REDUCE (memoised or not): it only ever holds a call's arguments.
-    parts.append(b"[\\x85\\x86\\x87t](?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?[Rb]")
+    # A tuple goes straight to REDUCE or BUILD (memoised or not; a FRAME may start between,
+    # which torch's C pickler never writes there): it only ever holds a call's arguments.
+    frame = b"(?:\\x95[\\s\\S]{3}\\x00{5})?"
+    parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
+                 + frame + b"[Rb]")
     parts += [_cls(codes) + _counted(width) for width, codes in sorted(counted.items())]
     return re.compile(b"(?:" + b"|".join(parts) + b")*+")
 
