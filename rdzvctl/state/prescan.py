@@ -124,7 +124,7 @@ def _counted(width: int) -> bytes:
     return b"(?:" + b"|".join(b"\\x%02x" % n + pad + (b"[\\s\\S]{%d}" % n if n else b"") for n in range(256)) + b")"
 
 
-#: Opcodes no state has: floats, 256-byte-and-longer ints, frozensets.
+#: Opcodes no state has: floats, LONG4 ints (the pickler's form for 256 bytes and more), frozensets.
 _NEVER = {"FLOAT", "BINFLOAT", "LONG4", "FROZENSET"}
 #: Opcodes the run admits only in the narrow forms states use (see :func:`_build_run`).
 _NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
