@@ -56,6 +56,11 @@ BININT*/LONG1 ints, bytes payloads and tuples only as call arguments):
   where each key sharing a chosen hash costs about 2^44 hash evaluations
   to find.
 
+After unpickling, the converter hashes :class:`~rdzvctl.state.model.NodeDesc`
+objects, which hash their id string (SipHash-keyed): the dataclass default,
+``hash((addr, pid, local_id))``, let same-addr nodes share one hash whatever
+the str hash key is (its int lanes pass the mixing linearly).
+
 What remains is CPython's probing of distinct hashes: keys equal in their
 low bits share their first slots until the perturbation (5 more hash bits
 per probe) separates them, within about 13 probes; the worst shape measured
