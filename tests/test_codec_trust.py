@@ -179,7 +179,7 @@ def test_restore_of_a_tampered_backup_writes_nothing(tmp_path: Path, name: str) 
 
     from tests.support.cli import run_rdzvctl
 
-    assert run_rdzvctl(["demo", "--path", str(tmp_path / "demo")]).returncode == 0
+    assert run_rdzvctl(["demo", "--no-live", "--path", str(tmp_path / "demo")]).returncode == 0
     env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(tmp_path / "demo" / "rendezvous.store"),
            "PET_RDZV_ID": "demo-job", "PET_RDZV_CONF": "store_type=file", "RDZVCTL_BACKUP_DIR": str(tmp_path / "bk")}
     prune = run_rdzvctl(["reset", "--mode", "prune", "--yes"], env=env)
