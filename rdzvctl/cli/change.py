@@ -22,7 +22,7 @@ from rdzvctl.backup import Backup, backup_directory, public_conf, write_backup
 from rdzvctl.errors import StateError, TokenConflictError
 from rdzvctl.fence import write_fenced
 from rdzvctl.inspection import Snapshot
-from rdzvctl.state.analysis import diff_states
+from rdzvctl.state.analysis import diff_states, group_events
 from rdzvctl.state.codec import check_writable, decode
 from rdzvctl.state.jsonform import format_time, state_to_json
 
@@ -152,7 +152,6 @@ def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:
     except StateError:
         app.err("Meanwhile the stored state became undecodable.")
         return
-    from rdzvctl.cli.render import group_events
 
     events = group_events(diff_states(snap.state, now_state))
     if events:

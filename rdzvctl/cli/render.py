@@ -25,7 +25,6 @@ __all__ = [
     "render_plan",
     "render_event",
     "plan_summary",
-    "group_events",
     "fmt_age",
     "fmt_seconds",
     "SUMMARY_LIMIT",
@@ -332,40 +331,6 @@ def plan_summary(before: Any, after: Any) -> List[str]:
         else:
             lines.append(f"{key}: {json_text(old)} -> {json_text(new)}")
     return lines
-
-
-#: A grouped event (many nodes changing the same way at once) lists this many node ids in ``nodes``...
-GROUP_NODES = 20
-#: ... and names this many in its message.
-GROUP_NAMED = 3
-_GROUP_PHRASE = {"heartbeat-fresh": "heartbeating again", "rank-changed": "changed rank"}
-
-
-def group_events(events: Iterable[Any]) -> List[Tuple[str, str, Dict[str, Any]]]:
-    """Semantic events (``analysis.Event``) as (kind, message, fields), one per kind for node events.
-
-    One node: its own message, ``node`` and data.  Several nodes of one kind
-    (5,000 heartbeats going stale): one entry with ``count``, the first
-    :data:`GROUP_NODES` ids in ``nodes`` and the first :data:`GROUP_NAMED`
-    named in the message, so neither ``watch`` nor a conflict report floods.
-    """
-    groups: Dict[Any, List[Any]] = {}
-    for event in events:
-        groups.setdefault(event.kind if event.node else id(event), []).append(event)
-    out: List[Tuple[str, str, Dict[str, Any]]] = []
-    for group in groups.values():
-        first = group[0]
-        if len(group) == 1:
-            out.append((first.kind, first.message, {"node": first.node, **first.data} if first.node else
-                        dict(first.data)))
-            continue
-        nodes = [e.node for e in group]
-        shown = ", ".join(nodes[:GROUP_NAMED]) + (f" and {len(nodes) - GROUP_NAMED} more"
-                                                  if len(nodes) > GROUP_NAMED else "")
-        phrase = _GROUP_PHRASE.get(first.kind, first.kind.replace("-", " "))
-        out.append((first.kind, f"{len(nodes)} nodes {phrase}: {shown}",
-                    {"count": len(nodes), "nodes": nodes[:GROUP_NODES]}))
-    return out
 
 
 def render_event(app: Any, event: Dict[str, Any]) -> None:
