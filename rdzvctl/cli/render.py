@@ -14,7 +14,8 @@ never markup built from data.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from rdzvctl.text import json_text, safe
 
@@ -24,6 +25,7 @@ __all__ = [
     "render_get",
     "render_plan",
     "render_event",
+    "with_progress",
     "plan_summary",
     "fmt_age",
     "fmt_seconds",
@@ -343,3 +345,21 @@ def render_event(app: Any, event: Dict[str, Any]) -> None:
         app.console().print(Text(line, style=style))
     else:
         app.out(line)
+
+
+T = TypeVar("T")
+
+
+def with_progress(app: Any, entries: Iterable[T], label: str = "checking runs") -> Iterator[T]:
+    """``entries``, with a progress display on stderr while they are consumed, only on a terminal."""
+    if not sys.stderr.isatty():
+        yield from entries
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    with Progress(SpinnerColumn(), TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                  transient=True, console=app.console(stderr=True)) as progress:
+        task = progress.add_task("runs", total=None)
+        for entry in entries:
+            yield entry
+            progress.advance(task)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from rdzvctl.state.analysis import KeepAlive, prune_dead_nodes
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
@@ -253,8 +254,6 @@ def launch_verdict(
     the round the new job forms (stale MASTER_ADDR/PORT from an earlier life
     of the run id).  ``store_keys`` is None where the backend cannot list them.
     """
-    from rdzvctl.state.analysis import KeepAlive, prune_dead_nodes
-
     if state is None:
         first = RendezvousState()
     else:
