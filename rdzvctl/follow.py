@@ -33,7 +33,7 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Set, Tuple
 
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
@@ -77,7 +77,7 @@ def follow(
     until: Optional[str] = None,
     duration: Optional[float] = None,
     now: Optional[Callable[[], _dt.datetime]] = None,
-) -> Iterator[Dict[str, Any]]:
+) -> Generator[Dict[str, Any], None, None]:
     """Yield the run's semantic events as they happen (see the module docstring).
 
     ``interval`` is the polling interval where the backend has no native

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from rdzvctl import clock
-from rdzvctl.backends.base import RendezvousBackend, Token
+from rdzvctl.backends.base import RendezvousBackend, StateAndToken, Token
 from rdzvctl.errors import RdzvctlError, StateError
 from rdzvctl.state.analysis import (
     DEFAULT_KEEP_ALIVE,
@@ -61,7 +61,7 @@ class Snapshot:
         return self.raw is not None or self.error is not None
 
 
-def snapshot_from(backend: RendezvousBackend, current: Optional[tuple], error: Optional[StateError] = None,
+def snapshot_from(backend: RendezvousBackend, current: Optional[StateAndToken], error: Optional[StateError] = None,
                   run_id: Optional[str] = None) -> Snapshot:
     """Build a snapshot from an already-read ``(bytes, token)`` (or None)."""
     raw, token = current if current is not None else (None, None)
@@ -94,11 +94,11 @@ def take_snapshot(backend: RendezvousBackend) -> Snapshot:
     try:
         current = backend.get_state()
     except StateError as exc:
-        return snapshot_from(backend, _stored_despite(backend, exc), exc)
+        return snapshot_from(backend, _stored_despite(backend), exc)
     return snapshot_from(backend, current)
 
 
-def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[tuple]:
+def _stored_despite(backend: RendezvousBackend) -> Optional[StateAndToken]:
     """The run's raw ``(value, token)`` from ``list_runs`` after ``get_state`` failed, if listed."""
     if "list_runs" not in backend.capabilities:
         return None

@@ -147,7 +147,7 @@ class App:
 
     def raw(self, data: bytes) -> None:
         """The exact bytes on stdout (never on a terminal unless --force: checked by output_option)."""
-        stream = click.get_binary_stream("stdout")
+        stream = sys.stdout.buffer  # click.get_binary_stream is deprecated (click 8.3)
         stream.write(data)
         stream.flush()
 

@@ -101,7 +101,7 @@ class CommandError(click.ClickException):
         super().__init__(error.format_message() if isinstance(error, click.ClickException) else str(error))
         self.error = error
         self.verbose = verbose
-        self.exit_code = getattr(error, "exit_code", 1)
+        self.exit_code = getattr(error, "exit_code", 1)  # type: ignore[misc]  # click declares it on the class
 
     def show(self, file: Any = None) -> None:
         report_error(self.error, verbose=self.verbose, file=file, message=self.message)
@@ -120,7 +120,7 @@ class OneLineUsageError(click.UsageError):
         if isinstance(error, (cls, *_HELP_ERRORS)):  # bare `rdzvctl`: the help, as click shows it
             return error
         wrapped = cls(error.format_message(), error.ctx)
-        wrapped.exit_code = error.exit_code
+        wrapped.exit_code = error.exit_code  # type: ignore[misc]  # click declares it on the class
         return wrapped
 
     def show(self, file: Any = None) -> None:

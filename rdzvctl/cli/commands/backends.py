@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict, List
+
 import click
 
 from rdzvctl.backends.base import CAPABILITIES
@@ -20,7 +22,7 @@ def command(ctx: click.Context, output: str) -> None:
     Backends come from the `rdzvctl.backends` entry-point group (built-ins
     included); any torch RendezvousBackend can also be used as module:factory.
     """
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for name, info in registered_backends().items():
         row = {"name": name, "target": info.target, "origin": info.origin, "summary": "", "usable": False,
                "missing": [], "capabilities": [], "strict_fencing": None, "error": None}

@@ -61,7 +61,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         render_get(app, doc, all_nodes)
     if snap.error is not None:
         app.exit(EXIT_CORRUPT)
-    if not snap.exists:
+    if not snap.exists:  # removed while a stuck verdict was re-checked
         app.exit(EXIT_NO_STATE)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Tuple
 
 import click
@@ -25,7 +26,7 @@ def read_document(source: str) -> Any:
     """Read a JSON document from a path or ``-``; errors are one line."""
     try:
         if source == "-":
-            data = click.get_binary_stream("stdin").read(MAX_INPUT_BYTES + 1)
+            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
         else:
             with open(source, "rb") as handle:
                 data = handle.read(MAX_INPUT_BYTES + 1)

@@ -64,7 +64,5 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
                 else:
                     render_event(app, event)
     finally:
-        try:
+        with contextlib.suppress(Exception):  # closing must not mask the result
             backend.close()
-        except Exception:  # noqa: BLE001 - closing must not mask the result
-            pass
