@@ -241,19 +241,23 @@ def summarize(state: RendezvousState, statuses: List[NodeStatus], remaining: Opt
     }
 
 
-def problem_for_error(error: StateError) -> Dict[str, Any]:
+def finding_for_error(error: StateError) -> Finding:
     """A state that cannot be decoded, as a finding."""
-    return {
-        "code": f"state-{error.kind}",
-        "severity": "error",
-        "message": str(error),
-        "repair": "rdzvctl reset --mode clear (a backup of the bytes is kept)",
-        "nodes": [],
-        "torch_next": "agents-fail",
-        "outlook": ("every agent unpickles it unchecked at its next sync (`_BackendRendezvousStateHolder.sync`): "
-                    "what it names runs there" if error.kind == "unsafe" else
-                    "every agent's next sync fails to load it (`_BackendRendezvousStateHolder.sync`)"),
-    }
+    return Finding(
+        code=f"state-{error.kind}",
+        severity="error",
+        message=str(error),
+        repair="rdzvctl reset --mode clear (a backup of the bytes is kept)",
+        torch_next="agents-fail",
+        outlook=("every agent unpickles it unchecked at its next sync (`_BackendRendezvousStateHolder.sync`): "
+                 "what it names runs there" if error.kind == "unsafe" else
+                 "every agent's next sync fails to load it (`_BackendRendezvousStateHolder.sync`)"),
+    )
+
+
+def problem_for_error(error: StateError) -> Dict[str, Any]:
+    """:func:`finding_for_error` as a ``problems`` entry of the JSON documents."""
+    return dict(finding_for_error(error).to_json())
 
 
 def stays(doc: Dict[str, Any]) -> bool:
