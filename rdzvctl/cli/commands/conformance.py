@@ -7,6 +7,7 @@ import click
 from rdzvctl.backends.registry import open_backend
 from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.cli.render import Table, render_tables
+from rdzvctl.testing.conformance import run_conformance
 
 
 @click.command("conformance")
@@ -24,8 +25,6 @@ def command(app: App, output: str, racers: int) -> None:
     --rdzv-id is not needed.
     Exit 0 when every case passes (declared limitations included), 1 otherwise.
     """
-    from rdzvctl.testing.conformance import run_conformance
-
     address = app.address
 
     def factory(run_id: str):
