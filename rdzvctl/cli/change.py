@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import shlex
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
@@ -27,6 +27,9 @@ from rdzvctl.inspection import Snapshot
 from rdzvctl.state.analysis import diff_states, group_events
 from rdzvctl.state.codec import check_writable, decode
 from rdzvctl.state.jsonform import format_time, state_to_json
+
+if TYPE_CHECKING:  # the App only types arguments here
+    from rdzvctl.cli.app import App
 
 __all__ = ["apply_change", "view_of", "interrupted_message"]
 
@@ -42,7 +45,7 @@ def view_of(raw: Optional[bytes]) -> Any:
 
 
 def apply_change(
-    app: Any,
+    app: "App",
     backend: RendezvousBackend,
     snap: Snapshot,
     new: Optional[bytes],
@@ -93,7 +96,7 @@ def apply_change(
     return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
 
 
-def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: str, directory: Path) -> Path:
+def _save_backup(app: "App", backend: RendezvousBackend, snap: Snapshot, command: str, directory: Path) -> Path:
     """Back up what the write replaces; from here on an interruption names the backup."""
     address = backend.address
     path = write_backup(
@@ -143,7 +146,7 @@ def _check_writable(new: bytes) -> None:
                         "nothing was written") from None
 
 
-def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:
+def _report_conflict(app: "App", snap: Snapshot, exc: TokenConflictError) -> None:
     current = exc.current
     try:
         now_state = None if current is None else decode(current[0])

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import difflib
 import sys
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from rdzvctl.text import json_text, safe
+
+if TYPE_CHECKING:  # the App only types arguments here
+    from rdzvctl.cli.app import App
 
 __all__ = [
     "Table",
@@ -91,7 +94,7 @@ def _plain_pairs(pairs: Sequence[Tuple[str, str]]) -> List[str]:
     return [f"{k.ljust(width)}  {v}" for k, v in pairs]
 
 
-def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[Table]) -> None:
+def render_tables(app: "App", pairs: Sequence[Tuple[str, str]], tables: Sequence[Table]) -> None:
     """Print key/value pairs then tables, rich on a terminal, plain otherwise."""
     pairs = [(safe(k), safe(v)) for k, v in pairs]
     if not app.rich:
@@ -186,7 +189,7 @@ def _yes(value: Any) -> str:
     return "yes" if value else "no"
 
 
-def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
+def render_get(app: "App", doc: Dict[str, Any], all_nodes: bool = False) -> None:
     """The ``get`` view: header, nodes by role, problems."""
     state = doc.get("state")
     pairs = [("backend", f"{doc['backend']}  {doc['endpoint']}"), ("run id", doc["run_id"]),
@@ -267,7 +270,7 @@ PLAN_DIFF_LIMIT = 60
 PLAN_NAMED = 3
 
 
-def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
+def render_plan(app: "App", before: Any, after: Any, title: str) -> bool:
     """Show a unified diff of two JSON documents; returns False when they are equal.
 
     A diff longer than :data:`PLAN_DIFF_LIMIT` lines (a large state cleared or
@@ -335,7 +338,7 @@ def plan_summary(before: Any, after: Any) -> List[str]:
     return lines
 
 
-def render_event(app: Any, event: Dict[str, Any]) -> None:
+def render_event(app: "App", event: Dict[str, Any]) -> None:
     """One watch event as a line: time, kind, message."""
     line = safe(f"{event['time']}  {event['kind']:<22} {event['message']}")
     if app.rich:
@@ -350,7 +353,7 @@ def render_event(app: Any, event: Dict[str, Any]) -> None:
 T = TypeVar("T")
 
 
-def with_progress(app: Any, entries: Iterable[T], label: str = "checking runs") -> Iterator[T]:
+def with_progress(app: "App", entries: Iterable[T], label: str = "checking runs") -> Iterator[T]:
     """``entries``, with a progress display on stderr while they are consumed, only on a terminal."""
     if not sys.stderr.isatty():
         yield from entries
