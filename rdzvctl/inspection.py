@@ -1,8 +1,10 @@
 """Read a run once and describe it: the data every command renders.
 
 :func:`take_snapshot` does the I/O (one ``get_state``); :func:`describe`
-turns a snapshot into the documented ``get -o json`` document, which the
-renderers show as text.  No printing here.
+turns a snapshot into the documented ``get -o json`` document and
+:func:`check_run` a stored value into a ``corrupt-detect`` report (also the
+health column of ``list``), which the renderers show as text.  Time comes
+from :func:`rdzvctl.clock.now_utc`.  No printing here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pure analysis of a state: liveness, deadline, findings, repairs and diffs.
+"""Pure analysis of a state: liveness, deadline, findings, repairs, diffs and their grouping.
 
 Everything takes ``now`` explicitly so it is deterministic and testable; the
 repairs mirror torch's own bookkeeping in ``dynamic_rendezvous.py``
