@@ -1,8 +1,5 @@
 """The redis backend against real redis-server processes (plain, TLS, auth, cluster, sentinel)."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -24,18 +21,11 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.redis_server import (  # noqa: F401  (fixtures)
+from tests.support.redis_server import (
     ACL_PASSWORD,
     ACL_USER,
     DEFAULT_PASSWORD,
     free_port,
-    redis_cluster_node,
-    redis_sentinel,
-    redis_server,
-    redis_server_auth,
-    redis_server_notify,
-    redis_server_paused,
-    redis_server_tls,
 )
 
 TIMEOUT = 5.0

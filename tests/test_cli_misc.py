@@ -1,7 +1,5 @@
 """backends, conformance, demo, completion; and rdzvctl as a real process on a FileStore."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -18,14 +16,11 @@ from rdzvctl.backends.registry import get_backend_class, open_backend
 from rdzvctl.cli.commands.completion import completion_script
 from rdzvctl.state.codec import decode
 from rdzvctl.testing.memory import MemoryBackend
-from tests.support.cli import (  # noqa: F401  (fixtures)
-    cli_env,
+from tests.support.cli import (
     closed_port,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
     run_rdzvctl,
 )
 

@@ -1,7 +1,5 @@
 """rdzvctl reset (clear, reopen, prune) and restore: planned, fenced, backed up, reversible."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import datetime as _dt
@@ -12,15 +10,11 @@ import pytest
 from rdzvctl.backup import read_backup
 from rdzvctl.state.model import NodeDesc
 from rdzvctl.testing import memory as memory_module
-from tests.support.cli import (  # noqa: F401  (fixtures)
+from tests.support.cli import (
     NOW,
-    cli_env,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
-    node,
 )
 
 DEAD = NodeDesc.parse("trainer-3.cluster.local_4103_0")

@@ -1,7 +1,5 @@
 """rdzvctl watch: semantic events while another writer changes the state, and --until gates."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -12,12 +10,9 @@ import pytest
 
 from rdzvctl.state.codec import encode
 from rdzvctl.testing.memory import MemoryBackend
-from tests.support.cli import (  # noqa: F401  (fixtures)
-    cli_env,
-    frozen_now,
+from tests.support.cli import (
     invoke,
     make_state,
-    memory,
     node,
 )
 

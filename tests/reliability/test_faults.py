@@ -39,7 +39,7 @@ from tests.reliability.common import (
 )
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import FileLockHolder, Target
-from tests.support.etcd_server import EtcdCluster, etcd_cluster  # noqa: F401
+from tests.support.etcd_server import EtcdCluster
 
 pytestmark = pytest.mark.slow
 

@@ -38,14 +38,11 @@ from tests.reliability.malicious.corpus import EXTENSION_CODE, Payload, build_co
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target
 from tests.support.cli import invoke
-from tests.support.etcd_server import ROOT_PASSWORD, etcd_auth_server, etcd_tls_server  # noqa: F401
-from tests.support.redis_server import (  # noqa: F401
-    ACL_PASSWORD,
+from tests.support.etcd_server import ROOT_PASSWORD
+from tests.support.redis_server import (
     ACL_USER,
     DEFAULT_PASSWORD,
     make_tls_files,
-    redis_server_auth,
-    redis_server_tls,
 )
 
 FUZZ_INPUTS = int(os.environ.get("RDZVCTL_FUZZ_INPUTS", "100000"))

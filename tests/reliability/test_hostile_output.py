@@ -36,7 +36,7 @@ from rdzvctl.state.codec import encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from tests.reliability.common import REPO_ROOT, assert_one_line_error, cli_env, put_state
 from tests.reliability.servers import Target
-from tests.support.etcd_server import ROOT_PASSWORD, etcd_auth_server  # noqa: F401
+from tests.support.etcd_server import ROOT_PASSWORD
 from tests.support.redis_server import RedisServer
 
 #: Node addresses holding each class of dangerous character (the pid/local id follow as usual).

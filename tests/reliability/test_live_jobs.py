@@ -33,7 +33,7 @@ from tests.reliability.common import rdzvctl, spawn_rdzvctl
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target
 from tests.support import torch_handlers
-from tests.support.torch_handlers import NodeFactory, node_factory  # noqa: F401
+from tests.support.torch_handlers import NodeFactory
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 

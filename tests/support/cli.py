@@ -7,14 +7,9 @@ list runs nor store keys).  Each test gets its own endpoint so runs never leak b
 tests.  Time is frozen at ``NOW`` so heartbeat ages and rendered output are
 stable.
 
-Import the fixtures a test module needs explicitly (and add
-``# ruff: noqa: F811`` since pytest passes them back as arguments)::
-
-    from tests.support.cli import (  # noqa: F401  (fixtures)
-        cli_env,
-        frozen_now,
-        memory,
-    )
+The fixtures (``cli_env``, ``frozen_now``, ``memory``) are registered for every
+test module by ``pytest_plugins`` in ``tests/conftest.py``: name them as
+arguments, import only the helpers (``invoke``, ``make_state``, ...).
 """
 
 from __future__ import annotations

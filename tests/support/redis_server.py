@@ -5,9 +5,8 @@ user, TLS-only (certificates made at test time with the ``openssl`` CLI), a
 single-node Redis Cluster, and a Sentinel watching a plain server.  Each
 server gets its own temporary directory and is stopped by its fixture.
 
-Import the fixtures you need explicitly::
-
-    from tests.support.redis_server import redis_server, redis_server_tls  # noqa: F401
+The fixtures are registered for every test module by ``pytest_plugins`` in
+``tests/conftest.py``; a test names them as arguments.
 """
 
 from __future__ import annotations

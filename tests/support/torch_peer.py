@@ -4,9 +4,8 @@ The TCPStore server runs in its own process so that latency measurements of our
 client and torch's do not share a GIL with it.  Each server listens on a free
 loopback port (torch picks it: port 0) and is stopped when its fixture ends.
 
-Import the fixtures explicitly in a test module::
-
-    from tests.support.torch_peer import tcpstore_libuv, tcpstore_legacy  # noqa: F401
+The fixtures (``tcpstore_libuv``, ``tcpstore_legacy``, ``tcpstore_server``,
+``filestore_path``) are registered by ``pytest_plugins`` in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
