@@ -29,9 +29,9 @@ ANSI = re.compile(r"\x1b\[")
 @pytest.fixture(autouse=True)
 def _quick_confirmation(monkeypatch):
     """These states never change: confirming a stuck verdict needs no real wait here."""
-    import rdzvctl.inspect
+    import rdzvctl.inspection
 
-    monkeypatch.setattr(rdzvctl.inspect, "CONFIRM_SECONDS", 0.3)
+    monkeypatch.setattr(rdzvctl.inspection, "CONFIRM_SECONDS", 0.3)
 
 
 def assert_one_line_error(result, code: int, *words: str) -> str:

@@ -14,7 +14,7 @@ from typing import Dict
 
 import pytest
 
-import rdzvctl.inspect
+import rdzvctl.clock
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from tests.support.cli import (
     NOW,
@@ -155,7 +155,7 @@ def test_a_restarting_agent_between_leaving_and_waiting_is_not_reported_stuck(re
 # -- --settle ---------------------------------------------------------------------------------
 @pytest.fixture
 def real_clock(memory, monkeypatch):
-    monkeypatch.setattr(rdzvctl.inspect, "now_utc", lambda: _dt.datetime.now(_dt.timezone.utc))
+    monkeypatch.setattr(rdzvctl.clock, "now_utc", lambda: _dt.datetime.now(_dt.timezone.utc))
     return memory
 
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from rdzvctl.backends.base import Address, RendezvousBackend  # noqa: E402
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError  # noqa: E402
-from rdzvctl.inspect import describe, snapshot_from  # noqa: E402
+from rdzvctl.inspection import describe, snapshot_from  # noqa: E402
 from rdzvctl.monitor.collector import METRIC_NAMES, RendezvousCollector  # noqa: E402
 from rdzvctl.monitor.runs import RunReader  # noqa: E402
 from rdzvctl.state.analysis import KeepAlive  # noqa: E402

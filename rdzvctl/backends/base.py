@@ -354,15 +354,10 @@ class RendezvousBackend(ABC):
 
 
 def _sha256_hex(data: bytes) -> str:
-    """SHA-256 without loading OpenSSL: ``hashlib`` costs ~3.5 ms of every c10d ``get``."""
-    try:
-        from _sha2 import sha256  # CPython >= 3.12: the built-in module
-    except ImportError:
-        try:
-            from _sha256 import sha256  # type: ignore[no-redef]  # CPython <= 3.11
-        except ImportError:
-            from hashlib import sha256  # type: ignore[no-redef]  # other interpreters
-    return sha256(data).hexdigest()
+    """SHA-256 of a token; ``hashlib`` is imported on first use (it loads OpenSSL), not with every command."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def round_of_store_key(name: bytes, round_prefix: bytes) -> Optional[Tuple[int, bytes]]:

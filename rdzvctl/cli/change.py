@@ -16,11 +16,12 @@ import base64
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.backup import Backup, backup_directory, public_conf, write_backup
 from rdzvctl.errors import StateError, TokenConflictError
 from rdzvctl.fence import write_fenced
-from rdzvctl.inspect import Snapshot, now_utc
+from rdzvctl.inspection import Snapshot
 from rdzvctl.state.analysis import diff_states
 from rdzvctl.state.codec import check_writable, decode
 from rdzvctl.state.jsonform import format_time, state_to_json
@@ -98,7 +99,7 @@ def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: 
     path = write_backup(
         # describe(), not the raw endpoint: a URL may hold a password, and backups never store secrets.
         Backup(address.backend, backend.describe(), snap.run_id, public_conf(dict(address.conf)), snap.token_text,
-               format_time(now_utc()) or "", command, snap.raw),
+               format_time(clock.now_utc()) or "", command, snap.raw),
         directory,
     )
     app.progress.update(backup=str(path), run_id=snap.run_id)

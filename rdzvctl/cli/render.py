@@ -1,6 +1,6 @@
 """Turn documents into text: plain (stable, colourless) or rich (terminal).
 
-Commands build data (the documents of :mod:`rdzvctl.inspect`, rows of
+Commands build data (the documents of :mod:`rdzvctl.inspection`, rows of
 tables) and hand it here; nothing in this module talks to a backend.  Plain
 output never imports rich, so scripted use stays fast and byte-stable.
 

@@ -19,9 +19,9 @@ from typing import Callable, Dict, Iterator, List, Optional, TextIO
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
-from rdzvctl import __version__
+from rdzvctl import __version__, clock
 from rdzvctl.errors import RdzvctlError
-from rdzvctl.inspect import now_utc, problem_for_error
+from rdzvctl.inspection import problem_for_error
 from rdzvctl.monitor.runs import (
     ERROR_KINDS,
     RunAnalysis,
@@ -102,7 +102,7 @@ class RendezvousCollector:
         self.last: Optional[Scrape] = None
 
     def _now(self) -> _dt.datetime:
-        return self._clock() if self._clock is not None else now_utc()
+        return self._clock() if self._clock is not None else clock.now_utc()
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # concurrent scrapes (an HA pair of Prometheus servers) take turns

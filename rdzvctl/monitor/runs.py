@@ -119,7 +119,7 @@ class RunAnalysis(NamedTuple):
 def analyze(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
             max_nodes: Optional[int] = None, run_id: Optional[str] = None) -> RunAnalysis:
     """Liveness, counts and findings of ``state`` at ``now``, as ``get -o json`` computes them."""
-    from rdzvctl.inspect import summarize
+    from rdzvctl.inspection import summarize
 
     statuses = node_statuses(state, now, keep_alive)
     summary = summarize(state, statuses, deadline_remaining(state, now))

@@ -29,7 +29,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import rdzvctl.backends.registry
-import rdzvctl.inspect
+import rdzvctl.clock
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.cli.main import cli
 from rdzvctl.state.codec import decode, encode
@@ -197,11 +197,8 @@ class BrokenMemoryBackend(MemoryBackend):
 
 @pytest.fixture
 def frozen_now(monkeypatch: pytest.MonkeyPatch) -> _dt.datetime:
-    """Freeze rdzvctl's clock (``rdzvctl.inspect.now_utc`` and its module-level imports) at :data:`NOW`."""
-    import rdzvctl.cli.change
-
-    monkeypatch.setattr(rdzvctl.inspect, "now_utc", lambda: NOW)
-    monkeypatch.setattr(rdzvctl.cli.change, "now_utc", lambda: NOW)
+    """Freeze rdzvctl's clock (:func:`rdzvctl.clock.now_utc`, the one every caller uses) at :data:`NOW`."""
+    monkeypatch.setattr(rdzvctl.clock, "now_utc", lambda: NOW)
     return NOW
 
 

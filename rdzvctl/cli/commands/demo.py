@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App
 
 RUN_ID = "demo-job"
@@ -85,7 +86,6 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     from rdzvctl.backends.base import Address
     from rdzvctl.backends.registry import open_backend
     from rdzvctl.fence import write_fenced
-    from rdzvctl.inspect import now_utc
     from rdzvctl.state.codec import encode
 
     app = App(ctx, None, None, None, None, None)
@@ -98,7 +98,7 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     address = Address("c10d", store, RUN_ID, {"store_type": "file"})
     with open_backend(address) as backend:
         current = backend.get_state()
-        write_fenced(backend, None if current is None else current[1], encode(demo_state(now_utc())))
+        write_fenced(backend, None if current is None else current[1], encode(demo_state(clock.now_utc())))
     env = (f"export PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT={store} PET_RDZV_ID={RUN_ID} "
            f"PET_RDZV_CONF=store_type=file RDZVCTL_BACKUP_DIR={backups}")
     app.out(f"A rendezvous for run {RUN_ID!r} is in the FileStore {store}.\n")
@@ -137,7 +137,6 @@ def _run_live(address: Any, interval: float, duration: float) -> None:
     from rdzvctl.backends.registry import open_backend
     from rdzvctl.errors import TokenConflictError
     from rdzvctl.fence import write_fenced
-    from rdzvctl.inspect import now_utc
     from rdzvctl.state.codec import decode, encode
 
     def stop(signum: int, frame: Any) -> None:
@@ -153,7 +152,7 @@ def _run_live(address: Any, interval: float, duration: float) -> None:
                 if current is None:  # cleared by the user: the demo's nodes are gone
                     continue
                 state = decode(current[0])
-                heartbeat(state, now_utc())
+                heartbeat(state, clock.now_utc())
                 try:
                     write_fenced(backend, current[1], encode(state))
                 except TokenConflictError:

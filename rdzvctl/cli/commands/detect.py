@@ -6,6 +6,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, StateError
 from rdzvctl.state.analysis import SEVERITIES
@@ -15,7 +16,7 @@ def check_raw(run_id: str, raw: Optional[bytes], error: Optional[BaseException],
               now: Any, store_keys: Optional[Dict[str, bytes]] = None,
               closed_since: Any = None) -> Tuple[Dict[str, Any], Any]:
     """One run's report (status ok/info/warning/error/corrupt/unsafe/absent, phase, findings) and its state."""
-    from rdzvctl.inspect import assess, problem_for_error
+    from rdzvctl.inspection import assess, problem_for_error
     from rdzvctl.state.codec import decode
 
     state = None
@@ -102,11 +103,9 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
     --fail-on (--for-launch: no), 5 no state (not with --for-launch: no
     state is a yes unless stale keys), 6 a state is corrupt or unsafe.
     """
-    from rdzvctl.inspect import now_utc
-
     if for_launch and all_runs:
         raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
-    now = now_utc()
+    now = clock.now_utc()
     verdict = None
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
@@ -123,7 +122,7 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
                 from rdzvctl.state.lifecycle import launch_verdict
 
                 ka = app.keep_alive
-                verdict = launch_verdict(state, now_utc(), ka.interval, ka.max_attempt, keys)
+                verdict = launch_verdict(state, clock.now_utc(), ka.interval, ka.max_attempt, keys)
         if reports[0]["status"] == "absent" and verdict is None:
             from rdzvctl.errors import NoStateError
 
@@ -150,18 +149,18 @@ def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, O
     """Read one run and its store keys (where the backend lists them) and check it.
 
     A stuck verdict while agents are alive stands only if it lasts
-    (``rdzvctl.inspect.CONFIRM_SECONDS``): stuck means nothing changes.
+    (``rdzvctl.inspection.CONFIRM_SECONDS``): stuck means nothing changes.
     """
-    from rdzvctl import inspect
+    from rdzvctl import inspection
     from rdzvctl.errors import RdzvctlError
 
     keys = None
     try:
-        keys = inspect.read_store_keys(backend)
+        keys = inspection.read_store_keys(backend)
     except RdzvctlError as exc:
         app.err(f"note: the run's store keys could not be read ({exc}); MASTER_ADDR not checked")
-    report, state = inspect.reread_while(lambda: _read_one(app, backend, inspect.now_utc(), keys),
-                                         lambda checked: inspect.stays(checked[0]), inspect.CONFIRM_SECONDS,
+    report, state = inspection.reread_while(lambda: _read_one(app, backend, clock.now_utc(), keys),
+                                         lambda checked: inspection.stays(checked[0]), inspection.CONFIRM_SECONDS,
                                          first=_read_one(app, backend, now, keys))
     return report, state, keys
 
@@ -176,11 +175,11 @@ def _read_one(app: App, backend: Any, now: Any, keys: Any, closed_since: Any = N
 
 def _settle(app: App, backend: Any, first_seen: Any, keys: Any) -> Tuple[Dict[str, Any], Any]:
     """Re-read a closed run until the phase is decided (finished or closed-under-live-agents), bounded."""
-    from rdzvctl import inspect
+    from rdzvctl import inspection
 
     ka = app.keep_alive
-    return inspect.reread_while(
-        lambda: _read_one(app, backend, inspect.now_utc(), keys, closed_since=first_seen),
+    return inspection.reread_while(
+        lambda: _read_one(app, backend, clock.now_utc(), keys, closed_since=first_seen),
         lambda checked: checked[0].get("phase") == "closing",
         ka.expiry.total_seconds() + ka.interval + 1.0, pause=min(1.0, ka.interval))
 

@@ -41,7 +41,7 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
     3: run edit again on the fresh state.
     """
     from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import take_snapshot
+    from rdzvctl.inspection import take_snapshot
     from rdzvctl.state.codec import encode
     from rdzvctl.state.jsonform import state_to_json
 

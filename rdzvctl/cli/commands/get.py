@@ -29,7 +29,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
       rdzvctl get ... -o json | jq '.nodes[] | select(.alive == false)'
       rdzvctl get ... -o raw > state.pickle
     """
-    from rdzvctl.inspect import CONFIRM_SECONDS, read_store_keys, reread_while, stays, take_snapshot
+    from rdzvctl.inspection import CONFIRM_SECONDS, read_store_keys, reread_while, stays, take_snapshot
 
     with app.open() as backend:
         snap = take_snapshot(backend)
@@ -50,7 +50,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
                 app.err(f"note: the {backend.name} backend has no per-round store keys")
         if not snap.exists:
             raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
-        # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspect.CONFIRM_SECONDS).
+        # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspection.CONFIRM_SECONDS).
         snap, doc = reread_while(lambda: _described(app, take_snapshot(backend), keys),
                                  lambda pair: stays(pair[1]), CONFIRM_SECONDS,
                                  first=_described(app, snap, keys))
@@ -67,6 +67,6 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
 
 
 def _described(app: App, snap: Any, keys: Any) -> Tuple[Any, Dict[str, Any]]:
-    from rdzvctl.inspect import describe
+    from rdzvctl.inspection import describe
 
     return snap, describe(snap, app.keep_alive, app.max_nodes, keys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app
 
 
@@ -21,9 +22,7 @@ def command(app: App, output: str) -> None:
     can).
     """
     from rdzvctl.cli.commands.detect import _progress, check_raw
-    from rdzvctl.inspect import now_utc
-
-    now = now_utc()
+    now = clock.now_utc()
     rows = []
     with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
         for entry in _progress(app, backend.list_runs()):

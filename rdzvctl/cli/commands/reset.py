@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.errors import NoStateError, TokenConflictError
 
@@ -45,7 +46,7 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     back (the bytes of a corrupt one are kept there for forensics only).
     """
     from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import now_utc, take_snapshot
+    from rdzvctl.inspection import take_snapshot
     from rdzvctl.round_keys import check_reopen, plan_clear
     from rdzvctl.state.analysis import prune_dead_nodes, reopen
     from rdzvctl.state.codec import encode
@@ -74,7 +75,7 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
                     notes = [check_reopen(backend, snap.state)]
                     new_state = reopen(snap.state)
                 else:
-                    new_state, removed = prune_dead_nodes(snap.state, now_utc(), app.keep_alive, app.min_nodes)
+                    new_state, removed = prune_dead_nodes(snap.state, clock.now_utc(), app.keep_alive, app.min_nodes)
                     if not removed:
                         app.err(f"Run {snap.run_id!r} has no dead nodes: nothing to prune.")
                         return

@@ -31,7 +31,7 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
     from rdzvctl.backends.registry import open_backend
     from rdzvctl.backup import read_backup
     from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import take_snapshot
+    from rdzvctl.inspection import take_snapshot
 
     saved = read_backup(Path(backup_file))
     _check_restorable(backup_file, saved.state)

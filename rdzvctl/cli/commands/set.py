@@ -7,6 +7,7 @@ from typing import Any, Optional, Tuple
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.errors import NoStateError, StateValidationError, TokenConflictError, UsageError
 
@@ -72,7 +73,7 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
       rdzvctl set ... --remove-node node3_4711_0 --yes
     """
     from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import take_snapshot
+    from rdzvctl.inspection import take_snapshot
     from rdzvctl.state.analysis import remove_node
     from rdzvctl.state.codec import encode
     from rdzvctl.state.invariants import torch_invariant_violations
@@ -112,14 +113,12 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
         if new_state is None:
             if snap.state is None:
                 raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to change")
-            from rdzvctl.inspect import now_utc
-
             new_state = snap.state.copy()
             for node in nodes_out:
                 if node not in new_state.nodes:
                     raise StateValidationError("--remove-node", f"{node} is not in the state")
                 new_state = remove_node(new_state, node, app.min_nodes)
-            now = now_utc()
+            now = clock.now_utc()
             for node in nodes_in:
                 new_state.participants.pop(node, None)
                 new_state.redundancy_list.discard(node)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.errors import ConditionNotMetError, StateError
 
@@ -60,7 +61,6 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
       rdzvctl watch --rdzv-backend etcd-v3 --rdzv-endpoint 10.0.0.5:2379 --rdzv-id job42
       rdzvctl watch ... --until complete --for 600 -o json   # gate a CI step on a rendezvous
     """
-    from rdzvctl.inspect import now_utc
     from rdzvctl.state.analysis import diff_states, stale_transitions
     from rdzvctl.state.codec import decode
     from rdzvctl.state.jsonform import format_time
@@ -96,7 +96,7 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
                 return
 
     def emit(kind: str, message: str, extra: Optional[Dict[str, Any]] = None) -> None:
-        event = {"time": format_time(now_utc()), "kind": kind, "message": message, "run_id": backend.run_id}
+        event = {"time": format_time(clock.now_utc()), "kind": kind, "message": message, "run_id": backend.run_id}
         if extra:
             event.update(extra)
         if output == "json":
@@ -153,7 +153,7 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
                     emit_all(diff_states(previous, state))
                 previous, first, corrupt = state, False, None
             if previous is not None:
-                emit_all(stale_transitions(previous, now_utc(), stale, keep_alive))
+                emit_all(stale_transitions(previous, clock.now_utc(), stale, keep_alive))
             if predicate is not None and not first and predicate(previous, exists):
                 emit("until-met", f"condition {until!r} holds")
                 return

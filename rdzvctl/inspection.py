@@ -8,9 +8,12 @@ renderers show as text.  No printing here.
 from __future__ import annotations
 
 import datetime as _dt
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
+from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend, Token
 from rdzvctl.errors import RdzvctlError, StateError
 from rdzvctl.state.analysis import (
@@ -22,12 +25,13 @@ from rdzvctl.state.analysis import (
     node_statuses,
 )
 from rdzvctl.state.codec import decode
+from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
 from rdzvctl.state.jsonform import format_time, state_to_json
-from rdzvctl.state.lifecycle import Lifecycle
+from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
 from rdzvctl.state.model import RendezvousState
 
 __all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
-           "reread_while", "CONFIRM_SECONDS", "SCHEMA", "now_utc"]
+           "reread_while", "CONFIRM_SECONDS", "SCHEMA"]
 
 #: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
 PROBE_TIMEOUT = 0.5
@@ -35,10 +39,6 @@ PROBE_TIMEOUT = 0.5
 SCHEMA = "rdzvctl.get/v1"
 
 T = TypeVar("T")
-
-
-def now_utc() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
 
 
 @dataclass
@@ -79,7 +79,7 @@ def snapshot_from(backend: RendezvousBackend, current: Optional[tuple], error: O
         token_text=None if token is None else backend.format_token(token),
         state=state,
         error=error,
-        fetched_at=now_utc(),
+        fetched_at=clock.now_utc(),
     )
 
 
@@ -112,8 +112,6 @@ def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[t
 
 def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
     """One bounded TCP connect: ``listening``, ``refused`` or ``unreachable`` (timeout, no route, no name)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -140,8 +138,6 @@ def reread_while(read: Callable[[], T], again: Callable[[T], bool], seconds: flo
                  first: Optional[T] = None) -> T:
     """``first`` (else ``read()``), then ``read()`` every ``pause`` s while ``again(result)`` holds,
     for at most ``seconds``."""
-    import time
-
     result = read() if first is None else first
     give_up = time.monotonic() + seconds
     while again(result) and time.monotonic() < give_up:
@@ -168,9 +164,6 @@ def assess(
     probe: bool = True,
 ) -> Tuple[Lifecycle, List[Finding]]:
     """The lifecycle and findings of a state; with store keys, the published rank-0 address is probed."""
-    from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
-    from rdzvctl.state.lifecycle import lifecycle, liveness
-
     life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
     findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
     if store_keys:
@@ -266,8 +259,3 @@ def stays(doc: Dict[str, Any]) -> bool:
     """The document's run is judged stuck with nothing in torch to change it (``torch_next`` "stays")."""
     return (doc.get("lifecycle") or {}).get("torch_next") == "stays"
 
-
-def worst_severity(problems: List[Dict[str, Any]]) -> Optional[str]:
-    order = ["info", "warning", "error"]
-    found = [order.index(p["severity"]) for p in problems]
-    return order[max(found)] if found else None
