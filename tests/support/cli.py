@@ -66,6 +66,14 @@ ENV = {"NO_COLOR": "1", "COLUMNS": "120", "RDZVCTL_FORCE_RICH": None, "RDZVCTL_V
 
 _ENDPOINTS = itertools.count(1)
 
+#: The backends the ``memory`` fixture registers, by ``--rdzv-backend`` name.
+MEMORY_BACKENDS = {
+    "memory": "rdzvctl.testing.memory:MemoryBackend",
+    "memory-racing": "tests.support.cli:RacingMemoryBackend",
+    "memory-broken": "tests.support.cli:BrokenMemoryBackend",
+    "memory-unlisted": "tests.support.cli:UnlistedMemoryBackend",
+}
+
 
 def node(index: int, addr: str = "trainer") -> NodeDesc:
     """A node named like a real cluster host: ``trainer-<i>.cluster.local_<4100+i>_0``."""
@@ -218,14 +226,10 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture
 def memory(monkeypatch: pytest.MonkeyPatch, cli_env: Path, frozen_now: _dt.datetime) -> Iterable[Memory]:
     """The memory backends registered, a fresh endpoint, frozen time, a clean environment."""
-    builtin = rdzvctl.backends.registry._BUILTIN
-    monkeypatch.setitem(builtin, "memory", "rdzvctl.testing.memory:MemoryBackend")
-    monkeypatch.setitem(builtin, "memory-racing", "tests.support.cli:RacingMemoryBackend")
-    monkeypatch.setitem(builtin, "memory-broken", "tests.support.cli:BrokenMemoryBackend")
-    monkeypatch.setitem(builtin, "memory-unlisted", "tests.support.cli:UnlistedMemoryBackend")
     monkeypatch.setattr(RacingMemoryBackend, "raced", 0)
     endpoint = f"mem-{os.getpid()}-{next(_ENDPOINTS)}"
-    yield Memory(endpoint)
+    with rdzvctl.backends.registry.register(MEMORY_BACKENDS):
+        yield Memory(endpoint)
     with memory_module._LOCK:
         for key in [k for k in memory_module._TABLE if k[0] == endpoint]:
             del memory_module._TABLE[key]
