@@ -114,14 +114,7 @@ def test_created_closed_and_corrupt_as_text(memory, watching):
 def test_corrupt_wrapping_then_removed_goes_on(memory, watching):
     memory.put(make_state(dead=0))
 
-    def clear() -> None:
-        from rdzvctl.testing import memory as memory_module
-
-        with memory_module._LOCK:
-            memory_module._TABLE.pop((memory.endpoint, "job42"), None)
-            memory_module._CORRUPT.discard((memory.endpoint, "job42"))
-
-    thread = writer(memory, watching, [memory.corrupt, clear])
+    thread = writer(memory, watching, [memory.corrupt, memory.backend().drop])
     result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "absent", "--for", "20", *FAST])
     thread.join(10)
     assert result.exit_code == 0, result.stderr

@@ -127,7 +127,7 @@ class Memory:
         """Store ``state`` (a RendezvousState or raw bytes) over whatever is there; returns the token."""
         raw = state if isinstance(state, (bytes, bytearray)) else encode(state)
         backend = self.backend(run_id)
-        current = memory_module._TABLE.get((self.endpoint, run_id))
+        current = backend.peek()
         result = backend.set_state(bytes(raw), None if current is None else current[1])
         assert result is not None and result[2], "the fixture could not write"
         return result[1]
@@ -198,9 +198,8 @@ class BrokenMemoryBackend(MemoryBackend):
     name = "memory-broken"
 
     def set_state(self, state: bytes, token: Any = None) -> Any:
-        with memory_module._LOCK:
-            memory_module._TABLE[self._key] = (bytes(state), next(memory_module._VERSIONS))
-            return (*memory_module._TABLE[self._key], True)
+        self.drop()
+        return super().set_state(state, None)
 
 
 @pytest.fixture
@@ -230,10 +229,7 @@ def memory(monkeypatch: pytest.MonkeyPatch, cli_env: Path, frozen_now: _dt.datet
     endpoint = f"mem-{os.getpid()}-{next(_ENDPOINTS)}"
     with rdzvctl.backends.registry.register(MEMORY_BACKENDS):
         yield Memory(endpoint)
-    with memory_module._LOCK:
-        for key in [k for k in memory_module._TABLE if k[0] == endpoint]:
-            del memory_module._TABLE[key]
-        memory_module._CORRUPT.difference_update({k for k in memory_module._CORRUPT if k[0] == endpoint})
+    memory_module.forget_endpoint(endpoint)
 
 
 def invoke(args: Sequence[str], input: Optional[str] = None, env: Optional[Dict[str, Optional[str]]] = None) -> Result:
