@@ -13,7 +13,9 @@ with an optional :class:`Server` behind it (what a fault test does to it):
 * ``etcd-v2`` / ``etcd-v3`` one etcd member (v2 API on) with a data directory
   that outlives its process.
 
-Servers are stopped by the fixtures that start them (see ``conftest.py``).
+Servers are stopped by the fixtures that start them (see ``conftest.py``).  Ports,
+readiness waits and stops come from the one harness, :mod:`tests.support.harness`;
+etcd is :class:`tests.support.etcd_server.EtcdCluster` itself.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Dict, Iterator, List, Optional
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.backends.registry import open_backend
 from tests.support.etcd_server import EtcdCluster
+from tests.support.harness import free_port, stop_process, wait_ready
 
 __all__ = [
     "BACKEND_IDS",
@@ -53,23 +56,6 @@ __all__ = [
 BACKEND_IDS = ("c10d-tcp", "c10d-file", "redis", "etcd-v2", "etcd-v3")
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float, alive: "callable") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"the server on port {port} exited while starting")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
 class Server:
@@ -284,23 +270,16 @@ class RedisAofServer(Server):
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
-        deadline = time.monotonic() + 15
-        while True:  # ready once it answers PING (the AOF is loaded by then)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {(self.directory / 'server.log').read_text()[-1000:]}")
-            time.sleep(0.02)
+
+        def pong() -> bool:  # ready once it answers PING (the AOF is loaded by then)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+
+        wait_ready(pong, self.process, timeout=15, what="redis-server", log=self.directory / "server.log")
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        stop_process(self.process, signal.SIGKILL)
 
     def stop(self) -> None:
         self.kill()

@@ -18,7 +18,6 @@ import datetime as _dt
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from rdzvctl.state.codec import decode, encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from rdzvctl.testing import memory as memory_module
 from rdzvctl.testing.memory import MemoryBackend
+from tests.support.harness import free_port
 
 __all__ = [
     "NOW",
@@ -256,6 +256,4 @@ def run_rdzvctl(args: Sequence[str], env: Optional[Dict[str, str]] = None, timeo
 
 def closed_port() -> int:
     """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()

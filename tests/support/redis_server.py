@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import pytest
+
+from tests.support.harness import free_port, stop_process, wait_ready
 
 __all__ = [
     "RedisServer",
@@ -47,13 +48,6 @@ START_TIMEOUT = 10.0
 DEFAULT_PASSWORD = "s3cret-default-pw"
 ACL_USER = "trainer"
 ACL_PASSWORD = "s3cret-acl-pw"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -144,15 +138,11 @@ class RedisServer:
             raise
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited early:\n{self.log.read_text()[-2000:]}")
+        def ready() -> bool:
             text = self.log.read_text(errors="replace")
-            if "Ready to accept connections" in text or (self.sentinel and "+monitor" in text):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start within {START_TIMEOUT} s")
+            return "Ready to accept connections" in text or (self.sentinel and "+monitor" in text)
+
+        wait_ready(ready, self.process, timeout=START_TIMEOUT, what="redis-server", log=self.log)
 
     @property
     def endpoint(self) -> str:
@@ -200,14 +190,7 @@ class RedisServer:
             os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, timeout=5)
         self._log_file.close()
 
 

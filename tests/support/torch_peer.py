@@ -24,6 +24,8 @@ from typing import Callable, Dict, Iterator
 
 import pytest
 
+from tests.support.harness import free_port
+
 __all__ = [
     "TcpStoreServer",
     "start_tcpstore",
@@ -176,9 +178,7 @@ def filestore_path() -> Iterator[str]:
 # -- peers that are not a working TCPStore (error paths) -----------------------------
 def refused_port() -> int:
     """A loopback port nobody listens on (connecting is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 @contextlib.contextmanager
