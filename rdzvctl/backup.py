@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional
 
 from rdzvctl import clock
 from rdzvctl.errors import BackupError, UsageError
+from rdzvctl.state.jsonform import JSONDocumentError, load_json_document
 
 __all__ = ["Backup", "default_backup_dir", "backup_directory", "write_backup", "read_backup", "FORMAT"]
 
@@ -224,13 +225,15 @@ def read_backup(path: Path) -> Backup:
         if os.path.getsize(path) > MAX_BACKUP_BYTES:
             raise UsageError(f"{path}: larger than any backup rdzvctl writes")
         with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
+            doc = load_json_document(handle.read())
     except OSError as exc:
         raise UsageError(f"cannot read the backup {path}: {exc.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except JSONDocumentError as exc:
+        if exc.too_deep:
+            raise UsageError(f"{path}: not a backup file (the JSON nests too deeply)") from None
         raise UsageError(f"{path}: not a backup file (invalid JSON: {exc})") from None
-    except RecursionError:
-        raise UsageError(f"{path}: not a backup file (the JSON nests too deeply)") from None
+    except ValueError as exc:  # bad UTF-8
+        raise UsageError(f"{path}: not a backup file (invalid JSON: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UsageError(f"{path}: not an rdzvctl backup (format must be {FORMAT!r})")
     for key in ("backend", "endpoint", "run_id", "time"):

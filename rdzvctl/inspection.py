@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from rdzvctl import clock
-from rdzvctl.backends.base import RendezvousBackend, Token
+from rdzvctl.backends.base import RendezvousBackend, StateAndToken, Token
 from rdzvctl.errors import RdzvctlError, StateError
 from rdzvctl.state.analysis import (
     DEFAULT_KEEP_ALIVE,
+    SEVERITIES,
     Finding,
     KeepAlive,
     NodeStatus,
@@ -31,7 +32,7 @@ from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
 from rdzvctl.state.model import RendezvousState
 
 __all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
-           "reread_while", "CONFIRM_SECONDS", "SCHEMA"]
+           "reread_while", "check_run", "CONFIRM_SECONDS", "SCHEMA"]
 
 #: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
 PROBE_TIMEOUT = 0.5
@@ -60,7 +61,7 @@ class Snapshot:
         return self.raw is not None or self.error is not None
 
 
-def snapshot_from(backend: RendezvousBackend, current: Optional[tuple], error: Optional[StateError] = None,
+def snapshot_from(backend: RendezvousBackend, current: Optional[StateAndToken], error: Optional[StateError] = None,
                   run_id: Optional[str] = None) -> Snapshot:
     """Build a snapshot from an already-read ``(bytes, token)`` (or None)."""
     raw, token = current if current is not None else (None, None)
@@ -93,11 +94,11 @@ def take_snapshot(backend: RendezvousBackend) -> Snapshot:
     try:
         current = backend.get_state()
     except StateError as exc:
-        return snapshot_from(backend, _stored_despite(backend, exc), exc)
+        return snapshot_from(backend, _stored_despite(backend), exc)
     return snapshot_from(backend, current)
 
 
-def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[tuple]:
+def _stored_despite(backend: RendezvousBackend) -> Optional[StateAndToken]:
     """The run's raw ``(value, token)`` from ``list_runs`` after ``get_state`` failed, if listed."""
     if "list_runs" not in backend.capabilities:
         return None
@@ -259,3 +260,43 @@ def stays(doc: Dict[str, Any]) -> bool:
     """The document's run is judged stuck with nothing in torch to change it (``torch_next`` "stays")."""
     return (doc.get("lifecycle") or {}).get("torch_next") == "stays"
 
+
+
+def check_run(
+    run_id: str,
+    raw: Optional[bytes],
+    error: Optional[BaseException],
+    now: _dt.datetime,
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
+    max_nodes: Optional[int] = None,
+    store_keys: Optional[Dict[str, bytes]] = None,
+    closed_since: Optional[_dt.datetime] = None,
+) -> Tuple[Dict[str, Any], Optional[RendezvousState]]:
+    """One run's ``corrupt-detect`` report and its decoded state (None unless it decodes).
+
+    The report has ``status`` (ok, info, warning, error, corrupt, unsafe or
+    absent), ``phase`` and ``problems``; a readable state adds ``round`` and
+    ``lifecycle``.  ``error`` is why the stored value could not be read, if it
+    could not.
+    """
+    state = None
+    if error is None and raw is not None:
+        try:
+            state = decode(raw)
+        except StateError as exc:
+            error = exc
+    if error is not None:
+        kind = getattr(error, "kind", "corrupt")
+        err = error if isinstance(error, StateError) else StateError(str(error))
+        return {"run_id": run_id, "status": kind, "phase": None, "problems": [problem_for_error(err)]}, None
+    if raw is None or state is None:
+        return {"run_id": run_id, "status": "absent", "phase": None, "problems": []}, None
+    life, findings = assess(state, now, run_id, keep_alive, max_nodes, store_keys, closed_since)
+    return {
+        "run_id": run_id,
+        "status": "ok" if not findings else max((f.severity for f in findings), key=SEVERITIES.index),
+        "round": state.round,
+        "phase": life.phase,
+        "lifecycle": life.to_json(),
+        "problems": [f.to_json() for f in findings],
+    }, state

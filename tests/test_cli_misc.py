@@ -414,7 +414,7 @@ def test_progress_is_shown_only_on_a_terminal(monkeypatch, recording):
     import io
     import sys
 
-    from rdzvctl.cli.commands.detect import _progress
+    from rdzvctl.cli.render import with_progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -426,8 +426,29 @@ def test_progress_is_shown_only_on_a_terminal(monkeypatch, recording):
         console = App.console  # the recording one
 
     app = AppStub()
-    assert list(_progress(app, iter(range(5)))) == list(range(5))  # not a terminal: no rich at all
+    assert list(with_progress(app, iter(range(5)))) == list(range(5))  # not a terminal: no rich at all
     assert recording == []
     monkeypatch.setattr(sys, "stderr", Terminal())
-    assert list(_progress(app, iter(range(500)))) == list(range(500))
+    assert list(with_progress(app, iter(range(500)))) == list(range(500))
     assert len(recording) == 1
+
+
+def test_main_honours_its_own_argv_for_verbose(monkeypatch, capsys):
+    """An error outside any subcommand: ``main(["-v", ...])`` shows the traceback, whatever sys.argv says."""
+    import sys
+
+    import rdzvctl.cli.main as cli_main
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli_main.cli, "main", fail)
+    monkeypatch.setattr(sys, "argv", ["rdzvctl"])
+    monkeypatch.delenv("RDZVCTL_VERBOSE", raising=False)
+    for argv, traceback in ((["-v", "get"], True), (["get"], False)):
+        with pytest.raises(SystemExit) as exited:
+            cli_main.main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 1
+        assert err.splitlines()[-1] == "rdzvctl: internal error: RuntimeError: boom"
+        assert ("Traceback" in err) is traceback

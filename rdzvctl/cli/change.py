@@ -13,16 +13,18 @@ what was written (:func:`interrupted_message`).
 from __future__ import annotations
 
 import base64
+import shlex
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.backup import Backup, backup_directory, public_conf, write_backup
+from rdzvctl.cli.render import render_plan
 from rdzvctl.errors import StateError, TokenConflictError
 from rdzvctl.fence import write_fenced
 from rdzvctl.inspection import Snapshot
-from rdzvctl.state.analysis import diff_states
+from rdzvctl.state.analysis import diff_states, group_events
 from rdzvctl.state.codec import check_writable, decode
 from rdzvctl.state.jsonform import format_time, state_to_json
 
@@ -55,8 +57,6 @@ def apply_change(
     """Run the write flow; returns a result document, or None when nothing was written.
 
     ``notes`` are shown with the plan (before the diff, also on ``--dry-run``)."""
-    from rdzvctl.cli.render import render_plan
-
     if snap.error is not None and snap.token is None:
         # The value is there but unreadable and the backend gave no token: any
         # write would be blind (or refused as a conflict), so say why instead.
@@ -109,8 +109,6 @@ def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: 
 
 def interrupted_message(progress: Dict[str, Any]) -> str:
     """What Ctrl-C reports for a command that writes, true to how far the write flow got."""
-    import shlex
-
     backup, run_id = progress.get("backup"), progress.get("run_id")
     restore = f"`rdzvctl restore {shlex.quote(str(backup))}` puts back what was there"
     if progress.get("writing"):
@@ -152,7 +150,6 @@ def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:
     except StateError:
         app.err("Meanwhile the stored state became undecodable.")
         return
-    from rdzvctl.cli.render import group_events
 
     events = group_events(diff_states(snap.state, now_state))
     if events:

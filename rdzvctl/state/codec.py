@@ -38,7 +38,7 @@ import datetime as _dt
 import gc
 import io
 import pickle
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, SupportsIndex, Tuple
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state import prescan
@@ -194,8 +194,8 @@ class _TorchState:
     def __init__(self, fields: Dict[str, Any]) -> None:
         self.fields = fields
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        return (copyreg.__newobj__, (type(self),), self.fields)
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (copyreg.__newobj__, (type(self),), self.fields)  # type: ignore[attr-defined]  # untyped in typeshed
 
 
 class _TorchNode(_TorchState):
@@ -205,7 +205,11 @@ class _TorchNode(_TorchState):
 _TORCH_NAMES = {_TorchState: (TORCH_MODULE, STATE_CLASS), _TorchNode: (TORCH_MODULE, NODE_CLASS)}
 
 
-class _TorchNamePickler(pickle._Pickler):  # type: ignore[name-defined]
+#: The pure-Python pickler (typeshed does not describe it): the one whose ``save_global`` can be overridden.
+_PurePickler: Any = pickle._Pickler
+
+
+class _TorchNamePickler(_PurePickler):  # type: ignore[misc]  # subclasses an untyped base
     """The pure-Python pickler, writing our stand-ins under torch's names.
 
     (The C pickler cannot: it imports the named module to check the class.)
@@ -214,7 +218,8 @@ class _TorchNamePickler(pickle._Pickler):  # type: ignore[name-defined]
     def save_global(self, obj: Any, name: Optional[str] = None) -> None:
         target = _TORCH_NAMES.get(obj)
         if target is None:
-            return super().save_global(obj, name)
+            super().save_global(obj, name)
+            return
         module, qualname = target
         if self.proto >= 4:
             self.save(module)

@@ -23,21 +23,23 @@ from typing import Any, Optional
 import click
 
 from rdzvctl import clock
+from rdzvctl.backends.base import Address
+from rdzvctl.backends.registry import open_backend
 from rdzvctl.cli.app import App
+from rdzvctl.errors import TokenConflictError
+from rdzvctl.fence import write_fenced
+from rdzvctl.state.codec import decode, encode
+from rdzvctl.state.model import NodeDesc, RendezvousState
 
 RUN_ID = "demo-job"
 
 
 def _dead_node():
-    from rdzvctl.state.model import NodeDesc
-
     return NodeDesc("trainer-3.cluster.local", 4103, 0)
 
 
 def demo_state(now: _dt.datetime):
     """Round 2 complete: three healthy participants, one dead one, nobody waiting (stuck)."""
-    from rdzvctl.state.model import NodeDesc, RendezvousState
-
     alive = [NodeDesc(f"trainer-{i}.cluster.local", 4100 + i, 0) for i in range(3)]
     dead = _dead_node()
     members = sorted(alive + [dead])
@@ -83,11 +85,6 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     agents, so the state stays true while you try the commands in another
     terminal; Ctrl-C stops it and removes the temporary directory.
     """
-    from rdzvctl.backends.base import Address
-    from rdzvctl.backends.registry import open_backend
-    from rdzvctl.fence import write_fenced
-    from rdzvctl.state.codec import encode
-
     app = App(ctx, None, None, None, None, None)
     directory = path or tempfile.mkdtemp(prefix="rdzvctl-demo-")
     os.makedirs(directory, exist_ok=True)
@@ -134,11 +131,6 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
 
 def _run_live(address: Any, interval: float, duration: float) -> None:
     """Heartbeat the healthy nodes until interrupted, SIGTERM or ``duration`` seconds."""
-    from rdzvctl.backends.registry import open_backend
-    from rdzvctl.errors import TokenConflictError
-    from rdzvctl.fence import write_fenced
-    from rdzvctl.state.codec import decode, encode
-
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 

@@ -7,8 +7,13 @@ from typing import Any, Dict, Optional
 import click
 
 from rdzvctl import clock
-from rdzvctl.cli.app import App, output_option, with_app, write_options
-from rdzvctl.errors import NoStateError, TokenConflictError
+from rdzvctl.cli.app import App, no_state, output_option, with_app, write_options
+from rdzvctl.cli.change import apply_change
+from rdzvctl.errors import TokenConflictError
+from rdzvctl.inspection import take_snapshot
+from rdzvctl.round_keys import check_reopen, plan_clear
+from rdzvctl.state.analysis import prune_dead_nodes, reopen
+from rdzvctl.state.codec import encode
 
 #: How many dead nodes the prune plan names (the diff or its summary has the rest).
 PRUNE_NAMED = 5
@@ -45,19 +50,13 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     The backup path is printed; `rdzvctl restore PATH` puts a decodable state
     back (the bytes of a corrupt one are kept there for forensics only).
     """
-    from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspection import take_snapshot
-    from rdzvctl.round_keys import check_reopen, plan_clear
-    from rdzvctl.state.analysis import prune_dead_nodes, reopen
-    from rdzvctl.state.codec import encode
-
     attempts = 1 + (retry if mode != "clear" else 0)
     with app.open() as backend:
         for attempt in range(attempts):
             snap = take_snapshot(backend)
             plan = plan_clear(backend, snap) if mode == "clear" else None
             if not snap.exists and plan is None:
-                raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to reset")
+                raise no_state(snap.run_id, then="nothing to reset")
             extra: Dict[str, Any] = {}
             notes = []
             if plan is not None:
