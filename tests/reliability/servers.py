@@ -13,18 +13,17 @@ with an optional :class:`Server` behind it (what a fault test does to it):
 * ``etcd-v2`` / ``etcd-v3`` one etcd member (v2 API on) with a data directory
   that outlives its process.
 
-Servers are stopped by the fixtures that start them (see ``conftest.py``).  Ports,
-readiness waits and stops come from the one harness, :mod:`tests.support.harness`;
-etcd is :class:`tests.support.etcd_server.EtcdCluster` itself.
+Servers are stopped by the fixtures that start them (see ``conftest.py``).  The
+launchers are the test suite's own (:class:`tests.support.redis_server.RedisServer`,
+:class:`tests.support.etcd_server.EtcdCluster`) on the one harness,
+:mod:`tests.support.harness`; this module adds kill, restart and pause.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from typing import Dict, Iterator, List, Optional
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.backends.registry import open_backend
 from tests.support.etcd_server import EtcdCluster
-from tests.support.harness import free_port, stop_process, wait_ready
+from tests.support.redis_server import RedisServer
 
 __all__ = [
     "BACKEND_IDS",
@@ -49,14 +48,10 @@ __all__ = [
     "FileLockHolder",
     "Target",
     "make_target",
-    "free_port",
 ]
 
 #: Every backend the suite runs against, in the order the summary lists them.
 BACKEND_IDS = ("c10d-tcp", "c10d-file", "redis", "etcd-v2", "etcd-v3")
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
 
 class Server:
     """What a fault test does to a server: SIGKILL, start again, SIGSTOP/SIGCONT."""
@@ -232,54 +227,39 @@ class TcpStoreServer(Server):
 
 # -- redis ------------------------------------------------------------------------------
 class RedisAofServer(Server):
-    """redis-server with an fsync-always append-only file, restartable on its port."""
+    """redis-server with an fsync-always append-only file, restartable on its port.
+
+    The launcher is :class:`tests.support.redis_server.RedisServer`; this adds
+    what a fault test does to it.
+    """
 
     name = "redis-server"
 
     def __init__(self, directory: Path, persistent: bool = True, extra: Optional[List[str]] = None) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._port = free_port()
         self.persistent = persistent
-        self.extra = list(extra or [])
-        self.process: Optional[subprocess.Popen] = None
-        self.start()
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+        self.redis = RedisServer(Path(directory), [*aof, *(extra or [])])
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        return self.redis.process.pid
 
     @property
     def port(self) -> int:
-        return self._port
+        return self.redis.port
 
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.redis.process.poll() is None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.redis.endpoint
 
     def start(self) -> None:
-        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                   "--save", "", *aof, "--loglevel", "warning", *self.extra]
-        log = open(self.directory / "server.log", "ab")
-        try:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            log.close()
-
-        def pong() -> bool:  # ready once it answers PING (the AOF is loaded by then)
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-
-        wait_ready(pong, self.process, timeout=15, what="redis-server", log=self.directory / "server.log")
+        self.redis.start()
 
     def kill(self) -> None:
-        stop_process(self.process, signal.SIGKILL)
+        self.redis.stop(signal.SIGKILL)
 
     def stop(self) -> None:
         self.kill()

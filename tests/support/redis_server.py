@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import BinaryIO, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -89,7 +89,12 @@ def make_tls_files(directory: Path) -> TlsFiles:
 
 
 class RedisServer:
-    """One redis-server (or sentinel) process with its own directory."""
+    """One redis-server (or sentinel) process with its own directory.
+
+    :meth:`start` may be called again after the process died: the server comes
+    back on the same port with the same arguments (and, with an append-only
+    file in ``args``, the same data) -- what the reliability suite's restarts use.
+    """
 
     def __init__(
         self,
@@ -128,21 +133,31 @@ class RedisServer:
         elif config is None:
             command += ["--port", str(self.port)]
         command += list(args)
+        self.command = command
         self.log = directory / "server.log"
-        self._log_file = open(self.log, "wb")
-        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self._log_file: Optional[BinaryIO] = None
+        self.process: subprocess.Popen = None  # type: ignore[assignment]  # set by start()
+        self.start()
+
+    def start(self) -> None:
+        """Start the process (again, after it died) and wait until it accepts connections."""
+        if self._log_file is not None:
+            self._log_file.close()
+        self._log_file = open(self.log, "ab")
+        since = self._log_file.tell()  # a restart is ready when *its* log says so
+        self.process = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            with open(self.log, "rb") as log:
+                log.seek(since)
+                text = log.read().decode(errors="replace")
+            return "Ready to accept connections" in text or (self.sentinel and "+monitor" in text)
+
         try:
-            self._wait_ready()
+            wait_ready(ready, self.process, timeout=START_TIMEOUT, what="redis-server", log=self.log)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self) -> None:
-        def ready() -> bool:
-            text = self.log.read_text(errors="replace")
-            return "Ready to accept connections" in text or (self.sentinel and "+monitor" in text)
-
-        wait_ready(ready, self.process, timeout=START_TIMEOUT, what="redis-server", log=self.log)
 
     @property
     def endpoint(self) -> str:
@@ -189,9 +204,12 @@ class RedisServer:
         finally:
             os.kill(self.process.pid, signal.SIGCONT)
 
-    def stop(self) -> None:
-        stop_process(self.process, timeout=5)
-        self._log_file.close()
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop the process (SIGTERM, bounded; SIGKILL: a crash, no SIGCONT first)."""
+        stop_process(self.process, signum, timeout=5)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
 
 @contextlib.contextmanager
