@@ -549,7 +549,7 @@ def _start_redis(port: int, directory) -> subprocess.Popen:
 @pytest.mark.slow
 def test_watch_rides_out_a_server_restart(tmp_path):
     """A SIGKILLed and restarted server does not end the watch: it reconnects and reports what follows."""
-    from tests.support.redis_server import free_port
+    from tests.support.harness import free_port
 
     port = free_port()
     server = _start_redis(port, tmp_path)
@@ -592,7 +592,7 @@ def test_watch_rides_out_a_server_restart(tmp_path):
 
 
 def test_watch_gives_up_after_an_outage_longer_than_the_timeout(tmp_path):
-    from tests.support.redis_server import free_port
+    from tests.support.harness import free_port
 
     port = free_port()
     server = _start_redis(port, tmp_path)

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Sequence
@@ -272,11 +271,8 @@ def redis_cluster_node(tmp_path_factory) -> Iterator[RedisServer]:
     ]
     with _running(directory, args) as server:
         server.cli("cluster", "addslotsrange", "0", "16383")
-        deadline = time.monotonic() + START_TIMEOUT
-        while "cluster_state:ok" not in server.cli("cluster", "info"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the one-node cluster did not become ready")
-            time.sleep(0.05)
+        wait_ready(lambda: "cluster_state:ok" in server.cli("cluster", "info"), server.process,
+                   timeout=START_TIMEOUT, what="the one-node cluster", log=server.log, interval=0.05)
         yield server
 
 
