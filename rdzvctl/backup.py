@@ -21,7 +21,6 @@ checked, as OpenSSH does.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import errno
 import json
 import os
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from rdzvctl import clock
 from rdzvctl.errors import BackupError, UsageError
 from rdzvctl.state.jsonform import JSONDocumentError, load_json_document
 
@@ -152,7 +152,7 @@ def write_backup(backup: Backup, directory: Optional[Path] = None) -> Path:
     Any failure removes the partial file and raises :class:`BackupError`.
     """
     directory = backup_directory(directory)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = clock.now_utc().strftime("%Y%m%dT%H%M%S.%fZ")
     data = (json.dumps(backup.to_json(), indent=2) + "\n").encode("utf-8")
     for _ in range(100):
         path = directory / f"{_safe_name(backup.run_id)}-{stamp}-{secrets.token_hex(3)}.json"

@@ -1,8 +1,5 @@
 """The c10d backend over torch's FileStore, with torch 2.13 as the peer on the same file."""
 
-# The fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import fcntl
@@ -20,7 +17,6 @@ from rdzvctl.backends.filestore import FileStore, parse_records
 from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
 from rdzvctl.testing.conformance import BackendConformanceTests, run_conformance
 from tests.support.torch_peer import (
-    filestore_path,  # noqa: F401  (fixture)
     torch_filestore,
 )
 

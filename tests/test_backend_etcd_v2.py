@@ -1,8 +1,5 @@
 """The etcd-v2 backend against real etcd 3.4 members started with --enable-v2."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -29,12 +26,8 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.etcd_server import (  # noqa: F401  (fixtures)
+from tests.support.etcd_server import (
     EtcdCluster,
-    etcd_auth_server,
-    etcd_cluster,
-    etcd_server,
-    etcd_tls_server,
 )
 from tests.support.torch_peer import blackhole_server, refused_port, scripted_server
 

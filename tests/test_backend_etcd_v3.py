@@ -1,8 +1,5 @@
 """The etcd-v3 backend against real etcd 3.4 members (plain, with auth, with TLS, a cluster)."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 try:  # protobuf first, as inside torchrun; the subprocess test below makes the order certain
@@ -33,13 +30,9 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.etcd_server import (  # noqa: F401  (fixtures)
+from tests.support.etcd_server import (
     ROOT_PASSWORD,
     EtcdCluster,
-    etcd_auth_server,
-    etcd_cluster,
-    etcd_server,
-    etcd_tls_server,
 )
 from tests.support.torch_peer import blackhole_server, refused_port, scripted_server
 

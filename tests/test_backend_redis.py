@@ -1,8 +1,5 @@
 """The redis backend against real redis-server processes (plain, TLS, auth, cluster, sentinel)."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -24,18 +21,11 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.redis_server import (  # noqa: F401  (fixtures)
+from tests.support.redis_server import (
     ACL_PASSWORD,
     ACL_USER,
     DEFAULT_PASSWORD,
     free_port,
-    redis_cluster_node,
-    redis_sentinel,
-    redis_server,
-    redis_server_auth,
-    redis_server_notify,
-    redis_server_paused,
-    redis_server_tls,
 )
 
 TIMEOUT = 5.0
@@ -559,7 +549,7 @@ def _start_redis(port: int, directory) -> subprocess.Popen:
 @pytest.mark.slow
 def test_watch_rides_out_a_server_restart(tmp_path):
     """A SIGKILLed and restarted server does not end the watch: it reconnects and reports what follows."""
-    from tests.support.redis_server import free_port
+    from tests.support.harness import free_port
 
     port = free_port()
     server = _start_redis(port, tmp_path)
@@ -602,7 +592,7 @@ def test_watch_rides_out_a_server_restart(tmp_path):
 
 
 def test_watch_gives_up_after_an_outage_longer_than_the_timeout(tmp_path):
-    from tests.support.redis_server import free_port
+    from tests.support.harness import free_port
 
     port = free_port()
     server = _start_redis(port, tmp_path)

@@ -5,8 +5,6 @@ etcd-v3 backends return from ``store_keys()``); the probe connects to real
 loopback ports.
 """
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import datetime as _dt
@@ -18,15 +16,12 @@ import pytest
 
 import rdzvctl.clock
 from rdzvctl.state.model import NodeDesc, RendezvousState
-from tests.support.cli import (  # noqa: F401  (fixtures)
+from tests.support.cli import (
     NOW,
-    cli_env,
     closed_port,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
 )
 
 SECOND = _dt.timedelta(seconds=1)

@@ -15,11 +15,12 @@ fatal to the others.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Type
+from typing import Dict, Iterator, List, Mapping, Optional, Type
 
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.errors import BackendNotFoundError, MissingDependencyError, UsageError
@@ -31,6 +32,7 @@ __all__ = [
     "get_backend_class",
     "open_backend",
     "missing_modules",
+    "register",
 ]
 
 GROUP = "rdzvctl.backends"
@@ -72,6 +74,26 @@ def registered_backends() -> Dict[str, BackendInfo]:
             continue  # a plugin cannot take over a built-in name
         found[ep.name] = BackendInfo(ep.name, ep.value, origin)  # type: ignore[attr-defined]
     return dict(sorted(found.items()))
+
+
+@contextlib.contextmanager
+def register(targets: Mapping[str, str]) -> Iterator[None]:
+    """Register backends by name (``name -> "module:attr"``) for the duration of a ``with`` block.
+
+    For tests and programs embedding rdzvctl that have no installed entry
+    point: the names resolve like the built-in ones, and what they meant
+    before (if anything) is back when the block ends.
+    """
+    before = {name: _BUILTIN.get(name) for name in targets}
+    _BUILTIN.update(targets)
+    try:
+        yield
+    finally:
+        for name, target in before.items():
+            if target is None:
+                _BUILTIN.pop(name, None)
+            else:
+                _BUILTIN[name] = target
 
 
 def _load_target(target: str) -> object:

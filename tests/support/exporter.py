@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+from tests.support.harness import stop_process
+
 __all__ = ["ExporterProcess", "Page", "parse_page"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -122,13 +124,7 @@ class ExporterProcess:
         return Page(text)
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, signum, timeout)
         return self.process.returncode
 
     def __enter__(self) -> "ExporterProcess":
