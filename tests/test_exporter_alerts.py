@@ -273,3 +273,19 @@ def test_every_alert_is_unit_tested_and_explained() -> None:
 def test_rules_name_only_exported_metrics() -> None:
     used = set(re.findall(r"\brdzvctl_[a-z_]+", RULES.read_text()))
     assert used and used <= METRIC_NAMES, used - METRIC_NAMES
+
+
+def test_the_readme_and_the_header_list_every_alert_and_the_codes_used() -> None:
+    text = RULES.read_text()
+    alerts = set(re.findall(r"^\s+- alert: (\w+)$", text, re.MULTILINE))
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Monitoring"):readme.index("## Safety design")]
+    assert {a for a in re.findall(r"^\| `(Rendezvous\w+)`", section, re.MULTILINE)} == alerts
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    rules = "\n".join(re.findall(r"expr: \|\n(.*?)\n\s+(?:for|labels):", text, re.DOTALL))
+    for used in set(re.findall(r'(?:code|phase)=~?"([a-z-|.*]+)"', rules)):
+        for name in used.split("|"):
+            if not name.endswith(".*"):
+                assert f"`{name}`" in header and f"`{name}`" in section, name
+    for metric in set(re.findall(r"\brdzvctl_[a-z_]+", rules)):
+        assert metric in header, metric
