@@ -6,7 +6,9 @@ stale while the survivor keeps heartbeating.  The exporter judges liveness
 with a 1 s x 3 keep-alive (``--rdzv-conf``); the nodes tolerate 300 missed
 heartbeats, so torch's survivor does not prune the dead node during the test
 (with equal settings it would, within one keep-alive interval, and the
-finding would become ``participant-left``).  Prometheus (its own TSDB in a
+finding would become ``participant-left``).  Nobody waits, so the round is
+stuck (``dead-participants`` error, torch_next ``stays``) and it pages; while
+a node waited torch would recover and nothing would page.  Prometheus (its own TSDB in a
 temporary directory, a free loopback port) scrapes the exporter every second
 and evaluates a copy of deploy/prometheus/rdzvctl-alerts.yml with every
 ``for:`` cut to 1 s.  Its HTTP API must report
@@ -147,6 +149,10 @@ def test_a_killed_participant_is_dead_in_prometheus_and_the_alert_fires(
                 "rdzvctl_participants_dead 1")
             assert dead[0]["metric"]["backend"] == "c10d" and dead[0]["metric"]["endpoint"] == str(store)
             assert prometheus.query(f'rdzvctl_participants_alive{{run_id="{run_id}"}}')[0]["value"][1] == "1"
+            # Nobody waits: the survivor keeps the round, nothing in torch moves it (phase stuck, "stays").
+            assert [r["metric"]["phase"] for r in prometheus.query(f'rdzvctl_phase{{run_id="{run_id}"}}')] == ["stuck"]
+            (finding,) = prometheus.query(f'rdzvctl_findings{{run_id="{run_id}",code="dead-participants"}}')
+            assert (finding["metric"]["severity"], finding["metric"]["torch_next"]) == ("error", "stays")
             alert = prometheus.wait_for(lambda: _alert(prometheus, "RendezvousDeadParticipants", run_id),
                                         "the dead-participants alert")
             assert alert["state"] in ("pending", "firing")
