@@ -9,7 +9,7 @@ import click
 from rdzvctl import clock, inspection
 from rdzvctl.cli.app import App, no_state, output_option, with_app
 from rdzvctl.cli.render import Table, render_tables, with_progress
-from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, RdzvctlError, StateError
+from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, BackendUnavailableError, RdzvctlError, StateError
 from rdzvctl.inspection import check_run
 from rdzvctl.state.analysis import SEVERITIES, KeepAlive
 from rdzvctl.state.lifecycle import launch_verdict
@@ -106,6 +106,8 @@ def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, O
     keys = None
     try:
         keys = inspection.read_store_keys(backend)
+    except BackendUnavailableError:
+        raise  # the state cannot be read either: one line, exit 4, not a note first
     except RdzvctlError as exc:
         app.err(f"note: the run's store keys could not be read ({exc}); MASTER_ADDR not checked")
     report, state = inspection.reread_while(lambda: _read_one(app, backend, clock.now_utc(), keys),
