@@ -185,7 +185,7 @@ def test_a_server_killed_mid_scrape_is_backend_up_0_and_the_exporter_stays_up(li
         page = _wait_page(exporter, lambda p: p.value("rdzvctl_backend_up") == 1 and p.run_ids() == [run_id])
         assert page.value("rdzvctl_backend_up") == 1 and page.run_ids() == [run_id]
         assert exporter.process.poll() is None
-        assert "backend down" in exporter.stderr and "backend up again" in exporter.stderr
+        assert exporter.wait_stderr("backend down") and exporter.wait_stderr("backend up again"), exporter.stderr
     _remove(live, run_id)
 
 

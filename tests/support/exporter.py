@@ -106,6 +106,13 @@ class ExporterProcess:
     def stderr(self) -> str:
         return "\n".join(self.stderr_lines)
 
+    def wait_stderr(self, text: str, timeout: float = 30.0) -> bool:
+        """Whether ``text`` shows up in what the exporter logged within ``timeout`` (its log is read by a thread)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return text in self.stderr
+
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1].split("/")[0])
