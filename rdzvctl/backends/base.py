@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, FrozenSet, Iterator, Mapping, NamedTuple, Optional, Tuple
@@ -125,8 +124,9 @@ def check_conf_keys(backend: str, conf: Mapping[str, str], accepted: Optional[Fr
         )
 
 
-_TRUE = {"1", "true", "t", "yes", "y", "on"}
-_FALSE = {"0", "false", "f", "no", "n", "off"}
+#: The spellings of a boolean ``--rdzv-conf`` value.
+TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
+FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,9 @@ class Address:
         raw = self.conf.get(key)
         if raw is None or raw == "":
             return default
-        if raw.lower() in _TRUE:
+        if raw.lower() in TRUE_WORDS:
             return True
-        if raw.lower() in _FALSE:
+        if raw.lower() in FALSE_WORDS:
             return False
         raise BackendConfigError(f"--rdzv-conf {key}: not a boolean: {raw!r}")
 
@@ -300,23 +300,27 @@ class RendezvousBackend(ABC):
     ) -> Iterator[Optional[StateAndToken]]:
         """Yield the state (or ``None`` when absent) each time its token changes.
 
-        The first item is the current state.  This default polls
-        ``get_state`` every ``interval`` seconds; backends with
-        ``native_watch`` override it.  Stops when ``stop`` is set.
+        The first item is the current state (unless ``since`` is it).  One
+        driver (:func:`rdzvctl.backends.watching.drive_watch`) serves every
+        backend: it de-duplicates by token, rides out an outage for up to
+        ``address.timeout`` seconds once the first read worked, and stops
+        promptly when ``stop`` is set.  Backends supply :meth:`watch_read`
+        and :meth:`watch_wait`; this default polls every ``interval`` seconds.
         """
-        stop = stop or threading.Event()
-        last: Any = object()
-        if since is not None:
-            last = since[1]
-        first = since is None
-        while not stop.is_set():
-            current = self.get_state()
-            token = None if current is None else current[1]
-            if first or token != last:
-                first = False
-                last = token
-                yield current
-            stop.wait(interval)
+        from rdzvctl.backends.watching import drive_watch
+
+        return drive_watch(self.watch_read, self.watch_wait, timeout=self.address.timeout,
+                           interval=interval, stop=stop, since=since)
+
+    def watch_read(self) -> Tuple[Optional[StateAndToken], Any]:
+        """The state now and the cursor :meth:`watch_wait` resumes from (None: polling)."""
+        return self.get_state(), None
+
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Iterator[Any]:
+        """Yield ``(state, cursor)`` for each change after ``cursor`` (or ``RESYNC``); this default polls."""
+        from rdzvctl.backends.watching import poll_changes
+
+        return poll_changes(self.get_state, stop, interval)
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections; the backend is unusable afterwards."""
@@ -384,7 +388,3 @@ def is_counter_token(token: Any) -> bool:
     """A token that is a revision/index/version counter: a positive int, and never a bool."""
     return type(token) is int and token > 0
 
-
-def wait_interval(deadline: float) -> float:
-    """Seconds left until ``deadline`` (a ``time.monotonic`` value), never negative."""
-    return max(0.0, deadline - time.monotonic())

@@ -37,7 +37,7 @@ from rdzvctl.backends.base import (
     is_counter_token,
     round_of_store_key,
 )
-from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
+from rdzvctl.errors import BackendConfigError, StateCorruptError
 
 __all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
 
@@ -270,60 +270,26 @@ class EtcdV3Backend(RendezvousBackend):
                 rounds.add(parsed[0])
         return frozenset(rounds)
 
-    def watch(
-        self,
-        interval: float = 1.0,
-        stop: Optional[threading.Event] = None,
-        since: Optional[StateAndToken] = None,
-    ) -> Iterator[Optional[StateAndToken]]:
-        """etcd's own watch; after a broken stream it resumes from the last revision seen.
+    # -- watch (driven by rdzvctl.backends.watching) -------------------------------------
+    def watch_read(self) -> "tuple[Optional[StateAndToken], int]":
+        """The state and the revision to watch from (the one after the store revision of the read)."""
+        doc = self._gw.range(self._key)
+        return self._first(doc), int(doc["header"]["revision"]) + 1
 
-        Once the watch runs, an outage (a member restarting, a leader election)
-        is ridden out for up to ``address.timeout`` seconds: the watch
-        reconnects and replays from the revision after the last one it saw,
-        so no change is missed or repeated.  A longer outage raises.
-        """
-        stop = stop or threading.Event()
-        last: Any = object() if since is None else since[1]
-        next_revision = 0
-        started = False  # the first read worked: from then on outages are ridden out
-        outage: Optional[float] = None  # when the server stopped answering
-        while not stop.is_set():
-            try:
-                if next_revision == 0:  # (re)synchronise: read the key and the store revision
-                    doc = self._gw.range(self._key)
-                    started, outage = True, None
-                    current = self._first(doc)
-                    next_revision = int(doc["header"]["revision"]) + 1
-                    token = None if current is None else current[1]
-                    if token != last:
-                        last = token
-                        yield current
-                    continue
-                with closing(self._gw.watch(self._key, next_revision, stop)) as results:
-                    for result in results:
-                        outage = None
-                        if result.get("canceled") or result.get("compact_revision"):
-                            next_revision = 0  # history compacted away: re-read
-                            break
-                        for event in result.get("events") or ():
-                            kv = event.get("kv", {})
-                            next_revision = int(kv["mod_revision"]) + 1
-                            current = None if event.get("type") == "DELETE" else self._decode(kv)
-                            token = None if current is None else current[1]
-                            if token != last:
-                                last = token
-                                yield current
-            except BackendUnavailableError:
-                if not started:
-                    raise  # never connected: report at once (bad endpoint, credentials)
-                outage = time.monotonic() if outage is None else outage
-                if stop.is_set() or time.monotonic() - outage >= self.address.timeout:
-                    raise
-                stop.wait(0.2)
-                continue
-            if not stop.is_set():
-                stop.wait(0.05)
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Iterator[Any]:
+        """etcd's own watch from revision ``cursor``; after a broken stream the driver resumes from
+        the revision after the last one seen, so no change is missed or repeated."""
+        from rdzvctl.backends.watching import RESYNC
+
+        with closing(self._gw.watch(self._key, cursor, stop)) as results:
+            for result in results:
+                if result.get("canceled") or result.get("compact_revision"):
+                    yield RESYNC  # history compacted away: re-read
+                    return
+                for event in result.get("events") or ():
+                    kv = event.get("kv", {})
+                    current = None if event.get("type") == "DELETE" else self._decode(kv)
+                    yield current, int(kv["mod_revision"]) + 1
 
     # -- presentation ------------------------------------------------------------------
     def describe(self) -> str:
