@@ -63,7 +63,8 @@ class EtcdV2Backend(RendezvousBackend):
 
     def __init__(self, address: Address) -> None:
         super().__init__(address)
-        from rdzvctl.backends.etcd_gateway import EtcdHttp, make_ssl_context, parse_endpoints
+        from rdzvctl.backends.etcd_http import EtcdHttp
+        from rdzvctl.backends.etcd_members import make_ssl_context, parse_endpoints
 
         endpoints, scheme = parse_endpoints(address.endpoint)
         protocol = (address.get("protocol") or scheme or "http").strip().lower()
@@ -281,15 +282,16 @@ class EtcdV2Backend(RendezvousBackend):
 
     def _wait(self, index: int, stop: threading.Event) -> Optional[Dict[str, Any]]:
         """One long-poll for the next change at or after ``index``; None if none came."""
-        import http.client
         import json
+
+        from rdzvctl.backends.etcd_errors import TRANSPORT_ERRORS
 
         path = self._path(self.key, wait="true", waitIndex=index)
         try:
             with self._http.stream("GET", path, None, {}, stop) as stream:
                 response = stream.response()
                 body = response.read()
-        except (OSError, http.client.HTTPException):
+        except TRANSPORT_ERRORS:
             return None
         except BackendUnavailableError:
             if stop.is_set():

@@ -10,7 +10,7 @@ The state is attached to a lease of ``ttl`` seconds (default 7200, torch's v2
 TTL) that every write renews, so abandoned runs expire.
 
 It talks to etcd's JSON gateway with the standard library (see
-:mod:`rdzvctl.backends.etcd_gateway`): no grpc, no protobuf.  Options in
+:mod:`rdzvctl.backends.etcd_gateway`, over :mod:`rdzvctl.backends.etcd_http`): no grpc, no protobuf.  Options in
 ``--rdzv-conf``: ``protocol`` (http/https), ``ca_cert``, ``ssl_cert``,
 ``ssl_cert_key``, ``username``/``password`` (or ``ETCD_USERNAME``/
 ``ETCD_PASSWORD``, or ``http://user:password@host:2379``), ``ttl``,
@@ -59,13 +59,9 @@ class EtcdV3Backend(RendezvousBackend):
 
     def __init__(self, address: Address) -> None:
         super().__init__(address)
-        from rdzvctl.backends.etcd_gateway import (
-            EtcdGateway,
-            EtcdHttp,
-            make_ssl_context,
-            parse_endpoints,
-            split_credentials,
-        )
+        from rdzvctl.backends.etcd_gateway import EtcdGateway
+        from rdzvctl.backends.etcd_http import EtcdHttp
+        from rdzvctl.backends.etcd_members import make_ssl_context, parse_endpoints, split_credentials
 
         members, url_user, url_password = split_credentials(address.endpoint)
         endpoints, scheme = parse_endpoints(members)
