@@ -40,7 +40,7 @@ _BUILTIN = {
     "c10d": "rdzvctl.backends.c10d:C10dBackend",
     "etcd-v2": "rdzvctl.backends.etcd_v2:EtcdV2Backend",
     "etcd-v3": "rdzvctl.backends.etcd_v3:EtcdV3Backend",
-    "redis": "rdzvctl.backends.redis_backend:RedisBackend",
+    "redis": "rdzvctl.backends.redis:RedisBackend",
 }
 
 
