@@ -46,7 +46,7 @@ def to_bytes(value: Data) -> bytes:
     raise ValueError("a store value must be str or bytes")
 
 
-def seconds(timeout: Optional[timedelta], default: timedelta) -> float:
+def timeout_seconds(timeout: Optional[timedelta], default: timedelta) -> float:
     chosen = default if timeout is None else timeout
     return max(0.0, chosen.total_seconds())
 
@@ -96,7 +96,7 @@ class ServerStore(Store):
 
     def _wait_for(self, keys: Sequence[str], timeout: Optional[timedelta]) -> List[bytes]:
         wire = [self._key(k) for k in keys]
-        seconds = seconds(timeout, self.timeout)
+        seconds = timeout_seconds(timeout, self.timeout)
         deadline = time.monotonic() + seconds
         attempt = 0
         with self._errors():
