@@ -32,6 +32,7 @@ from rdzvctl.backends.base import (
     round_of_store_key,
 )
 from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
+from rdzvctl.state.codec import decode_base64, encode_base64
 
 __all__ = ["EtcdV2Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL", "STORE_DIRECTORY"]
 
@@ -118,8 +119,8 @@ class EtcdV2Backend(RendezvousBackend):
         if node.get("dir"):
             raise StateCorruptError(f"etcd key {node.get('key', self.key)} is a directory, not rendezvous state")
         try:
-            state = base64.b64decode(node.get("value", ""), validate=True)
-        except (binascii.Error, ValueError, TypeError) as exc:
+            state = decode_base64(node.get("value", ""))
+        except StateCorruptError as exc:
             raise StateCorruptError(
                 f"the value of etcd key {node.get('key', self.key)} is not base64 (not rendezvous state)"
             ) from exc
@@ -136,7 +137,7 @@ class EtcdV2Backend(RendezvousBackend):
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
         if token is not None and not is_counter_token(token):
             return self._current_refused()
-        form: Dict[str, Any] = {"value": base64.b64encode(state).decode("ascii"), "ttl": self.ttl}
+        form: Dict[str, Any] = {"value": encode_base64(state).decode("ascii"), "ttl": self.ttl}
         if token is None:
             form["prevExist"] = "false"
         else:

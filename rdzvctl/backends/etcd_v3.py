@@ -38,11 +38,21 @@ from rdzvctl.backends.base import (
     round_of_store_key,
 )
 from rdzvctl.errors import BackendConfigError, StateCorruptError
+from rdzvctl.state.codec import decode_base64, encode_base64
 
 __all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
 
 DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
 DEFAULT_TTL = 7200
+
+
+def _stored_state(kv: Dict[str, Any]) -> bytes:
+    """The state bytes of a key-value from the gateway: its value (base64 on the wire) is the state's base64."""
+    try:
+        stored = base64.b64decode(kv.get("value", ""))
+    except (binascii.Error, ValueError) as exc:
+        raise StateCorruptError("the gateway sent a value that is not base64") from exc
+    return decode_base64(stored)
 
 
 class EtcdV3Backend(RendezvousBackend):
@@ -100,9 +110,8 @@ class EtcdV3Backend(RendezvousBackend):
     # -- decoding -----------------------------------------------------------------------
     def _decode(self, kv: Dict[str, Any]) -> StateAndToken:
         try:
-            stored = base64.b64decode(kv.get("value", ""))
-            state = base64.b64decode(stored, validate=True)
-        except (binascii.Error, ValueError) as exc:
+            state = _stored_state(kv)
+        except StateCorruptError as exc:
             raise StateCorruptError(f"the value of etcd key {self.key} is not base64 (not rendezvous state)") from exc
         return state, int(kv["mod_revision"])
 
@@ -124,7 +133,7 @@ class EtcdV3Backend(RendezvousBackend):
         from rdzvctl.backends.etcd_gateway import b64
 
         key = b64(self._key)
-        value = b64(base64.b64encode(state))
+        value = b64(encode_base64(state))
         read_back = [{"request_range": {"key": key}}]
         if token is not None and not is_counter_token(token):
             current = self.get_state()
@@ -212,10 +221,9 @@ class EtcdV3Backend(RendezvousBackend):
         entries: List[RunEntry] = []
         for kv in doc.get("kvs") or ():
             run_id = b64decode(kv["key"])[cut:].decode("utf-8", "replace")
-            stored = b64decode(kv.get("value", ""))
             try:
-                state = b64decode(stored, validate=True)
-            except (binascii.Error, ValueError) as exc:
+                state = _stored_state(kv)
+            except StateCorruptError as exc:
                 error = StateCorruptError(f"the value of etcd key {self.key_prefix}/{run_id} is not base64")
                 error.__cause__ = exc
                 entries.append(RunEntry(run_id, None, error))
