@@ -127,7 +127,7 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
         if reports[0]["status"] == "absent" and verdict is None:
             from rdzvctl.errors import NoStateError
 
-            raise NoStateError(f"no rendezvous state for run {backend.run_id!r} on {backend.describe()}")
+            raise NoStateError.for_run(backend.run_id, backend.describe())
     code = exit_code(reports, fail_on)
     if verdict is not None:
         code = EXIT_OK if verdict.ok else EXIT_PROBLEMS

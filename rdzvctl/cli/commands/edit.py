@@ -50,8 +50,8 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
         if snap.error is not None:
             raise snap.error
         if snap.state is None:
-            raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to edit "
-                               "(use `rdzvctl set --create -f FILE` to create one)")
+            raise NoStateError.for_run(
+                snap.run_id, consequence="nothing to edit (use `rdzvctl set --create -f FILE` to create one)")
         if not dry_run:
             app.require_consent_possible(yes)  # before the editor: an edit nobody can confirm would be lost
         header = HEADER.format(run_id=snap.run_id, backend=snap.backend, endpoint=snap.endpoint,

@@ -37,7 +37,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
             if snap.raw is None:
                 if snap.error is not None:
                     raise snap.error
-                raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
+                raise NoStateError.for_run(snap.run_id, f"{snap.backend} {snap.endpoint}")
             app.raw(snap.raw)
             return
         keys = None
@@ -49,7 +49,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
             if keys is None and "store_keys" not in backend.capabilities:
                 app.err(f"note: the {backend.name} backend has no per-round store keys")
         if not snap.exists:
-            raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
+            raise NoStateError.for_run(snap.run_id, f"{snap.backend} {snap.endpoint}")
         # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspect.CONFIRM_SECONDS).
         snap, doc = reread_while(lambda: _described(app, take_snapshot(backend), keys),
                                  lambda pair: stays(pair[1]), CONFIRM_SECONDS,

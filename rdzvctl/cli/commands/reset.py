@@ -56,7 +56,7 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
             snap = take_snapshot(backend)
             plan = plan_clear(backend, snap) if mode == "clear" else None
             if not snap.exists and plan is None:
-                raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to reset")
+                raise NoStateError.for_run(snap.run_id, consequence="nothing to reset")
             extra: Dict[str, Any] = {}
             notes = []
             if plan is not None:

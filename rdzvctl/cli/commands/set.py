@@ -111,7 +111,7 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
                                      "nothing was written")
         if new_state is None:
             if snap.state is None:
-                raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to change")
+                raise NoStateError.for_run(snap.run_id, consequence="nothing to change")
             from rdzvctl.inspect import now_utc
 
             new_state = snap.state.copy()
