@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, FrozenSet, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 from rdzvctl.errors import BackendConfigError, UnsupportedOperationError
+from rdzvctl.state.store_keys import round_of_store_key, split_round_key
 
 __all__ = [
     "round_of_store_key",
@@ -63,8 +64,6 @@ SetResult = Tuple[bytes, Token, bool]
 CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
 
 DEFAULT_TIMEOUT = 10.0
-#: Rounds are counters: a store key whose round has more digits than an int64 is not torch's.
-_MAX_ROUND_DIGITS = 18
 
 
 class RunEntry(NamedTuple):
@@ -290,7 +289,7 @@ class RendezvousBackend(ABC):
         Raises like :meth:`store_keys`.  This default derives the rounds from
         :meth:`store_keys`; backends override it to list key names only.
         """
-        return frozenset(int(name.partition("/")[0]) for name in self.store_keys())
+        return frozenset(parsed[0] for parsed in map(split_round_key, self.store_keys()) if parsed is not None)
 
     def watch(
         self,
@@ -367,21 +366,6 @@ def _sha256_hex(data: bytes) -> str:
         except ImportError:
             from hashlib import sha256  # type: ignore[no-redef]  # other interpreters
     return sha256(data).hexdigest()
-
-
-def round_of_store_key(name: bytes, round_prefix: bytes) -> Optional[Tuple[int, bytes]]:
-    """``(round, name)`` of a store key ``<round_prefix><round>/<name>``, else None.
-
-    ``round_prefix`` is ``torch.rendezvous.<run_id>.`` (plus any wire prefix):
-    torch's ``_wrap_store`` prefix for that run.  Keys of another run never
-    match: its id would leave a non-digit (``job.5``: ``5.0/...``) before the ``/``.
-    """
-    if not name.startswith(round_prefix):
-        return None
-    round_, sep, rest = name[len(round_prefix):].partition(b"/")
-    if not sep or not round_.isdigit() or len(round_) > _MAX_ROUND_DIGITS:
-        return None  # (a longer "round" is no key torch wrote, and int() would refuse it)
-    return int(round_), rest
 
 
 def is_counter_token(token: Any) -> bool:

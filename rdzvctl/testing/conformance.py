@@ -32,6 +32,7 @@ from typing import List, Optional
 
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.errors import StateError, UnsupportedOperationError
+from rdzvctl.state.store_keys import split_round_key
 from rdzvctl.testing.context import (
     BackendFactory,
     CaseContext,
@@ -218,8 +219,8 @@ def store_rounds_of_the_run(ctx: CaseContext) -> None:
         return  # nothing more can be checked without torch's handler store
     written = {"0/MASTER_ADDR": b"10.0.0.1", "3/MASTER_PORT": b"29500", "11/torchelastic/role_info/0": b"\x00\xff"}
     for name, value in written.items():
-        round_, _, key = name.partition("/")
-        ctx.store_writer(ctx.backend, int(round_), key, value)
+        round_, key = split_round_key(name) or (0, name)
+        ctx.store_writer(ctx.backend, round_, key, value)
     # Runs whose ids extend this one's must not count: "<id>.5" (a dot) and "<id>1".
     dotted, longer = ctx.open(ctx.run_id + ".5"), ctx.open(ctx.run_id + "1")
     ctx.store_writer(dotted, 2, "MASTER_ADDR", b"other")
