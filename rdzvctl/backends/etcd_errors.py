@@ -27,8 +27,7 @@ class ServerError(http.client.HTTPException):
 
 
 def _tls_reason(exc: BaseException) -> str:
-    assert isinstance(exc, ssl.SSLError)
-    reason = str(exc.reason or exc)
+    reason = str(getattr(exc, "reason", None) or exc or type(exc).__name__)
     hint = ""
     if "VERSION" in reason or "EOF" in reason or "RECORD" in reason:
         hint = "; is the member serving https (--rdzv-conf protocol)?"
@@ -49,7 +48,8 @@ FAILURE_REASONS: Tuple[Tuple[Union[Type[BaseException], Tuple[Type[BaseException
     ((socket.timeout, TimeoutError), lambda exc: "timed out"),
     (ConnectionRefusedError, lambda exc: "connection refused"),
     (ssl.SSLCertVerificationError,
-     lambda exc: f"TLS certificate verification failed ({exc.verify_message or exc.reason})"),  # type: ignore[attr-defined]
+     lambda exc: "TLS certificate verification failed "
+                 f"({getattr(exc, 'verify_message', None) or getattr(exc, 'reason', None) or exc})"),
     (ssl.SSLError, _tls_reason),
     (socket.gaierror, lambda exc: "cannot resolve the host name"),
     ((http.client.RemoteDisconnected, http.client.BadStatusLine),
