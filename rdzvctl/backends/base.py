@@ -29,8 +29,15 @@ c10d (TCPStore, FileStore) next to the state; etcd-v2 torch's ``EtcdStore``
 under ``/torch/elastic/store`` (base64 key names, no TTL); Redis and etcd-v3
 rdzvctl's torchrun handlers (``rdzvctl.torchrun.stores``).
 
-Backends raise only :mod:`rdzvctl.errors` errors, never print, and import
-their client library lazily so ``rdzvctl --help`` stays fast.
+``watch`` is the same for every backend (:mod:`rdzvctl.backends.watching`):
+a backend supplies ``watch_read`` (the state now, and where to wait from) and
+``watch_wait`` (the next changes, pushed or polled; the default polls).
+
+Backends raise only :mod:`rdzvctl.errors` errors (each transport maps its
+library's exceptions in one table), never print, and import their client
+library lazily so ``rdzvctl --help`` stays fast.  Shared helpers:
+:mod:`~rdzvctl.backends.endpoints`, :mod:`~rdzvctl.backends.tls`,
+:mod:`rdzvctl.state.store_keys`, the codec's ``decode_base64``/``encode_base64``.
 """
 
 from __future__ import annotations
