@@ -46,7 +46,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, Iterator, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, ClassVar, Dict, FrozenSet, Generator, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 from rdzvctl.errors import BackendConfigError, UnsupportedOperationError
 from rdzvctl.state.store_keys import round_of_store_key, split_round_key
@@ -322,7 +322,7 @@ class RendezvousBackend(ABC):
         """The state now and the cursor :meth:`watch_wait` resumes from (None: polling)."""
         return self.get_state(), None
 
-    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Iterator[Any]:
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Generator[Any, None, None]:
         """Yield ``(state, cursor)`` for each change after ``cursor`` (or ``RESYNC``); this default polls."""
         from rdzvctl.backends.watching import poll_changes
 

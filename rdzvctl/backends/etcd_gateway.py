@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Generator, List, Mapping, Optional
 
 from rdzvctl.backends.etcd_errors import TRANSPORT_ERRORS
 from rdzvctl.backends.etcd_errors import failure_reason as _reason  # noqa: F401 - the name older callers import
@@ -159,7 +159,7 @@ class EtcdGateway:
 
     # -- watch ------------------------------------------------------------------------
     def watch(self, key: bytes, start_revision: int, stop: threading.Event,
-              idle: float = WATCH_IDLE_SECONDS) -> Iterator[Dict[str, Any]]:
+              idle: float = WATCH_IDLE_SECONDS) -> Generator[Dict[str, Any], None, None]:
         """Yield the ``result`` messages of a watch on ``key`` from ``start_revision``.
 
         Ends (without error) when the server closes the stream, it stays idle

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
-from typing import Any, Dict, FrozenSet, Iterator, Optional
+from typing import Any, Dict, FrozenSet, Generator, Iterator, Optional
 from urllib.parse import quote, urlencode
 
 from rdzvctl.backends.base import (
@@ -255,7 +255,7 @@ class EtcdV2Backend(RendezvousBackend):
             current = self._decode_node(doc["node"])
         return current, int(headers.get("x-etcd-index", doc.get("index", 0))) + 1
 
-    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Iterator[Any]:
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Generator[Any, None, None]:
         """etcd's own watch (``wait=true&waitIndex=``): no polling, one request per change.
 
         An idle, interrupted or broken long-poll ends the generator (the driver

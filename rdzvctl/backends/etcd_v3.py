@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import closing
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Generator, Iterator, List, Optional
 
 from rdzvctl.backends.base import (
     Address,
@@ -280,7 +280,7 @@ class EtcdV3Backend(RendezvousBackend):
         doc = self._gw.range(self._key)
         return self._first(doc), int(doc["header"]["revision"]) + 1
 
-    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Iterator[Any]:
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Generator[Any, None, None]:
         """etcd's own watch from revision ``cursor``; after a broken stream the driver resumes from
         the revision after the last one seen, so no change is missed or repeated."""
         from rdzvctl.backends.watching import RESYNC

@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import closing
-from typing import Any, Callable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Generator, Iterator, Optional, Tuple, Union
 
 from rdzvctl.errors import BackendUnavailableError
 
@@ -45,7 +45,7 @@ RETRY_PAUSE = 0.2
 IDLE_PAUSE = 0.05
 
 ReadHook = Callable[[], Change]
-WaitHook = Callable[[Any, threading.Event, float], Iterator[Union[Change, Any]]]
+WaitHook = Callable[[Any, threading.Event, float], Generator[Union[Change, Any], None, None]]
 
 
 def drive_watch(
@@ -110,7 +110,7 @@ def poll_changes(
     stop: threading.Event,
     interval: float,
     backoff: bool = False,
-) -> Iterator[Change]:
+) -> Generator[Change, None, None]:
     """A ``watch_wait`` for a backend without server push: ``read`` every ``interval`` seconds.
 
     With ``backoff`` the pause grows (x1.5, up to ``max(interval, min(8 x interval, 5 s))``)

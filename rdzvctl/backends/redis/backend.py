@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, ContextManager, Dict, FrozenSet, Iterator, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, FrozenSet, Generator, Iterator, List, Optional, Tuple
 
 from rdzvctl.backends.base import (
     Address,
@@ -286,6 +286,6 @@ class RedisBackend(RendezvousBackend):
         """True if the server publishes the keyspace events ``watch`` needs (see :mod:`.watch`)."""
         return notifications_enabled(self)
 
-    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Iterator[Any]:
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Generator[Any, None, None]:
         """Pushed through keyspace notifications when the server has them on, else polled with backoff."""
         return keyspace_changes(self, stop, interval)

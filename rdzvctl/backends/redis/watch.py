@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Generator
 
 from rdzvctl.backends.watching import Change, poll_changes
 
@@ -46,7 +46,7 @@ def notifications_enabled(backend: "RedisBackend") -> bool:
     return "K" in flags and ("A" in flags or ("g" in flags and "h" in flags))
 
 
-def keyspace_changes(backend: "RedisBackend", stop: threading.Event, interval: float) -> Iterator[Change]:
+def keyspace_changes(backend: "RedisBackend", stop: threading.Event, interval: float) -> Generator[Change, None, None]:
     """``(state, None)`` after each notification (or resync), or each poll without notifications."""
     if not notifications_enabled(backend):
         yield from poll_changes(backend.get_state, stop, interval, backoff=True)
