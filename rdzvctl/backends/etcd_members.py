@@ -3,6 +3,7 @@
 * :func:`parse_endpoints` (``host[:port][,host[:port]...]``, optionally with
   ``http://``/``https://``) -> ``([Endpoint], scheme or None)``;
 * :func:`split_credentials` takes ``user:password@`` out of URL endpoints;
+* :func:`choose_protocol` reconciles torch's ``protocol`` option with the endpoints' scheme;
 * :func:`make_ssl_context` builds the client TLS context from torch's
   ``ca_cert``/``ssl_cert``/``ssl_cert_key`` options (bad files are config errors).
 
@@ -20,7 +21,7 @@ from rdzvctl.backends.etcd_http import Endpoint
 from rdzvctl.backends.tls import check_tls_files, client_context
 from rdzvctl.errors import BackendConfigError
 
-__all__ = ["DEFAULT_PORT", "parse_endpoints", "split_credentials", "make_ssl_context"]
+__all__ = ["DEFAULT_PORT", "parse_endpoints", "split_credentials", "make_ssl_context", "choose_protocol"]
 
 DEFAULT_PORT = 2379
 
@@ -108,3 +109,13 @@ def make_ssl_context(
         return client_context(ca_cert, ssl_cert, ssl_cert_key)
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise BackendConfigError(f"cannot load the TLS files: {failure_reason(exc)}") from exc
+
+
+def choose_protocol(option: Optional[str], scheme: Optional[str], default: str) -> str:
+    """``http`` or ``https``: the ``protocol`` option, else the endpoints' scheme, else ``default``."""
+    protocol = (option or scheme or default).strip().lower()
+    if protocol not in ("http", "https"):
+        raise BackendConfigError("--rdzv-conf protocol: must be http or https")
+    if scheme and scheme != protocol:
+        raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
+    return protocol

@@ -65,14 +65,10 @@ class EtcdV2Backend(RendezvousBackend):
     def __init__(self, address: Address) -> None:
         super().__init__(address)
         from rdzvctl.backends.etcd_http import EtcdHttp
-        from rdzvctl.backends.etcd_members import make_ssl_context, parse_endpoints
+        from rdzvctl.backends.etcd_members import choose_protocol, make_ssl_context, parse_endpoints
 
         endpoints, scheme = parse_endpoints(address.endpoint)
-        protocol = (address.get("protocol") or scheme or "http").strip().lower()
-        if protocol not in ("http", "https"):
-            raise BackendConfigError("--rdzv-conf protocol: must be http or https")
-        if scheme and scheme != protocol:
-            raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
+        protocol = choose_protocol(address.get("protocol"), scheme, "http")
         read_timeout = address.get_float("read_timeout")
         if read_timeout is not None and read_timeout <= 0:
             raise BackendConfigError("--rdzv-conf read_timeout: must be positive")

@@ -71,16 +71,17 @@ class EtcdV3Backend(RendezvousBackend):
         super().__init__(address)
         from rdzvctl.backends.etcd_gateway import EtcdGateway
         from rdzvctl.backends.etcd_http import EtcdHttp
-        from rdzvctl.backends.etcd_members import make_ssl_context, parse_endpoints, split_credentials
+        from rdzvctl.backends.etcd_members import (
+            choose_protocol,
+            make_ssl_context,
+            parse_endpoints,
+            split_credentials,
+        )
 
         members, url_user, url_password = split_credentials(address.endpoint)
         endpoints, scheme = parse_endpoints(members)
         tls_files = [address.get(k) for k in ("ca_cert", "ssl_cert", "ssl_cert_key")]
-        protocol = (address.get("protocol") or scheme or ("https" if any(tls_files) else "http")).strip().lower()
-        if protocol not in ("http", "https"):
-            raise BackendConfigError("--rdzv-conf protocol: must be http or https")
-        if scheme and scheme != protocol:
-            raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
+        protocol = choose_protocol(address.get("protocol"), scheme, "https" if any(tls_files) else "http")
         context = make_ssl_context(*tls_files) if protocol == "https" else None
         ttl = address.get_int("ttl")
         self.ttl = ttl if ttl and ttl > 0 else DEFAULT_TTL
