@@ -16,7 +16,9 @@ import socket
 import ssl
 from typing import Callable, Tuple, Type, Union
 
-__all__ = ["TRANSPORT_ERRORS", "FAILURE_REASONS", "ServerError", "failure_reason", "is_timeout"]
+__all__ = [
+    "TRANSPORT_ERRORS", "STALE_CONNECTION_ERRORS", "FAILURE_REASONS", "ServerError", "failure_reason", "is_timeout",
+]
 
 #: What a member's failure can raise: sockets, TLS (``ssl.SSLError`` is an ``OSError``) and ``http.client``.
 TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
@@ -58,7 +60,8 @@ FAILURE_REASONS: Tuple[Tuple[Union[Type[BaseException], Tuple[Type[BaseException
     (OSError, _os_reason),
 )
 
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+#: A peer that hung up: a pooled connection the member closed, or plain http answering TLS.
+STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 def failure_reason(exc: BaseException, tls: bool = False) -> str:
@@ -68,7 +71,7 @@ def failure_reason(exc: BaseException, tls: bool = False) -> str:
     answering our TLS handshake (it may reset or send an HTTP 400 that the TLS
     layer rejects, depending on timing): say so either way.
     """
-    if tls and isinstance(exc, _STALE):
+    if tls and isinstance(exc, STALE_CONNECTION_ERRORS):
         return (f"the connection closed during the TLS handshake ({failure_reason(exc)}); "
                 "is the member serving https (--rdzv-conf protocol)?")
     for classes, reason in FAILURE_REASONS:

@@ -22,6 +22,14 @@ protobuf (see docs/etcd-client-choice.md).  Public API:
   raises one :class:`~rdzvctl.errors.BackendTimeoutError` or
   :class:`~rdzvctl.errors.BackendUnavailableError` naming the endpoint(s),
   chained to the last original exception.
+
+A backend over this transport is built like :class:`~rdzvctl.backends.etcd_v2.EtcdV2Backend`::
+
+    endpoints, scheme = etcd_members.parse_endpoints(address.endpoint)
+    protocol = etcd_members.choose_protocol(address.get("protocol"), scheme, "http")
+    context = etcd_members.make_ssl_context(ca_cert, ssl_cert, ssl_cert_key) if protocol == "https" else None
+    http = EtcdHttp(endpoints, address.timeout, context, api="etcd")
+    answer = http.request("GET", "/v2/keys/...")   # -> HttpAnswer; answer.json("the etcd v2 API")
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from rdzvctl.backends.etcd_errors import _STALE, TRANSPORT_ERRORS, ServerError, failure_reason, is_timeout
+from rdzvctl.backends.etcd_errors import (
+    STALE_CONNECTION_ERRORS,
+    TRANSPORT_ERRORS,
+    ServerError,
+    failure_reason,
+    is_timeout,
+)
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError
 
 __all__ = [
@@ -262,7 +276,7 @@ class EtcdHttp:
                 conn = self._connect(endpoint, min(connect_budget, max(0.001, deadline - time.monotonic())))
             try:
                 response, data = self._exchange(conn, method, path, body, headers, deadline)
-            except _STALE:
+            except STALE_CONNECTION_ERRORS:
                 conn.close()
                 conn = None
                 if reused:  # a pooled connection the member closed meanwhile: retry fresh once
