@@ -339,33 +339,6 @@ def test_native_watch_reports_quickly_even_with_a_long_interval(redis_server_not
     assert not thread.is_alive()
 
 
-@pytest.mark.parametrize("fixture", ["redis_server", "redis_server_notify"])
-def test_watch_stops_promptly(request, fixture):
-    server = request.getfixturevalue(fixture)
-    stop, seen = threading.Event(), []
-    thread = _follow(backend(server.endpoint), stop, seen, interval=0.5)
-    deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert seen == [(seen[0][0], None)]
-    time.sleep(1.5)  # let polling back off
-    stopped = time.monotonic()
-    stop.set()
-    thread.join(5)
-    assert not thread.is_alive()
-    assert time.monotonic() - stopped < 1.5
-
-
-def test_watch_since_skips_the_known_state(redis_server_notify):
-    b = backend(redis_server_notify.endpoint)
-    current = b.set_state(b"x")[:2]
-    stop = threading.Event()
-    items = b.watch(interval=0.05, stop=stop, since=current)
-    threading.Timer(0.3, lambda: b.set_state(b"y", current[1])).start()
-    assert next(items)[0] == b"y"
-    stop.set()
-
-
 # -- errors -----------------------------------------------------------------------------
 def test_wrong_password_is_unavailable_and_not_echoed(redis_server_auth):
     secret = "wr0ng-pa55word-xyz"

@@ -21,9 +21,7 @@ never host a store).
 
 from __future__ import annotations
 
-import binascii
 import re
-from base64 import b64decode, b64encode
 from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
 
 from rdzvctl.backends.base import (
@@ -35,9 +33,11 @@ from rdzvctl.backends.base import (
     Token,
     round_of_store_key,
 )
+from rdzvctl.backends.endpoints import EndpointSyntaxError, parse_rendezvous_endpoint
 from rdzvctl.backends.filestore import FileStore
 from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
 from rdzvctl.errors import BackendConfigError, StateCorruptError
+from rdzvctl.state.codec import decode_base64, encode_base64
 
 __all__ = ["C10dBackend", "NULL_SENTINEL", "KEY_PREFIX", "parse_endpoint"]
 
@@ -45,36 +45,22 @@ NULL_SENTINEL = b"Y2FuaW1hZGFt"
 KEY_PREFIX = "torch.rendezvous."
 _WIRE_PREFIX = b"/" + KEY_PREFIX.encode()
 _MULTI_GET_BATCH = 256  # values per MULTI_GET: bounds memory when states are large
-_HOST = re.compile(r"^[\w.:-]+$")
 
 Store = Union[TcpStoreClient, FileStore]
 
 
 def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
     """torch's ``parse_rendezvous_endpoint``: ``host[:port]``, ``[v6]:port``, default port."""
-    endpoint = (endpoint or "").strip()
-    if not endpoint:
-        return "localhost", default_port
-    if endpoint[0] == "[" and endpoint[-1] == "]":
-        host, rest = endpoint, None
-    else:
-        host, sep, rest = endpoint.rpartition(":")
-        if not sep:
-            host, rest = rest, None
-    if len(host) > 1 and host[0] == "[" and host[-1] == "]":
-        host = host[1:-1]
-    port = default_port
-    if rest is not None:
-        if not rest.isdigit() or not 0 < int(rest) < 65536:
+    try:
+        return parse_rendezvous_endpoint(endpoint, default_port)
+    except EndpointSyntaxError as exc:
+        if exc.problem == "port":
             raise BackendConfigError(
-                f"the port of the c10d endpoint {endpoint!r} must be an integer between 1 and 65535"
-            )
-        port = int(rest)
-    if not host or not _HOST.match(host):
+                f"the port of the c10d endpoint {endpoint.strip()!r} must be an integer between 1 and 65535"
+            ) from None
         raise BackendConfigError(
-            f"the host of the c10d endpoint {endpoint!r} must be a host name, an IPv4 or an IPv6 address"
-        )
-    return host, port
+            f"the host of the c10d endpoint {endpoint.strip()!r} must be a host name, an IPv4 or an IPv6 address"
+        ) from None
 
 
 class C10dBackend(RendezvousBackend):
@@ -124,8 +110,8 @@ class C10dBackend(RendezvousBackend):
         if value == NULL_SENTINEL:
             return None
         try:
-            return b64decode(value, validate=True), value
-        except (binascii.Error, ValueError) as exc:
+            return decode_base64(value), value
+        except StateCorruptError as exc:
             raise StateCorruptError(
                 f"the c10d value of run {run_id or self.run_id!r} at {self.describe()} is not "
                 "base64, so it is not rendezvous state"
@@ -141,7 +127,7 @@ class C10dBackend(RendezvousBackend):
 
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
         key = self.key
-        desired = b64encode(state)
+        desired = encode_base64(state)
         if token is None:
             return self._create(key, state, desired)
         if not isinstance(token, bytes) or not token:

@@ -16,13 +16,13 @@ fatal to the others.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Type
 
 from rdzvctl.backends.base import Address, RendezvousBackend
+from rdzvctl.backends.loading import load_target
 from rdzvctl.errors import BackendNotFoundError, MissingDependencyError, UsageError
 
 __all__ = [
@@ -42,7 +42,7 @@ _BUILTIN = {
     "c10d": "rdzvctl.backends.c10d:C10dBackend",
     "etcd-v2": "rdzvctl.backends.etcd_v2:EtcdV2Backend",
     "etcd-v3": "rdzvctl.backends.etcd_v3:EtcdV3Backend",
-    "redis": "rdzvctl.backends.redis_backend:RedisBackend",
+    "redis": "rdzvctl.backends.redis:RedisBackend",
 }
 
 
@@ -96,22 +96,6 @@ def register(targets: Mapping[str, str]) -> Iterator[None]:
                 _BUILTIN[name] = target
 
 
-def _load_target(target: str) -> object:
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"not a module:attribute reference: {target!r}")
-    try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MissingDependencyError(f"cannot import {module_name}: {exc}") from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"{module_name} has no attribute {attr!r}") from None
-    return obj
-
-
 def get_backend_class(name: str) -> Type[RendezvousBackend]:
     """The backend class registered as ``name``; raises with the known names if none."""
     if ":" in name:
@@ -127,7 +111,7 @@ def get_backend_class(name: str) -> Type[RendezvousBackend]:
     if info is None:
         known = ", ".join(registered_backends()) or "none"
         raise BackendNotFoundError(f"unknown backend {name!r}; registered backends: {known}")
-    cls = _load_target(info.target)
+    cls = load_target(info.target)
     if not (isinstance(cls, type) and issubclass(cls, RendezvousBackend)):
         raise UsageError(f"{info.target} (backend {name!r}) is not a RendezvousBackend subclass")
     return cls

@@ -19,11 +19,11 @@ import click
 
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.backends.registry import open_backend
-from rdzvctl.errors import NoStateError, UsageError
+from rdzvctl.errors import UsageError
 from rdzvctl.state.analysis import KeepAlive
 from rdzvctl.text import json_text, safe, safe_lines
 
-__all__ = ["App", "AddressFlags", "with_app", "output_option", "write_options", "no_state"]
+__all__ = ["App", "AddressFlags", "with_app", "output_option", "write_options"]
 
 
 class AddressFlags(NamedTuple):
@@ -34,12 +34,6 @@ class AddressFlags(NamedTuple):
     run_id: Optional[str]
     conf: Optional[str]
     timeout: Optional[float]
-
-
-def no_state(run_id: str, where: str = "", then: str = "") -> NoStateError:
-    """The one "no rendezvous state" error (exit 5): ``where`` names the backend, ``then`` what was not done."""
-    return NoStateError(f"no rendezvous state for run {run_id!r}" + (f" on {where}" if where else "")
-                        + (f": {then}" if then else ""))
 
 
 class App:

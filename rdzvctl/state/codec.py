@@ -244,7 +244,7 @@ def decode_base64(text: bytes) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError) as exc:
-        raise StateCorruptError(f"the stored value is not valid base64: {_reason(exc)}") from None
+        raise StateCorruptError(f"the stored value is not valid base64: {_reason(exc)}") from exc
 
 
 def encode_base64(data: bytes) -> bytes:

@@ -24,6 +24,7 @@ from rdzvctl.state.analysis import (
 )
 from rdzvctl.state.lifecycle import Lifecycle, Liveness, _first_missing_ranks, lifecycle, liveness, show_nodes
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.store_keys import split_round_key
 
 #: ``add(code, severity, message, torch_next, outlook, repair="", nodes=())``: record one finding.
 _Add = Callable[..., None]
@@ -203,10 +204,10 @@ def master_addresses(store_keys: Mapping[str, object]) -> List[Tuple[int, str, i
     """
     found: Dict[int, Dict[str, str]] = {}
     for key, value in store_keys.items():
-        round_, sep, name = key.partition("/")
-        if sep and round_.isdigit() and name in ("MASTER_ADDR", "MASTER_PORT"):
+        parsed = split_round_key(key)
+        if parsed is not None and parsed[1] in ("MASTER_ADDR", "MASTER_PORT"):
             text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            found.setdefault(int(round_), {})[name] = text.strip()
+            found.setdefault(parsed[0], {})[parsed[1]] = text.strip()
     out = []
     for number, pair in sorted(found.items()):
         port = pair.get("MASTER_PORT", "")

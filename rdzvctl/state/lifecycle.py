@@ -36,6 +36,7 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Op
 from rdzvctl.state.analysis import KeepAlive, prune_dead_nodes
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.store_keys import split_round_key
 
 __all__ = ["PHASES", "TORCH_NEXT", "Lifecycle", "Liveness", "LaunchVerdict", "liveness", "lifecycle", "launch_verdict",
            "show_nodes"]
@@ -270,8 +271,8 @@ def launch_verdict(
                                         "participant(s) without an expiring heartbeat): new agents wait for a "
                                         "round nobody starts")
     if store_keys:
-        stale = sorted({int(k.partition("/")[0]) for k in store_keys
-                        if k.partition("/")[0].isdigit() and int(k.partition("/")[0]) >= first.round})
+        rounds = {parsed[0] for parsed in map(split_round_key, store_keys) if parsed is not None}
+        stale = sorted(round_ for round_ in rounds if round_ >= first.round)
         if stale:
             return LaunchVerdict(False, f"the store already holds keys of round(s) {stale[:8]}: the new round "
                                         f"{first.round} reads a stale MASTER_ADDR/PORT", first.round)

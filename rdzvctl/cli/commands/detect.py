@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import click
 
 from rdzvctl import clock, inspection
-from rdzvctl.cli.app import App, no_state, output_option, with_app
+from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.cli.render import Table, render_tables, with_progress
 from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, BackendUnavailableError, RdzvctlError, StateError
 from rdzvctl.inspection import check_run
@@ -78,7 +78,9 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
                 ka = app.keep_alive
                 verdict = launch_verdict(state, clock.now_utc(), ka.interval, ka.max_attempt, keys)
         if reports[0]["status"] == "absent" and verdict is None:
-            raise no_state(backend.run_id, backend.describe())
+            from rdzvctl.errors import NoStateError
+
+            raise NoStateError.for_run(backend.run_id, backend.describe())
     code = exit_code(reports, fail_on)
     if verdict is not None:
         code = EXIT_OK if verdict.ok else EXIT_PROBLEMS

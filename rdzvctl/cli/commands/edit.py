@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 import click
 
-from rdzvctl.cli.app import App, no_state, with_app, write_options
+from rdzvctl.cli.app import App, with_app, write_options
 from rdzvctl.cli.change import apply_change
-from rdzvctl.errors import StateValidationError, UsageError
+from rdzvctl.errors import NoStateError, StateValidationError, UsageError
 from rdzvctl.inspection import take_snapshot
 from rdzvctl.state.codec import encode
 from rdzvctl.state.jsonform import JSONDocumentError, load_json_document, state_from_json, state_to_json
@@ -51,7 +51,8 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
         if snap.error is not None:
             raise snap.error
         if snap.state is None:
-            raise no_state(snap.run_id, then="nothing to edit (use `rdzvctl set --create -f FILE` to create one)")
+            raise NoStateError.for_run(
+                snap.run_id, consequence="nothing to edit (use `rdzvctl set --create -f FILE` to create one)")
         if not dry_run:
             app.require_consent_possible(yes)  # before the editor: an edit nobody can confirm would be lost
         header = HEADER.format(run_id=snap.run_id, backend=snap.backend, endpoint=snap.endpoint,

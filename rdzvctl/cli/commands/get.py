@@ -7,9 +7,9 @@ from typing import Any, Dict, Tuple
 import click
 
 from rdzvctl import inspection
-from rdzvctl.cli.app import App, no_state, output_option, with_app
+from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.cli.render import render_get
-from rdzvctl.errors import EXIT_CORRUPT, EXIT_NO_STATE, UnsupportedOperationError
+from rdzvctl.errors import EXIT_CORRUPT, EXIT_NO_STATE, NoStateError, UnsupportedOperationError
 from rdzvctl.inspection import describe, read_store_keys, reread_while, stays, take_snapshot
 
 
@@ -38,7 +38,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
             if snap.raw is None:
                 if snap.error is not None:
                     raise snap.error
-                raise no_state(snap.run_id, f"{snap.backend} {snap.endpoint}")
+                raise NoStateError.for_run(snap.run_id, f"{snap.backend} {snap.endpoint}")
             app.raw(snap.raw)
             return
         keys = None
@@ -50,7 +50,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
             if keys is None and "store_keys" not in backend.capabilities:
                 app.err(f"note: the {backend.name} backend has no per-round store keys")
         if not snap.exists:
-            raise no_state(snap.run_id, f"{snap.backend} {snap.endpoint}")
+            raise NoStateError.for_run(snap.run_id, f"{snap.backend} {snap.endpoint}")
         # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspection.CONFIRM_SECONDS).
         snap, doc = reread_while(lambda: _described(app, take_snapshot(backend), keys),
                                  lambda pair: stays(pair[1]), inspection.CONFIRM_SECONDS,

@@ -7,9 +7,9 @@ from typing import Any, Dict, Optional
 import click
 
 from rdzvctl import clock
-from rdzvctl.cli.app import App, no_state, output_option, with_app, write_options
+from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.cli.change import apply_change
-from rdzvctl.errors import TokenConflictError
+from rdzvctl.errors import NoStateError, TokenConflictError
 from rdzvctl.inspection import take_snapshot
 from rdzvctl.round_keys import check_reopen, plan_clear
 from rdzvctl.state.analysis import prune_dead_nodes, reopen
@@ -56,7 +56,7 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
             snap = take_snapshot(backend)
             plan = plan_clear(backend, snap) if mode == "clear" else None
             if not snap.exists and plan is None:
-                raise no_state(snap.run_id, then="nothing to reset")
+                raise NoStateError.for_run(snap.run_id, consequence="nothing to reset")
             extra: Dict[str, Any] = {}
             notes = []
             if plan is not None:

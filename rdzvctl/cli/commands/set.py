@@ -8,9 +8,9 @@ from typing import Any, Optional, Tuple
 import click
 
 from rdzvctl import clock
-from rdzvctl.cli.app import App, no_state, output_option, with_app, write_options
+from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.cli.change import apply_change
-from rdzvctl.errors import StateValidationError, TokenConflictError, UsageError
+from rdzvctl.errors import NoStateError, StateValidationError, TokenConflictError, UsageError
 from rdzvctl.inspection import take_snapshot
 from rdzvctl.state import analysis
 from rdzvctl.state.analysis import remove_node
@@ -113,7 +113,7 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
                                      "nothing was written")
         if new_state is None:
             if snap.state is None:
-                raise no_state(snap.run_id, then="nothing to change")
+                raise NoStateError.for_run(snap.run_id, consequence="nothing to change")
             new_state = snap.state.copy()
             for node in nodes_out:
                 if node not in new_state.nodes:
