@@ -267,13 +267,8 @@ def test_unregistered_extension_code_is_a_state_error() -> None:
 @pytest.mark.parametrize("data, label", [
     (PROTO + _global("datetime", "timedelta") + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.EMPTY_DICT
      + _str("x") + pickle.NONE + pickle.SETITEM + pickle.BUILD + pickle.STOP, "BUILD on a timedelta"),
-    (PROTO + _global(TORCH_MODULE, "_NodeDesc") + pickle.EMPTY_DICT + _str("addr") + _str("a") + pickle.SETITEM
-     + pickle.BUILD + pickle.STOP, "BUILD on the class object itself"),
     (PROTO + _global("builtins", "set") + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.EMPTY_DICT
      + _str("x") + pickle.NONE + pickle.SETITEM + pickle.BUILD + pickle.STOP, "BUILD on a set"),
-    (PROTO + _global(TORCH_MODULE, "_RendezvousState") + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.NONE
-     + pickle.EMPTY_DICT + _str("__class__") + _global(TORCH_MODULE, "_NodeDesc") + pickle.SETITEM
-     + pickle.TUPLE2 + pickle.BUILD + pickle.STOP, "BUILD re-classing a state into a node"),
     (PROTO + _global(TORCH_MODULE, "_RendezvousState") + pickle.EMPTY_TUPLE + pickle.NEWOBJ
      + pickle.EMPTY_DICT + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.NONE + pickle.SETITEMS
      + pickle.BUILD + pickle.STOP, "BUILD with a non-string field name"),
@@ -290,6 +285,18 @@ def test_unregistered_extension_code_is_a_state_error() -> None:
 ])
 def test_malformed_pickles_are_corrupt(data: bytes, label: str) -> None:
     with pytest.raises(StateCorruptError):
+        decode(data)
+
+
+@pytest.mark.parametrize("data, label", [
+    (PROTO + _global(TORCH_MODULE, "_NodeDesc") + pickle.EMPTY_DICT + _str("addr") + _str("a") + pickle.SETITEM
+     + pickle.BUILD + pickle.STOP, "BUILD on the class object itself"),
+    (PROTO + _global(TORCH_MODULE, "_RendezvousState") + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.NONE
+     + pickle.EMPTY_DICT + _str("__class__") + _global(TORCH_MODULE, "_NodeDesc") + pickle.SETITEM
+     + pickle.TUPLE2 + pickle.BUILD + pickle.STOP, "BUILD re-classing a state into a node"),
+])
+def test_builds_that_would_change_classes_are_unsafe(data: bytes, label: str) -> None:
+    with pytest.raises(StateUnsafeError):
         decode(data)
 
 
@@ -385,26 +392,26 @@ def test_deeply_nested_tuple_keys_are_corrupt_without_crashing(depth: int) -> No
     assert done.stdout.split("\n").count("") == 1 and done.stdout.count("corrupt") == 6, done.stdout
 
 
-def test_tuple_nesting_limits() -> None:
+def test_tuple_nesting_is_hashed_on_a_big_enough_stack_or_refused() -> None:
+    from rdzvctl.state import prescan
+
     def keyed(depth: int) -> bytes:
         return PROTO + pickle.EMPTY_DICT + pickle.EMPTY_TUPLE + pickle.TUPLE1 * (depth - 1) + pickle.NONE \
             + pickle.SETITEM + pickle.STOP
 
-    # Below the budget the hash is safe: the pickle loads and is merely not a state.
+    # Deeper than this thread's stack could hash: hashed on a helper thread with a big enough stack.
     with pytest.raises(StateCorruptError, match="not a _RendezvousState"):
-        decode(keyed(codec.SAFE_HASH_DEPTH - 1))
-    # Bytes that could nest past the budget are walked first, which refuses past MAX_TUPLE_DEPTH.
-    with pytest.raises(StateCorruptError, match="deep"):
-        decode(keyed(codec.SAFE_HASH_DEPTH + 1))
-    with pytest.raises(StateCorruptError, match="not a _RendezvousState"):
-        decode(keyed(codec.MAX_TUPLE_DEPTH))
+        decode(keyed(prescan.stack_available() // prescan.BYTES_PER_LEVEL + 1))
+    # Deeper than any helper stack decode asks for: refused before unpickling.
+    with pytest.raises(StateCorruptError, match="tuple opcodes"):
+        decode(keyed(prescan.MAX_HELPER_STACK // prescan.BYTES_PER_LEVEL + 1))
 
 
-def test_large_real_states_skip_the_opcode_walk() -> None:
-    """One TUPLE2 per heartbeat: a 4,096-node state stays far below the walk's budget."""
+def test_large_real_states_fit_the_default_stack() -> None:
+    """One TUPLE2 per heartbeat: a 4,096-node state is unpickled on the calling thread (8 MiB stack)."""
     import datetime as dt
 
-    from rdzvctl.state.model import NodeDesc, RendezvousState
+    from rdzvctl.state import prescan
 
     now = dt.datetime.now(dt.timezone.utc)
     state = RendezvousState(round=1, complete=True)
@@ -412,7 +419,7 @@ def test_large_real_states_skip_the_opcode_walk() -> None:
         node = NodeDesc(f"trainer-{i}.cluster.local", 1000 + i, 0)
         state.participants[node] = i
         state.last_heartbeats[node] = now
-    assert not codec._needs_scan(codec.encode(state))
+    assert prescan.stack_needed(prescan.tuple_depth_bound(codec.encode(state))) <= 8 * 1024 * 1024
 
 
 @pytest.mark.parametrize("opcode", [pickle.BINBYTES8, pickle.BINUNICODE8, pickle.BYTEARRAY8])
@@ -512,7 +519,7 @@ def _seed_states() -> List[bytes]:
                         last_heartbeats={n: t0 + dt.timedelta(seconds=i) for i, n in enumerate(nodes[:5])}),
         RendezvousState(round=1, deadline=t0, participants={nodes[0]: 0}, last_heartbeats={nodes[0]: t0},
                         naive_datetimes=True),
-        RendezvousState(round=2**70, closed=True, wait_list=set(nodes), last_heartbeats={nodes[5]: t0}),
+        RendezvousState(round=2**63 - 1, closed=True, wait_list=set(nodes), last_heartbeats={nodes[5]: t0}),
     ]
     return [encode(state, protocol=p) for state in states for p in (2, 3, 4, 5)]
 

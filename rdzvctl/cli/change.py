@@ -22,7 +22,7 @@ from rdzvctl.errors import StateError, TokenConflictError
 from rdzvctl.fence import write_fenced
 from rdzvctl.inspect import Snapshot, now_utc
 from rdzvctl.state.analysis import diff_states
-from rdzvctl.state.codec import decode
+from rdzvctl.state.codec import check_writable, decode
 from rdzvctl.state.jsonform import format_time, state_to_json
 
 __all__ = ["apply_change", "view_of", "interrupted_message"]
@@ -116,13 +116,14 @@ def interrupted_message(progress: Dict[str, Any]) -> str:
 
 
 def _check_writable(new: bytes) -> None:
-    """Write only what our own decoder accepts: torch unpickles the stored bytes unchecked.
+    """Write only what torch's agents can load and use: they unpickle the stored bytes unchecked.
 
     Every state rdzvctl encodes passes; this stops ``restore`` from putting
-    foreign bytes (a tampered or corrupt backup) where torch would load them.
+    foreign bytes (a tampered or corrupt backup, a state only older torch
+    wrote) where torch would load them.
     """
     try:
-        decode(new)
+        check_writable(new)
     except StateError as exc:
         raise type(exc)(f"refusing to write bytes that are not a valid rendezvous state ({exc}); "
                         "nothing was written") from None

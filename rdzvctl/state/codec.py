@@ -1,23 +1,28 @@
 """Read and write torch's pickled ``_RendezvousState`` without torch, safely.
 
-Decoding never executes a pickle: an allow-list unpickler resolves exactly the
-five globals real states contain (``_RendezvousState``, ``_NodeDesc`` and
-``datetime``'s ``datetime``/``timezone``/``timedelta``) and refuses every
-other global, persistent id and extension code with :class:`StateUnsafeError`.
-The torch classes resolve to inert shells, so the only callables a pickle can
-reach are the stdlib datetime constructors (plus ``set``/``frozenset`` and a
-latin-1-only ``_codecs.encode``, which protocols 2 and 3 need for sets and bytes).
-Two holes of the C unpickler are closed by an opcode walk before it runs
-(skipped when it provably cannot matter): extension codes already in
-copyreg's cache bypass ``find_class``, and hashing tuples nested very deep
-overflows the C stack.  A third one by a lean size check that always runs:
-before Python 3.14 a tiny pickle naming a huge memo index (``LONG_BINPUT``,
-``PUT``) makes the C unpickler allocate and zero a memo table of that size,
-gigabytes for a few bytes (CPython gh-115952), and length fields are
-allocated before they are read.  The result is then checked field by field (datetimes
-included: a pickled datetime skips its constructor's range checks) and
-converted into :class:`RendezvousState`; any malformed input becomes
-:class:`StateCorruptError` with the reason.
+Decoding never executes a pickle and only builds what torch's own pickles
+build.  An allow-list unpickler resolves exactly the five globals real states
+contain (``_RendezvousState``, ``_NodeDesc`` and ``datetime``'s
+``datetime``/``timezone``/``timedelta``) and refuses every other global,
+persistent id and extension code with :class:`StateUnsafeError`; protocols 2
+and 3 also need ``set``/``frozenset`` and ``_codecs.encode`` (latin-1 only).
+The torch classes resolve to inert shells whose ``__setstate__`` decides
+every ``BUILD``: only a plain dict, only once, only on an instance (a
+``BUILD`` on the class object, or a slot-state tuple, which would set
+attributes on the allowed classes themselves, is refused).  A shell is
+unhashable until built, as torch's frozen ``_NodeDesc`` is.  Before the C
+unpickler runs, :mod:`rdzvctl.state.prescan` refuses single opcodes that
+would allocate far beyond the input and sizes the C stack for the deepest
+tuple nesting the bytes could build; while it runs, its memory is metered
+against a budget derived from the input size.
+
+The result is then checked field by field against what torch's agents can
+use (container types, ints within 64 bits, text that encodes as UTF-8,
+datetimes re-validated: a pickled datetime skips its constructor's checks)
+and converted into :class:`RendezvousState`; any malformed input becomes
+:class:`StateCorruptError` with the reason.  :func:`decode` also reads what
+older torch wrote (``fqdn``, ``last_keep_alives``, no ``redundancy_list``);
+:func:`check_writable` is the stricter gate for bytes about to be written.
 
 Encoding uses the pure-Python pickler with stand-in classes that it writes under
 torch's module and class names, so torch unpickles real ``_RendezvousState``
@@ -30,68 +35,53 @@ import base64
 import binascii
 import copyreg
 import datetime as _dt
+import gc
 import io
 import pickle
-import pickletools
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
-from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState
+from rdzvctl.state import prescan
+from rdzvctl.state.convert import _NO_STATE, NODE_CLASS, STATE_CLASS, _NodeShell, _reason, _StateShell, convert
+from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = [
     "TORCH_MODULE",
     "ALLOWED_GLOBALS",
     "MAX_STATE_BYTES",
     "decode",
+    "check_writable",
     "encode",
     "decode_base64",
     "encode_base64",
 ]
 
 TORCH_MODULE = "torch.distributed.elastic.rendezvous.dynamic_rendezvous"
-STATE_CLASS = "_RendezvousState"
-NODE_CLASS = "_NodeDesc"
 
-#: Refuse states larger than this before unpickling (real ones are kilobytes;
-#: 4,096 nodes are about 400 KiB).
-MAX_STATE_BYTES = 64 * 1024 * 1024
+#: Refuse states larger than this before unpickling.  Real states are about
+#: 90 bytes per node: 4,096 nodes are 356 KiB, 65,536 nodes 5.6 MiB.  16 MiB
+#: (about 180,000 nodes) leaves three times the largest job torch's c10d store
+#: is used for, and keeps deciding any input within 2 s and 256 MiB: decoding
+#: grows memory by about 10x the state (prescan's budget: 12x + 16 MiB).
+MAX_STATE_BYTES = 16 * 1024 * 1024
 
 DEFAULT_PROTOCOL = 4  # what torch writes on Python 3.11
 
-#: Deepest tuple-in-tuple nesting accepted (real states nest 2 deep).  Hashing a
-#: deeper tuple (as a dict key or set item) recurses in C without a recursion
-#: guard and can crash the interpreter, so such pickles are refused up front.
-MAX_TUPLE_DEPTH = 1000
+class _Latin1Encode:
+    """``_codecs.encode`` as protocols 2-3 use it for bytes, and nothing more (BUILD on it is refused)."""
 
-#: Tuple nesting the C hash is known to survive with a small stack (it crashed
-#: between 100,000 and 200,000 levels on an 8 MiB stack); pickles that could
-#: nest deeper than this are walked opcode by opcode before unpickling.
-SAFE_HASH_DEPTH = 20_000
+    __slots__ = ()
 
-# Opcodes that build a tuple from stack items: a nesting of depth d needs d of them.
-_TUPLE_OPCODES = (pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.TUPLE)
-# Opcodes that can reach code without naming a global the allow-list sees:
-# extension codes resolved from copyreg's cache skip ``find_class`` entirely.
-_UNSAFE_OPCODES = {"EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"}
+    def __call__(self, text: Any, encoding: Any = "latin1") -> bytes:
+        if type(text) is not str or encoding not in ("latin1", "latin-1"):
+            raise StateCorruptError("the pickle calls _codecs.encode in a way bytes never need")
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise StateCorruptError("the pickle calls _codecs.encode in a way bytes never need") from None
 
-
-class _StateShell:
-    """Inert stand-in for ``_RendezvousState`` while unpickling (identity hash)."""
-
-    __slots__ = ("__dict__",)
-
-
-class _NodeShell:
-    """Inert stand-in for ``_NodeDesc`` while unpickling (identity hash)."""
-
-    __slots__ = ("__dict__",)
-
-
-def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
-    """``_codecs.encode`` as protocols 2-3 use it for bytes, and nothing more."""
-    if type(text) is not str or encoding not in ("latin1", "latin-1"):
-        raise StateCorruptError("the pickle calls _codecs.encode in a way bytes never need")
-    return text.encode("latin-1")
+    def __setstate__(self, state: Any = _NO_STATE) -> None:
+        raise StateUnsafeError("the pickle tries to set attributes on _codecs.encode; refused")
 
 
 ALLOWED_GLOBALS: Dict[Tuple[str, str], Any] = {
@@ -106,7 +96,7 @@ ALLOWED_GLOBALS: Dict[Tuple[str, str], Any] = {
     ("__builtin__", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "frozenset"): frozenset,
-    ("_codecs", "encode"): _latin1_bytes,
+    ("_codecs", "encode"): _Latin1Encode(),
 }
 
 
@@ -127,209 +117,61 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 
 def decode(data: bytes) -> RendezvousState:
-    """Decode torch's pickled state; raise StateCorruptError or StateUnsafeError."""
+    """Decode torch's pickled state (older torch's field names too); raise StateCorruptError or StateUnsafeError."""
+    return _decode(data)[0]
+
+
+def check_writable(data: bytes) -> RendezvousState:
+    """The decoded state if torch's agents can load and use ``data`` as it is, else StateCorruptError.
+
+    Stricter than :func:`decode`: what only older torch wrote (legacy field
+    names, no ``redundancy_list``) decodes, but is not written, since today's
+    agents would fail on it.  Every state :func:`encode` writes passes.
+    """
+    state, lenient = _decode(data)
+    if lenient:
+        raise StateCorruptError(f"the bytes are a state only older torch could use ({'; '.join(lenient)}), "
+                                "not one today's agents can load")
+    return state
+
+
+def _decode(data: bytes) -> Tuple[RendezvousState, List[str]]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise StateCorruptError(f"the state is {type(data).__name__}, not bytes")
     if len(data) > MAX_STATE_BYTES:
-        raise StateCorruptError(f"the state is {len(data)} bytes, over the {MAX_STATE_BYTES}-byte limit")
+        raise StateCorruptError(f"the state is {len(data):,} bytes, over the {MAX_STATE_BYTES:,}-byte "
+                                f"({MAX_STATE_BYTES >> 20} MiB) limit")
     if not data:
         raise StateCorruptError("the state is empty")
     data = bytes(data)
-    _check_sizes(data)
-    if _needs_scan(data):
-        _scan(data)
+    prescan.scan(data)
+    needed = prescan.stack_needed(prescan.tuple_depth_bound(data))
+    # The cyclic GC would walk every container built so far, again and again (a third of
+    # the time of a large state); nothing built here needs it until decoding is over.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        obj = _AllowListUnpickler(io.BytesIO(data)).load()
-    except StateUnsafeError:
+        return convert(prescan.call_with_stack(lambda: _unpickle(data), needed))
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _unpickle(data: bytes) -> Any:
+    try:
+        return _AllowListUnpickler(prescan.MeteredInput(data)).load()
+    except (StateUnsafeError, StateCorruptError):
         raise
     except RecursionError:
         raise StateCorruptError("the pickle nests too deeply") from None
     except MemoryError:
         raise StateCorruptError("the pickle asks for more memory than a state can need") from None
-    except Exception as exc:  # every malformed pickle: UnpicklingError, EOFError, ValueError, ...
+    except TypeError as exc:
+        if "unhashable type" in str(exc) and "Shell" in str(exc):
+            raise StateCorruptError("not a valid pickle: a torch object is used as a key or set item "
+                                    "before it is built") from None
         raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
-    return _convert(obj)
-
-
-# Argument kinds of every opcode for _check_sizes: n >= 0 is a fixed-size
-# argument; the rest are named below (length-prefixed: -10 - width).
-_K_STOP, _K_UNKNOWN, _K_LINE, _K_LINES2, _K_PUT, _K_LONG_BINPUT = -1, -2, -3, -4, -5, -6
-
-
-def _argument_kinds() -> Tuple[int, ...]:
-    prefixed = {pickletools.TAKEN_FROM_ARGUMENT1: -11, pickletools.TAKEN_FROM_ARGUMENT4: -14,
-                pickletools.TAKEN_FROM_ARGUMENT4U: -14, pickletools.TAKEN_FROM_ARGUMENT8U: -18}
-    kinds = [_K_UNKNOWN] * 256
-    for op in pickletools.opcodes:
-        if op.name == "STOP":
-            kind = _K_STOP
-        elif op.name == "PUT":
-            kind = _K_PUT
-        elif op.name == "LONG_BINPUT":
-            kind = _K_LONG_BINPUT
-        elif op.arg is None:
-            kind = 0
-        elif op.arg.n >= 0:
-            kind = op.arg.n
-        elif op.arg.n == pickletools.UP_TO_NEWLINE:
-            kind = _K_LINES2 if op.arg is pickletools.stringnl_noescape_pair else _K_LINE
-        else:
-            kind = prefixed[op.arg.n]
-        kinds[ord(op.code)] = kind
-    return tuple(kinds)
-
-
-_ARGUMENT_KINDS = _argument_kinds()
-
-
-def _check_sizes(data: bytes) -> None:
-    """Refuse memo indices and length fields beyond the size of ``data``, before unpickling.
-
-    A real state's memo indices count its objects and its length fields count
-    bytes that follow, so both stay below ``len(data)``; the C unpickler would
-    otherwise allocate (and, for the memo, zero) whatever they claim.  A lean
-    walk that only skips arguments; anything else malformed is left to the
-    unpickler to report.
-    """
-    end = len(data)
-    pos = 0
-    kinds = _ARGUMENT_KINDS
-    find = data.find
-    while pos < end:
-        kind = kinds[data[pos]]
-        pos += 1
-        if kind >= 0:
-            pos += kind
-        elif kind <= -11:  # length-prefixed (signed 4-byte lengths read unsigned: negative is huge)
-            width = -10 - kind
-            pos += width + int.from_bytes(data[pos:pos + width], "little")
-            if pos > end:
-                raise StateCorruptError("not a valid pickle: a length field claims more bytes than the state holds")
-        elif kind == _K_LINE:
-            pos = find(b"\n", pos) + 1
-            if not pos:
-                return
-        elif kind == _K_LINES2:
-            pos = find(b"\n", pos) + 1
-            if not pos:
-                return
-            pos = find(b"\n", pos) + 1
-            if not pos:
-                return
-        elif kind == _K_LONG_BINPUT:
-            if int.from_bytes(data[pos:pos + 4], "little") >= end:
-                raise StateCorruptError("not a valid pickle: a memo index beyond any object the state holds")
-            pos += 4
-        elif kind == _K_PUT:
-            newline = find(b"\n", pos)
-            if newline < 0:
-                return
-            try:
-                index = int(data[pos:newline]) if newline - pos <= 20 else end
-            except ValueError:
-                return  # the unpickler refuses it
-            if index >= end:
-                raise StateCorruptError("not a valid pickle: a memo index beyond any object the state holds")
-            pos = newline + 1
-        else:  # STOP or an unknown opcode: the unpickler takes it from here
-            return
-
-
-def _needs_scan(data: bytes) -> bool:
-    """Whether ``data`` could hold something the C unpickler must not see.
-
-    Each level of tuple nesting needs its own tuple-building opcode byte (a
-    ``TUPLE`` also needs its own ``MARK``), so this C-speed count bounds the
-    deepest nesting the bytes can build.  Below :data:`SAFE_HASH_DEPTH`
-    hashing cannot crash, and any nesting deeper than a real state's is then
-    refused by the type checks after loading; so every real state, even with
-    thousands of nodes (one ``TUPLE2`` per heartbeat), skips the slow walk.
-    Without a registered copyreg extension nothing else needs the walk.
-    """
-    if copyreg._inverted_registry or copyreg._extension_cache:  # type: ignore[attr-defined]
-        return True
-    bound = data.count(pickle.TUPLE1) + data.count(pickle.TUPLE2) + data.count(pickle.TUPLE3)
-    bound += min(data.count(pickle.TUPLE), data.count(pickle.MARK))
-    return bound >= SAFE_HASH_DEPTH
-
-
-def _stack_effect(opcode: Any) -> Tuple[int, int, int]:
-    """(items popped below a mark or -1 without one, items popped, items pushed)."""
-    before = opcode.stack_before
-    below = before.index(pickletools.markobject) if pickletools.markobject in before else -1
-    return below, len(before), len(opcode.stack_after)
-
-
-_EFFECTS = {op.name: _stack_effect(op) for op in pickletools.opcodes}
-_PUTS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
-_GETS = {"GET", "BINGET", "LONG_BINGET"}
-_TUPLES = {"TUPLE": -1, "EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-
-
-def _scan(data: bytes) -> None:
-    """Walk the opcodes without building anything (``pickletools.genops``).
-
-    Refuses extension codes and persistent ids (unsafe) and tuples nested
-    deeper than :data:`MAX_TUPLE_DEPTH` (corrupt).  The stack is simulated
-    only as far as tuple depths go (every other object counts as depth 0),
-    with the C unpickler's rules: a mark fences the stack below it.
-    """
-    stack: List[int] = []
-    marks: List[int] = []
-    memo: Dict[Any, int] = {}
-    fence = 0
-    name = ""
-    try:
-        for opcode, arg, _ in pickletools.genops(data):
-            name = opcode.name
-            if name in _UNSAFE_OPCODES:
-                kind = "an extension code" if name.startswith("EXT") else "a persistent id"
-                raise StateUnsafeError(f"the pickle uses {kind}, which a rendezvous state never does")
-            if name in _TUPLES:
-                size = _TUPLES[name]
-                if size < 0:
-                    start = marks.pop()
-                    fence = marks[-1] if marks else 0
-                else:
-                    start = len(stack) - size
-                    if start < fence:
-                        raise ValueError(f"stack underflow at {name}")
-                depth = 1 + max(stack[start:], default=0)
-                del stack[start:]
-                if depth > MAX_TUPLE_DEPTH:
-                    raise StateCorruptError(f"the pickle nests tuples over {MAX_TUPLE_DEPTH} deep, which no state does")
-                stack.append(depth)
-            elif name in _PUTS:
-                if len(stack) <= fence:
-                    raise ValueError(f"stack underflow at {name}")
-                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
-            elif name in _GETS:
-                stack.append(memo.get(arg, 0))
-            elif name == "MARK":
-                marks.append(len(stack))
-                fence = len(stack)
-            elif name == "DUP":
-                if len(stack) <= fence:
-                    raise ValueError("stack underflow at DUP")
-                stack.append(stack[-1])
-            elif name == "POP" and marks and fence == len(stack):
-                marks.pop()  # the C unpickler pops the mark itself here
-                fence = marks[-1] if marks else 0
-            else:
-                below, popped, pushed = _EFFECTS[name]
-                if below >= 0:
-                    del stack[marks.pop():]
-                    fence = marks[-1] if marks else 0
-                    popped = below
-                if popped:
-                    if len(stack) - popped < fence:
-                        raise ValueError(f"stack underflow at {name}")
-                    del stack[-popped:]
-                if pushed:
-                    stack.extend((0,) * pushed)
-    except (StateUnsafeError, StateCorruptError):
-        raise
-    except Exception as exc:  # genops: unknown opcode, truncated argument; a mark missing, ...
+    except Exception as exc:  # every malformed pickle: UnpicklingError, EOFError, ValueError, ...
         raise StateCorruptError(f"not a valid pickle: {_reason(exc)}") from None
 
 
@@ -343,154 +185,6 @@ def decode_base64(text: bytes) -> bytes:
 
 def encode_base64(data: bytes) -> bytes:
     return base64.b64encode(data)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
-# -- conversion from unpickled shells to the model ------------------------------
-_NODE_FIELDS = {"addr", "pid", "local_id"}
-_STATE_FIELDS = set(STATE_FIELDS)
-# Pre-release torch names, accepted if seen.
-_LEGACY_STATE_FIELDS = {"last_keep_alives": "last_heartbeats"}
-_LEGACY_NODE_FIELDS = {"fqdn": "addr"}
-
-
-class _Converter:
-    def __init__(self) -> None:
-        self.nodes: Dict[int, NodeDesc] = {}
-        self.naive: Set[bool] = set()
-
-    def node(self, obj: Any, where: str) -> NodeDesc:
-        if type(obj) is not _NodeShell:
-            raise StateCorruptError(f"{where}: expected a _NodeDesc, found {_kind(obj)}")
-        cached = self.nodes.get(id(obj))
-        if cached is not None:
-            return cached
-        fields = obj.__dict__
-        if type(fields) is dict and len(fields) == 3:  # fast path: exactly today's three fields, right types
-            addr, pid, local_id = fields.get("addr"), fields.get("pid"), fields.get("local_id")
-            if type(addr) is str and type(pid) is int and type(local_id) is int:
-                node = self.nodes[id(obj)] = NodeDesc(addr, pid, local_id)
-                return node
-        fields = _renamed(_fields(obj, where), _LEGACY_NODE_FIELDS, where)
-        if set(fields) != _NODE_FIELDS:
-            raise StateCorruptError(f"{where}: a _NodeDesc has fields {sorted(fields)}, expected addr, pid, local_id")
-        addr, pid, local_id = fields["addr"], fields["pid"], fields["local_id"]
-        if type(addr) is not str:
-            raise StateCorruptError(f"{where}: node addr is {_kind(addr)}, expected str")
-        for label, value in (("pid", pid), ("local_id", local_id)):
-            if type(value) is not int:
-                raise StateCorruptError(f"{where}: node {label} is {_kind(value)}, expected int")
-        node = NodeDesc(addr, pid, local_id)
-        self.nodes[id(obj)] = node
-        return node
-
-    def time(self, value: Any, where: str, node: Optional[NodeDesc] = None) -> _dt.datetime:
-        """A validated aware UTC datetime; ``node`` only labels errors (built lazily: this is hot)."""
-
-        def label() -> str:
-            return where if node is None else f"{where}[{node}]"
-
-        if type(value) is not _dt.datetime:
-            raise StateCorruptError(f"{label()}: expected a datetime, found {_kind(value)}")
-        try:  # a pickled payload skips the constructor's range checks (day 0, hour 25, ...)
-            value = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
-                                 value.microsecond, value.tzinfo, fold=value.fold)
-        except (ValueError, OverflowError, TypeError) as exc:
-            raise StateCorruptError(f"{label()}: not a valid datetime: {_reason(exc)}") from None
-        if value.tzinfo is None:
-            self.naive.add(True)
-            return value.replace(tzinfo=_dt.timezone.utc)
-        self.naive.add(False)
-        try:
-            return value.astimezone(_dt.timezone.utc)
-        except (OverflowError, ValueError) as exc:
-            raise StateCorruptError(f"{label()}: datetime out of range: {_reason(exc)}") from None
-
-    def node_set(self, value: Any, where: str) -> Set[NodeDesc]:
-        if type(value) not in (set, frozenset):
-            raise StateCorruptError(f"{where}: expected a set, found {_kind(value)}")
-        return {self.node(item, where) for item in value}
-
-    def node_map(self, value: Any, where: str) -> Dict[Any, Any]:
-        if type(value) is not dict:
-            raise StateCorruptError(f"{where}: expected a dict, found {_kind(value)}")
-        return value
-
-
-def _kind(value: Any) -> str:
-    return type(value).__name__
-
-
-def _fields(obj: Any, where: str) -> Dict[str, Any]:
-    fields = getattr(obj, "__dict__", None)
-    if type(fields) is not dict or not all(type(k) is str for k in fields):
-        raise StateCorruptError(f"{where}: object without a field dictionary")
-    return fields
-
-
-def _renamed(fields: Dict[str, Any], legacy: Dict[str, str], where: str) -> Dict[str, Any]:
-    """``fields`` under today's names; a field present under both names is corrupt."""
-    out: Dict[str, Any] = {}
-    for key, value in fields.items():
-        name = legacy.get(key, key)
-        if name in out:
-            raise StateCorruptError(f"{where}: the field {name} appears under both its old and new name")
-        out[name] = value
-    return out
-
-
-def _convert(obj: Any) -> RendezvousState:
-    if type(obj) is not _StateShell:
-        raise StateCorruptError(f"the pickle holds {_kind(obj)}, not a _RendezvousState")
-    raw = _renamed(_fields(obj, "state"), _LEGACY_STATE_FIELDS, "state")
-    raw.setdefault("redundancy_list", set())  # torch < 2.3
-    missing = _STATE_FIELDS - set(raw)
-    extra = set(raw) - _STATE_FIELDS
-    if missing:
-        raise StateCorruptError(f"the state lacks the field(s) {', '.join(sorted(missing))}")
-    if extra:
-        raise StateCorruptError(f"the state has unknown field(s) {', '.join(sorted(extra))}")
-    conv = _Converter()
-    for name in ("round",):
-        if type(raw[name]) is not int:
-            raise StateCorruptError(f"{name}: expected int, found {_kind(raw[name])}")
-    if raw["round"] < 0:
-        raise StateCorruptError(f"round: negative ({raw['round']})")
-    for name in ("complete", "closed"):
-        if type(raw[name]) is not bool:
-            raise StateCorruptError(f"{name}: expected bool, found {_kind(raw[name])}")
-    deadline = None if raw["deadline"] is None else conv.time(raw["deadline"], "deadline")
-
-    participants: Dict[NodeDesc, int] = {}
-    for key, rank in conv.node_map(raw["participants"], "participants").items():
-        node = conv.node(key, "participants")
-        if type(rank) is not int:
-            raise StateCorruptError(f"participants: rank of {node} is {_kind(rank)}, expected int")
-        participants[node] = rank
-    heartbeats: Dict[NodeDesc, _dt.datetime] = {}
-    for key, when in conv.node_map(raw["last_heartbeats"], "last_heartbeats").items():
-        node = conv.node(key, "last_heartbeats")
-        heartbeats[node] = conv.time(when, "last_heartbeats", node)
-    state = RendezvousState(
-        round=raw["round"],
-        complete=raw["complete"],
-        deadline=deadline,
-        closed=raw["closed"],
-        participants=participants,
-        wait_list=conv.node_set(raw["wait_list"], "wait_list"),
-        redundancy_list=conv.node_set(raw["redundancy_list"], "redundancy_list"),
-        last_heartbeats=heartbeats,
-    )
-    if conv.naive == {True, False}:
-        raise StateCorruptError(
-            "the state mixes naive and timezone-aware datetimes, which torch cannot compare"
-        )
-    state.naive_datetimes = conv.naive == {True}
-    return state
 
 
 # -- encoding --------------------------------------------------------------------

@@ -106,6 +106,10 @@ def state_to_json(state: RendezvousState) -> Dict[str, Any]:
     }
 
 
+#: The integers torch's states hold (round, rank, pid, local id) fit in 64 bits.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
 def _json_kind(value: Any) -> str:
     return {
         dict: "an object",
@@ -122,9 +126,15 @@ def _node(value: Any, field: str) -> NodeDesc:
     if not isinstance(value, str):
         raise StateValidationError(field, f"expected a node id string addr_pid_localid, got {_json_kind(value)}")
     try:
-        return NodeDesc.parse(value)
+        node = NodeDesc.parse(value)
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StateValidationError(field, "the node id is not valid text (it holds a lone surrogate)") from None
     except ValueError as exc:
         raise StateValidationError(field, str(exc)) from None
+    if not (_INT_MIN <= node.pid <= _INT_MAX and _INT_MIN <= node.local_id <= _INT_MAX):
+        raise StateValidationError(field, "pid and local id must fit in 64 bits, as in torch's states")
+    return node
 
 
 def _bool(doc: Mapping[str, Any], key: str) -> bool:
@@ -168,13 +178,13 @@ def state_from_json(doc: Any) -> RendezvousState:
         raise StateValidationError("state", f"expected a JSON object, got {_json_kind(doc)}")
     _check_keys(doc, STATE_KEYS, "", [k for k in STATE_KEYS if k != "datetime_style"])
     rnd = doc["round"]
-    if type(rnd) is not int or rnd < 0:
+    if type(rnd) is not int or not 0 <= rnd <= _INT_MAX:
         raise StateValidationError("round", f"expected a non-negative integer, got {rnd!r}")
     deadline = None if doc["deadline"] is None else parse_time(doc["deadline"], "deadline")
     participants: Dict[NodeDesc, int] = {}
     for key, rank in _object(doc, "participants").items():
         node = _node(key, f"participants[{key!r}]")
-        if type(rank) is not int or rank < 0:
+        if type(rank) is not int or not 0 <= rank <= _INT_MAX:
             raise StateValidationError(f"participants[{key!r}]", f"rank must be a non-negative integer, got {rank!r}")
         participants[node] = rank
     heartbeats = {

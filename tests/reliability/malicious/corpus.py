@@ -12,6 +12,14 @@ the same through GLOBAL, STACK_GLOBAL, INST and OBJ; BUILD on unexpected
 objects and ``__setstate__`` holders; persistent ids; extension codes (with
 and without a registered, cached extension); memo tricks; torch-shaped states
 hiding a payload in a field; protocol 5 buffers; the allowed globals misused.
+
+:func:`trust_payloads` adds what decodes under a plain allow-list but must
+not: BUILDs that change the allowed classes themselves (``__hash__``,
+``__del__`` set on ``_NodeDesc`` through a slot-state BUILD on the class
+object), states torch's agents cannot use (slot-state node fields,
+frozensets, unbuilt or twice-built nodes), integers beyond 64 bits and lone
+surrogates.  :func:`resource_payloads` are floods of cheap opcodes at a given
+size and :func:`deep_tuple_payloads` tuple nests for small stacks.
 """
 
 from __future__ import annotations
@@ -20,11 +28,11 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from rdzvctl.state.codec import TORCH_MODULE
 
-__all__ = ["Payload", "build_corpus", "EXTENSION_CODE"]
+__all__ = ["Payload", "build_corpus", "EXTENSION_CODE", "trust_payloads", "resource_payloads", "deep_tuple_payloads"]
 
 #: The copyreg extension code the EXT payloads use (registered by the test, to os.system).
 EXTENSION_CODE = 0x7A11
@@ -227,4 +235,146 @@ def build_corpus(markers: Path) -> List[Payload]:
     add(name, pickle.FRAME + struct.pack("<Q", 2**62) + pickle.NONE, live=False, header=P4)
     name = "bytes8-huge"
     add(name, pickle.BINBYTES8 + struct.pack("<Q", 2**40), live=False, header=P4)
+    for name, _, data in trust_payloads():
+        out.append(Payload(name, data, "", False))
     return out
+
+
+# -- what a plain allow-list lets through ------------------------------------------------------------------
+def _real_state() -> bytes:
+    """A small real state (rdzvctl's encoder), without its STOP, to append opcodes to."""
+    from rdzvctl.state.codec import encode
+    from rdzvctl.state.model import NodeDesc, RendezvousState
+
+    node = NodeDesc("node-a", 1, 0)
+    return encode(RendezvousState(round=1, complete=True, participants={node: 0}))[:-1]
+
+
+def _node(fields: bytes) -> bytes:
+    return _global(TORCH_MODULE, "_NodeDesc") + pickle.EMPTY_TUPLE + pickle.NEWOBJ + fields + pickle.BUILD
+
+
+def _dict(*items: bytes) -> bytes:
+    return pickle.EMPTY_DICT + pickle.MARK + b"".join(items) + pickle.SETITEMS
+
+
+_NODE_OK = _dict(_str("addr"), _str("a"), _str("pid"), pickle.BININT1 + b"\x01", _str("local_id"), pickle.BININT1 + b"\x00")
+
+
+def _on_class(target: bytes, attribute: str, value: bytes) -> bytes:
+    """After a real state: BUILD ``target`` (a global) with the slot state ``(None, {attribute: value})``."""
+    return (_real_state() + target + pickle.NONE + pickle.EMPTY_DICT + _str(attribute) + value + pickle.SETITEM
+            + pickle.TUPLE2 + pickle.BUILD + pickle.POP + pickle.STOP)
+
+
+def _long(value: int) -> bytes:
+    raw = value.to_bytes((value.bit_length() + 8) // 8 or 1, "little", signed=True)
+    return (pickle.LONG1 + bytes([len(raw)]) if len(raw) < 256 else pickle.LONG4 + struct.pack("<i", len(raw))) + raw
+
+
+def _surrogate(text: str) -> bytes:
+    raw = text.encode("utf-8", "surrogatepass")
+    return pickle.SHORT_BINUNICODE + bytes([len(raw)]) + raw
+
+
+def trust_payloads() -> List[Tuple[str, str, bytes]]:
+    """(name, kind, bytes): kind is ``class-mutation``, ``unusable`` or ``edge``; each must be refused."""
+    node_cls = _global(TORCH_MODULE, "_NodeDesc")
+    state_cls = _global(TORCH_MODULE, "_RendezvousState")
+    codecs_encode = _global("_codecs", "encode")
+    out = [
+        # 1. BUILD on an allowed class object: the C unpickler's slot-state path sets class attributes.
+        ("class-node-hash-none", "class-mutation", _on_class(node_cls, "__hash__", pickle.NONE)),
+        ("class-node-del-codecs", "class-mutation", _on_class(node_cls, "__del__", codecs_encode)),
+        ("class-node-eq-none", "class-mutation", _on_class(node_cls, "__eq__", pickle.NONE)),
+        ("class-state-init-none", "class-mutation", _on_class(state_cls, "__init__", pickle.NONE)),
+        ("class-node-setstate-none", "class-mutation", _on_class(node_cls, "__setstate__", pickle.NONE)),
+        ("class-node-dict-state", "class-mutation", _real_state() + node_cls + _dict(_str("__hash__"), pickle.NONE)
+         + pickle.BUILD + pickle.POP + pickle.STOP),
+        ("class-codecs-defaults", "class-mutation", _on_class(codecs_encode, "__defaults__",
+                                                              _str("rot13") + pickle.TUPLE1)),
+        ("class-set-attribute", "class-mutation", _on_class(_global("builtins", "set"), "add", pickle.NONE)),
+        ("class-datetime-attribute", "class-mutation", _on_class(_global("datetime", "datetime"), "now",
+                                                                 pickle.NONE)),
+        ("class-node-via-stack-global", "class-mutation", _on_class(
+            _stack_global(TORCH_MODULE, "_NodeDesc"), "__hash__", pickle.NONE)),
+        # 2. decodes under a plain allow-list, but torch's agents cannot use it.
+        ("unusable-node-slot-state", "unusable", _shell(_fields(participants=pickle.EMPTY_DICT + node_cls
+                                                                + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.NONE
+                                                                + _NODE_OK + pickle.TUPLE2 + pickle.BUILD
+                                                                + pickle.BININT1 + b"\x00" + pickle.SETITEM))),
+        ("unusable-frozen-wait-list", "unusable", _shell(_fields(
+            wait_list=pickle.MARK + _node(_NODE_OK) + pickle.FROZENSET))),
+        ("unusable-frozen-redundancy-list", "unusable", _shell(_fields(
+            redundancy_list=pickle.MARK + pickle.FROZENSET))),
+        ("unusable-wait-list-as-list", "unusable", _shell(_fields(wait_list=pickle.EMPTY_LIST))),
+        ("unusable-unbuilt-node-key", "unusable", _shell(_fields(participants=pickle.EMPTY_DICT + node_cls
+                                                                 + pickle.EMPTY_TUPLE + pickle.NEWOBJ
+                                                                 + pickle.BININT1 + b"\x00" + pickle.SETITEM))),
+        ("unusable-node-built-twice", "unusable", _shell(_fields(wait_list=pickle.EMPTY_SET + pickle.MARK
+                                                                 + _node(_NODE_OK) + _NODE_OK + pickle.BUILD
+                                                                 + pickle.ADDITEMS))),
+        ("unusable-node-reduce", "unusable", _shell(_fields(wait_list=pickle.EMPTY_SET + pickle.MARK + node_cls
+                                                            + _str("a") + pickle.BININT1 + b"\x01"
+                                                            + pickle.BININT1 + b"\x00" + pickle.TUPLE3
+                                                            + pickle.REDUCE + pickle.ADDITEMS))),
+        ("unusable-state-built-twice", "unusable", _shell(_fields()) + _fields() + pickle.BUILD),
+        ("unusable-state-list-state", "unusable", state_cls + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.EMPTY_LIST
+         + pickle.BUILD),
+        ("unusable-state-class-itself", "unusable", state_cls),
+        # 4. "internal error" material: ints beyond 64 bits, lone surrogates.
+        ("edge-round-10**5000", "edge", _shell(_fields(round=_long(10**5000)))),
+        ("edge-round-2**63", "edge", _shell(_fields(round=_long(2**63)))),
+        ("edge-pid-10**5000", "edge", _shell(_fields(wait_list=pickle.EMPTY_SET + pickle.MARK + _node(_dict(
+            _str("addr"), _str("a"), _str("pid"), _long(10**5000), _str("local_id"), pickle.BININT1 + b"\x00"))
+            + pickle.ADDITEMS))),
+        ("edge-rank-2**64", "edge", _shell(_fields(participants=pickle.EMPTY_DICT + _node(_NODE_OK) + _long(2**64)
+                                                   + pickle.SETITEM))),
+        ("edge-addr-lone-surrogate", "edge", _shell(_fields(wait_list=pickle.EMPTY_SET + pickle.MARK + _node(_dict(
+            _str("addr") + _surrogate("node-\udcff"), _str("pid"), pickle.BININT1 + b"\x01", _str("local_id"),
+            pickle.BININT1 + b"\x00")) + pickle.ADDITEMS))),
+        ("edge-addr-high-surrogate", "edge", _shell(_fields(wait_list=pickle.EMPTY_SET + pickle.MARK + _node(_dict(
+            _str("addr") + _surrogate("\ud800"), _str("pid"), pickle.BININT1 + b"\x01", _str("local_id"),
+            pickle.BININT1 + b"\x00")) + pickle.ADDITEMS))),
+    ]
+    return [(name, kind, data if data.endswith(pickle.STOP) and kind == "class-mutation" else P4 + data + pickle.STOP)
+            for name, kind, data in out]
+
+
+def resource_payloads(size: int) -> List[Tuple[str, bytes]]:
+    """Floods of opcodes that are cheap to write and costly to build, each about ``size`` bytes."""
+    def fill(unit: bytes, head: bytes = b"") -> bytes:
+        return P4 + head + unit * ((size - len(head) - 3) // len(unit)) + pickle.STOP
+
+    set_global = _global("builtins", "set") + pickle.BINPUT + b"\x00"
+    return [
+        ("flood-empty-set", fill(pickle.EMPTY_SET)),
+        ("flood-empty-dict", fill(pickle.EMPTY_DICT)),
+        ("flood-empty-list", fill(pickle.EMPTY_LIST)),
+        ("flood-mark-frozenset", fill(pickle.MARK + pickle.FROZENSET)),
+        ("flood-set-reduce", fill(pickle.BINGET + b"\x00" + pickle.EMPTY_TUPLE + pickle.REDUCE, set_global)),
+        ("flood-short-strings", fill(pickle.SHORT_BINUNICODE + b"\x03abc")),
+        ("flood-none", fill(pickle.NONE)),
+        ("flood-memoize", fill(pickle.MEMOIZE, pickle.NONE)),
+        ("flood-tuple1", fill(pickle.TUPLE1, pickle.EMPTY_TUPLE)),
+        ("flood-nodes", fill(pickle.BINGET + b"\x00" + pickle.EMPTY_TUPLE + pickle.NEWOBJ,
+                             _global(TORCH_MODULE, "_NodeDesc") + pickle.BINPUT + b"\x00")),
+        ("flood-datetimes", fill(pickle.BINGET + b"\x00" + pickle.SHORT_BINBYTES + b"\x0a" + b"\x07\xea\x0b\x18\x15"
+                                 + b"\x3b\x3a\x01\xe2\x40" + pickle.TUPLE1 + pickle.REDUCE,
+                                 _global("datetime", "datetime") + pickle.BINPUT + b"\x00")),
+    ]
+
+
+def deep_tuple_payloads(depth: int) -> List[Tuple[str, bytes]]:
+    """Tuples nested ``depth`` deep, hashed as a dict key, a set item, a frozenset item and via the memo."""
+    deep = pickle.EMPTY_TUPLE + pickle.TUPLE1 * depth
+    memo = pickle.EMPTY_TUPLE + (pickle.TUPLE1 + pickle.MEMOIZE) * depth
+    bodies = {
+        "dict-key": pickle.EMPTY_DICT + deep + pickle.NONE + pickle.SETITEM,
+        "set-item": pickle.EMPTY_SET + pickle.MARK + deep + pickle.ADDITEMS,
+        "frozenset-item": pickle.MARK + deep + pickle.FROZENSET,
+        "memoised-levels": pickle.EMPTY_DICT + memo + pickle.NONE + pickle.SETITEM,
+        "marked-tuples": pickle.EMPTY_DICT + pickle.MARK * depth + pickle.TUPLE * depth + pickle.NONE + pickle.SETITEM,
+        "in-a-state": _shell(_fields(participants=pickle.EMPTY_DICT + deep + pickle.NONE + pickle.SETITEM)),
+    }
+    return [(f"deep-tuple-{name}-{depth}", P4 + body + pickle.STOP) for name, body in bodies.items()]

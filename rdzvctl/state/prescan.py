@@ -1,0 +1,303 @@
+"""Bounds checked before and while the C unpickler runs, so hostile bytes cost little.
+
+The C unpickler is fast but trusts its input in three ways that matter here
+(CPython 3.11):
+
+* a single opcode can allocate far beyond the input: a huge memo index
+  (``LONG_BINPUT``, ``PUT``; CPython gh-115952) allocates and zeroes a memo
+  table of that size, and a length field (``BINBYTES8``, ``BYTEARRAY8``, ...)
+  is allocated before its bytes are read;
+* hashing tuples nested very deep (as a dict key or set item) recurses in C
+  without a guard and overflows the C stack (about 64 bytes per level);
+* cheap opcodes build costly objects: one ``EMPTY_SET`` byte is a 200-byte set.
+
+:func:`scan` walks the opcodes at regular-expression speed (one possessive
+match covers every run of ordinary opcodes; Python only looks at the rare
+opcodes whose argument needs a decision) and refuses the first kind.
+:func:`tuple_depth_bound` bounds the nesting with ``bytes.count``: each level
+needs its own tuple opcode.  :func:`call_with_stack` runs the unpickler on a
+thread whose stack is sized for that bound when the current one is too small
+(the stack limit is read from ``RLIMIT_STACK`` or ``threading.stack_size()``).
+:class:`MeteredInput` is the file the unpickler reads from: every 16 KiB it
+consumes, the memory grown since the start is compared with a budget derived
+from the input size, so a flood of cheap objects is refused after a bounded
+amount of memory.  Nothing here builds an object from the pickle.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import os
+import pickle
+import pickletools
+import re
+import resource
+import sys
+import threading
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
+
+from rdzvctl.errors import StateCorruptError, StateUnsafeError
+
+__all__ = [
+    "MAX_MEMO_INDEX",
+    "BYTES_PER_LEVEL",
+    "MeteredInput",
+    "scan",
+    "tuple_depth_bound",
+    "stack_needed",
+    "stack_available",
+    "call_with_stack",
+]
+
+#: Highest memo index accepted (a memo table of this size is 32 MiB).  Real
+#: states memoise about six objects per node: a 16 MiB state needs about 1.1M.
+MAX_MEMO_INDEX = 2**21 - 1
+
+#: C stack one level of tuple nesting may take while hashed: measured 52-64
+#: bytes on x86-64 (CPython 3.11, 1 MiB and 8 MiB stacks); twice that for margin.
+BYTES_PER_LEVEL = 128
+#: Stack reserved for everything but the hash recursion (the interpreter's own frames).
+STACK_MARGIN = 512 * 1024
+#: Largest helper-thread stack decode will ask for (enough for 500,000 levels;
+#: a 16 MiB real state has about 190,000 tuple opcodes, one per datetime).
+MAX_HELPER_STACK = 64 * 1024 * 1024
+
+#: Memory the unpickler may grow by: a floor plus a multiple of the input size.
+#: Unpickling a real state grows the process by about 8x its size (65,536
+#: nodes, 5.9 MB: 48 MB), so 10x leaves headroom; at the 16 MiB cap the budget
+#: is 176 MiB, which with the interpreter and the input keeps a refusal under 256 MiB.
+MEMORY_FLOOR = 16 * 1024 * 1024
+MEMORY_PER_BYTE = 10
+#: How much input the unpickler gets between two memory checks (16 KiB of
+#: ``EMPTY_SET`` bytes is at most 3.5 MB of sets).
+CHUNK = 16 * 1024
+
+# -- the opcode walk ------------------------------------------------------------
+
+
+def _cls(codes: List[str]) -> bytes:
+    return b"[" + b"".join(re.escape(c.encode("latin-1")) for c in codes) + b"]"
+
+
+def _counted(width: int) -> bytes:
+    """A length field of ``width`` bytes below 256 and that many bytes of data."""
+    pad = b"\\x00" * (width - 1)
+    return b"(?:" + b"|".join(b"\\x%02x" % n + pad + (b"[\\s\\S]{%d}" % n if n else b"") for n in range(256)) + b")"
+
+
+def _build_run() -> "re.Pattern[bytes]":
+    """A possessive run of opcodes that need no decision (STOP and the rare ones excluded)."""
+    plain: List[str] = []
+    fixed: dict = {}
+    lines: List[str] = []
+    counted: dict = {1: [], 4: [], 8: []}
+    special = {"STOP", "LONG_BINPUT", "PUT", "FRAME", "EXT1", "EXT2", "EXT4", "GLOBAL", "INST"}
+    widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
+              pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
+    for op in pickletools.opcodes:
+        if op.name in special:
+            continue
+        if op.arg is None:
+            plain.append(op.code)
+        elif op.arg.n >= 0:
+            fixed.setdefault(op.arg.n, []).append(op.code)
+        elif op.arg.n == pickletools.UP_TO_NEWLINE:
+            lines.append(op.code)
+        else:
+            counted[widths[op.arg.n]].append(op.code)
+    parts = [_cls(plain)]
+    parts += [_cls(codes) + b"[\\s\\S]{%d}" % n for n, codes in sorted(fixed.items())]
+    parts.append(_cls(lines) + b"[^\\n]*+\\n")
+    parts.append(b"[ci][^\\n]*+\\n[^\\n]*+\\n")  # GLOBAL, INST: module and name lines
+    parts.append(b"r[\\s\\S]{2}[\\x00-\\x1f]\\x00")  # LONG_BINPUT up to MAX_MEMO_INDEX
+    parts.append(b"p[0-9]{1,6}\\n")  # PUT below a million
+    parts.append(b"\\x95[\\s\\S]{3}\\x00{5}")  # FRAME below 16 MiB
+    parts += [_cls(codes) + _counted(width) for width, codes in sorted(counted.items())]
+    return re.compile(b"(?:" + b"|".join(parts) + b")*+")
+
+
+_RUN = _build_run()
+_LENGTHS = {pickle.BINSTRING[0]: (4, True), pickle.LONG4[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
+            pickle.BINBYTES[0]: (4, False), pickle.BINUNICODE8[0]: (8, False), pickle.BINBYTES8[0]: (8, False),
+            pickle.BYTEARRAY8[0]: (8, False), pickle.FRAME[0]: (8, False)}
+_EXTENSIONS = {pickle.EXT1[0]: 1, pickle.EXT2[0]: 2, pickle.EXT4[0]: 4}
+_MEMO = "not a valid pickle: a memo index beyond any object the state holds"
+
+
+def scan(data: bytes) -> None:
+    """Refuse what one opcode would turn into a huge allocation, and cached extension codes.
+
+    Stops at ``STOP`` or at the first malformed opcode: the unpickler refuses
+    the latter itself and never reads past either.
+    """
+    end = len(data)
+    pos = 0
+    match = _RUN.match
+    while True:
+        pos = match(data, pos).end()
+        if pos >= end:
+            return
+        op = data[pos]
+        if op in _LENGTHS:  # a length of 256 or more (shorter ones are in the run)
+            width, signed = _LENGTHS[op]
+            if pos + 1 + width > end:
+                return
+            size = int.from_bytes(data[pos + 1:pos + 1 + width], "little", signed=signed)
+            if size < 0 or pos + 1 + width + size > end:
+                raise StateCorruptError("not a valid pickle: a length field claims more bytes than the state holds")
+            pos += 1 + width + (0 if op == pickle.FRAME[0] else size)
+        elif op == pickle.LONG_BINPUT[0]:
+            if pos + 5 > end:
+                return
+            raise StateCorruptError(_MEMO)
+        elif op == pickle.PUT[0]:
+            newline = data.find(b"\n", pos)
+            digits = data[pos + 1:newline] if newline > 0 else b""
+            if not digits.isdigit():
+                return  # the unpickler refuses it
+            raise StateCorruptError(_MEMO)
+        elif op in _EXTENSIONS:
+            if copyreg._extension_cache or copyreg._inverted_registry:  # type: ignore[attr-defined]
+                # Extension codes in copyreg's cache skip find_class (and the allow-list) entirely.
+                raise StateUnsafeError("the pickle uses an extension code, which a rendezvous state never does")
+            pos += 1 + _EXTENSIONS[op]
+        elif op in (pickle.GLOBAL[0], pickle.INST[0]):
+            return  # only a truncated GLOBAL/INST is left out of the run: the unpickler refuses it
+        else:  # STOP, an unknown opcode or a truncated argument: the unpickler stops here
+            return
+
+
+def tuple_depth_bound(data: bytes) -> int:
+    """The deepest tuple nesting ``data`` could build: each level needs its own tuple opcode
+    (a ``TUPLE`` also its own ``MARK``).  Counts bytes, so it errs high, never low."""
+    bound = data.count(pickle.TUPLE1) + data.count(pickle.TUPLE2) + data.count(pickle.TUPLE3)
+    return bound + min(data.count(pickle.TUPLE), data.count(pickle.MARK))
+
+
+# -- the C stack ----------------------------------------------------------------
+
+
+def stack_needed(depth: int) -> int:
+    """C stack (bytes) hashing a tuple nested ``depth`` deep may take, with the margin."""
+    return depth * BYTES_PER_LEVEL + STACK_MARGIN
+
+
+def stack_available() -> int:
+    """The current thread's stack size: ``RLIMIT_STACK`` for the main thread, else the size
+    threads are created with (``threading.stack_size()``; 0 means the platform default,
+    taken as the smaller of ``RLIMIT_STACK`` and 2 MiB)."""
+    soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    limit = soft if soft != resource.RLIM_INFINITY and soft > 0 else 64 * 1024 * 1024
+    if threading.current_thread() is threading.main_thread():
+        return limit
+    size = threading.stack_size()
+    return size if size else min(limit, 2 * 1024 * 1024)
+
+
+T = TypeVar("T")
+
+
+def call_with_stack(func: Callable[[], T], needed: int) -> T:
+    """``func()`` on this thread if its stack holds ``needed`` bytes, else on a helper thread with that stack."""
+    if needed <= stack_available():
+        return func()
+    if needed > MAX_HELPER_STACK:
+        raise StateCorruptError(f"the pickle has {needed // BYTES_PER_LEVEL:,} tuple opcodes, far more than a "
+                                "state has (one per datetime); refused before unpickling")
+    outcome: List[Tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, func()))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+            outcome.append((False, exc))
+
+    size = -(-needed // 65536) * 65536  # a multiple of the page size
+    with _STACK_SIZE_LOCK:
+        previous = threading.stack_size()
+        try:
+            threading.stack_size(size)
+            worker = threading.Thread(target=run, name="rdzvctl-decode", daemon=True)
+            worker.start()
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise StateCorruptError(f"the state needs a {size >> 20} MiB stack to unpickle safely, which this "
+                                    f"process cannot have ({exc})") from None
+        finally:
+            threading.stack_size(previous)
+    worker.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+_STACK_SIZE_LOCK = threading.Lock()
+
+
+# -- memory ---------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+try:
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+    _PAGE = 4096
+
+
+class MeteredInput:
+    """The pickle as a file the C unpickler reads in :data:`CHUNK` pieces, checking memory at each.
+
+    The unpickler prefetches with ``peek`` and consumes with ``read``; every
+    call compares the memory grown since the start with ``budget`` and
+    refuses (the exception ends the unpickling) once it is exceeded.
+    """
+
+    def __init__(self, data: bytes, budget: Optional[int] = None) -> None:
+        self._raw = data
+        self._data = memoryview(data)
+        self._pos = 0
+        self.budget = MEMORY_FLOOR + MEMORY_PER_BYTE * len(data) if budget is None else budget
+        self._start = _resident_bytes()
+
+    def _check(self) -> None:
+        grown = _resident_bytes() - self._start
+        if grown > self.budget:
+            raise StateCorruptError(
+                f"the pickle builds more than a state of {len(self._data):,} bytes can hold (unpickling grew "
+                f"memory by {grown >> 20} MiB, over the {self.budget >> 20} MiB budget); refused")
+
+    def peek(self, size: int = 0) -> bytes:
+        self._check()
+        return bytes(self._data[self._pos:self._pos + min(max(size, 1), CHUNK)])
+
+    def read(self, size: int = -1) -> bytes:
+        self._check()
+        stop = len(self._data) if size is None or size < 0 else self._pos + size
+        piece = bytes(self._data[self._pos:stop])
+        self._pos += len(piece)
+        return piece
+
+    def readinto(self, buffer: Any) -> int:
+        self._check()
+        view = memoryview(buffer).cast("B")
+        piece = self._data[self._pos:self._pos + len(view)]
+        view[:len(piece)] = piece
+        self._pos += len(piece)
+        return len(piece)
+
+    def readline(self, size: int = -1) -> bytes:
+        self._check()
+        end = self._raw.find(b"\n", self._pos)
+        stop = len(self._raw) if end < 0 else end + 1
+        piece = bytes(self._data[self._pos:stop])
+        self._pos = stop
+        return piece
