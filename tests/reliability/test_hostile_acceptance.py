@@ -588,27 +588,28 @@ def test_a_hostile_run_never_hides_the_others(namespace: Target) -> None:
     text = check_run(results["list"], 0, "empty", on_tty=True)
     for run_id in healthy:
         assert sum(run_id in line for line in text.splitlines()) == 1, f"{run_id} missing from list:\n{text}"
-    rows = json.loads(results["list-json"].out)
     check_run(results["list-json"], 0, "empty")
-    by_id = {row["run_id"]: row for row in (rows["runs"] if isinstance(rows, dict) else rows)}
+    by_id = {row["run_id"]: row for row in json.loads(results["list-json"].out)["runs"]}
     assert set(runs) <= set(by_id), set(runs) - set(by_id)
-    for h in items:
-        row = by_id[h.rid("list")]
+    for h in items:  # its row says what is wrong with it
         if h.kind == "refused":
-            assert row.get("error"), f"{h.name}: no error in its list row: {row}"
+            assert by_id[h.rid("list")]["health"] in ("unsafe", "corrupt"), by_id[h.rid("list")]
     for run_id in healthy:
-        assert not by_id[run_id].get("error"), by_id[run_id]
-    # --all: a finding for each hostile run, the healthy runs judged too; exit 6 because some are unsafe
+        assert by_id[run_id]["health"] == "ok", by_id[run_id]
+    # --all: a finding with its reason for each hostile run, every healthy run judged ok; exit 6 (some are unsafe)
     text = check_run(results["detect-all"], 6, "empty", on_tty=True)
     for run_id in healthy:
-        assert run_id in text, f"{run_id} missing from corrupt-detect --all:\n{text}"
+        assert sum(run_id in line for line in text.splitlines()) == 1, f"{run_id} missing from --all:\n{text}"
     check_run(results["detect-all-json"], 6, "empty")
-    doc = json.loads(results["detect-all-json"].out)
-    reported = json.dumps(doc)
+    judged = {run["run_id"]: run for run in json.loads(results["detect-all-json"].out)["runs"]}
+    assert set(runs) <= set(judged), set(runs) - set(judged)
     for h in items:
-        assert json.dumps(h.rid("list"))[1:-1] in reported, f"{h.name} not reported by --all"
+        run = judged[h.rid("list")]
+        if h.kind == "refused":
+            assert run["status"] in ("unsafe", "corrupt"), run
+            assert [p["code"] for p in run["problems"]] == [f"state-{run['status']}"] and run["problems"][0]["message"]
     for run_id in healthy:
-        assert run_id in reported
+        assert judged[run_id]["status"] == "ok" and judged[run_id]["problems"] == [], judged[run_id]
 
 
 # -- the security document names only real tests --------------------------------------------------------
