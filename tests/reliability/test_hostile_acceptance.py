@@ -489,9 +489,10 @@ def _matrix(ns: Target, h: Hostile, backups: Path, backup_file: Path) -> List[Tu
         ("get", ["get", *flags("get")], tty_kw, decode_code, "empty", w),
         ("get-json", ["get", "-o", "json", *flags("get-json")], kw, decode_code, "empty", w),
         ("get-raw", ["get", "-o", "raw", *flags("get-raw")], kw, 0, "empty", w),
-        ("corrupt-detect", ["corrupt-detect", *flags("corrupt-detect")], tty_kw, detect_code, "empty", w),
+        ("corrupt-detect", ["corrupt-detect", "--fail-on", "info", *flags("corrupt-detect")], tty_kw, detect_code,
+         "empty", w),
         # refused bytes are a state-corrupt event, never "complete": --until times out (exit 1, one line)
-        ("watch", ["watch", "--until", "complete", "--timeout", "3", "--interval", "0.2", *flags("watch")], tty_kw,
+        ("watch", ["watch", "--until", "complete", "--for", "3", "--interval", "0.2", *flags("watch")], tty_kw,
          1 if refused else 0, "line" if refused else "empty", w),
         # clear plans over any bytes: off a terminal it needs --yes; with it, it saves the bytes and removes them
         ("clear", ["reset", "--mode", "clear", *bdir, *flags("clear")], tty_kw, 2, "plan", w),
