@@ -61,7 +61,7 @@ from tests.reliability.malicious.corpus import (
     trust_payloads,
 )
 from tests.reliability.servers import Target, TcpStoreServer
-from tests.reliability.test_hostile_output import FORBIDDEN, FORGED, RUN_ID, hostile_state
+from tests.reliability.test_hostile_output import FORBIDDEN, FORGED, HOSTILE_ADDRS, RUN_ID, hostile_state
 
 # -- bounds ------------------------------------------------------------------------------------------
 #: Address space of every rdzvctl process.  Measured (VmPeak): ~100 MiB for ``get`` of a small state over
@@ -642,3 +642,14 @@ def test_filestore_memory_does_not_grow_with_the_other_keys(tmp_path: Path) -> N
     write_runs(store, {**{f"filler-{i}": flood for i in range(24)}, "healthy": encode(sample_state())})
     run = run_cli("get healthy", ["get", *store.flags("healthy", **LIVENESS)], tty_out=True)
     check_run(run, 0, "empty", on_tty=True)
+
+
+def test_the_corpus_holds_every_class_and_each_has_a_representative() -> None:
+    counts: Dict[str, int] = {}
+    for h in CORPUS:
+        counts[h.cls] = counts.get(h.cls, 0) + 1
+    assert sorted(counts) == ["1-mutate", "2-unusable", "3-bomb", "4-odd", "5-escapes", "6-secrets"], counts
+    assert all(counts[c] >= 3 for c in ("1-mutate", "2-unusable", "3-bomb", "4-odd")), counts
+    assert len(HOSTILE_ADDRS) >= 10 and "\x1b" in RUN_ID  # class 5: one state, every kind of escape
+    assert {BY_NAME[n].cls for n in REPRESENTATIVES} == set(counts)
+    assert len(BY_NAME["at-the-size-cap"].data) == codec.MAX_STATE_BYTES
