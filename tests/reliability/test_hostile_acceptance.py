@@ -299,7 +299,8 @@ def namespace(target: Target, tmp_path: Path) -> Iterator[Target]:
         path.write_bytes(b"")
         ns = Target(target.id, "c10d", str(path), {"store_type": "file"}, None)
     elif target.id == "redis":
-        ns = Target(target.id, "redis", f"redis://{target.endpoint}/{number % 16}", {}, target.server)
+        db = 1 + number % 15  # never db 0, where the other modules keep their runs
+        ns = Target(target.id, "redis", f"redis://{target.endpoint}/{db}", {}, target.server)
         with ns.open("flush") as backend:
             backend.client.flushdb()  # the db may hold an earlier run's data
     else:
