@@ -44,7 +44,7 @@ __all__ = ["C10dBackend", "NULL_SENTINEL", "KEY_PREFIX", "parse_endpoint"]
 NULL_SENTINEL = b"Y2FuaW1hZGFt"
 KEY_PREFIX = "torch.rendezvous."
 _WIRE_PREFIX = b"/" + KEY_PREFIX.encode()
-_MULTI_GET_BATCH = 256  # values per MULTI_GET: bounds memory when states are large
+_MULTI_GET_BATCH = 256  # values per TCPStore MULTI_GET: bounds memory when states are large
 
 Store = Union[TcpStoreClient, FileStore]
 
@@ -85,6 +85,9 @@ class C10dBackend(RendezvousBackend):
         if timeout <= 0:
             raise BackendConfigError(f"the timeout must be positive, got {timeout:g}")
         self.store: Store
+        # A FileStore read costs no round trip but holds each value asked for, and
+        # anyone who can write the file can make every value large: one at a time.
+        self._batch = 1 if self.store_type == "file" else _MULTI_GET_BATCH
         if self.store_type == "tcp":
             host, port = parse_endpoint(address.endpoint)
             self.store = TcpStoreClient(host, port, timeout=timeout)
@@ -186,8 +189,8 @@ class C10dBackend(RendezvousBackend):
         """
         names = {k[len(_WIRE_PREFIX):] for k in self.store.list_keys() if k.startswith(_WIRE_PREFIX)}
         keys = sorted(_WIRE_PREFIX + name for name in names if not _is_round_key(name, names))
-        for start in range(0, len(keys), _MULTI_GET_BATCH):
-            batch = keys[start:start + _MULTI_GET_BATCH]
+        for start in range(0, len(keys), self._batch):
+            batch = keys[start:start + self._batch]
             for key, value in zip(batch, self.store.multi_get(batch)):
                 run_id = key[len(_WIRE_PREFIX):].decode("utf-8", "replace")
                 if value is None:
@@ -214,8 +217,8 @@ class C10dBackend(RendezvousBackend):
         of every round found, as ``"<round>/<name>"`` sorted by round then name."""
         found = self._store_key_names()
         out: Dict[str, bytes] = {}
-        for start in range(0, len(found), _MULTI_GET_BATCH):
-            batch = found[start:start + _MULTI_GET_BATCH]
+        for start in range(0, len(found), self._batch):
+            batch = found[start:start + self._batch]
             values = self.store.multi_get([key for _, _, key in batch])
             for (round_, name, _), value in zip(batch, values):
                 if value is not None:
