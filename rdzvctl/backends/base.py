@@ -46,7 +46,20 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, Generator, Iterator, Mapping, NamedTuple, Optional, Tuple
+from typing import (
+    Any,
+    ClassVar,
+    Dict,
+    FrozenSet,
+    Generator,
+    Iterator,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 from rdzvctl.errors import BackendConfigError, UnsupportedOperationError
 from rdzvctl.state.store_keys import round_of_store_key, split_round_key
@@ -67,6 +80,7 @@ __all__ = [
 Token = Any
 StateAndToken = Tuple[bytes, Token]
 SetResult = Tuple[bytes, Token, bool]
+_Backend = TypeVar("_Backend", bound="RendezvousBackend")  # from_address builds the class it is called on
 
 CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
 
@@ -253,7 +267,7 @@ class RendezvousBackend(ABC):
         self.address = address
 
     @classmethod
-    def from_address(cls, address: Address) -> "RendezvousBackend":
+    def from_address(cls: Type[_Backend], address: Address) -> _Backend:
         """Build a backend for ``address``; validates the endpoint and options."""
         check_conf_keys(cls.name or address.backend, address.conf, cls.conf_keys)
         return cls(address)
