@@ -54,6 +54,10 @@ def timeout_seconds(timeout: Optional[timedelta], default: timedelta) -> float:
 class ServerStore(Store):
     """What both stores share: key prefixing, timeouts and the blocking-read loop."""
 
+    # torch's Store has this property (set by set_timeout) but its type stub omits it;
+    # an annotation only, so the property itself is untouched.
+    timeout: timedelta
+
     def __init__(
         self,
         prefix: str,
