@@ -28,9 +28,9 @@ import os
 import threading
 import traceback
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Union
 
-from rdzvctl.backends.base import RendezvousBackend
+from rdzvctl.backends.base import RendezvousBackend, SetResult
 from rdzvctl.errors import StateError, UnsupportedOperationError
 from rdzvctl.state.store_keys import split_round_key
 from rdzvctl.testing.context import (
@@ -63,9 +63,7 @@ def get_returns_none_when_absent(ctx: CaseContext) -> None:
 
 def get_returns_state_and_token(ctx: CaseContext) -> None:
     ctx.backend.set_state(b"x")
-    result = ctx.backend.get_state()
-    ctx.check(result is not None, "get_state() returned None after a write")
-    state, token = result
+    state, token = ctx.get(after="a write")
     ctx.check(state == b"x", f"get_state() returned {state!r}, expected b'x'")
     ctx.check(token is not None, "get_state() returned a None token")
 
@@ -131,12 +129,12 @@ def set_with_token_on_absent_state_writes_nothing(ctx: CaseContext) -> None:
 def binary_safe(ctx: CaseContext) -> None:
     payload = bytes(range(256)) * 4
     _, token, _ = ctx.set(payload)
-    state, _ = ctx.backend.get_state()
+    state, _ = ctx.get(after="writing the 256 byte values")
     ctx.check(state == payload, "the 256 byte values did not round-trip")
     big = os.urandom(1 << 20) + b"\x00\xff"
     _, _, has_set = ctx.set(big, token)
     ctx.check(has_set, "a 1 MiB state was not written")
-    state, _ = ctx.backend.get_state()
+    state, _ = ctx.get(after="writing a 1 MiB state")
     ctx.check(state == big, "a 1 MiB state did not round-trip")
 
 
@@ -144,7 +142,7 @@ def racing_writers_one_wins(ctx: CaseContext) -> None:
     _, token, _ = ctx.set(b"start")
     racers = [ctx.open() for _ in range(ctx.racers)]
     barrier = threading.Barrier(len(racers))
-    results: List[object] = [None] * len(racers)
+    results: List[Union[None, SetResult, Exception]] = [None] * len(racers)
 
     def race(i: int) -> None:
         barrier.wait()
@@ -160,7 +158,7 @@ def racing_writers_one_wins(ctx: CaseContext) -> None:
         t.join()
     errors = [r for r in results if isinstance(r, Exception)]
     ctx.check(not errors, f"racing writers raised: {errors[:1]!r}")
-    winners = [i for i, r in enumerate(results) if r is not None and r[2]]
+    winners = [i for i, r in enumerate(results) if r is not None and not isinstance(r, Exception) and r[2]]
     ctx.check(len(winners) == 1, f"{len(winners)} of {len(racers)} racing writers won, expected exactly 1")
     final = ctx.backend.get_state()
     ctx.check(final is not None and final[0] == f"racer-{winners[0]}".encode(), "the stored state is not the winner's")
@@ -336,5 +334,5 @@ def _make_test(name: str):
     return test
 
 
-for _name, _, _ in CASES:
-    setattr(BackendConformanceTests, f"test_{_name}", _make_test(_name))
+for _case in CASES:
+    setattr(BackendConformanceTests, f"test_{_case[0]}", _make_test(_case[0]))

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from rdzvctl.backends.base import RendezvousBackend
+from rdzvctl.backends.base import RendezvousBackend, SetResult, StateAndToken
 
 __all__ = [
     "BackendFactory", "Corrupter", "StoreWriter", "ConformanceFailure", "ConformanceLimitation",
@@ -68,9 +68,17 @@ class CaseContext:
         self.opened.append(backend)
         return backend
 
-    def set(self, state: bytes, token: object = None, backend: Optional[RendezvousBackend] = None):
+    def set(self, state: bytes, token: object = None, backend: Optional[RendezvousBackend] = None) -> SetResult:
         result = (backend or self.backend).set_state(state, token)
-        self.check(result is not None, f"set_state({state[:16]!r}..., {token!r}) returned None")
+        if result is None:
+            raise ConformanceFailure(f"set_state({state[:16]!r}..., {token!r}) returned None")
+        return result
+
+    def get(self, after: str) -> StateAndToken:
+        """The run's state and token, which must exist (``after`` says why, for the failure)."""
+        result = self.backend.get_state()
+        if result is None:
+            raise ConformanceFailure(f"get_state() returned None after {after}")
         return result
 
     def check(self, condition: bool, message: str) -> None:
