@@ -31,7 +31,7 @@ __all__ = ["FileStore"]
 _U32 = struct.Struct("<I")
 _INTERNAL = (b"refcount/", b"cleanup/")
 _HEAD = 64  # bytes remembered to notice a file replaced under the same inode
-_CHUNK = 8 << 20
+_CHUNK = 1 << 20  # bytes read at a time; a replay skips a larger value without reading it
 
 Key = Union[bytes, str]
 Span = Tuple[int, int]  # (offset, length) of a value in the file
