@@ -1,0 +1,310 @@
+"""The ``etcd`` backend (torch's legacy etcd rendezvous) against real etcd 3.4 with --enable-v2,
+with torch's real ``EtcdRendezvousHandler`` as the peer."""
+
+# The server fixtures are imported by name, so pytest arguments shadow them.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+from urllib.parse import urlencode
+
+import pytest
+
+from rdzvctl.backends.base import Address
+from rdzvctl.backends.etcd_legacy import EtcdLegacyBackend
+from rdzvctl.errors import BackendConfigError, StateCorruptError
+from rdzvctl.state.legacy_etcd import KEEPALIVE_TTL, analyse, describe
+from rdzvctl.testing.conformance import BackendConformanceTests
+from tests.support.etcd_server import EtcdCluster, etcd_server  # noqa: F401  (fixtures)
+
+TIMEOUT = 5.0
+AGENT = Path(__file__).resolve().parent / "support" / "legacy_etcd_agent.py"
+
+
+def new_run_id() -> str:
+    return f"legacy-{uuid.uuid4().hex[:10]}"
+
+
+def backend(endpoint: str, run_id: str = "", **conf: str) -> EtcdLegacyBackend:
+    return EtcdLegacyBackend.from_address(Address("etcd", endpoint, run_id or new_run_id(), conf, TIMEOUT))
+
+
+def raw(cluster: EtcdCluster, method: str, key: str, **form: object) -> dict:
+    """A plain v2 keys API call, bypassing the backend."""
+    data = urlencode(form).encode() if form else None
+    request = urllib.request.Request(f"{cluster.member.client_url}/v2/keys{key}", data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return json.load(answer)
+    except urllib.error.HTTPError as exc:
+        return json.load(exc)
+
+
+def report(b: EtcdLegacyBackend, **options: Any):
+    run = b.read_run()
+    return run, analyse(run, time.time(), **options)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(interval)
+
+
+# -- conformance ------------------------------------------------------------------------------------
+class TestConformance(BackendConformanceTests):
+    """The kit's cases on ``active_version``; binary_safe does not apply (values are torch's JSON text)."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, etcd_server):
+        self.server = etcd_server
+
+    def make_backend(self, run_id):
+        return backend(self.server.endpoint, run_id)
+
+    def corrupt_state(self, b: EtcdLegacyBackend) -> None:
+        raw(self.server, "PUT", b.key, dir="true")
+
+
+# -- the backend without torch --------------------------------------------------------------------
+def test_torchs_options_are_accepted_and_others_refused(etcd_server):
+    b = backend(etcd_server.endpoint, "job", etcd_prefix="/custom", protocol="http")
+    assert b.key == "/custom/run_job/rdzv/active_version"
+    with pytest.raises(BackendConfigError, match="key_prefix"):
+        backend(etcd_server.endpoint, key_prefix="/x")
+    with pytest.raises(BackendConfigError, match="http or https"):
+        backend(etcd_server.endpoint, protocol="ftp")
+
+
+def test_writes_carry_the_ttl_torch_gives_the_status(etcd_server):
+    b = backend(etcd_server.endpoint)
+    _, token, _ = b.set_state(b'{"status": "setup"}')
+    assert raw(etcd_server, "GET", b.key)["node"]["ttl"] <= 5
+    _, token, _ = b.set_state(b'{"status": "joinable", "version": "1", "participants": []}', token)
+    assert "ttl" not in raw(etcd_server, "GET", b.key)["node"]
+    _, token, _ = b.set_state(b'{"status": "frozen", "version": "1", "participants": [0], "keep_alives": []}',
+                              token)
+    assert raw(etcd_server, "GET", b.key)["node"]["ttl"] <= 10
+
+
+def test_not_utf8_is_refused_unwritten(etcd_server):
+    b = backend(etcd_server.endpoint)
+    with pytest.raises(StateCorruptError):
+        b.set_state(b"\xff\xfe")
+    assert b.get_state() is None
+
+
+def test_clear_removes_the_run_directory_and_reopen_only_the_state(etcd_server):
+    b = backend(etcd_server.endpoint)
+    rdzv = f"{b.run_path}/rdzv"
+    raw(etcd_server, "PUT", b.run_path, dir="true", ttl=7200)
+    raw(etcd_server, "PUT", f"{rdzv}/version_counter", value="3")
+    raw(etcd_server, "PUT", f"{rdzv}/v_3/kv/a", value="x")
+    _, token, _ = b.set_state(b'{"status": "closed", "version": "3", "participants": [0]}')
+    assert b.reopen(token) is True
+    assert b.get_state() is None
+    assert raw(etcd_server, "GET", f"{rdzv}/version_counter")["node"]["value"] == "3"
+    _, token, _ = b.set_state(b'{"status": "closed"}')
+    assert b.clear(token + 1) is False and b.get_state() is not None
+    assert b.clear(token) is True
+    assert raw(etcd_server, "GET", b.run_path)["errorCode"] == 100
+
+
+def test_list_runs_reads_each_run(etcd_server):
+    prefix = f"/list-{uuid.uuid4().hex[:8]}"
+    one = backend(etcd_server.endpoint, "one", etcd_prefix=prefix)
+    two = backend(etcd_server.endpoint, "two", etcd_prefix=prefix)
+    _, token, _ = one.set_state(b'{"status": "closed"}')
+    raw(etcd_server, "PUT", two.key, dir="true")
+    entries = {e.run_id: e for e in one.list_runs()}
+    assert entries["one"].state == (b'{"status": "closed"}', token)
+    assert entries["two"].state is None and isinstance(entries["two"].error, StateCorruptError)
+
+
+# -- torch's EtcdRendezvousHandler as the peer ---------------------------------------------------
+class Agent:
+    """One ``EtcdRendezvousHandler`` in its own process (tests/support/legacy_etcd_agent.py)."""
+
+    def __init__(self, endpoint: str, run_id: str, min_nodes: int = 2, max_nodes: int = 2, **conf: Any):
+        options = {"endpoint": endpoint, "run_id": run_id, "min_nodes": min_nodes, "max_nodes": max_nodes,
+                   "conf": conf}
+        self.process = subprocess.Popen([sys.executable, str(AGENT), json.dumps(options)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.events: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.put(json.loads(line))
+        self.events.put(None)
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, kind: str, timeout: float = 90.0) -> Dict[str, Any]:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the agent did not answer {kind!r} within {timeout:g} s") from None
+        assert event is not None, "the agent exited"
+        assert event["event"] == kind, event
+        return event
+
+    def call(self, command: str, kind: str, timeout: float = 90.0) -> Dict[str, Any]:
+        self.send(command)
+        return self.expect(kind, timeout)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.send("exit")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.kill()
+
+
+@contextlib.contextmanager
+def agents(endpoint: str, run_id: str, count: int, **options: Any) -> Iterator[List[Agent]]:
+    started = [Agent(endpoint, run_id, **options) for _ in range(count)]
+    try:
+        for agent in started:
+            agent.expect("ready")
+        yield started
+    finally:
+        for agent in started:
+            agent.close()
+
+
+def rendezvous(group: List[Agent]) -> List[Dict[str, Any]]:
+    for agent in group:
+        agent.send("next")
+    return [agent.expect("round") for agent in group]
+
+
+@pytest.fixture()
+def torch_peer():
+    pytest.importorskip("torch")
+    pytest.importorskip("etcd")
+
+
+@pytest.mark.torch
+def test_two_handlers_complete_and_the_state_reads_final(etcd_server, torch_peer):
+    run_id = new_run_id()
+    with agents(etcd_server.endpoint, run_id, 2) as group:
+        rounds = rendezvous(group)
+        assert sorted(r["rank"] for r in rounds) == [0, 1]
+        run, result = report(backend(etcd_server.endpoint, run_id))
+        state = result.state
+        assert state is not None and state.status == "final" and state.participants == (0, 1)
+        assert state.version == rounds[0]["version"] and state.num_workers_waiting == 0
+        assert [n.lease for n in result.nodes] == ["alive", "alive"]
+        assert run.counter is not None and run.counter.value == state.version
+        assert run.run_dir is not None and run.run_dir.ttl is not None
+        assert result.findings == []
+        doc = describe(run, result, backend="etcd", endpoint=etcd_server.endpoint, token=str(run.token),
+                       fetched_at="now")
+        assert doc["summary"]["alive"] == 2 and doc["state"]["status"] == "final"
+
+
+@pytest.mark.torch
+def test_a_killed_handler_is_named_once_its_lease_expires(etcd_server, torch_peer):
+    run_id = new_run_id()
+    b = backend(etcd_server.endpoint, run_id)
+    with agents(etcd_server.endpoint, run_id, 2) as group:
+        rounds = rendezvous(group)
+        victim = next(a for a, r in zip(group, rounds) if r["rank"] == 1)
+        victim.kill()
+        # torch's lease is CONST_WORKER_KEEPALIVE_TTL (10 s), renewed every 5 s: it expires within 10 s.
+        _, result = wait_until(lambda: (lambda rr: rr if rr[1].findings else None)(report(b)),
+                               KEEPALIVE_TTL + 10, "the dead rank's lease expired")
+        codes = {f.code: f for f in result.findings}
+        assert "dead-participant" in codes and codes["dead-participant"].nodes == ("rank_1",)
+        assert [n.lease for n in result.nodes] == ["alive", "expired"]
+        assert "wait_for_rendezvous_to_free" in codes["dead-participant"].message
+
+
+def _closed_run(endpoint: str) -> str:
+    """A job that finished: two handlers rendezvoused, then shutdown() closed the run."""
+    run_id = new_run_id()
+    with agents(endpoint, run_id, 2) as group:
+        rendezvous(group)
+        assert group[0].call("shutdown", "shutdown")["result"] is True
+    return run_id
+
+
+@pytest.mark.torch
+def test_closed_run_fails_a_new_job_until_reopened(etcd_server, torch_peer):
+    run_id = _closed_run(etcd_server.endpoint)
+    b = backend(etcd_server.endpoint, run_id)
+    with agents(etcd_server.endpoint, run_id, 1, min_nodes=1, max_nodes=1) as (new,):
+        failed = new.call("next", "error")
+        assert failed["type"] == "RendezvousClosedError"
+        run, result = report(b)
+        assert [f.code for f in result.findings] == ["closed-run-in-use"]  # the new handler renewed the lease
+        assert "RendezvousClosedError" in result.next_step
+        assert b.reopen(run.token) is True
+        joined = new.call("next", "round")  # the same handler, retried: torch made the next version
+        assert joined["rank"] == 0 and joined["world_size"] == 1
+        assert int(joined["version"]) == int(run.counter.value) + 1
+        after = analyse(b.read_run(), time.time())
+        assert after.state is not None and after.state.status == "final" and after.findings == []
+
+
+@pytest.mark.torch
+def test_clear_is_for_new_handlers_only(etcd_server, torch_peer):
+    """After a clear, like after the run's TTL expired, a handler created before it dies
+    (``try_create_rendezvous``: no version_counter, 'worker needs to die'); a new one starts afresh."""
+    run_id = _closed_run(etcd_server.endpoint)
+    b = backend(etcd_server.endpoint, run_id)
+    with agents(etcd_server.endpoint, run_id, 1, min_nodes=1, max_nodes=1) as (old,):
+        assert old.call("next", "error")["type"] == "RendezvousClosedError"
+        run = b.read_run()
+        assert b.clear(run.token) is True
+        assert b.read_run().run_dir is None
+        assert old.call("next", "error")["type"] == "RendezvousError"
+    with agents(etcd_server.endpoint, run_id, 1, min_nodes=1, max_nodes=1) as (new,):
+        joined = new.call("next", "round")
+        assert joined["rank"] == 0 and joined["version"] == "1"
+
+
+@pytest.mark.torch
+def test_a_write_racing_a_live_handler_writes_nothing(etcd_server, torch_peer):
+    run_id = new_run_id()
+    b = backend(etcd_server.endpoint, run_id)
+    with agents(etcd_server.endpoint, run_id, 2) as (first, second):
+        first.send("next")  # joins and waits for the second
+        read = wait_until(lambda: (lambda s: s if s and b'"participants": [0]' in s[0] else None)(b.get_state()),
+                          60, "the first handler joined")
+        second.send("next")  # the handler moves the state on under our token
+        first.expect("round")
+        second.expect("round")
+        now = b.get_state()
+        assert now is not None and now[1] != read[1]
+        assert b.set_state(b'{"status": "closed"}', read[1]) == (*now, False)
+        assert b.reopen(read[1]) is False
+        assert b.clear(read[1]) is False
+        assert b.get_state() == now
