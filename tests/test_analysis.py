@@ -368,8 +368,8 @@ def test_diff_heartbeats_alone_are_not_events() -> None:
     (lambda s: setattr(s, "round", 3), ["round-advanced"], None),
     (lambda s: s.participants.update({C: 2}), ["joined-participants"], C),
     (lambda s: s.participants.pop(B), ["left-participants"], B),
-    (lambda s: s.wait_list.add(C), ["joined-wait_list"], C),
-    (lambda s: s.redundancy_list.add(D), ["joined-redundancy_list"], D),
+    (lambda s: s.wait_list.add(C), ["joined-wait-list"], C),
+    (lambda s: s.redundancy_list.add(D), ["joined-redundancy-list"], D),
     (lambda s: s.participants.update({A: 1, B: 0}), ["rank-changed", "rank-changed"], A),
     (lambda s: setattr(s, "complete", False), ["incomplete"], None),
     (lambda s: setattr(s, "closed", True), ["closed"], None),
@@ -386,7 +386,7 @@ def test_diff_events(change: Any, kinds: List[str], node: Optional[NodeDesc]) ->
     # And the reverse change gives the opposite events.
     back = _kinds(diff_states(new, old))
     opposite = {"joined-participants": "left-participants", "left-participants": "joined-participants",
-                "joined-wait_list": "left-wait_list", "joined-redundancy_list": "left-redundancy_list",
+                "joined-wait-list": "left-wait-list", "joined-redundancy-list": "left-redundancy-list",
                 "incomplete": "completed", "closed": "reopened", "deadline-set": "deadline-cleared"}
     assert back == [opposite.get(k, k) for k in kinds]
 

@@ -111,7 +111,7 @@ def test_address_from_torchrun_environment(memory):
 
 def test_keys_on_a_backend_without_store_keys_is_a_note(memory):
     memory.put(make_state())
-    result = invoke(["get", *memory.flags(), "--keys"])
+    result = invoke(["get", *memory.flags(backend="memory-unlisted"), "--keys"])
     assert result.exit_code == 0
     assert "note:" in result.stderr and "store keys" in result.stderr
 
@@ -326,12 +326,13 @@ def test_get_rich_snapshot_at_fixed_width(memory, monkeypatch):
     assert ANSI.search(styled), "a terminal gets colours"
 
 
-def test_no_color_is_honoured_even_when_rich_is_forced(memory):
+def test_no_color_drops_the_colours_not_the_rich_layout(memory):
     memory.put(_snapshot_state())
+    rich = invoke(["get", *memory.flags()], env={"NO_COLOR": None, "RDZVCTL_FORCE_RICH": "1"})
     result = invoke(["get", *memory.flags()], env={"NO_COLOR": "1", "RDZVCTL_FORCE_RICH": "1"})
     assert result.exit_code == 0
     assert not ANSI.search(result.stdout)
-    assert result.stdout.startswith("backend   memory")  # the plain layout
+    assert result.stdout == rich.stdout and "─" in result.stdout  # rich's table rules, not the plain layout
 
 
 def test_forced_rich_output_without_a_terminal_has_no_escapes(memory):

@@ -53,7 +53,7 @@ def test_backends_json_lists_the_builtins_with_capabilities(memory):
         assert row["error"] is None and row["summary"], name
         assert row["origin"].startswith("rdzvctl"), name
     assert rows["c10d"]["usable"] is True and rows["c10d"]["strict_fencing"] is False
-    assert rows["memory"]["capabilities"] == ["clear", "list_runs"]
+    assert rows["memory"]["capabilities"] == ["clear", "list_runs", "store_keys"]
 
 
 def test_backends_text(memory):
@@ -261,11 +261,11 @@ def test_demo_live_gives_watch_something_to_show(tmp_path):
         for _ in range(100):
             if store.exists() and run_rdzvctl(["get", "-o", "json"], env=watch_env).returncode == 0:
                 break
-        done = run_rdzvctl(["watch", "-o", "json", "--interval", "0.1", "--until", "round>=3", "--timeout", "1.5"],
+        done = run_rdzvctl(["watch", "-o", "json", "--interval", "0.1", "--until", "round>=3", "--for", "1.5"],
                            env=watch_env)
         assert done.returncode == 1  # the demo never advances the round
         kinds = [json.loads(line)["kind"] for line in done.stdout.splitlines()]
-        assert kinds[0] == "snapshot" and "joined-wait_list" in kinds
+        assert kinds[0] == "snapshot" and "joined-wait-list" in kinds
     finally:
         live.send_signal(signal.SIGINT)
         try:
@@ -401,7 +401,7 @@ RICH_ENV = {"NO_COLOR": None, "RDZVCTL_FORCE_RICH": "1"}
         (["corrupt-detect"], 1, "dead-participants"),
         (["list"], 0, "job42"),
         (["backends"], 0, "c10d"),
-        (["watch", "--until", "round>=0", "--timeout", "5", "--interval", "0.02"], 0, "until-met"),
+        (["watch", "--until", "round>=0", "--for", "5", "--interval", "0.02"], 0, "until-met"),
     ],
 )
 def test_commands_render_with_rich(memory, recording, args, code, expected):

@@ -195,11 +195,13 @@ def test_every_command_on_a_torch_state(target: Target, node_factory: NodeFactor
     ok(cli("restore", str(backup_path(pruned)), "--timeout", TIMEOUT, "--yes"))
     assert get_raw(cli, target, run_id) == saved.state
 
-    # clear removes the state the backend's way: no state afterwards (exit 5) ...
+    # clear: the round's keys (0/MASTER_ADDR ...) outlive the state, so the run starts afresh past
+    # them and past the old round (5), instead of at round 0 over them ...
     cleared = ok(cli("reset", *address, "--mode", "clear", "--yes"))
-    gone = cli("get", *address)
-    assert gone.code == 5 and run_id in gone.stderr, str(gone)
-    # ... and its backup brings it back, written only because no state exists.
+    assert "store holds keys of rounds 0" in cleared.stderr, str(cleared)
+    fresh = ok(cli("get", *address, "-o", "json")).json()["state"]
+    assert (fresh["round"], fresh["complete"], fresh["closed"]) == (6, False, False) and not fresh["participants"]
+    # ... and its backup brings the old state back, fenced by the fresh state's token.
     ok(cli("restore", str(backup_path(cleared)), "--timeout", TIMEOUT, "--yes"))
     assert get_raw(cli, target, run_id) == saved.state
 
@@ -236,7 +238,7 @@ def test_unreachable_endpoint_exits_4_within_the_timeout(target: Target, cli: Rd
 def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_factory: NodeFactory, cli: Rdzvctl,
                                                        run_id: str) -> None:
     address = target.address(run_id)
-    gate = cli.start("watch", *address, "--until", "complete", "--timeout", "60", "--interval", "0.2", "-o", "json")
+    gate = cli.start("watch", *address, "--until", "complete", "--for", "60", "--interval", "0.2", "-o", "json")
     with cli.watch(*address, "--interval", "0.2") as watch:
         assert watch.wait_for("snapshot")["message"] == "no state yet"
         # The nodes tolerate 60 s of silence: they do not drop the killed node before watch sees it stale.
@@ -256,7 +258,7 @@ def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_fact
 
             late = node_factory.spawn(target, run_id, **tolerant)  # the round is complete: it waits
             late.send("next")
-            watch.wait_for("joined-wait_list", timeout=30, node=late.node_id)
+            watch.wait_for("joined-wait-list", timeout=30, node=late.node_id)
             late.kill()  # its heartbeat goes stale
 
             write_racing_nodes(cli, "set", *address, "--timeout", TIMEOUT, "--closed", "--yes")
@@ -264,7 +266,8 @@ def test_watch_reports_a_torch_round_and_other_writers(target: Target, node_fact
             if target.id == "c10d-tcp":  # liveness is judged by watch itself, the same on every backend
                 watch.wait_for("heartbeat-stale", timeout=20, node=late.node_id)
         ok(cli("reset", *address, "--timeout", TIMEOUT, "--mode", "clear", "--yes"))
-        watch.wait_for("state-removed", timeout=15)
+        # round 0's keys stay in the store: clear starts the run afresh at round 1 (no state removed)
+        watch.wait_for("round-advanced", timeout=15)
     for event in watch.events:
         assert {"time", "kind", "message", "run_id"} <= set(event)
         datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
@@ -384,7 +387,7 @@ def test_closed_run_id_is_reusable_after_reset(target: Target, node_factory: Nod
         assert {r["world_size"] for r in rounds} == {2}
         state = get_doc(cli, target, run_id)["state"]
         assert state["closed"] is False and state["complete"] is True
-        assert state["round"] == (0 if mode == "clear" else 1)
+        assert state["round"] == 1  # clear: a fresh state past round 0's keys; reopen: torch's next round
 
 
 # -- 5. fenced writes racing live handlers ------------------------------------------------------

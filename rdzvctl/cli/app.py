@@ -1,8 +1,8 @@
 """What every command shares: the address, output mode, streams and confirmation.
 
 Data goes to stdout, status and errors to stderr.  Text output is rich on a
-terminal and plain (colourless, stable, rich not even imported) otherwise or
-with ``NO_COLOR``.  Everything printed passes :mod:`rdzvctl.text` here
+terminal (without colours under ``NO_COLOR``) and plain (colourless, stable,
+rich not even imported) otherwise.  Everything printed passes :mod:`rdzvctl.text` here
 (secrets masked, control characters escaped; JSON with ``\\u`` escapes),
 except ``-o raw``, which is the exact bytes and refuses a terminal without
 ``--force``.
@@ -87,10 +87,18 @@ class App:
     # -- output ---------------------------------------------------------------
     @property
     def rich(self) -> bool:
-        """Rich output: stdout is a terminal and NO_COLOR is not set."""
-        if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        """Rich output (tables, panels): stdout is a terminal (or RDZVCTL_FORCE_RICH=1), TERM is not dumb.
+
+        ``NO_COLOR`` only drops the colours (see :meth:`console`); the layout stays.
+        """
+        if os.environ.get("TERM") == "dumb":
             return False
         return sys.stdout.isatty() or os.environ.get("RDZVCTL_FORCE_RICH") == "1"
+
+    @property
+    def full_diff(self) -> bool:
+        """--full-diff: a write's plan shows every diff line, however long."""
+        return bool(self.ctx.meta.get("rdzvctl.full_diff"))
 
     @property
     def interactive(self) -> bool:
@@ -126,7 +134,7 @@ class App:
     def console(self, stderr: bool = False) -> Any:
         from rich.console import Console
 
-        return Console(stderr=stderr, highlight=False, soft_wrap=False)
+        return Console(stderr=stderr, highlight=False, soft_wrap=False, no_color=bool(os.environ.get("NO_COLOR")))
 
     def require_consent_possible(self, yes: bool) -> None:
         """Refuse (exit 2) a write that could neither be asked about nor has ``--yes``."""
@@ -238,8 +246,12 @@ def output_option(*choices: str, default: str = "text") -> Callable[..., Any]:
     return decorate
 
 
+def _remember_full_diff(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    ctx.meta["rdzvctl.full_diff"] = value
+
+
 def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--yes, --dry-run and --backup-dir, shared by every command that writes."""
+    """--yes, --dry-run, --backup-dir and --full-diff, shared by every command that writes."""
 
     command = func
 
@@ -250,6 +262,8 @@ def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
         return command(*args, **kwargs)
 
     func = marked
+    func = click.option("--full-diff", is_flag=True, expose_value=False, callback=_remember_full_diff,
+                        help="Show the plan's whole diff (long ones are summarised by default).")(func)
     func = click.option("--backup-dir", type=click.Path(file_okay=False), envvar="RDZVCTL_BACKUP_DIR",
                         help="Where backups are written (default ~/.local/state/rdzvctl/backups); it must be "
                              "owned by you or root and not writable by group or others.")(func)

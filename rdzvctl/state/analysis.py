@@ -361,9 +361,11 @@ def diff_states(old: Optional[RendezvousState], new: Optional[RendezvousState]) 
         ("redundancy_list", old.redundancy_list, new.redundancy_list),
     ):
         for node in sorted(after - before):
-            events.append(Event(f"joined-{label}", f"{node} joined {label.replace('_', ' ')}", str(node)))
+            events.append(Event(f"joined-{label.replace('_', '-')}", f"{node} joined {label.replace('_', ' ')}",
+                                str(node)))
         for node in sorted(before - after):
-            events.append(Event(f"left-{label}", f"{node} left {label.replace('_', ' ')}", str(node)))
+            events.append(Event(f"left-{label.replace('_', '-')}", f"{node} left {label.replace('_', ' ')}",
+                                str(node)))
     for node in sorted(set(old.participants) & set(new.participants)):
         if old.participants[node] != new.participants[node]:
             events.append(Event("rank-changed", f"{node} rank {old.participants[node]} -> {new.participants[node]}",

@@ -14,8 +14,9 @@ def command(app: App, output: str) -> None:
     """List the runs on a backend: round, complete, participants, waiting, closed, health.
 
     Health is the worst finding of corrupt-detect: ok, info, warning, error,
-    corrupt or unsafe.  Needs a backend that can list runs (not every c10d
-    store can).
+    corrupt or unsafe; a run that cannot be read is listed with why.  Runs
+    are sorted by run id on every backend.  Needs a backend that can list
+    runs (not every c10d store can).
     """
     from rdzvctl.cli.commands.detect import _progress, check_raw
     from rdzvctl.inspect import now_utc
@@ -30,10 +31,13 @@ def command(app: App, output: str) -> None:
             report, state = check_raw(entry.run_id, raw, entry.error, app, now)
             row = {"run_id": entry.run_id, "health": report["status"], "round": None, "complete": None,
                    "participants": None, "waiting": None, "closed": None,
-                   "token": None if entry.state is None else backend.format_token(entry.state[1])}
+                   "token": None if entry.state is None else backend.format_token(entry.state[1]),
+                   "error": None}
             if state is not None:
                 row.update(round=state.round, complete=state.complete, participants=len(state.participants),
                            waiting=len(state.wait_list), closed=state.closed)
+            elif report.get("problems"):
+                row["error"] = report["problems"][0]["message"]
             rows.append(row)
     if output == "json":
         app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
@@ -46,4 +50,6 @@ def command(app: App, output: str) -> None:
     table = Table("", ["run id", "round", "complete", "participants", "waiting", "closed", "health"],
                   [[r["run_id"], *(show(r[k]) for k in ("round", "complete", "participants", "waiting", "closed")),
                     r["health"]] for r in rows])
-    render_tables(app, [], [table])
+    unreadable = [[r["run_id"], r["error"]] for r in rows if r["error"]]
+    tables = [table] + ([Table("Unreadable runs", ["run id", "why"], unreadable)] if unreadable else [])
+    render_tables(app, [], tables)
