@@ -6,18 +6,12 @@ with torch's real ``EtcdRendezvousHandler`` as the peer."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import queue
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -28,9 +22,9 @@ from rdzvctl.errors import BackendConfigError, StateCorruptError
 from rdzvctl.state.legacy_etcd import KEEPALIVE_TTL, analyse, describe
 from rdzvctl.testing.conformance import BackendConformanceTests
 from tests.support.etcd_server import EtcdCluster, etcd_server  # noqa: F401  (fixtures)
+from tests.support.legacy_etcd_agent import agents, rendezvous
 
 TIMEOUT = 5.0
-AGENT = Path(__file__).resolve().parent / "support" / "legacy_etcd_agent.py"
 
 
 def new_run_id() -> str:
@@ -139,72 +133,6 @@ def test_list_runs_reads_each_run(etcd_server):
 
 
 # -- torch's EtcdRendezvousHandler as the peer ---------------------------------------------------
-class Agent:
-    """One ``EtcdRendezvousHandler`` in its own process (tests/support/legacy_etcd_agent.py)."""
-
-    def __init__(self, endpoint: str, run_id: str, min_nodes: int = 2, max_nodes: int = 2, **conf: Any):
-        options = {"endpoint": endpoint, "run_id": run_id, "min_nodes": min_nodes, "max_nodes": max_nodes,
-                   "conf": conf}
-        self.process = subprocess.Popen([sys.executable, str(AGENT), json.dumps(options)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.events: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.events.put(json.loads(line))
-        self.events.put(None)
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-    def expect(self, kind: str, timeout: float = 90.0) -> Dict[str, Any]:
-        try:
-            event = self.events.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"the agent did not answer {kind!r} within {timeout:g} s") from None
-        assert event is not None, "the agent exited"
-        assert event["event"] == kind, event
-        return event
-
-    def call(self, command: str, kind: str, timeout: float = 90.0) -> Dict[str, Any]:
-        self.send(command)
-        return self.expect(kind, timeout)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.send("exit")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
-        if self.process.poll() is None:
-            self.kill()
-
-
-@contextlib.contextmanager
-def agents(endpoint: str, run_id: str, count: int, **options: Any) -> Iterator[List[Agent]]:
-    started = [Agent(endpoint, run_id, **options) for _ in range(count)]
-    try:
-        for agent in started:
-            agent.expect("ready")
-        yield started
-    finally:
-        for agent in started:
-            agent.close()
-
-
-def rendezvous(group: List[Agent]) -> List[Dict[str, Any]]:
-    for agent in group:
-        agent.send("next")
-    return [agent.expect("round") for agent in group]
-
-
 @pytest.fixture()
 def torch_peer():
     pytest.importorskip("torch")

@@ -20,7 +20,7 @@ directory, as its TTL would.  torch's options ``etcd_prefix``, ``protocol``,
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 from rdzvctl.backends.base import (
     Address,
@@ -227,6 +227,14 @@ class EtcdLegacyBackend(EtcdV2Backend):
                 yield RunEntry(run_id, None if node is None else self._decode_node(node))
             except StateCorruptError as exc:
                 yield RunEntry(run_id, None, exc)
+
+    def store_keys(self) -> Dict[str, bytes]:
+        """Not offered: each version's store lives in its own ``rdzv/v_<version>/kv`` and versions never
+        repeat (``version_counter``), so no old job's keys can be read by a new one."""
+        return RendezvousBackend.store_keys(self)
+
+    def store_rounds(self) -> FrozenSet[int]:
+        return RendezvousBackend.store_rounds(self)
 
     def with_run(self, run_id: str) -> "EtcdLegacyBackend":
         """The same backend bound to another run id (for ``list``/``corrupt-detect --all``)."""

@@ -450,7 +450,10 @@ def analyse(
                                     f"{count} participants, more than max_nodes {max_nodes}", ""))
         next_step = (f"the job runs with {count} worker(s); a new agent counts itself in num_workers_waiting "
                      "and waits; an agent re-entering destroys the version if a keep-alive key is gone")
-        if expired:
+        if expired and waiting:
+            next_step = ("the waiting agent(s) watch rdzv/ and see the lease expire: their "
+                         "wait_for_rendezvous_to_free deletes active_version and a new version forms")
+        elif expired:
             next_step = ("nobody re-rendezvouses: the dead rank's peers wait in their collectives; the first "
                          "agent that joins (or re-enters) deletes active_version and a new version forms")
     else:  # pragma: no cover - parse_state admits only STATUSES

@@ -13,13 +13,87 @@ commands, one per line, answer one JSON line each::
 
 A failing call answers ``{"event": "error", "command", "type", "message"}``.
 After a round the handler's lease thread renews its keep-alive key on its own.
+Tests drive it with :class:`Agent` / :func:`agents` (``python`` runs this file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import subprocess
 import sys
-from typing import Any, Dict
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+SCRIPT = Path(__file__).resolve()
+
+
+class Agent:
+    """One ``EtcdRendezvousHandler`` in its own process (tests/support/legacy_etcd_agent.py)."""
+
+    def __init__(self, endpoint: str, run_id: str, min_nodes: int = 2, max_nodes: int = 2, **conf: Any):
+        options = {"endpoint": endpoint, "run_id": run_id, "min_nodes": min_nodes, "max_nodes": max_nodes,
+                   "conf": conf}
+        self.process = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(options)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.events: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.put(json.loads(line))
+        self.events.put(None)
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, kind: str, timeout: float = 90.0) -> Dict[str, Any]:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the agent did not answer {kind!r} within {timeout:g} s") from None
+        assert event is not None, "the agent exited"
+        assert event["event"] == kind, event
+        return event
+
+    def call(self, command: str, kind: str, timeout: float = 90.0) -> Dict[str, Any]:
+        self.send(command)
+        return self.expect(kind, timeout)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.send("exit")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.kill()
+
+
+@contextlib.contextmanager
+def agents(endpoint: str, run_id: str, count: int, **options: Any) -> Iterator[List[Agent]]:
+    started = [Agent(endpoint, run_id, **options) for _ in range(count)]
+    try:
+        for agent in started:
+            agent.expect("ready")
+        yield started
+    finally:
+        for agent in started:
+            agent.close()
+
+
+def rendezvous(group: List[Agent]) -> List[Dict[str, Any]]:
+    for agent in group:
+        agent.send("next")
+    return [agent.expect("round") for agent in group]
 
 
 def main(options: Dict[str, Any]) -> None:

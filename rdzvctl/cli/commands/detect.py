@@ -86,6 +86,10 @@ def command(app: App, output: str, all_runs: bool, fail_on: str) -> None:
     Exit codes: 0 clean, 1 findings at or above --fail-on, 5 no state,
     6 a state is corrupt or unsafe.
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.detect(app, output, all_runs, fail_on)
     from rdzvctl.inspect import now_utc
 
     now = now_utc()

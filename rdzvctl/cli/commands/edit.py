@@ -40,6 +40,10 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
     writes the state while you edit, nothing is written and the exit code is
     3: run edit again on the fresh state.
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.refuse("edit")
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import take_snapshot
     from rdzvctl.state.codec import encode

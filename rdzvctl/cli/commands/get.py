@@ -22,6 +22,10 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
       rdzvctl get ... -o json | jq '.nodes[] | select(.alive == false)'
       rdzvctl get ... -o raw > state.pickle
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.get(app, output, all_nodes)
     from rdzvctl.inspect import describe, take_snapshot
 
     with app.open() as backend:

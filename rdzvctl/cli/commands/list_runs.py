@@ -18,6 +18,10 @@ def command(app: App, output: str) -> None:
     are sorted by run id on every backend.  Needs a backend that can list
     runs (not every c10d store can).
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.list_runs(app, output)
     from rdzvctl.cli.commands.detect import _progress, check_raw
     from rdzvctl.inspect import now_utc
 

@@ -44,6 +44,10 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     The backup path is printed; `rdzvctl restore PATH` puts a decodable state
     back (the bytes of a corrupt one are kept there for forensics only).
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.reset(app, mode, yes, dry_run, backup_dir, output)
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import now_utc, take_snapshot
     from rdzvctl.round_keys import check_reopen, plan_clear

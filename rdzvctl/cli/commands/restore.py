@@ -34,8 +34,11 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
     from rdzvctl.inspect import take_snapshot
 
     saved = read_backup(Path(backup_file))
-    _check_restorable(backup_file, saved.state)
     backend_name, endpoint, run_id, conf, timeout = app._flags
+    from rdzvctl.cli import legacy
+
+    legacy_json = legacy.handles_backend(backend_name or saved.backend)  # torch's legacy etcd JSON
+    (legacy.check_restorable if legacy_json else _check_restorable)(backup_file, saved.state)
     if endpoint is None and "***" in saved.endpoint:
         from rdzvctl.errors import UsageError
 
@@ -47,6 +50,11 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
                             None, timeout)
     address = Address(base.backend, base.endpoint, base.run_id, {**base.conf, **merged}, base.timeout)
     with open_backend(address) as backend:
+        if legacy_json:
+            result = legacy.restore(app, backend, saved, backup_file, yes, dry_run, backup_dir)
+            if output == "json":
+                app.json(result or {"written": False, "run_id": backend.run_id})
+            return
         snap = take_snapshot(backend)
         result = apply_change(app, backend, snap, saved.state, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
                               command=f"restore {backup_file}",

@@ -71,6 +71,10 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
       rdzvctl set ... --no-closed
       rdzvctl set ... --remove-node node3_4711_0 --yes
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.refuse("set")
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import take_snapshot
     from rdzvctl.state.analysis import remove_node

@@ -60,6 +60,10 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
       rdzvctl watch --rdzv-backend etcd-v3 --rdzv-endpoint 10.0.0.5:2379 --rdzv-id job42
       rdzvctl watch ... --until complete --for 600 -o json   # gate a CI step on a rendezvous
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.watch(app, output, interval, until, duration)
     from rdzvctl.inspect import now_utc
     from rdzvctl.state.analysis import diff_states, stale_transitions
     from rdzvctl.state.codec import decode

@@ -1,0 +1,437 @@
+"""The commands for a backend whose state is torch's legacy etcd JSON (``state_format = "legacy-etcd-json"``).
+
+get, corrupt-detect, list, watch, reset and restore dispatch here when
+:func:`handles` says so; the shapes (exit codes, output modes, the write
+flow of :func:`rdzvctl.cli.change.apply_change`) are the other backends'.
+The state layer is :mod:`rdzvctl.state.legacy_etcd`; nothing here talks to
+etcd except through the backend.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from rdzvctl.errors import (
+    EXIT_CORRUPT,
+    NoStateError,
+    RdzvctlError,
+    StateError,
+    TokenConflictError,
+    UnsupportedOperationError,
+)
+from rdzvctl.state.legacy_etcd import STATE_FORMAT, LegacyReport, LegacyRun, analyse, describe, diff_runs, parse_state
+
+__all__ = ["handles", "get", "detect", "list_runs", "watch", "reset", "restore", "refuse", "LegacyWrites"]
+
+
+def handles(app: Any) -> bool:
+    """True when the addressed backend keeps torch's legacy etcd JSON (checked without connecting)."""
+    try:
+        name = app.address.backend
+    except RdzvctlError:
+        return False  # the command reports it as usual
+    return handles_backend(name)
+
+
+def handles_backend(name: Optional[str]) -> bool:
+    from rdzvctl.backends.registry import get_backend_class
+
+    if not name:
+        return False
+    try:
+        cls = get_backend_class(name)
+    except RdzvctlError:
+        return False
+    return getattr(cls, "state_format", None) == STATE_FORMAT
+
+
+def check_restorable(backup_file: str, state: Optional[bytes]) -> None:
+    """Refuse, before touching the backend, a backup that is not torch's legacy JSON state."""
+    if state is None:
+        return
+    try:
+        parse_state(state)
+    except StateError as exc:
+        raise type(exc)(f"{backup_file} holds no usable legacy etcd state ({exc}): nothing was written; the "
+                        "backup is kept for forensics (for a fresh start: rdzvctl reset --mode reopen)") from None
+
+
+def refuse(command: str) -> None:
+    raise UnsupportedOperationError(
+        f"{command} does not apply to the etcd backend (torch's legacy JSON state): use reset --mode "
+        "reopen|clear, or restore a backup")
+
+
+def _options(backend: Any) -> Dict[str, Any]:
+    """The job's sizes and last-call timeout from ``--rdzv-conf`` (torch's handler options)."""
+    address = backend.address
+    last_call = address.get_float("last_call_timeout")
+    return {"min_nodes": address.get_int("min_nodes"), "max_nodes": address.get_int("max_nodes"),
+            **({"last_call_timeout": last_call} if last_call is not None else {})}
+
+
+def read(backend: Any) -> Tuple[LegacyRun, LegacyReport]:
+    run = backend.read_run()
+    return run, analyse(run, time.time(), **_options(backend))
+
+
+def _doc(app: Any, backend: Any, run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
+    from rdzvctl.inspect import now_utc
+    from rdzvctl.state.jsonform import format_time
+
+    return describe(run, report, backend=backend.address.backend, endpoint=backend.describe(),
+                    token=None if run.token is None else backend.format_token(run.token),
+                    fetched_at=format_time(now_utc()) or "")
+
+
+def _no_state(run: LegacyRun, report: LegacyReport) -> NoStateError:
+    return NoStateError(f"no rendezvous state for run {run.run_id!r} ({run.run_path}/rdzv/active_version): "
+                        f"{report.next_step}")
+
+
+# -- get ------------------------------------------------------------------------------------------
+def get(app: Any, output: str, all_nodes: bool) -> None:
+    with app.open() as backend:
+        run, report = read(backend)
+    if output == "raw":
+        if run.raw is None:
+            raise _no_state(run, report)
+        app.raw(run.raw)
+        return
+    if run.raw is None and run.active is None:
+        raise _no_state(run, report)
+    doc = _doc(app, backend, run, report)
+    if output == "json":
+        app.json(doc)
+    else:
+        render_get(app, doc, all_nodes)
+    if report.error is not None or run.raw is None:
+        app.exit(EXIT_CORRUPT)
+
+
+def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
+    from rdzvctl.cli.render import SUMMARY_LIMIT, Table, _problems_table, render_tables
+
+    state = doc.get("state")
+    pairs = [("backend", f"{doc['backend']}  {doc['endpoint']}"), ("run id", doc["run_id"]),
+             ("key", doc["key"]), ("token", doc.get("token") or "-")]
+    ttl = "none" if doc["ttl"] is None else f"{doc['ttl']} s left"
+    if state is None:
+        pairs += [("state", "corrupt"), ("next", doc["next"])]
+        render_tables(app, pairs, [_problems_table(doc["problems"])])
+        return
+    summary = doc["summary"]
+    waiting = "-" if summary["waiting"] is None else str(summary["waiting"])
+    pairs += [
+        ("status", f"{summary['status']}  (TTL {ttl})"),
+        ("version", summary["version"] or "-"),
+        ("participants", f"{summary['participants']} ({summary['confirmed']} confirmed: {summary['alive']} alive, "
+                         f"{summary['expired']} expired)"),
+        ("waiting", f"{waiting} (num_workers_waiting)"),
+        ("counter", doc["version_counter"] or "missing"),
+        ("run lease", "none" if doc["run_lease_ttl"] is None else f"{doc['run_lease_ttl']} s left"),
+        ("next", doc["next"]),
+    ]
+    nodes = doc["nodes"]
+    note = ""
+    if not all_nodes and len(nodes) > SUMMARY_LIMIT:
+        shown = ([n for n in nodes if n["lease"] == "expired"] + [n for n in nodes if n["lease"] != "expired"])
+        note = f"... {len(nodes) - SUMMARY_LIMIT} more participants not shown (--all-nodes shows every row)"
+        nodes = shown[:SUMMARY_LIMIT]
+    rows = [[str(n["rank"]), n["keep_alive"] or "-", n["lease"], "-" if n["ttl"] is None else f"{n['ttl']} s"]
+            for n in nodes]
+    render_tables(app, pairs, [Table("Participants", ["rank", "keep-alive key", "lease", "ttl"], rows, note),
+                               _problems_table(doc["problems"])])
+
+
+# -- corrupt-detect and list ------------------------------------------------------------------------
+def _report_of(run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
+    from rdzvctl.state.analysis import SEVERITIES
+
+    if report.error is not None or (run.raw is None and run.active is not None):
+        status = "corrupt"
+    elif run.raw is None:
+        status = "absent"
+    else:
+        status = max((f.severity for f in report.findings), key=SEVERITIES.index, default="ok")
+    return {
+        "run_id": run.run_id,
+        "status": status,
+        "state_format": STATE_FORMAT,
+        "round": None if report.state is None or report.state.version is None else int(report.state.version),
+        "legacy_status": None if report.state is None else report.state.status,
+        "next": report.next_step,
+        "problems": [{"code": f.code, "severity": f.severity, "message": f.message, "repair": f.repair,
+                      "nodes": list(f.nodes)} for f in report.findings],
+    }
+
+
+def _all_runs(app: Any, backend: Any) -> List[Tuple[LegacyRun, LegacyReport]]:
+    from rdzvctl.cli.commands.detect import _progress
+
+    found = []
+    for entry in _progress(app, backend.list_runs()):
+        with backend.with_run(entry.run_id) as one:
+            found.append(read(one))
+    return found
+
+
+def detect(app: Any, output: str, all_runs: bool, fail_on: str) -> None:
+    from rdzvctl.cli.commands.detect import _render, exit_code
+
+    if all_runs:
+        with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
+            reports = [_report_of(*pair) for pair in _all_runs(app, backend)]
+        reports = [r for r in reports if r["status"] != "absent"]
+    else:
+        with app.open() as backend:
+            run, report = read(backend)
+        reports = [_report_of(run, report)]
+        if reports[0]["status"] == "absent":
+            raise _no_state(run, report)
+    code = exit_code(reports, fail_on)
+    if output == "json":
+        counts: Dict[str, int] = {}
+        for r in reports:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        app.json({"schema": "rdzvctl.corrupt-detect/v1", "fail_on": fail_on, "runs": reports,
+                  "summary": {"runs": len(reports), **counts}, "exit_code": code})
+    else:
+        _render(app, reports, all_runs)
+        if not all_runs:
+            app.out(f"\nnext: {reports[0]['next']}")
+    if code:
+        app.exit(code)
+
+
+def list_runs(app: Any, output: str) -> None:
+    rows = []
+    with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
+        for run, report in _all_runs(app, backend):
+            if run.raw is None and run.active is None:
+                continue
+            health = _report_of(run, report)["status"]
+            state = report.state
+            rows.append({
+                "run_id": run.run_id, "health": health, "status": None if state is None else state.status,
+                "round": None if state is None or state.version is None else int(state.version),
+                "complete": None if state is None else state.status == "final",
+                "participants": None if state is None else len(state.participants or ()),
+                "waiting": None if state is None else state.num_workers_waiting,
+                "closed": None if state is None else state.status == "closed",
+                "token": None if run.token is None else backend.format_token(run.token),
+            })
+    if output == "json":
+        app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
+        return
+    from rdzvctl.cli.render import Table, render_tables
+
+    def show(value: object) -> str:
+        return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
+
+    keys = ("status", "round", "participants", "waiting", "closed")
+    table = Table("", ["run id", "status", "version", "participants", "waiting", "closed", "health"],
+                  [[r["run_id"], *(show(r[k]) for k in keys), r["health"]] for r in rows])
+    render_tables(app, [], [table])
+
+
+# -- watch ------------------------------------------------------------------------------------------
+def _until(text: Optional[str]) -> Any:
+    """watch's ``complete|closed|absent|round>=N`` over a legacy report (round = version)."""
+    import click
+
+    from rdzvctl.cli.commands.watch import _UNTIL
+
+    if text is None:
+        return None
+    match = _UNTIL.match(text.strip())
+    if not match:
+        raise click.BadParameter("expected complete, closed, absent or round>=N", param_hint="--until")
+    kind = match.group(1)
+    if kind == "absent":
+        return lambda r: r.state is None and r.error is None
+    if kind in ("complete", "closed"):
+        wanted = "final" if kind == "complete" else "closed"
+        return lambda r: r.state is not None and r.state.status == wanted
+    target = int(match.group(2))
+    return lambda r: r.state is not None and r.state.version is not None and int(r.state.version) >= target
+
+
+def watch(app: Any, output: str, interval: float, until: Optional[str], duration: Optional[float]) -> None:
+    """Poll the run (state, counter, keep-alive leases) every ``interval``: keep-alives expire without
+    any write to ``active_version``, so its native watch alone would miss them."""
+    from rdzvctl.errors import ConditionNotMetError
+    from rdzvctl.inspect import now_utc
+    from rdzvctl.state.jsonform import format_time
+
+    predicate = _until(until)
+    deadline = None if duration is None else time.monotonic() + duration
+    previous: Optional[LegacyReport] = None
+    seen: Any = None  # (status, version) and since when (monotonic)
+    since = time.monotonic()
+    reported: set = set()
+    with app.open() as backend:
+
+        def emit(kind: str, message: str, extra: Optional[Dict[str, Any]] = None) -> None:
+            event = {"time": format_time(now_utc()), "kind": kind, "message": message, "run_id": backend.run_id}
+            event.update(extra or {})
+            if output == "json":
+                app.json_line(event)
+            else:
+                from rdzvctl.cli.render import render_event
+
+                render_event(app, event)
+
+        while True:
+            run = backend.read_run()
+            try:
+                parsed = None if run.raw is None else parse_state(run.raw)
+            except StateError:
+                parsed = None
+            key = None if parsed is None else (parsed.status, parsed.version)
+            if key != seen:
+                seen, since = key, time.monotonic()
+            report = analyse(run, time.time(), status_age=time.monotonic() - since if key else None,
+                             **_options(backend))
+            state = report.state
+            if previous is None:
+                emit("snapshot", "no state yet" if run.raw is None else
+                     ("state corrupt" if state is None else
+                      f"{state.status}, version {state.version or '-'}, {len(state.participants or ())} "
+                      f"participant(s), {len(state.keep_alives or ())} confirmed"),
+                     {"status": None if state is None else state.status})
+            else:
+                for kind, message in diff_runs(previous, report):
+                    emit(kind, message)
+            for finding in report.findings:
+                if finding.code.startswith("stuck-") and (finding.code, seen) not in reported:
+                    reported.add((finding.code, seen))
+                    emit(finding.code, finding.message)
+            previous = report
+            if predicate is not None and predicate(report):
+                emit("until-met", f"condition {until!r} holds")
+                return
+            wait = interval
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if until is not None:
+                        raise ConditionNotMetError(f"the condition {until!r} did not hold within {duration:g}s")
+                    return
+                wait = min(wait, left)
+            time.sleep(wait)
+
+
+# -- writes ---------------------------------------------------------------------------------------------
+class LegacyWrites:
+    """The write flow's format hooks (``apply_change(..., fmt=...)``) for torch's legacy JSON.
+
+    ``removal`` says what writing ``None`` means: ``reopen`` (delete
+    ``active_version``) or ``clear`` (remove the run's directory).
+    """
+
+    def __init__(self, removal: str = "reopen") -> None:
+        self.removal = removal
+
+    @staticmethod
+    def view(raw: Optional[bytes]) -> Any:
+        if raw is None:
+            return None
+        try:
+            return parse_state(raw).to_json()
+        except StateError as exc:
+            return {"undecodable": str(exc), "text": raw[:4096].decode("utf-8", "replace")}
+
+    @staticmethod
+    def check(new: bytes) -> None:
+        """Write only what torch's handler reads: it ``json.loads`` the value and indexes its fields."""
+        try:
+            parse_state(new)
+        except StateError as exc:
+            raise type(exc)(f"refusing to write bytes that are not torch's legacy etcd state ({exc}); "
+                            "nothing was written") from None
+
+    def write(self, backend: Any, token: Any, new: Optional[bytes]) -> Any:
+        from rdzvctl.fence import current_or_none, write_fenced
+
+        if new is not None or token is None:
+            return write_fenced(backend, token, new)
+        removed = backend.reopen(token) if self.removal == "reopen" else backend.clear(token)
+        if not removed:
+            raise TokenConflictError(
+                f"run {backend.run_id!r} changed since it was read (token {backend.format_token(token)}); "
+                "nothing was removed", current_or_none(backend))
+        return None
+
+    def report_conflict(self, app: Any, snap: Any, exc: TokenConflictError) -> None:
+        current = exc.current
+        before = self.view(snap.raw)
+        after = None if current is None else self.view(current[0])
+        if current is None:
+            app.err("Changed meanwhile: active_version was removed or expired.")
+        elif isinstance(before, dict) and isinstance(after, dict):
+            changes = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                       if before.get(k) != after.get(k)]
+            app.err("Changed meanwhile: " + ("; ".join(changes) if changes else "rewritten with equal content "
+                                                                                 "(a TTL refresh)"))
+
+
+def snapshot(app: Any, backend: Any, run: LegacyRun, report: LegacyReport) -> Any:
+    """The write flow's :class:`~rdzvctl.inspect.Snapshot` of ``active_version``."""
+    from rdzvctl.inspect import Snapshot, now_utc
+
+    return Snapshot(backend=backend.address.backend, endpoint=backend.describe(), run_id=run.run_id, raw=run.raw,
+                    token=run.token, token_text=None if run.token is None else backend.format_token(run.token),
+                    state=None, error=report.error, fetched_at=now_utc())
+
+
+def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[str], output: str) -> None:
+    from rdzvctl.cli.change import apply_change
+
+    if mode == "prune":
+        raise UnsupportedOperationError(
+            "reset --mode prune does not apply to the etcd backend: its participants are ranks without "
+            "heartbeats; a final version with a dead rank is repaired by --mode reopen")
+    with app.open() as backend:
+        run, report = read(backend)
+        if run.raw is None:
+            if mode == "clear" and run.run_dir is not None:
+                app.err(f"Run {run.run_id!r} has no active_version; its directory {run.run_path} is left to its "
+                        "TTL (nothing to fence on).")
+            raise _no_state(run, report)
+        snap = snapshot(app, backend, run, report)
+        notes = [f"torch next, now: {report.next_step}"]
+        if mode == "reopen":
+            notes.append(f"Reopen deletes {run.run_path}/rdzv/active_version only (compare on index {run.token}), "
+                         "as torch's wait_for_rendezvous_to_free does to a dead version: the next init_phase, also "
+                         "of agents already running, creates version "
+                         f"{'?' if run.counter is None else int(run.counter.value or 0) + 1} and agents join it.")
+        else:
+            notes.append(f"Clear removes {run.run_path} (active_version fenced on index {run.token}, then "
+                         f"version_counter {run.counter.value if run.counter else '-'}, "
+                         f"{len(run.versions)} version director(ies) with their keep-alives and round stores), "
+                         "as its 7200 s TTL would. Only active_version is backed up. A handler created before "
+                         "the clear dies at its next rendezvous (RendezvousError 'worker needs to die'): use it "
+                         "when no agent of this run id runs; --mode reopen otherwise.")
+        result = apply_change(app, backend, snap, None, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
+                              command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {run.run_id!r}",
+                              notes=notes, fmt=LegacyWrites(mode))
+    if output == "json":
+        app.json(result or {"written": False, "run_id": run.run_id})
+
+
+def restore(app: Any, backend: Any, saved: Any, backup_file: str, yes: bool, dry_run: bool,
+            backup_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+    from rdzvctl.cli.change import apply_change
+
+    run, report = read(backend)
+    snap = snapshot(app, backend, run, report)
+    notes = []
+    if saved.state is not None and run.counter is None:
+        notes.append("version_counter is missing: handlers created before its removal fail until a new handler "
+                     "recreates it (a restore brings back active_version only).")
+    return apply_change(app, backend, snap, saved.state, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
+                        command=f"restore {backup_file}",
+                        title=f"Restore of run {snap.run_id!r} from {backup_file} (saved {saved.time})",
+                        notes=notes, fmt=LegacyWrites("reopen"))

@@ -1,0 +1,212 @@
+"""Every command on the ``etcd`` backend (torch's legacy etcd rendezvous), with torch's real
+``EtcdRendezvousHandler`` agents on a real etcd 3.4 with --enable-v2."""
+
+# The server fixtures are imported by name, so pytest arguments shadow them.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+import rdzvctl.cli.legacy
+from rdzvctl.backends.base import Address
+from rdzvctl.backends.etcd_legacy import EtcdLegacyBackend
+from rdzvctl.state.legacy_etcd import KEEPALIVE_TTL
+from tests.support.cli import cli_env, invoke, json_out  # noqa: F401  (fixtures)
+from tests.support.etcd_server import etcd_server  # noqa: F401  (fixtures)
+from tests.support.legacy_etcd_agent import agents, rendezvous
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture()
+def torch_peer():
+    pytest.importorskip("torch")
+    pytest.importorskip("etcd")
+
+
+def new_run_id() -> str:
+    return f"cli-{uuid.uuid4().hex[:10]}"
+
+
+def flags(server: Any, run_id: str, *conf: str) -> List[str]:
+    args = ["--rdzv-backend", "etcd", "--rdzv-endpoint", server.endpoint, "--rdzv-id", run_id]
+    return args + (["--rdzv-conf", ",".join(conf)] if conf else [])
+
+
+def backend(server: Any, run_id: str) -> EtcdLegacyBackend:
+    return EtcdLegacyBackend.from_address(Address("etcd", server.endpoint, run_id, {}, 5.0))
+
+
+def wait_for_exit(args: List[str], code: int, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = invoke(args)
+        if result.exit_code == code or time.monotonic() > deadline:
+            return result
+        time.sleep(0.3)
+
+
+def test_backends_lists_it(cli_env):
+    result = invoke(["backends", "-o", "json"]) if "-o" in invoke(["backends", "--help"]).stdout \
+        else invoke(["backends"])
+    assert result.exit_code == 0
+    assert "etcd" in result.stdout and "legacy" in result.stdout
+
+
+def test_get_of_a_run_without_state_exits_5(cli_env, etcd_server):
+    result = invoke(["get", *flags(etcd_server, new_run_id())])
+    assert result.exit_code == 5
+    assert "no rendezvous state" in result.stderr and "creates one" in result.stderr
+
+
+def test_a_corrupt_value_exits_6_with_the_field_named(cli_env, etcd_server):
+    run_id = new_run_id()
+    b = backend(etcd_server, run_id)
+    b.set_state(b'{"status": "joinable", "version": "1", "participants": [0, 0]}')
+    result = invoke(["get", *flags(etcd_server, run_id)])
+    assert result.exit_code == 6
+    assert "participants[1]" in result.stdout
+    detect = invoke(["corrupt-detect", *flags(etcd_server, run_id), "-o", "json"])
+    assert detect.exit_code == 6 and json_out(detect)["runs"][0]["status"] == "corrupt"
+
+
+def test_set_and_edit_are_refused_with_the_alternatives(cli_env, etcd_server):
+    result = invoke(["set", *flags(etcd_server, new_run_id()), "--closed", "--yes"])
+    assert result.exit_code == 2 and "reset --mode" in result.stderr
+
+
+def test_two_handlers_then_every_read_command(cli_env, etcd_server, torch_peer):
+    run_id = new_run_id()
+    args = flags(etcd_server, run_id)
+    watcher = subprocess.Popen([sys.executable, "-m", "rdzvctl", "watch", *args, "-o", "json", "--until",
+                                "complete", "--for", "120", "--interval", "0.2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with agents(etcd_server.endpoint, run_id, 2) as group:
+            rounds = rendezvous(group)
+            version = rounds[0]["version"]
+            out, err = watcher.communicate(timeout=60)
+            assert watcher.returncode == 0, err
+            kinds = [json.loads(line)["kind"] for line in out.splitlines()]
+            assert kinds[0] == "snapshot" and kinds[-1] == "until-met" and "status" in kinds
+
+            text = invoke(["get", *args])
+            assert text.exit_code == 0, text.stderr
+            assert "final" in text.stdout and f"rdzv/v_{version}/rank_1" in text.stdout
+            doc = json_out(invoke(["get", *args, "-o", "json"]))
+            assert doc["schema"] == "rdzvctl.get.legacy-etcd/v1" and doc["state"]["status"] == "final"
+            assert [n["lease"] for n in doc["nodes"]] == ["alive", "alive"] and doc["problems"] == []
+            assert doc["key"] == f"/torchelastic/p2p/run_{run_id}/rdzv/active_version"
+            raw = invoke(["get", *args, "-o", "raw", "--force"]) if "--force" in invoke(
+                ["get", "--help"]).stdout else invoke(["get", *args, "-o", "raw"])
+            assert json.loads(raw.stdout)["status"] == "final"
+
+            assert invoke(["corrupt-detect", *args]).exit_code == 0
+            listed = json_out(invoke(["list", "--rdzv-backend", "etcd", "--rdzv-endpoint", etcd_server.endpoint,
+                                      "-o", "json"]))
+            row = next(r for r in listed["runs"] if r["run_id"] == run_id)
+            assert row["status"] == "final" and row["participants"] == 2 and row["health"] == "ok"
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+
+
+def test_a_killed_handler_is_named_by_detect_and_watch(cli_env, etcd_server, torch_peer):
+    run_id = new_run_id()
+    args = flags(etcd_server, run_id)
+    with agents(etcd_server.endpoint, run_id, 2) as group:
+        rounds = rendezvous(group)
+        watcher = subprocess.Popen([sys.executable, "-m", "rdzvctl", "watch", *args, "-o", "json", "--for",
+                                    str(KEEPALIVE_TTL + 8), "--interval", "0.3"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        next(a for a, r in zip(group, rounds) if r["rank"] == 1).kill()
+        result = wait_for_exit(["corrupt-detect", *args, "-o", "json"], 1, KEEPALIVE_TTL + 8)
+        assert result.exit_code == 1, result.stdout
+        (problem,) = json_out(result)["runs"][0]["problems"]
+        assert problem["code"] == "dead-participant" and problem["nodes"] == ["rank_1"]
+        assert "reset --mode reopen" in problem["repair"]
+        out, _ = watcher.communicate(timeout=KEEPALIVE_TTL + 30)
+        events = [json.loads(line) for line in out.splitlines()]
+        assert any(e["kind"] == "keep-alive-expired" and "rank 1" in e["message"] for e in events)
+
+
+def _closed_run(endpoint: str) -> str:
+    run_id = new_run_id()
+    with agents(endpoint, run_id, 2) as group:
+        rendezvous(group)
+        assert group[0].call("shutdown", "shutdown")["result"] is True
+    return run_id
+
+
+def test_closed_run_detected_reopened_then_restored(cli_env, etcd_server, torch_peer):
+    run_id = _closed_run(etcd_server.endpoint)
+    args = flags(etcd_server, run_id)
+    with agents(etcd_server.endpoint, run_id, 1, min_nodes=1, max_nodes=1) as (new,):
+        assert new.call("next", "error")["type"] == "RendezvousClosedError"
+        detect = invoke(["corrupt-detect", *args])
+        assert detect.exit_code == 1
+        assert "closed-run-in-use" in detect.stdout and "RendezvousClosedError" in detect.stdout
+        before = backend(etcd_server, run_id).get_state()
+
+        refused = invoke(["reset", *args, "--mode", "reopen"])  # off a terminal, no --yes
+        assert refused.exit_code == 2 and backend(etcd_server, run_id).get_state() == before
+        dry = invoke(["reset", *args, "--mode", "reopen", "--dry-run"])
+        assert dry.exit_code == 0 and "wait_for_rendezvous_to_free" in dry.stderr
+        assert backend(etcd_server, run_id).get_state() == before
+
+        done = invoke(["reset", *args, "--mode", "reopen", "--yes", "-o", "json"])
+        assert done.exit_code == 0, done.stderr
+        result = json_out(done)
+        assert result["written"] is True and Path(result["backup"]).is_file()
+        assert new.call("next", "round")["rank"] == 0  # the same handler now rendezvouses
+        assert invoke(["corrupt-detect", *args]).exit_code == 0
+
+        back = invoke(["restore", result["backup"], "--yes"])
+        assert back.exit_code == 0, back.stderr
+        assert backend(etcd_server, run_id).get_state()[0] == before[0]
+        assert new.call("closed", "closed")["closed"] is True
+
+
+def test_clear_removes_the_run_and_a_new_handler_starts_at_version_1(cli_env, etcd_server, torch_peer):
+    run_id = _closed_run(etcd_server.endpoint)
+    args = flags(etcd_server, run_id)
+    cleared = invoke(["reset", *args, "--mode", "clear", "--yes"])
+    assert cleared.exit_code == 0, cleared.stderr
+    assert "worker needs to die" in cleared.stderr  # the plan says who it is for
+    assert backend(etcd_server, run_id).read_run().run_dir is None
+    with agents(etcd_server.endpoint, run_id, 1, min_nodes=1, max_nodes=1) as (new,):
+        assert new.call("next", "round")["version"] == "1"
+
+
+def test_a_reset_racing_a_live_handler_exits_3_and_writes_nothing(cli_env, etcd_server, torch_peer, monkeypatch):
+    run_id = new_run_id()
+    b = backend(etcd_server, run_id)
+    with agents(etcd_server.endpoint, run_id, 2) as (first, second):
+        first.send("next")
+        deadline = time.monotonic() + 60
+        while not ((s := b.get_state()) and b'"participants": [0]' in s[0]):
+            assert time.monotonic() < deadline, "the first handler did not join"
+            time.sleep(0.1)
+        original = rdzvctl.cli.legacy.LegacyWrites.write
+
+        def handler_moves_first(self, backend_, token, new):
+            second.send("next")  # a real handler writes between our read and our write
+            first.expect("round")
+            second.expect("round")
+            return original(self, backend_, token, new)
+
+        monkeypatch.setattr(rdzvctl.cli.legacy.LegacyWrites, "write", handler_moves_first)
+        result = invoke(["reset", *flags(etcd_server, run_id), "--mode", "reopen", "--yes"])
+        assert result.exit_code == 3, result.stderr
+        assert "Changed meanwhile" in result.stderr and "nothing was removed" in result.stderr
+        state = b.get_state()
+        assert state is not None and json.loads(state[0])["status"] == "final"  # the handlers' write stands
