@@ -79,6 +79,24 @@ def test_a_corrupt_value_exits_6_with_the_field_named(cli_env, etcd_server):
     assert detect.exit_code == 6 and json_out(detect)["runs"][0]["status"] == "corrupt"
 
 
+def test_detect_all_and_list_read_every_run_under_the_prefix(cli_env, etcd_server):
+    prefix = f"/all-{uuid.uuid4().hex[:8]}"
+    conf = f"etcd_prefix={prefix}"
+    ok = EtcdLegacyBackend.from_address(Address("etcd", etcd_server.endpoint, "ok", {"etcd_prefix": prefix}))
+    bad = EtcdLegacyBackend.from_address(Address("etcd", etcd_server.endpoint, "bad\x1b[31m", {"etcd_prefix": prefix}))
+    ok.set_state(b'{"status": "closed"}')
+    bad.set_state(b'{"status": "\u001b[2Jgone"}')
+    base = ["--rdzv-backend", "etcd", "--rdzv-endpoint", etcd_server.endpoint, "--rdzv-conf", conf]
+    result = invoke(["corrupt-detect", "--all", *base, "-o", "json"])
+    assert result.exit_code == 6
+    runs = {r["run_id"]: r for r in json_out(result)["runs"]}
+    assert runs["ok"]["status"] == "warning" and runs["ok"]["problems"][0]["code"] == "closed"
+    assert runs["bad\x1b[31m"]["status"] == "corrupt"
+    text = invoke(["list", *base])
+    assert text.exit_code == 0 and "\x1b" not in text.stdout and "closed" in text.stdout
+    assert "\x1b" not in invoke(["corrupt-detect", *base, "--rdzv-id", "bad\x1b[31m"]).stdout
+
+
 def test_set_and_edit_are_refused_with_the_alternatives(cli_env, etcd_server):
     result = invoke(["set", *flags(etcd_server, new_run_id()), "--closed", "--yes"])
     assert result.exit_code == 2 and "reset --mode" in result.stderr

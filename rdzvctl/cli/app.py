@@ -196,7 +196,7 @@ def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add the torchrun-style address options and pass an :class:`App` first."""
 
     @click.option("--rdzv-backend", "rdzv_backend", metavar="NAME", shell_complete=_completer("complete_backend"),
-                  help="Backend name (c10d, etcd-v2, etcd-v3, redis, or module:factory). [env: RDZVCTL_RDZV_BACKEND, then PET_RDZV_BACKEND]")
+                  help="Backend name (c10d, etcd, etcd-v2, etcd-v3, redis, or module:factory). [env: RDZVCTL_RDZV_BACKEND, then PET_RDZV_BACKEND]")
     @click.option("--rdzv-endpoint", "rdzv_endpoint", metavar="HOST:PORT",
                   help="Backend endpoint, as given to torchrun. [env: RDZVCTL_RDZV_ENDPOINT, then PET_RDZV_ENDPOINT]")
     @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", shell_complete=_completer("complete_run_id"), help="The run id (torchrun --rdzv-id). [env: RDZVCTL_RDZV_ID, then PET_RDZV_ID]")

@@ -183,7 +183,7 @@ def parse_state(raw: bytes) -> LegacyState:
     if "status" not in doc:
         raise _corrupt("no status field (torch's init_phase fails with KeyError and retries until its timeout)")
     if not isinstance(status, str) or status not in STATUSES:
-        shown = status if isinstance(status, str) else type(status).__name__
+        shown = status[:40] if isinstance(status, str) else type(status).__name__
         raise _corrupt(f"status {shown!r} is none of {', '.join(STATUSES)}")
     for name in _REQUIRED[status]:
         if name not in doc:
