@@ -7,10 +7,13 @@ with torch's real ``EtcdRendezvousHandler`` as the peer."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -85,6 +88,30 @@ def test_torchs_options_are_accepted_and_others_refused(etcd_server):
         backend(etcd_server.endpoint, key_prefix="/x")
     with pytest.raises(BackendConfigError, match="http or https"):
         backend(etcd_server.endpoint, protocol="ftp")
+
+
+def test_every_option_torchs_handler_reads_is_accepted():
+    """``create_rdzv_handler`` and ``_create_etcd_client`` read ``params.get``/``params.config.get`` keys."""
+    import importlib.util
+    import re
+
+    from rdzvctl.backends.base import SHARED_CONF_KEYS
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        pytest.skip("torch is not installed")
+    source = (Path(spec.origin).parent / "distributed/elastic/rendezvous/etcd_rendezvous.py").read_text()
+    keys = set(re.findall(r'params\.(?:config\.)?get(?:_as_\w+)?\(\s*"(\w+)"', source))
+    assert {"etcd_prefix", "protocol", "cert", "key", "cacert", "timeout", "last_call_timeout"} <= keys
+    assert keys <= EtcdLegacyBackend.conf_keys | SHARED_CONF_KEYS
+
+
+def test_the_backend_imports_nothing_heavy():
+    code = ("import sys\nfrom rdzvctl.backends.registry import get_backend_class\nget_backend_class('etcd')\n"
+            "import rdzvctl.cli.legacy\n"
+            "print([m for m in ('torch', 'etcd', 'rich', 'redis') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
 
 
 def test_writes_carry_the_ttl_torch_gives_the_status(etcd_server):

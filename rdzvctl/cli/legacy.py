@@ -16,6 +16,7 @@ from rdzvctl.errors import (
     EXIT_CORRUPT,
     NoStateError,
     RdzvctlError,
+    StateCorruptError,
     StateError,
     TokenConflictError,
     UnsupportedOperationError,
@@ -91,9 +92,12 @@ def _no_state(run: LegacyRun, report: LegacyReport) -> NoStateError:
 
 
 # -- get ------------------------------------------------------------------------------------------
-def get(app: Any, output: str, all_nodes: bool) -> None:
+def get(app: Any, output: str, all_nodes: bool, show_keys: bool = False) -> None:
     with app.open() as backend:
         run, report = read(backend)
+    if show_keys:
+        app.err("note: --keys is not offered on the etcd backend: each version's store is "
+                f"{run.run_path}/rdzv/v_<version>/kv, and versions never repeat")
     if output == "raw":
         if run.raw is None:
             raise _no_state(run, report)
@@ -395,6 +399,10 @@ def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[st
             "heartbeats; a final version with a dead rank is repaired by --mode reopen")
     with app.open() as backend:
         run, report = read(backend)
+        if run.raw is None and run.active is not None:
+            raise StateCorruptError(f"{run.run_path}/rdzv/active_version is a directory: etcd v2 cannot remove a "
+                                    "directory fenced, so rdzvctl does not; remove it with "
+                                    f"`ETCDCTL_API=2 etcdctl rm -r {run.run_path}/rdzv/active_version`")
         if run.raw is None:
             if mode == "clear" and run.run_dir is not None:
                 app.err(f"Run {run.run_id!r} has no active_version; its directory {run.run_path} is left to its "

@@ -376,8 +376,9 @@ def analyse(
         if renewed is not None and renewed <= RECENT_RENEWAL:
             findings.append(Finding(
                 "closed-run-in-use", "error",
-                f"run closed, but a handler renewed the run's lease {renewed:.0f} s ago (handlers renew it when "
-                "created): a job is using this run id and its next_rendezvous() raises RendezvousClosedError",
+                f"run closed, and a handler renewed the run's lease {renewed:.0f} s ago (handlers renew it when "
+                "created, then hourly): a job is using this run id, and a new job's next_rendezvous() raises "
+                "RendezvousClosedError",
                 _REOPEN + ": the waiting agents join at once"))
         else:
             findings.append(Finding(

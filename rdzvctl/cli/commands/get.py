@@ -25,7 +25,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
     from rdzvctl.cli import legacy
 
     if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
-        return legacy.get(app, output, all_nodes)
+        return legacy.get(app, output, all_nodes, show_keys)
     from rdzvctl.inspect import describe, take_snapshot
 
     with app.open() as backend:
