@@ -263,3 +263,34 @@ def test_a_write_racing_a_live_handler_writes_nothing(etcd_server, torch_peer):
         assert b.reopen(read[1]) is False
         assert b.clear(read[1]) is False
         assert b.get_state() == now
+
+
+@pytest.mark.torch
+def test_a_participant_lost_in_frozen_expires_the_version_and_the_others_start_the_next(etcd_server, torch_peer):
+    """torch's ``frozen`` TTL (10 s) is what rescues the others: the analysis says so while it runs."""
+    import os
+    import signal
+
+    run_id = new_run_id()
+    b = backend(etcd_server.endpoint, run_id)
+    with agents(etcd_server.endpoint, run_id, 2) as (first, second):
+        first.send("next")
+        wait_until(lambda: (lambda s: s and b'"participants": [0]' in s[0])(b.get_state()), 60, "the first joined")
+        os.kill(first.process.pid, signal.SIGSTOP)  # it never confirms
+        try:
+            second.send("next")
+            _, frozen = wait_until(
+                lambda: (lambda rr: rr if rr[1].state and rr[1].state.keep_alives else None)(report(b)),
+                30, "the second confirmed")
+            assert frozen.state.status == "frozen" and len(frozen.state.participants) == 2
+            assert [n.lease for n in frozen.nodes] == ["unconfirmed", "alive"]
+            assert "1 of 2 participant(s) confirmed" in frozen.next_step and "expires in" in frozen.next_step
+            old = frozen.state.version
+            _, after = wait_until(
+                lambda: (lambda rr: rr if rr[1].state and rr[1].state.version != old else None)(report(b)),
+                30, "the frozen version expired and the second started the next")
+            assert after.state.status == "joinable" and after.state.participants == (0,)
+        finally:
+            os.kill(first.process.pid, signal.SIGCONT)
+        rounds = [first.expect("round"), second.expect("round")]
+        assert sorted(r["rank"] for r in rounds) == [0, 1] and int(rounds[0]["version"]) > int(old)
