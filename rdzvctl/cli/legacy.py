@@ -293,7 +293,9 @@ def watch(app: Any, output: str, interval: float, until: Optional[str], duration
                 parsed = None if run.raw is None else parse_state(run.raw)
             except StateError:
                 parsed = None
-            key = None if parsed is None else (parsed.status, parsed.version)
+            # A joinable state gets its TTL when min_nodes joined: the last call starts then.
+            key = None if parsed is None else (parsed.status, parsed.version, run.active is not None
+                                               and run.active.ttl is not None)
             if key != seen:
                 seen, since = key, time.monotonic()
             report = analyse(run, time.time(), status_age=time.monotonic() - since if key else None,
