@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -197,9 +198,14 @@ def test_closed_run_detected_reopened_then_restored(cli_env, etcd_server, torch_
 def test_clear_removes_the_run_and_a_new_handler_starts_at_version_1(cli_env, etcd_server, torch_peer):
     run_id = _closed_run(etcd_server.endpoint)
     args = flags(etcd_server, run_id)
-    cleared = invoke(["reset", *args, "--mode", "clear", "--yes"])
+    cleared = invoke(["reset", *args, "--mode", "clear", "--yes", "-o", "json"])
     assert cleared.exit_code == 0, cleared.stderr
     assert "worker needs to die" in cleared.stderr  # the plan says who it is for
+    saved = json.loads(Path(json_out(cleared)["run_directory_backup"]).read_text())
+    keys = json.loads(base64.b64decode(saved["state_base64"]))["keys"]
+    assert f"/torchelastic/p2p/run_{run_id}/rdzv/version_counter" in keys
+    refused = invoke(["restore", json_out(cleared)["run_directory_backup"], "--yes"])
+    assert refused.exit_code == 6 and "forensics" in refused.stderr
     assert backend(etcd_server, run_id).read_run().run_dir is None
     with agents(etcd_server.endpoint, run_id, 1, min_nodes=1, max_nodes=1) as (new,):
         assert new.call("next", "round")["version"] == "1"

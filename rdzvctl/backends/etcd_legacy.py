@@ -165,6 +165,22 @@ class EtcdLegacyBackend(EtcdV2Backend):
                     "its keys were left alone")
         return True
 
+    def dump_run(self) -> bytes:
+        """Every key of the run directory (values, TTLs) as JSON, from one recursive read: what ``clear``
+        removes besides ``active_version``, saved for forensics before it does."""
+        import json
+
+        top = self._get(self.run_path, recursive="true", sorted="true")
+        keys: Dict[str, Any] = {}
+        stack = [] if top is None else [top]
+        while stack:
+            node = stack.pop()
+            if node.get("dir"):
+                stack.extend(reversed(node.get("nodes", [])))
+            keys[str(node.get("key", ""))] = {"dir": bool(node.get("dir")), "value": node.get("value"),
+                                               "ttl": node.get("ttl"), "modifiedIndex": node.get("modifiedIndex")}
+        return json.dumps({"run_path": self.run_path, "keys": dict(sorted(keys.items()))}).encode("utf-8")
+
     # -- the whole run --------------------------------------------------------------------
     def _get(self, key: str, **query: Any) -> Optional[Dict[str, Any]]:
         status, doc, _ = self._call("GET", key, quorum="true", **query)

@@ -337,8 +337,9 @@ class LegacyWrites:
     ``active_version``) or ``clear`` (remove the run's directory).
     """
 
-    def __init__(self, removal: str = "reopen") -> None:
+    def __init__(self, removal: str = "reopen", before_clear: Any = None) -> None:
         self.removal = removal
+        self.before_clear = before_clear  # called with the backend after consent and backup, before a clear
 
     @staticmethod
     def view(raw: Optional[bytes]) -> Any:
@@ -363,6 +364,8 @@ class LegacyWrites:
 
         if new is not None or token is None:
             return write_fenced(backend, token, new)
+        if self.removal == "clear" and self.before_clear is not None:
+            self.before_clear(backend)
         removed = backend.reopen(token) if self.removal == "reopen" else backend.clear(token)
         if not removed:
             raise TokenConflictError(
@@ -412,6 +415,9 @@ def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[st
             raise _no_state(run, report)
         snap = snapshot(app, backend, run, report)
         notes = [f"torch next, now: {report.next_step}"]
+        if report.state is not None and report.state.status != "closed" and not report.findings:
+            notes.append(f"Warning: nothing is wrong with this {report.state.status} version: its agents keep "
+                         "their ranks, and new agents would start another version beside them.")
         if mode == "reopen":
             notes.append(f"Reopen deletes {run.run_path}/rdzv/active_version only (compare on index {run.token}), "
                          "as torch's wait_for_rendezvous_to_free does to a dead version: the next init_phase, also "
@@ -421,14 +427,34 @@ def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[st
             notes.append(f"Clear removes {run.run_path} (active_version fenced on index {run.token}, then "
                          f"version_counter {run.counter.value if run.counter else '-'}, "
                          f"{len(run.versions)} version director(ies) with their keep-alives and round stores), "
-                         "as its 7200 s TTL would. Only active_version is backed up. A handler created before "
+                         "as its 7200 s TTL would. active_version is backed up (restorable), the rest saved apart for "
+                         "forensics. A handler created before "
                          "the clear dies at its next rendezvous (RendezvousError 'worker needs to die'): use it "
                          "when no agent of this run id runs; --mode reopen otherwise.")
         result = apply_change(app, backend, snap, None, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
                               command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {run.run_id!r}",
-                              notes=notes, fmt=LegacyWrites(mode))
+                              notes=notes, fmt=LegacyWrites(mode, lambda b: _save_run_directory(app, b, backup_dir)))
+        if result is not None and "run_directory_backup" in app.progress:
+            result["run_directory_backup"] = app.progress["run_directory_backup"]
     if output == "json":
         app.json(result or {"written": False, "run_id": run.run_id})
+
+
+def _save_run_directory(app: Any, backend: Any, backup_dir: Optional[str]) -> None:
+    """Save every key ``clear`` removes (counter, per-version stores, leases) as a second backup, for
+    forensics: ``restore`` refuses it (not a state) and puts back only ``active_version`` backups."""
+    from pathlib import Path
+
+    from rdzvctl.backup import Backup, public_conf, write_backup
+    from rdzvctl.inspect import now_utc
+    from rdzvctl.state.jsonform import format_time
+
+    address = backend.address
+    path = write_backup(Backup(address.backend, backend.describe(), backend.run_id, public_conf(dict(address.conf)),
+                               None, format_time(now_utc()) or "", "reset --mode clear: the run directory (forensics)",
+                               backend.dump_run()), Path(backup_dir) if backup_dir else None)
+    app.progress["run_directory_backup"] = str(path)
+    app.err(f"Run directory saved (forensics, not restorable): {path}")
 
 
 def restore(app: Any, backend: Any, saved: Any, backup_file: str, yes: bool, dry_run: bool,
