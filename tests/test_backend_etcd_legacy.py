@@ -22,7 +22,7 @@ import pytest
 from rdzvctl.backends.base import Address
 from rdzvctl.backends.etcd_legacy import EtcdLegacyBackend
 from rdzvctl.errors import BackendConfigError, StateCorruptError
-from rdzvctl.state.legacy_etcd import KEEPALIVE_TTL, analyse, describe
+from rdzvctl.state.legacy_etcd import analyse, describe
 from rdzvctl.testing.conformance import BackendConformanceTests
 from tests.support.etcd_server import EtcdCluster, etcd_server  # noqa: F401  (fixtures)
 from tests.support.legacy_etcd_agent import agents, rendezvous
@@ -185,23 +185,6 @@ def test_two_handlers_complete_and_the_state_reads_final(etcd_server, torch_peer
         assert doc["summary"]["alive"] == 2 and doc["state"]["status"] == "final"
 
 
-@pytest.mark.torch
-def test_a_killed_handler_is_named_once_its_lease_expires(etcd_server, torch_peer):
-    run_id = new_run_id()
-    b = backend(etcd_server.endpoint, run_id)
-    with agents(etcd_server.endpoint, run_id, 2) as group:
-        rounds = rendezvous(group)
-        victim = next(a for a, r in zip(group, rounds) if r["rank"] == 1)
-        victim.kill()
-        # torch's lease is CONST_WORKER_KEEPALIVE_TTL (10 s), renewed every 5 s: it expires within 10 s.
-        _, result = wait_until(lambda: (lambda rr: rr if rr[1].findings else None)(report(b)),
-                               KEEPALIVE_TTL + 10, "the dead rank's lease expired")
-        codes = {f.code: f for f in result.findings}
-        assert "dead-participant" in codes and codes["dead-participant"].nodes == ("rank_1",)
-        assert [n.lease for n in result.nodes] == ["alive", "expired"]
-        assert "wait_for_rendezvous_to_free" in codes["dead-participant"].message
-
-
 def _closed_run(endpoint: str) -> str:
     """A job that finished: two handlers rendezvoused, then shutdown() closed the run."""
     run_id = new_run_id()
@@ -209,24 +192,6 @@ def _closed_run(endpoint: str) -> str:
         rendezvous(group)
         assert group[0].call("shutdown", "shutdown")["result"] is True
     return run_id
-
-
-@pytest.mark.torch
-def test_closed_run_fails_a_new_job_until_reopened(etcd_server, torch_peer):
-    run_id = _closed_run(etcd_server.endpoint)
-    b = backend(etcd_server.endpoint, run_id)
-    with agents(etcd_server.endpoint, run_id, 1, min_nodes=1, max_nodes=1) as (new,):
-        failed = new.call("next", "error")
-        assert failed["type"] == "RendezvousClosedError"
-        run, result = report(b)
-        assert [f.code for f in result.findings] == ["closed-run-in-use"]  # the new handler renewed the lease
-        assert "RendezvousClosedError" in result.next_step
-        assert b.reopen(run.token) is True
-        joined = new.call("next", "round")  # the same handler, retried: torch made the next version
-        assert joined["rank"] == 0 and joined["world_size"] == 1
-        assert int(joined["version"]) == int(run.counter.value) + 1
-        after = analyse(b.read_run(), time.time())
-        assert after.state is not None and after.state.status == "final" and after.findings == []
 
 
 @pytest.mark.torch
