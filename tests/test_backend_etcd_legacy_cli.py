@@ -184,6 +184,8 @@ def test_closed_run_detected_reopened_then_restored(cli_env, etcd_server, torch_
         assert detect.exit_code == 1
         assert "closed-run-in-use" in detect.stdout and "RendezvousClosedError" in detect.stdout
         before = backend(etcd_server, run_id).get_state()
+        gate = invoke(["corrupt-detect", *args, "--for-launch", "-o", "json"])
+        assert gate.exit_code == 1 and "RendezvousClosedError" in json_out(gate)["launch"]["reason"]
 
         refused = invoke(["reset", *args, "--mode", "reopen"])  # off a terminal, no --yes
         assert refused.exit_code == 2 and backend(etcd_server, run_id).get_state() == before
@@ -195,6 +197,7 @@ def test_closed_run_detected_reopened_then_restored(cli_env, etcd_server, torch_
         assert done.exit_code == 0, done.stderr
         result = json_out(done)
         assert result["written"] is True and Path(result["backup"]).is_file()
+        assert invoke(["corrupt-detect", *args, "--for-launch"]).exit_code == 0  # no state: a job creates one
         joined = new.call("next", "round")  # the same handler, retried: torch's init_phase made the next version
         assert joined["rank"] == 0 and int(joined["version"]) == int(json.loads(before[0])["version"]) + 1
         assert invoke(["corrupt-detect", *args]).exit_code == 0

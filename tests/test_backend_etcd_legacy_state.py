@@ -15,7 +15,9 @@ from rdzvctl.state.legacy_etcd import (
     analyse,
     diff_runs,
     encode_state,
+    launch_of,
     parse_state,
+    phase_of,
     ttl_for,
 )
 
@@ -180,3 +182,43 @@ def test_watch_events():
     assert [k for k, _ in diff_runs(joined, done)] == ["status", "confirmed", "confirmed"]
     assert [k for k, _ in diff_runs(done, dead)] == ["keep-alive-expired"]
     assert [k for k, _ in diff_runs(None, done)] == ["created"]
+
+
+# -- phases, torch_next and the launch gate ------------------------------------------------------
+def test_phases_and_what_torch_does_next():
+    def phase(run):
+        return phase_of(run, analyse(run, NOW))
+
+    assert phase(run_of(final(), alive=(0, 1))) == "complete"
+    assert phase(run_of(final(), alive=(0,))) == "stuck"
+    assert phase(run_of(final(waiting=1), alive=(0,))) == "recovering"
+    assert phase(run_of({"status": "joinable", "version": "1", "participants": [0]})) == "forming"
+    assert phase(run_of({**final(), "status": "closed"}, alive=(0, 1))) == "closing"
+    assert phase(run_of({**final(), "status": "closed"})) == "finished"
+    assert phase(run_of({"status": "setup"}, ttl=None)) == "stuck"
+
+
+def test_a_finding_torch_fixes_itself_carries_no_repair():
+    recovering = analyse(run_of(final(waiting=1), alive=(0,)), NOW)
+    dead = next(f for f in recovering.findings if f.code == "dead-participant")
+    assert dead.torch_next == "recovers" and dead.repair == "" and dead.severity == "warning"
+    stuck = analyse(run_of(final(), alive=(0,)), NOW).findings[0]
+    assert stuck.torch_next == "stays" and "reopen" in stuck.repair and stuck.outlook
+    closed = analyse(run_of({"status": "closed"}), NOW).findings[0]
+    assert closed.torch_next == "new-job-fails" and closed.repair
+
+
+@pytest.mark.parametrize("doc, alive, ok, words", [
+    (None, (), True, "creates version 2"),
+    ({"status": "closed"}, (), False, "RendezvousClosedError"),
+    (final(), (0, 1), False, "running job"),
+    (final(), (0,), True, "destroys it"),
+    ({"status": "joinable", "version": "1", "participants": [0]}, (), False, "would join it"),
+    ({"status": "setup"}, (), False, "setup"),
+])
+def test_the_launch_gate(doc, alive, ok, words):
+    run = run_of(doc or b"", alive=alive)
+    if doc is None:
+        run.raw, run.active = None, None
+    verdict = launch_of(run, analyse(run, NOW))
+    assert verdict.ok is ok and words in verdict.reason

@@ -166,6 +166,16 @@ def test_timeout_is_only_the_per_operation_bound(memory):
     assert result.exit_code == 0, result.stderr
 
 
+def test_until_with_only_timeout_stays_bounded_as_before(memory):
+    """A CI gate written before --for existed (--until X --timeout N) must not wait forever."""
+    memory.put(make_state(complete=False, dead=0))
+    result = invoke(["watch", *memory.flags(), "--until", "complete", "--timeout", "0.3", *FAST])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("rdzvctl: warning: --until with --timeout and no --for waits at most 0.3s")
+    assert lines[-1] == "rdzvctl: ConditionNotMetError: the condition 'complete' did not hold within 0.3s"
+
+
 def test_until_never_met_times_out_with_1(memory):
     memory.put(make_state(complete=False, dead=0))
     result = invoke(["watch", *memory.flags(), "--until", "complete", "--for", "0.3", *FAST])

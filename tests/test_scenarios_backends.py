@@ -161,28 +161,30 @@ def test_every_command_on_a_torch_state(target: Target, node_factory: NodeFactor
     assert reopened["written"] is True  # it was closed
     assert read_backup(Path(reopened["backup"])).state is not None
 
-    # The killed nodes' heartbeats expire: corrupt-detect names both and the repair.
+    # The killed nodes' heartbeats expire: corrupt-detect names both; nobody is alive, so nothing
+    # changes until a new job's first sync drops them itself (torch's _sanitize): no repair.
     def dead_report() -> Optional[Dict[str, Any]]:
         result = cli("corrupt-detect", *address, "-o", "json")
         report = result.json()["runs"][0] if result.stdout else None
         dead = [p for p in report["problems"] if p["code"] == "dead-participants"] if report else []
         # Both heartbeats expire, a moment apart: wait for the second one too.
-        return report if result.code == 1 and dead and sorted(dead[0]["nodes"]) == ids else None
+        return report if result.code == 0 and dead and sorted(dead[0]["nodes"]) == ids else None
 
     report = wait_until(dead_report, 15, "both participants dead")
     dead = next(p for p in report["problems"] if p["code"] == "dead-participants")
-    assert sorted(dead["nodes"]) == ids and "reset --mode prune" in dead["repair"]
+    assert sorted(dead["nodes"]) == ids and dead["torch_next"] == "next-join-fixes" and not dead["repair"]
+    assert report["phase"] == "stuck"
 
     # --all and list: this run is among the runs the backend lists.
     listing = [*target.address(None, keep_alive_max_attempt=1), "--timeout", "10", "-o", "json"]
     everything, listed, before_prune = cli.all(["corrupt-detect", *listing, "--all"], ["list", *listing],
                                                ["get", *address, "-o", "raw"])
     runs = {r["run_id"]: r for r in everything.json()["runs"]}
-    assert runs[run_id]["status"] == "error"
+    assert runs[run_id]["status"] == "warning"
     corrupt_elsewhere = any(r["status"] in ("corrupt", "unsafe") for r in runs.values())
-    assert everything.code == (6 if corrupt_elsewhere else 1), str(everything)
+    assert everything.code in ((6,) if corrupt_elsewhere else (0, 1)), str(everything)
     row = {r["run_id"]: r for r in ok(listed).json()["runs"]}[run_id]
-    assert (row["round"], row["closed"], row["participants"], row["health"]) == (5, False, 2, "error")
+    assert (row["round"], row["closed"], row["participants"], row["health"]) == (5, False, 2, "warning")
 
     # prune: both participants are dead, so the round moves on as torch would move it.
     pruned = ok(cli("reset", *address, "--mode", "prune", "--yes"))
@@ -375,7 +377,8 @@ def test_closed_run_id_is_reusable_after_reset(target: Target, node_factory: Nod
         doc = get_doc(cli, target, run_id)
         assert doc["state"]["closed"] is True
         codes = {p["code"] for p in doc["problems"]}
-        assert "closed-while-alive" in codes  # the other agent still heartbeats
+        # The other agent still heartbeats: a normal end cannot be told yet, a new job fails.
+        assert "closed" in codes and doc["lifecycle"]["phase"] == "closing"
     with node_factory.group(target, run_id, 1) as refused:
         refused[0].send("next")
         error = refused[0].expect("error")

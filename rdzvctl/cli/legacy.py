@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from rdzvctl.errors import (
     EXIT_CORRUPT,
+    EXIT_PROBLEMS,
     NoStateError,
     RdzvctlError,
     StateCorruptError,
@@ -21,7 +22,17 @@ from rdzvctl.errors import (
     TokenConflictError,
     UnsupportedOperationError,
 )
-from rdzvctl.state.legacy_etcd import STATE_FORMAT, LegacyReport, LegacyRun, analyse, describe, diff_runs, parse_state
+from rdzvctl.state.legacy_etcd import (
+    STATE_FORMAT,
+    LegacyReport,
+    LegacyRun,
+    analyse,
+    describe,
+    diff_runs,
+    launch_of,
+    lifecycle_json,
+    parse_state,
+)
 
 __all__ = ["handles", "get", "detect", "list_runs", "watch", "reset", "restore", "refuse", "LegacyWrites"]
 
@@ -135,6 +146,7 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
         ("waiting", f"{waiting} (num_workers_waiting)"),
         ("counter", doc["version_counter"] or "missing"),
         ("run lease", "none" if doc["run_lease_ttl"] is None else f"{doc['run_lease_ttl']} s left"),
+        ("phase", (doc.get("lifecycle") or {}).get("phase") or "-"),
         ("next", doc["next"]),
     ]
     nodes = doc["nodes"]
@@ -159,15 +171,17 @@ def _report_of(run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
         status = "absent"
     else:
         status = max((f.severity for f in report.findings), key=SEVERITIES.index, default="ok")
+    life = lifecycle_json(run, report)
     return {
         "run_id": run.run_id,
         "status": status,
         "state_format": STATE_FORMAT,
         "round": None if report.state is None or report.state.version is None else int(report.state.version),
+        "phase": None if life is None else life["phase"],
+        "lifecycle": life,
         "legacy_status": None if report.state is None else report.state.status,
         "next": report.next_step,
-        "problems": [{"code": f.code, "severity": f.severity, "message": f.message, "repair": f.repair,
-                      "nodes": list(f.nodes)} for f in report.findings],
+        "problems": [f.to_json() for f in report.findings],
     }
 
 
@@ -181,9 +195,17 @@ def _all_runs(app: Any, backend: Any) -> List[Tuple[LegacyRun, LegacyReport]]:
     return found
 
 
-def detect(app: Any, output: str, all_runs: bool, fail_on: str) -> None:
-    from rdzvctl.cli.commands.detect import _render, exit_code
+def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool = False) -> None:
+    """corrupt-detect; ``--settle`` has nothing to wait for here (a closed run's agents show as live
+    keep-alive leases at once: phase ``closing``)."""
+    import click
 
+    from rdzvctl.cli.commands.detect import _render, exit_code
+    from rdzvctl.errors import EXIT_OK
+
+    if for_launch and all_runs:
+        raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
+    verdict = None
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
             reports = [_report_of(*pair) for pair in _all_runs(app, backend)]
@@ -192,18 +214,25 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str) -> None:
         with app.open() as backend:
             run, report = read(backend)
         reports = [_report_of(run, report)]
-        if reports[0]["status"] == "absent":
+        if for_launch and reports[0]["status"] != "corrupt":
+            verdict = launch_of(run, report)
+        if reports[0]["status"] == "absent" and verdict is None:
             raise _no_state(run, report)
     code = exit_code(reports, fail_on)
+    if verdict is not None:
+        code = EXIT_OK if verdict.ok else EXIT_PROBLEMS
     if output == "json":
         counts: Dict[str, int] = {}
         for r in reports:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-        app.json({"schema": "rdzvctl.corrupt-detect/v1", "fail_on": fail_on, "runs": reports,
-                  "summary": {"runs": len(reports), **counts}, "exit_code": code})
+        doc: Dict[str, Any] = {"schema": "rdzvctl.corrupt-detect/v1", "fail_on": fail_on, "runs": reports,
+                               "summary": {"runs": len(reports), **counts}, "exit_code": code}
+        if verdict is not None:
+            doc["launch"] = {"ok": verdict.ok, "reason": verdict.reason, "round": verdict.round}
+        app.json(doc)
     else:
-        _render(app, reports, all_runs)
-        if not all_runs:
+        _render(app, reports, all_runs, verdict)
+        if not all_runs and reports[0]["lifecycle"] is None:
             app.out(f"\nnext: {reports[0]['next']}")
     if code:
         app.exit(code)
@@ -224,7 +253,9 @@ def list_runs(app: Any, output: str) -> None:
                 "participants": None if state is None else len(state.participants or ()),
                 "waiting": None if state is None else state.num_workers_waiting,
                 "closed": None if state is None else state.status == "closed",
+                "phase": _report_of(run, report)["phase"],
                 "token": None if run.token is None else backend.format_token(run.token),
+                "error": None if report.error is None else str(report.error),
             })
     if output == "json":
         app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
@@ -234,8 +265,8 @@ def list_runs(app: Any, output: str) -> None:
     def show(value: object) -> str:
         return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
 
-    keys = ("status", "round", "participants", "waiting", "closed")
-    table = Table("", ["run id", "status", "version", "participants", "waiting", "closed", "health"],
+    keys = ("status", "round", "participants", "waiting", "closed", "phase")
+    table = Table("", ["run id", "status", "version", "participants", "waiting", "closed", "phase", "health"],
                   [[r["run_id"], *(show(r[k]) for k in keys), r["health"]] for r in rows])
     render_tables(app, [], [table])
 

@@ -31,6 +31,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "reset": ("rdzvctl.cli.commands.reset", "Repair a run: clear, reopen or prune dead nodes (backed up)."),
     "restore": ("rdzvctl.cli.commands.restore", "Write a backup back, fenced, after showing the diff."),
     "list": ("rdzvctl.cli.commands.list_runs", "List the runs on a backend with their health."),
+    "exporter": ("rdzvctl.cli.commands.exporter", "Serve /metrics for Prometheus: one run, several or every run."),
     "backends": ("rdzvctl.cli.commands.backends", "List the registered backends and their capabilities."),
     "conformance": ("rdzvctl.cli.commands.conformance", "Run the backend conformance kit against a live backend."),
     "demo": ("rdzvctl.cli.commands.demo", "Create a local rendezvous to try rdzvctl on (no server needed)."),

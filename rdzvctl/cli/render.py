@@ -208,6 +208,7 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
         ("round", str(state["round"])),
         ("complete", _yes(state["complete"])),
         ("closed", _yes(state["closed"])),
+        *_lifecycle_pairs(doc.get("lifecycle")),
         ("deadline", deadline),
         ("nodes", f"{summary['participants']} participants ({summary['alive']} alive, {summary['dead']} dead), "
                   f"{summary['waiting']} waiting, {summary['redundant']} redundant"),
@@ -243,12 +244,18 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
     render_tables(app, pairs, tables)
 
 
+def _lifecycle_pairs(life: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """The phase and what torch does next (``lifecycle`` of the document)."""
+    return [] if not life else [("phase", life["phase"]), ("next", life["outlook"])]
+
+
 def _status(alive: Optional[bool]) -> str:
     return {True: "alive", False: "dead", None: "no heartbeat"}[alive]
 
 
 def _problems_table(problems: List[Dict[str, Any]]) -> Table:
-    rows = [[p["severity"], p["code"], p["message"] + (f" -> {p['repair']}" if p.get("repair") else "")]
+    rows = [[p["severity"], p["code"], p["message"] + (f" [torch: {p['torch_next']}]" if p.get("torch_next") else "")
+             + (f" -> {p['repair']}" if p.get("repair") else "")]
             for p in problems]
     return Table("Problems", ["severity", "code", "message"], rows)
 

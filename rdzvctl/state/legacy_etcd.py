@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from rdzvctl.errors import StateCorruptError
 from rdzvctl.state.analysis import SEVERITIES, SUSPICIOUS_RUN_IDS, Finding
+from rdzvctl.state.lifecycle import TORCH_NEXT, LaunchVerdict
 
 __all__ = [
     "STATE_FORMAT",
@@ -57,6 +58,8 @@ __all__ = [
     "analyse",
     "describe",
     "diff_runs",
+    "phase_of",
+    "launch_of",
 ]
 
 STATE_FORMAT = "legacy-etcd-json"
@@ -324,6 +327,25 @@ def _nodes(run: LegacyRun, state: LegacyState) -> List[LegacyNode]:
     return nodes
 
 
+#: What torch does next about each finding (:data:`rdzvctl.state.lifecycle.TORCH_NEXT` keys).
+_TORCH_NEXT = {
+    "shared-run-id": "unaffected", "state-corrupt": "agents-fail", "closed": "new-job-fails",
+    "closed-run-in-use": "new-job-fails", "stuck-setup": "stays", "stuck-joinable": "stays",
+    "stuck-frozen": "stays", "joinable-below-min": "stays", "frozen-keep-alive-expired": "recovers",
+    "dead-participant": "stays", "workers-waiting": "recovers", "over-max-nodes": "unaffected",
+    "unknown-fields": "unaffected", "version-counter-missing": "agents-fail",
+    "version-counter-corrupt": "agents-fail", "version-ahead-of-counter": "recovers",
+    "version-dir-missing": "stays", "keep-alive-key-foreign": "stays", "final-unconfirmed": "stays",
+}
+
+
+def _with_torch_next(finding: Finding, torch_next: Optional[str] = None) -> Finding:
+    """The finding with what torch does next; a repair only where torch does not fix it itself."""
+    key = torch_next or _TORCH_NEXT.get(finding.code, "stays")
+    repair = "" if key in ("recovers", "unaffected") and finding.code != "shared-run-id" else finding.repair
+    return finding._replace(torch_next=key, outlook=TORCH_NEXT[key], repair=repair)
+
+
 _REOPEN = "rdzvctl reset --mode reopen (deletes active_version, fenced, as torch's own destroy does)"
 _CLEAR = ("rdzvctl reset --mode clear (removes the run's directory, as its TTL would; only when no agent of this "
           "run id runs: a handler created before it dies with RendezvousError 'worker needs to die')")
@@ -357,13 +379,13 @@ def analyse(
         if run.active is not None:  # a directory where the state belongs
             findings.append(Finding("state-corrupt", "error", "active_version is a directory, not torch's JSON",
                                     _CLEAR))
-        return LegacyReport(None, None, [], findings, next_step)
+        return LegacyReport(None, None, [], [_with_torch_next(f) for f in findings], next_step)
     try:
         state = parse_state(run.raw)
     except StateCorruptError as exc:
         findings.append(Finding(
             "state-corrupt", "error", str(exc), _REOPEN + "; the bytes are backed up"))
-        return LegacyReport(None, exc, [], findings,
+        return LegacyReport(None, exc, [], [_with_torch_next(f) for f in findings],
                             "every handler's json.loads fails: init_phase retries every second until its timeout "
                             "(600 s by default), then RendezvousTimeoutError")
     nodes = _nodes(run, state)
@@ -436,11 +458,13 @@ def analyse(
         waiting = state.num_workers_waiting or 0
         if expired:
             findings.append(Finding(
-                "dead-participant", "error",
+                "dead-participant", "warning" if waiting else "error",
                 f"rank(s) {', '.join(str(n.rank) for n in expired)} of final version {state.version} stopped "
                 f"renewing their keep-alive ({KEEPALIVE_TTL} s lease): the others may hang; nothing notices "
                 "until an agent arrives and its wait_for_rendezvous_to_free destroys the version",
-                _REOPEN, tuple(f"rank_{n.rank}" for n in expired)))
+                _REOPEN, tuple(f"rank_{n.rank}" for n in expired),
+                # the waiting agents' wait_for_rendezvous_to_free destroys the version
+                torch_next="recovers" if waiting else "stays"))
         if waiting:
             findings.append(Finding(
                 "workers-waiting", "info",
@@ -459,7 +483,8 @@ def analyse(
                          "agent that joins (or re-enters) deletes active_version and a new version forms")
     else:  # pragma: no cover - parse_state admits only STATUSES
         next_step = ""
-    return LegacyReport(state, None, nodes, findings, next_step)
+    return LegacyReport(state, None, nodes, [_with_torch_next(f, f.torch_next or None) for f in findings],
+                        next_step)
 
 
 def _no_ttl(status: str) -> Finding:
@@ -565,9 +590,70 @@ def describe(run: LegacyRun, report: LegacyReport, *, backend: str, endpoint: st
                         for n in report.nodes]
         doc["version_keys"] = sorted(run.version_keys)
     doc["next"] = report.next_step
-    doc["problems"] = [{"code": f.code, "severity": f.severity, "message": f.message, "repair": f.repair,
-                        "nodes": list(f.nodes)} for f in report.findings]
+    doc["lifecycle"] = lifecycle_json(run, report)
+    doc["problems"] = [f.to_json() for f in report.findings]
     return doc
+
+
+def phase_of(run: LegacyRun, report: LegacyReport) -> Optional[str]:
+    """The run's phase in rdzvctl's vocabulary (:data:`rdzvctl.state.lifecycle.PHASES`)."""
+    state = report.state
+    if state is None:
+        return None
+    codes = {f.code for f in report.findings}
+    if codes & {"stuck-setup", "stuck-joinable", "stuck-frozen", "final-unconfirmed"}:
+        return "stuck"
+    if state.status in ("setup", "joinable", "frozen"):
+        return "forming"
+    if state.status == "final":
+        if "dead-participant" in codes:
+            return "recovering" if state.num_workers_waiting else "stuck"
+        return "complete"
+    return "closing" if any(n.lease == "alive" for n in report.nodes) else "finished"
+
+
+def lifecycle_json(run: LegacyRun, report: LegacyReport) -> Optional[Dict[str, Any]]:
+    """The ``lifecycle`` member of the pickled backends' documents: phase, torch_next, outlook."""
+    phase = phase_of(run, report)
+    if phase is None:
+        return None
+    torch_next = {"forming": "proceeds", "complete": "proceeds", "recovering": "recovers", "stuck": "stays",
+                  "closing": "new-job-fails", "finished": "new-job-fails"}[phase]
+    nodes = [f"rank_{n.rank}" for n in report.nodes if n.lease == "expired"]
+    return {"phase": phase, "torch_next": torch_next, "outlook": report.next_step, "nodes": nodes,
+            "known_at": None}
+
+
+def launch_of(run: LegacyRun, report: LegacyReport) -> LaunchVerdict:
+    """Will a job started now with this run id rendezvous? (``corrupt-detect --for-launch``).
+
+    torch's ``init_phase``: no state → it creates one; ``closed`` → RendezvousClosedError;
+    ``final`` → it waits (``num_workers_waiting``) until the running job re-rendezvouses, unless a
+    keep-alive is gone (then it destroys the version and starts the next); ``joinable`` → it
+    joins whoever is forming; ``setup``/``frozen`` → it waits for the state to change.
+    """
+    state = report.state
+    next_version = _next_version(run)
+    if state is None:
+        return LaunchVerdict(True, f"no rendezvous: the job creates version {next_version}",
+                             None if not next_version.isdigit() else int(next_version))
+    version = None if state.version is None else int(state.version)
+    if state.status == "closed":
+        return LaunchVerdict(False, "the run is closed: every agent fails with RendezvousClosedError "
+                                    "(rdzvctl reset --mode reopen)", version)
+    if state.status == "final":
+        expired = [n.rank for n in report.nodes if n.lease == "expired"]
+        if expired:
+            return LaunchVerdict(True, f"version {state.version} has a dead rank ({expired[0]}): the job's first "
+                                       "agent destroys it and a new version forms", version)
+        return LaunchVerdict(False, f"a running job holds version {state.version} ({len(report.nodes)} live "
+                                    "rank(s)): new agents only wait in num_workers_waiting", version)
+    if state.status == "joinable":
+        return LaunchVerdict(False, f"version {state.version} is forming with {len(state.participants or ())} "
+                                    "participant(s): new agents would join it (if they are left from another job, "
+                                    "rdzvctl reset --mode reopen)", version)
+    return LaunchVerdict(False, f"version {state.version or next_version} is {state.status}: agents wait for it "
+                                "to finish or expire", version)
 
 
 def diff_runs(before: Optional[LegacyReport], after: Optional[LegacyReport]) -> List[Tuple[str, str]]:

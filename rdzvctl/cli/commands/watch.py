@@ -70,6 +70,12 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
     from rdzvctl.state.jsonform import format_time
 
     predicate = parse_until(until)
+    if until is not None and duration is None and app.timeout_given:
+        # Before --for existed, --timeout also bounded --until: a CI gate written that way
+        # must stay bounded rather than wait forever.
+        duration = app.address.timeout
+        app.err(f"rdzvctl: warning: --until with --timeout and no --for waits at most {duration:g}s, as before; "
+                "write --for SECONDS (--timeout now bounds each backend operation only)")
     deadline = None if duration is None else time.monotonic() + duration
     keep_alive = app.keep_alive
     items: "queue.Queue[Any]" = queue.Queue()
