@@ -98,9 +98,29 @@ def test_detect_all_and_list_read_every_run_under_the_prefix(cli_env, etcd_serve
     assert "\x1b" not in invoke(["corrupt-detect", *base, "--rdzv-id", "bad\x1b[31m"]).stdout
 
 
-def test_set_and_edit_are_refused_with_the_alternatives(cli_env, etcd_server):
-    result = invoke(["set", *flags(etcd_server, new_run_id()), "--closed", "--yes"])
+def test_set_edit_prune_and_the_exporter_are_refused_with_the_alternatives(cli_env, etcd_server):
+    args = flags(etcd_server, new_run_id())
+    result = invoke(["set", *args, "--closed", "--yes"])
     assert result.exit_code == 2 and "reset --mode" in result.stderr
+    assert invoke(["edit", *args, "--yes"]).exit_code == 2
+    prune = invoke(["reset", *args, "--mode", "prune", "--yes"])
+    assert prune.exit_code == 2 and "--mode reopen" in prune.stderr
+    exporter = invoke(["exporter", *args])
+    assert exporter.exit_code == 2 and "watch" in exporter.stderr
+
+
+def test_hostile_strings_in_the_state_are_shown_escaped(cli_env, etcd_server):
+    run_id = new_run_id()
+    hostile = "/x\x1b]0;owned\x07\u202e\nrdzvctl: all good"
+    backend(etcd_server, run_id).set_state(json.dumps(
+        {"status": "final", "version": "1", "participants": [0], "keep_alives": [hostile],
+         "num_workers_waiting": 0}).encode())
+    for args in (["get"], ["corrupt-detect"], ["get", "-o", "json"], ["reset", "--mode", "reopen", "--dry-run"]):
+        result = invoke([*args, *flags(etcd_server, run_id)])
+        text = result.stdout + result.stderr
+        assert result.exit_code in (0, 1), (args, text)
+        assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text, args
+        assert not any(line.startswith("rdzvctl: all good") for line in text.splitlines()), args
 
 
 def test_two_handlers_then_every_read_command(cli_env, etcd_server, torch_peer):

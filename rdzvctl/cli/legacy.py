@@ -69,10 +69,9 @@ def check_restorable(backup_file: str, state: Optional[bytes]) -> None:
                         "backup is kept for forensics (for a fresh start: rdzvctl reset --mode reopen)") from None
 
 
-def refuse(command: str) -> None:
+def refuse(command: str, instead: str = "use reset --mode reopen|clear, or restore a backup") -> None:
     raise UnsupportedOperationError(
-        f"{command} does not apply to the etcd backend (torch's legacy JSON state): use reset --mode "
-        "reopen|clear, or restore a backup")
+        f"{command} does not apply to the etcd backend (torch's legacy JSON state): {instead}")
 
 
 def _options(backend: Any) -> Dict[str, Any]:

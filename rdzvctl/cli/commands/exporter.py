@@ -35,6 +35,11 @@ def command(app: App, all_runs: bool, listen: Optional[str], max_runs: Optional[
 
     Stops cleanly on SIGTERM (exit 0) and SIGINT (exit 130).
     """
+    from rdzvctl.cli import legacy
+
+    if legacy.handles(app):  # torch's legacy etcd JSON: the collector reads pickled states only
+        return legacy.refuse("exporter", "watch it with `rdzvctl watch -o json` or check it with "
+                                         "`rdzvctl corrupt-detect --all`")
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
