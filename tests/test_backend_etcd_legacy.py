@@ -24,7 +24,7 @@ from rdzvctl.backends.etcd_legacy import EtcdLegacyBackend
 from rdzvctl.errors import BackendConfigError, StateCorruptError
 from rdzvctl.state.legacy_etcd import analyse, describe
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.etcd_server import EtcdCluster, etcd_server  # noqa: F401  (fixtures)
+from tests.support.etcd_server import EtcdCluster, etcd_server, etcd_tls_server  # noqa: F401  (fixtures)
 from tests.support.legacy_etcd_agent import agents, rendezvous
 
 TIMEOUT = 5.0
@@ -259,3 +259,16 @@ def test_a_participant_lost_in_frozen_expires_the_version_and_the_others_start_t
             os.kill(first.process.pid, signal.SIGCONT)
         rounds = [first.expect("round"), second.expect("round")]
         assert sorted(r["rank"] for r in rounds) == [0, 1] and int(rounds[0]["version"]) > int(old)
+
+
+def test_torchs_tls_options(etcd_tls_server):
+    """``protocol=https`` with torch's ``cacert``/``cert``/``key`` (``_create_etcd_client``)."""
+    tls = etcd_tls_server.tls
+    b = backend(etcd_tls_server.endpoint, protocol="https", cacert=tls.ca_cert, cert=tls.client_cert,
+                key=tls.client_key)
+    assert b.get_state() is None
+    _, token, has_set = b.set_state(b'{"status": "closed"}')
+    assert has_set and b.read_run().token == token
+    assert b.reopen(token) is True
+    with pytest.raises(BackendConfigError, match="cacert: no such file"):
+        backend(etcd_tls_server.endpoint, protocol="https", cacert="/no/such/ca.pem")

@@ -65,6 +65,14 @@ class EtcdLegacyBackend(EtcdV2Backend):
             raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
         context = None
         if protocol == "https":
+            import os
+
+            for option in ("cacert", "cert", "key"):  # named as the user (and torch) named them
+                path = address.get(option)
+                if path and not os.path.isfile(path):
+                    raise BackendConfigError(f"--rdzv-conf {option}: no such file: {path}")
+            if address.get("key") and not address.get("cert"):
+                raise BackendConfigError("--rdzv-conf key needs cert")
             context = make_ssl_context(address.get("cacert"), address.get("cert"), address.get("key"))
         self.prefix = normalise_prefix(address.get("etcd_prefix"))
         if not self.prefix.startswith("/"):
