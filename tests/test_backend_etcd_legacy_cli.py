@@ -25,8 +25,6 @@ from tests.support.cli import cli_env, invoke, json_out  # noqa: F401  (fixtures
 from tests.support.etcd_server import etcd_server  # noqa: F401  (fixtures)
 from tests.support.legacy_etcd_agent import agents, rendezvous
 
-pytestmark = pytest.mark.torch
-
 
 @pytest.fixture()
 def torch_peer():
@@ -123,6 +121,7 @@ def test_hostile_strings_in_the_state_are_shown_escaped(cli_env, etcd_server):
         assert not any(line.startswith("rdzvctl: all good") for line in text.splitlines()), args
 
 
+@pytest.mark.torch
 def test_two_handlers_then_every_read_command(cli_env, etcd_server, torch_peer):
     run_id = new_run_id()
     args = flags(etcd_server, run_id)
@@ -159,6 +158,7 @@ def test_two_handlers_then_every_read_command(cli_env, etcd_server, torch_peer):
             watcher.kill()
 
 
+@pytest.mark.torch
 def test_a_killed_handler_is_named_by_detect_and_watch(cli_env, etcd_server, torch_peer):
     run_id = new_run_id()
     args = flags(etcd_server, run_id)
@@ -195,6 +195,7 @@ def _closed_run(endpoint: str) -> str:
     return run_id
 
 
+@pytest.mark.torch
 def test_closed_run_detected_reopened_then_restored(cli_env, etcd_server, torch_peer):
     run_id = _closed_run(etcd_server.endpoint)
     args = flags(etcd_server, run_id)
@@ -228,6 +229,7 @@ def test_closed_run_detected_reopened_then_restored(cli_env, etcd_server, torch_
         assert new.call("closed", "closed")["closed"] is True
 
 
+@pytest.mark.torch
 def test_clear_removes_the_run_and_a_new_handler_starts_at_version_1(cli_env, etcd_server, torch_peer):
     run_id = _closed_run(etcd_server.endpoint)
     args = flags(etcd_server, run_id)
@@ -244,6 +246,7 @@ def test_clear_removes_the_run_and_a_new_handler_starts_at_version_1(cli_env, et
         assert new.call("next", "round")["version"] == "1"
 
 
+@pytest.mark.torch
 def test_a_reset_racing_a_live_handler_exits_3_and_writes_nothing(cli_env, etcd_server, torch_peer, monkeypatch):
     run_id = new_run_id()
     b = backend(etcd_server, run_id)
@@ -267,3 +270,25 @@ def test_a_reset_racing_a_live_handler_exits_3_and_writes_nothing(cli_env, etcd_
         assert "Changed meanwhile" in result.stderr and "nothing was removed" in result.stderr
         state = b.get_state()
         assert state is not None and json.loads(state[0])["status"] == "final"  # the handlers' write stands
+
+
+def test_reopen_retries_on_the_fresh_state_after_a_conflict(cli_env, etcd_server, monkeypatch):
+    run_id = new_run_id()
+    b = backend(etcd_server, run_id)
+    _, token, _ = b.set_state(b'{"status": "closed"}')
+    original = rdzvctl.cli.legacy.LegacyWrites.write
+    raced = []
+
+    def another_writer_first(self, backend_, token_, new):
+        if not raced:  # once: a concurrent writer lands between our read and our write
+            raced.append(b.set_state(b'{"status": "closed", "version": "2"}', token_))
+        return original(self, backend_, token_, new)
+
+    monkeypatch.setattr(rdzvctl.cli.legacy.LegacyWrites, "write", another_writer_first)
+    args = flags(etcd_server, run_id)
+    assert invoke(["reset", *args, "--mode", "reopen", "--yes"]).exit_code == 3
+    assert b.get_state()[0] == b'{"status": "closed", "version": "2"}'
+    raced.clear()
+    result = invoke(["reset", *args, "--mode", "reopen", "--yes", "--retry", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "Conflict: retrying" in result.stderr and b.get_state() is None

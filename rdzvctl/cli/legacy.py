@@ -31,6 +31,7 @@ from rdzvctl.state.legacy_etcd import (
     diff_runs,
     launch_of,
     lifecycle_json,
+    next_version,
     parse_state,
 )
 
@@ -425,49 +426,67 @@ def snapshot(app: Any, backend: Any, run: LegacyRun, report: LegacyReport) -> An
                     state=None, error=report.error, fetched_at=now_utc())
 
 
-def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[str], output: str) -> None:
-    from rdzvctl.cli.change import apply_change
-
+def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[str], output: str,
+          retry: int = 0) -> None:
+    """``reset --mode reopen|clear``; ``--retry N`` re-reads and re-plans a reopen after a conflict (the
+    last-call holder renews the joinable state every 5 s, which changes its index)."""
     if mode == "prune":
         raise UnsupportedOperationError(
             "reset --mode prune does not apply to the etcd backend: its participants are ranks without "
             "heartbeats; a final version with a dead rank is repaired by --mode reopen")
+    attempts = 1 + (retry if mode == "reopen" else 0)
     with app.open() as backend:
-        run, report = read(backend)
-        if run.raw is None and run.active is not None:
-            raise StateCorruptError(f"{run.run_path}/rdzv/active_version is a directory: etcd v2 cannot remove a "
-                                    "directory fenced, so rdzvctl does not; remove it with "
-                                    f"`ETCDCTL_API=2 etcdctl rm -r {run.run_path}/rdzv/active_version`")
-        if run.raw is None:
-            if mode == "clear" and run.run_dir is not None:
-                app.err(f"Run {run.run_id!r} has no active_version; its directory {run.run_path} is left to its "
-                        "TTL (nothing to fence on).")
-            raise _no_state(run, report)
-        snap = snapshot(app, backend, run, report)
-        notes = [f"torch next, now: {report.next_step}"]
-        if report.state is not None and report.state.status != "closed" and not report.findings:
-            notes.append(f"Warning: nothing is wrong with this {report.state.status} version: its agents keep "
-                         "their ranks, and new agents would start another version beside them.")
-        if mode == "reopen":
-            notes.append(f"Reopen deletes {run.run_path}/rdzv/active_version only (compare on index {run.token}), "
-                         "as torch's wait_for_rendezvous_to_free does to a dead version: the next init_phase, also "
-                         "of agents already running, creates version "
-                         f"{'?' if run.counter is None else int(run.counter.value or 0) + 1} and agents join it.")
-        else:
-            notes.append(f"Clear removes {run.run_path} (active_version fenced on index {run.token}, then "
-                         f"version_counter {run.counter.value if run.counter else '-'}, "
-                         f"{len(run.versions)} version director(ies) with their keep-alives and round stores), "
-                         "as its 7200 s TTL would. active_version is backed up (restorable), the rest saved apart for "
-                         "forensics. A handler created before "
-                         "the clear dies at its next rendezvous (RendezvousError 'worker needs to die'): use it "
-                         "when no agent of this run id runs; --mode reopen otherwise.")
-        result = apply_change(app, backend, snap, None, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
-                              command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {run.run_id!r}",
-                              notes=notes, fmt=LegacyWrites(mode, lambda b: _save_run_directory(app, b, backup_dir)))
-        if result is not None and "run_directory_backup" in app.progress:
-            result["run_directory_backup"] = app.progress["run_directory_backup"]
+        for attempt in range(attempts):
+            try:
+                run, result = _reset_once(app, backend, mode, yes, dry_run, backup_dir)
+            except TokenConflictError:
+                if attempt + 1 < attempts:
+                    app.err(f"Conflict: retrying on the fresh state ({attempt + 1}/{retry}).")
+                    yes = True  # the operation, not the bytes, was confirmed
+                    continue
+                raise
+            break
     if output == "json":
         app.json(result or {"written": False, "run_id": run.run_id})
+
+
+def _reset_once(app: Any, backend: Any, mode: str, yes: bool, dry_run: bool,
+                backup_dir: Optional[str]) -> Tuple[LegacyRun, Optional[Dict[str, Any]]]:
+    from rdzvctl.cli.change import apply_change
+
+    run, report = read(backend)
+    if run.raw is None and run.active is not None:
+        raise StateCorruptError(f"{run.run_path}/rdzv/active_version is a directory: etcd v2 cannot remove a "
+                                "directory fenced, so rdzvctl does not; remove it with "
+                                f"`ETCDCTL_API=2 etcdctl rm -r {run.run_path}/rdzv/active_version`")
+    if run.raw is None:
+        if mode == "clear" and run.run_dir is not None:
+            app.err(f"Run {run.run_id!r} has no active_version; its directory {run.run_path} is left to its "
+                    "TTL (nothing to fence on).")
+        raise _no_state(run, report)
+    snap = snapshot(app, backend, run, report)
+    notes = [f"torch next, now: {report.next_step}"]
+    if report.state is not None and report.state.status != "closed" and not report.findings:
+        notes.append(f"Warning: nothing is wrong with this {report.state.status} version: its agents keep "
+                     "their ranks, and new agents would start another version beside them.")
+    if mode == "reopen":
+        notes.append(f"Reopen deletes {run.run_path}/rdzv/active_version only (compare on index {run.token}), "
+                     "as torch's wait_for_rendezvous_to_free does to a dead version: the next init_phase, also "
+                     "of agents already running, creates version "
+                     f"{next_version(run)} and agents join it.")
+    else:
+        notes.append(f"Clear removes {run.run_path} (active_version fenced on index {run.token}, then "
+                     f"version_counter {run.counter.value if run.counter else '-'}, "
+                     f"{len(run.versions)} version director(ies) with their keep-alives and round stores), "
+                     "as its 7200 s TTL would. active_version is backed up (restorable), the rest saved apart for "
+                     "forensics. A handler created before the clear dies at its next rendezvous (RendezvousError "
+                     "'worker needs to die'): use it when no agent of this run id runs; --mode reopen otherwise.")
+    result = apply_change(app, backend, snap, None, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
+                          command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {run.run_id!r}",
+                          notes=notes, fmt=LegacyWrites(mode, lambda b: _save_run_directory(app, b, backup_dir)))
+    if result is not None and "run_directory_backup" in app.progress:
+        result["run_directory_backup"] = app.progress["run_directory_backup"]
+    return run, result
 
 
 def _save_run_directory(app: Any, backend: Any, backup_dir: Optional[str]) -> None:

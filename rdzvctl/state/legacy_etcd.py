@@ -60,6 +60,7 @@ __all__ = [
     "diff_runs",
     "phase_of",
     "launch_of",
+    "next_version",
 ]
 
 STATE_FORMAT = "legacy-etcd-json"
@@ -375,7 +376,7 @@ def analyse(
             "give every job its own --rdzv-id"))
     if run.raw is None:
         next_step = ("no rendezvous: the next handler's init_phase creates one (version "
-                     f"{_next_version(run)}) and agents join it")
+                     f"{next_version(run)}) and agents join it")
         if run.active is not None:  # a directory where the state belongs
             findings.append(Finding("state-corrupt", "error", "active_version is a directory, not torch's JSON",
                                     _CLEAR))
@@ -413,7 +414,7 @@ def analyse(
     elif status == "setup":
         if ttl is None:
             findings.append(_no_ttl(status))
-        next_step = (f"a handler is creating version {_next_version(run)}; if it died, the key expires in "
+        next_step = (f"a handler is creating version {next_version(run)}; if it died, the key expires in "
                      f"{_secs(ttl)} and the next handler starts over")
     elif status == "joinable":
         wanted = f" of min_nodes {min_nodes}" if min_nodes else ""
@@ -541,7 +542,8 @@ def _counter(run: LegacyRun) -> Optional[int]:
     return int(run.counter.value)
 
 
-def _next_version(run: LegacyRun) -> str:
+def next_version(run: LegacyRun) -> str:
+    """The version torch's next ``try_create_rendezvous`` makes (``?`` if the counter is unreadable)."""
     counter = _counter(run)
     return "1" if run.counter is None else ("?" if counter is None else str(counter + 1))
 
@@ -633,10 +635,10 @@ def launch_of(run: LegacyRun, report: LegacyReport) -> LaunchVerdict:
     joins whoever is forming; ``setup``/``frozen`` → it waits for the state to change.
     """
     state = report.state
-    next_version = _next_version(run)
+    upcoming = next_version(run)
     if state is None:
-        return LaunchVerdict(True, f"no rendezvous: the job creates version {next_version}",
-                             None if not next_version.isdigit() else int(next_version))
+        return LaunchVerdict(True, f"no rendezvous: the job creates version {upcoming}",
+                             None if not upcoming.isdigit() else int(upcoming))
     version = None if state.version is None else int(state.version)
     if state.status == "closed":
         return LaunchVerdict(False, "the run is closed: every agent fails with RendezvousClosedError "
@@ -652,7 +654,7 @@ def launch_of(run: LegacyRun, report: LegacyReport) -> LaunchVerdict:
         return LaunchVerdict(False, f"version {state.version} is forming with {len(state.participants or ())} "
                                     "participant(s): new agents would join it (if they are left from another job, "
                                     "rdzvctl reset --mode reopen)", version)
-    return LaunchVerdict(False, f"version {state.version or next_version} is {state.status}: agents wait for it "
+    return LaunchVerdict(False, f"version {state.version or upcoming} is {state.status}: agents wait for it "
                                 "to finish or expire", version)
 
 

@@ -47,7 +47,7 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     from rdzvctl.cli import legacy
 
     if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
-        return legacy.reset(app, mode, yes, dry_run, backup_dir, output)
+        return legacy.reset(app, mode, yes, dry_run, backup_dir, output, retry)
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import now_utc, take_snapshot
     from rdzvctl.round_keys import check_reopen, plan_clear
