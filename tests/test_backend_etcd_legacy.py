@@ -252,7 +252,8 @@ def test_a_participant_lost_in_frozen_expires_the_version_and_the_others_start_t
             assert "1 of 2 participant(s) confirmed" in frozen.next_step and "expires in" in frozen.next_step
             old = frozen.state.version
             _, after = wait_until(
-                lambda: (lambda rr: rr if rr[1].state and rr[1].state.version != old else None)(report(b)),
+                lambda: (lambda rr: rr if rr[1].state and rr[1].state.version not in (None, old)
+                         and rr[1].state.participants else None)(report(b)),
                 30, "the frozen version expired and the second started the next")
             assert after.state.status == "joinable" and after.state.participants == (0,)
         finally:

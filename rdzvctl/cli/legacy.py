@@ -88,7 +88,7 @@ def read(backend: Any) -> Tuple[LegacyRun, LegacyReport]:
     return run, analyse(run, time.time(), **_options(backend))
 
 
-def _doc(app: Any, backend: Any, run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
+def _doc(backend: Any, run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
     from rdzvctl.inspect import now_utc
     from rdzvctl.state.jsonform import format_time
 
@@ -116,7 +116,7 @@ def get(app: Any, output: str, all_nodes: bool, show_keys: bool = False) -> None
         return
     if run.raw is None and run.active is None:
         raise _no_state(run, report)
-    doc = _doc(app, backend, run, report)
+    doc = _doc(backend, run, report)
     if output == "json":
         app.json(doc)
     else:
@@ -417,7 +417,7 @@ class LegacyWrites:
                                                                                  "(a TTL refresh)"))
 
 
-def snapshot(app: Any, backend: Any, run: LegacyRun, report: LegacyReport) -> Any:
+def snapshot(backend: Any, run: LegacyRun, report: LegacyReport) -> Any:
     """The write flow's :class:`~rdzvctl.inspect.Snapshot` of ``active_version``."""
     from rdzvctl.inspect import Snapshot, now_utc
 
@@ -464,7 +464,7 @@ def _reset_once(app: Any, backend: Any, mode: str, yes: bool, dry_run: bool,
             app.err(f"Run {run.run_id!r} has no active_version; its directory {run.run_path} is left to its "
                     "TTL (nothing to fence on).")
         raise _no_state(run, report)
-    snap = snapshot(app, backend, run, report)
+    snap = snapshot(backend, run, report)
     notes = [f"torch next, now: {report.next_step}"]
     if report.state is not None and report.state.status != "closed" and not report.findings:
         notes.append(f"Warning: nothing is wrong with this {report.state.status} version: its agents keep "
@@ -511,7 +511,7 @@ def restore(app: Any, backend: Any, saved: Any, backup_file: str, yes: bool, dry
     from rdzvctl.cli.change import apply_change
 
     run, report = read(backend)
-    snap = snapshot(app, backend, run, report)
+    snap = snapshot(backend, run, report)
     notes = []
     if saved.state is not None and run.counter is None:
         notes.append("version_counter is missing: handlers created before its removal fail until a new handler "
