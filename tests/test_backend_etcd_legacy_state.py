@@ -13,9 +13,11 @@ from rdzvctl.state.legacy_etcd import (
     LegacyRun,
     LegacyState,
     analyse,
+    check_json,
     diff_runs,
     encode_state,
     launch_of,
+    list_row,
     parse_state,
     phase_of,
     ttl_for,
@@ -222,3 +224,17 @@ def test_the_launch_gate(doc, alive, ok, words):
         run.raw, run.active = None, None
     verdict = launch_of(run, analyse(run, NOW))
     assert verdict.ok is ok and words in verdict.reason
+
+
+def test_check_json_and_list_row_share_health_round_and_phase():
+    run = run_of(final(ranks=2), alive=(0,))  # rank 1's keep-alive expired, nobody waits
+    report = analyse(run, NOW)
+    checked = check_json(run, report)
+    assert checked["status"] == "error" and checked["round"] == 1 and checked["legacy_status"] == "final"
+    assert checked["phase"] == "stuck" and checked["state_format"] == "legacy-etcd-json"
+    row = list_row(run, report, "7")
+    assert (row["health"], row["round"], row["phase"], row["token"]) == ("error", 1, "stuck", "7")
+    assert row["complete"] is True and row["closed"] is False and row["participants"] == 2
+    corrupt = run_of(b"{not json")
+    assert check_json(corrupt, analyse(corrupt, NOW))["status"] == "corrupt"
+

@@ -30,12 +30,12 @@ from rdzvctl.errors import (
 from rdzvctl.inspection import Snapshot, is_legacy_etcd, read_legacy
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.legacy_etcd import (
-    STATE_FORMAT,
     LegacyReport,
     LegacyRun,
+    check_json,
     describe,
     launch_of,
-    lifecycle_json,
+    list_row,
     next_version,
     parse_state,
 )
@@ -148,29 +148,6 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
 
 
 # -- corrupt-detect and list ------------------------------------------------------------------------
-def _report_of(run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
-    from rdzvctl.state.analysis import SEVERITIES
-
-    if report.error is not None or (run.raw is None and run.active is not None):
-        status = "corrupt"
-    elif run.raw is None:
-        status = "absent"
-    else:
-        status = max((f.severity for f in report.findings), key=SEVERITIES.index, default="ok")
-    life = lifecycle_json(run, report)
-    return {
-        "run_id": run.run_id,
-        "status": status,
-        "state_format": STATE_FORMAT,
-        "round": None if report.state is None or report.state.version is None else int(report.state.version),
-        "phase": None if life is None else life["phase"],
-        "lifecycle": life,
-        "legacy_status": None if report.state is None else report.state.status,
-        "next": report.next_step,
-        "problems": [f.to_json() for f in report.findings],
-    }
-
-
 def _all_runs(app: Any, backend: Any) -> List[Tuple[LegacyRun, LegacyReport]]:
     found = []
     for entry in with_progress(app, backend.list_runs()):
@@ -192,12 +169,12 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
     verdict = None
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
-            reports = [_report_of(*pair) for pair in _all_runs(app, backend)]
+            reports = [check_json(*pair) for pair in _all_runs(app, backend)]
         reports = [r for r in reports if r["status"] != "absent"]
     else:
         with app.open() as backend:
             run, report = read_legacy(backend)
-        reports = [_report_of(run, report)]
+        reports = [check_json(run, report)]
         if for_launch and reports[0]["status"] != "corrupt":
             verdict = launch_of(run, report)
         if reports[0]["status"] == "absent" and verdict is None:
@@ -228,19 +205,7 @@ def list_runs(app: Any, output: str) -> None:
         for run, report in _all_runs(app, backend):
             if run.raw is None and run.active is None:
                 continue
-            health = _report_of(run, report)["status"]
-            state = report.state
-            rows.append({
-                "run_id": run.run_id, "health": health, "status": None if state is None else state.status,
-                "round": None if state is None or state.version is None else int(state.version),
-                "complete": None if state is None else state.status == "final",
-                "participants": None if state is None else len(state.participants or ()),
-                "waiting": None if state is None else state.num_workers_waiting,
-                "closed": None if state is None else state.status == "closed",
-                "phase": _report_of(run, report)["phase"],
-                "token": None if run.token is None else backend.format_token(run.token),
-                "error": None if report.error is None else str(report.error),
-            })
+            rows.append(list_row(run, report, None if run.token is None else backend.format_token(run.token)))
     if output == "json":
         app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
         return

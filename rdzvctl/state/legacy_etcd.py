@@ -59,6 +59,9 @@ __all__ = [
     "describe",
     "diff_runs",
     "phase_of",
+    "lifecycle_json",
+    "check_json",
+    "list_row",
     "launch_of",
     "next_version",
 ]
@@ -624,6 +627,47 @@ def lifecycle_json(run: LegacyRun, report: LegacyReport) -> Optional[Dict[str, A
     nodes = [f"rank_{n.rank}" for n in report.nodes if n.lease == "expired"]
     return {"phase": phase, "torch_next": torch_next, "outlook": report.next_step, "nodes": nodes,
             "known_at": None}
+
+
+def check_json(run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
+    """A run's ``corrupt-detect`` report (the pickled backends' shape, ``state_format`` added; ``round`` is
+    the version, ``legacy_status`` torch's status); its ``status`` is also ``list``'s health."""
+    if report.error is not None or (run.raw is None and run.active is not None):
+        status = "corrupt"
+    elif run.raw is None:
+        status = "absent"
+    else:
+        status = max((f.severity for f in report.findings), key=SEVERITIES.index, default="ok")
+    life = lifecycle_json(run, report)
+    state = report.state
+    return {
+        "run_id": run.run_id,
+        "status": status,
+        "state_format": STATE_FORMAT,
+        "round": None if state is None or state.version is None else int(state.version),
+        "phase": None if life is None else life["phase"],
+        "lifecycle": life,
+        "legacy_status": None if state is None else state.status,
+        "next": report.next_step,
+        "problems": [f.to_json() for f in report.findings],
+    }
+
+
+def list_row(run: LegacyRun, report: LegacyReport, token: Optional[str]) -> Dict[str, Any]:
+    """A run's row of ``list`` (``token`` as the backend formats it)."""
+    checked = check_json(run, report)
+    state = report.state
+    return {
+        "run_id": run.run_id, "health": checked["status"], "status": None if state is None else state.status,
+        "round": checked["round"],
+        "complete": None if state is None else state.status == "final",
+        "participants": None if state is None else len(state.participants or ()),
+        "waiting": None if state is None else state.num_workers_waiting,
+        "closed": None if state is None else state.status == "closed",
+        "phase": checked["phase"],
+        "token": token,
+        "error": None if report.error is None else str(report.error),
+    }
 
 
 def launch_of(run: LegacyRun, report: LegacyReport) -> LaunchVerdict:
