@@ -24,6 +24,16 @@ and ``until-met`` (last).  A backend error ends the generator by raising it;
 :class:`rdzvctl.errors.ConditionNotMetError`.  Closing the generator (or
 leaving the ``for``) stops the background read; the backend stays open.
 No printing here.
+
+On a backend that keeps torch's legacy etcd JSON (``--rdzv-backend etcd``,
+:mod:`rdzvctl.state.legacy_etcd`) the run is polled every ``interval``
+(state, counter and keep-alive leases: a lease expires without any write to
+``active_version``) and the events, in the same dict shape, are
+``snapshot`` (with ``round``, the version, and ``status``), the changes of
+:func:`rdzvctl.state.legacy_etcd.diff_runs` (``created``, ``removed``,
+``corrupt``, ``status``, ``joined``, ``confirmed``, ``keep-alive-expired``,
+``waiting``), ``stuck-*`` once per status and ``until-met``; ``complete``
+means ``final`` and ``round>=N`` the version.
 """
 
 from __future__ import annotations
@@ -38,9 +48,13 @@ from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Set
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.errors import ConditionNotMetError, StateError
+from rdzvctl.inspection import is_legacy_etcd, legacy_options
 from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Event, KeepAlive, diff_states, group_events, stale_transitions
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time
+from rdzvctl.state.legacy_etcd import LegacyReport, LegacyRun, diff_runs
+from rdzvctl.state.legacy_etcd import analyse as analyse_legacy
+from rdzvctl.state.legacy_etcd import parse_state as parse_legacy
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = ["follow", "parse_until", "UNTIL_HELP"]
@@ -53,20 +67,35 @@ UNTIL_HELP = "expected complete, closed, absent or round>=N"
 Predicate = Callable[[Optional[RendezvousState], bool], bool]
 
 
-def parse_until(text: str) -> Predicate:
-    """``complete|closed|absent|round>=N`` as a predicate over (state, exists); ValueError otherwise."""
+def _until_parts(text: str) -> Tuple[str, int]:
+    """``complete|closed|absent|round>=N`` as (kind, N; 0 but for round); ValueError otherwise."""
     match = _UNTIL.match(text.strip())
     if not match:
         raise ValueError(UNTIL_HELP)
-    kind = match.group(1)
+    return match.group(1).split(">=")[0], int(match.group(2) or 0)
+
+
+def parse_until(text: str) -> Predicate:
+    """``complete|closed|absent|round>=N`` as a predicate over (state, exists); ValueError otherwise."""
+    kind, target = _until_parts(text)
     if kind == "complete":
         return lambda state, exists: state is not None and state.complete
     if kind == "closed":
         return lambda state, exists: state is not None and state.closed
     if kind == "absent":
         return lambda state, exists: not exists
-    target = int(match.group(2))
     return lambda state, exists: state is not None and state.round >= target
+
+
+def _legacy_until(text: str) -> Callable[[LegacyReport], bool]:
+    """The same conditions over a legacy etcd report: complete is ``final``, round the version."""
+    kind, target = _until_parts(text)
+    if kind == "absent":
+        return lambda r: r.state is None and r.error is None
+    if kind in ("complete", "closed"):
+        wanted = "final" if kind == "complete" else "closed"
+        return lambda r: r.state is not None and r.state.status == wanted
+    return lambda r: r.state is not None and r.state.version is not None and int(r.state.version) >= target
 
 
 def follow(
@@ -88,8 +117,11 @@ def follow(
     ``until`` was given.  ``now`` is the clock (default
     :func:`rdzvctl.clock.now_utc`).
     """
-    predicate = None if until is None else parse_until(until)
     clock_now = now if now is not None else (lambda: clock.now_utc())
+    if is_legacy_etcd(backend):
+        yield from _follow_legacy(backend, interval, until, duration, clock_now)
+        return
+    predicate = None if until is None else parse_until(until)
     deadline = None if duration is None else time.monotonic() + duration
     items: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
     stop = threading.Event()
@@ -112,10 +144,7 @@ def follow(
                 return
 
     def event(kind: str, message: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        out = {"time": format_time(clock_now()), "kind": kind, "message": message, "run_id": backend.run_id}
-        if extra:
-            out.update(extra)
-        return out
+        return _event(backend, clock_now, kind, message, extra)
 
     def grouped(events: List[Event]) -> Iterator[Dict[str, Any]]:
         """One event per change; many nodes of one kind at once become one event with a count."""
@@ -173,6 +202,75 @@ def follow(
                 return
     finally:
         stop.set()
+
+
+def _event(backend: RendezvousBackend, clock_now: Callable[[], _dt.datetime], kind: str, message: str,
+           extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The one event shape: ``time``, ``kind``, ``message``, ``run_id`` and the kind's fields."""
+    out: Dict[str, Any] = {"time": format_time(clock_now()), "kind": kind, "message": message,
+                           "run_id": backend.run_id}
+    if extra:
+        out.update(extra)
+    return out
+
+
+def _follow_legacy(
+    backend: Any,  # an EtcdLegacyBackend (read_run)
+    interval: float,
+    until: Optional[str],
+    duration: Optional[float],
+    clock_now: Callable[[], _dt.datetime],
+) -> Iterator[Dict[str, Any]]:
+    """:func:`follow` on torch's legacy etcd JSON: poll the run (state, counter, keep-alive leases) every
+    ``interval``, since keep-alives expire without any write to ``active_version`` (its native watch alone
+    would miss them); how long a status lasts is measured here (etcd v2 keeps no write times)."""
+    predicate = None if until is None else _legacy_until(until)
+    options = legacy_options(backend)
+    deadline = None if duration is None else time.monotonic() + duration
+    previous: Optional[LegacyReport] = None
+    seen: Optional[Tuple[Any, ...]] = None  # (status, version, has a TTL) of the current status
+    since = time.monotonic()
+    reported: Set[Tuple[str, Optional[Tuple[Any, ...]]]] = set()
+    while True:
+        run: LegacyRun = backend.read_run()
+        try:
+            parsed = None if run.raw is None else parse_legacy(run.raw)
+        except StateError:
+            parsed = None
+        # A joinable state gets its TTL when min_nodes joined: the last call starts then.
+        key = None if parsed is None else (parsed.status, parsed.version,
+                                           run.active is not None and run.active.ttl is not None)
+        if key != seen:
+            seen, since = key, time.monotonic()
+        report = analyse_legacy(run, time.time(), status_age=time.monotonic() - since if key else None, **options)
+        state = report.state
+        if previous is None:
+            yield _event(backend, clock_now, "snapshot", "no state yet" if run.raw is None else
+                         ("state corrupt" if state is None else
+                          f"{state.status}, version {state.version or '-'}, {len(state.participants or ())} "
+                          f"participant(s), {len(state.keep_alives or ())} confirmed"),
+                         {"status": None if state is None else state.status,
+                          "round": None if state is None or state.version is None else int(state.version)})
+        else:
+            for kind, message in diff_runs(previous, report):
+                yield _event(backend, clock_now, kind, message)
+        for finding in report.findings:
+            if finding.code.startswith("stuck-") and (finding.code, seen) not in reported:
+                reported.add((finding.code, seen))
+                yield _event(backend, clock_now, finding.code, finding.message)
+        previous = report
+        if predicate is not None and predicate(report):
+            yield _event(backend, clock_now, "until-met", f"condition {until!r} holds")
+            return
+        wait = interval
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if until is not None:
+                    raise ConditionNotMetError(f"the condition {until!r} did not hold within {duration:g}s")
+                return
+            wait = min(wait, left)
+        time.sleep(wait)
 
 
 def _describe_start(state: Optional[RendezvousState], exists: bool) -> str:

@@ -30,11 +30,15 @@ from rdzvctl.state.analysis import (
 from rdzvctl.state.codec import decode
 from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
 from rdzvctl.state.jsonform import format_time, state_to_json
+from rdzvctl.state.legacy_etcd import STATE_FORMAT as LEGACY_FORMAT
+from rdzvctl.state.legacy_etcd import LegacyReport, LegacyRun
+from rdzvctl.state.legacy_etcd import analyse as analyse_legacy
 from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
 from rdzvctl.state.model import RendezvousState
 
 __all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
-           "reread_while", "check_run", "CONFIRM_SECONDS", "SCHEMA"]
+           "reread_while", "check_run", "is_legacy_etcd", "legacy_options", "read_legacy", "CONFIRM_SECONDS",
+           "SCHEMA"]
 
 #: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
 PROBE_TIMEOUT = 0.5
@@ -306,3 +310,24 @@ def check_run(
         "lifecycle": life.to_json(),
         "problems": [f.to_json() for f in findings],
     }, state
+
+
+# -- torch's legacy etcd rendezvous (a JSON state, not a pickle) ------------------------------------------
+def is_legacy_etcd(backend: Any) -> bool:
+    """True when the backend (or its class) keeps torch's legacy etcd JSON (``state_format``), not a pickle."""
+    return getattr(backend, "state_format", None) == LEGACY_FORMAT
+
+
+def legacy_options(backend: Any) -> Dict[str, Any]:
+    """The job's sizes and last-call timeout from ``--rdzv-conf`` (torch's handler options), for
+    :func:`rdzvctl.state.legacy_etcd.analyse`."""
+    address = backend.address
+    last_call = address.get_float("last_call_timeout")
+    return {"min_nodes": address.get_int("min_nodes"), "max_nodes": address.get_int("max_nodes"),
+            **({"last_call_timeout": last_call} if last_call is not None else {})}
+
+
+def read_legacy(backend: Any) -> Tuple[LegacyRun, LegacyReport]:
+    """Read a legacy etcd run once (state, counter, keep-alive leases) and analyse it now."""
+    run: LegacyRun = backend.read_run()
+    return run, analyse_legacy(run, time.time(), **legacy_options(backend))

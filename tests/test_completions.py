@@ -134,7 +134,7 @@ def filestore(tmp_path_factory) -> Path:
         ("rdzvctl reset --mode ", ["clear", "prune", "reopen"]),
         ("rdzvctl completion ", sorted(SHELLS)),
         ("rdzvctl get --rdzv-backend ", sorted(registered_backends())),
-        ("rdzvctl list --rdzv-backend etcd", ["etcd-v2", "etcd-v3"]),
+        ("rdzvctl list --rdzv-backend etcd", ["etcd", "etcd-v2", "etcd-v3"]),
     ],
 )
 def test_shell_offers(shell, line, expected, shell_env):

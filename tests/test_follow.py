@@ -1,5 +1,4 @@
 """rdzvctl.follow.follow(): the library generator behind ``watch`` (in-memory backend: pure logic)."""
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from rdzvctl.errors import ConditionNotMetError
 from rdzvctl.follow import follow, parse_until
 from rdzvctl.state.analysis import KeepAlive
 from rdzvctl.state.jsonform import format_time
-from tests.support.cli import NOW, Memory, cli_env, frozen_now, make_state, memory  # noqa: F401  (fixtures)
+from tests.support.cli import NOW, Memory, make_state
 
 
 def test_events_until_the_condition_holds(memory: Memory) -> None:

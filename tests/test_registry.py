@@ -19,7 +19,7 @@ from rdzvctl.errors import (
 )
 from rdzvctl.testing.memory import MemoryBackend
 
-BUILT_IN = ["c10d", "etcd-v2", "etcd-v3", "redis"]
+BUILT_IN = ["c10d", "etcd", "etcd-v2", "etcd-v3", "redis"]
 
 
 class NeedsMissingModule(MemoryBackend):

@@ -40,6 +40,7 @@ GROUP = "rdzvctl.backends"
 # Used only when rdzvctl runs from a source tree without installed metadata.
 _BUILTIN = {
     "c10d": "rdzvctl.backends.c10d:C10dBackend",
+    "etcd": "rdzvctl.backends.etcd_legacy:EtcdLegacyBackend",
     "etcd-v2": "rdzvctl.backends.etcd_v2:EtcdV2Backend",
     "etcd-v3": "rdzvctl.backends.etcd_v3:EtcdV3Backend",
     "redis": "rdzvctl.backends.redis:RedisBackend",

@@ -216,7 +216,7 @@ def with_app(func: Optional[Callable[..., Any]] = None, *, many_run_ids: bool = 
         return functools.partial(with_app, many_run_ids=many_run_ids)
 
     @click.option("--rdzv-backend", "rdzv_backend", metavar="NAME", shell_complete=_completer("complete_backend"),
-                  help="Backend name (c10d, etcd-v2, etcd-v3, redis, or module:factory). [env: RDZVCTL_RDZV_BACKEND, then PET_RDZV_BACKEND]")
+                  help="Backend name (c10d, etcd, etcd-v2, etcd-v3, redis, or module:factory). [env: RDZVCTL_RDZV_BACKEND, then PET_RDZV_BACKEND]")
     @click.option("--rdzv-endpoint", "rdzv_endpoint", metavar="HOST:PORT",
                   help="Backend endpoint, as given to torchrun. [env: RDZVCTL_RDZV_ENDPOINT, then PET_RDZV_ENDPOINT]")
     @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", multiple=many_run_ids,

@@ -56,20 +56,24 @@ def apply_change(
     command: str,
     title: str,
     notes: Sequence[str] = (),
+    fmt: Any = None,
 ) -> Optional[Dict[str, Any]]:
     """Run the write flow; returns a result document, or None when nothing was written.
 
-    ``notes`` are shown with the plan (before the diff, also on ``--dry-run``)."""
+    ``notes`` are shown with the plan (before the diff, also on ``--dry-run``).  ``fmt`` replaces the
+    pickled state's hooks for another stored format (``view``, ``check``, ``write``, ``report_conflict``;
+    e.g. :class:`rdzvctl.cli.legacy.LegacyWrites`)."""
     if snap.error is not None and snap.token is None:
         # The value is there but unreadable and the backend gave no token: any
         # write would be blind (or refused as a conflict), so say why instead.
         raise type(snap.error)(f"{snap.error}; the {snap.backend} backend gives no token for it, so rdzvctl "
                                "cannot replace or remove it fenced: delete it with the backend's own tools")
+    view = view_of if fmt is None else fmt.view
     if new is not None:
-        _check_writable(new)
+        (_check_writable if fmt is None else fmt.check)(new)
     for note in notes:
         app.err(note)
-    changed = render_plan(app, view_of(snap.raw), view_of(new), title)
+    changed = render_plan(app, view(snap.raw), view(new), title)
     if not changed:
         return None
     if dry_run:
@@ -81,14 +85,14 @@ def apply_change(
         return None
     path = _save_backup(app, backend, snap, command, directory)
     if snap.raw is not None:
-        app.err(_restore_hint(path, snap))
+        app.err(_restore_hint(path, snap, decoded=fmt is not None and snap.error is None))
     progress = app.progress
     progress["writing"] = True
     try:
-        result = write_fenced(backend, snap.token, new)
+        result = write_fenced(backend, snap.token, new) if fmt is None else fmt.write(backend, snap.token, new)
     except TokenConflictError as exc:
         progress["writing"] = False  # a lost fenced write wrote nothing
-        _report_conflict(app, snap, exc)
+        (_report_conflict if fmt is None else fmt.report_conflict)(app, snap, exc)
         raise
     progress.update(writing=False, written=True)
     token = None if result is None else backend.format_token(result[1])
@@ -124,9 +128,9 @@ def interrupted_message(progress: Dict[str, Any]) -> str:
     return "Interrupted: nothing was written."
 
 
-def _restore_hint(path: Path, snap: Snapshot) -> str:
+def _restore_hint(path: Path, snap: Snapshot, decoded: bool = False) -> str:
     """What the backup is good for: ``restore`` for a usable state, forensics for bytes torch cannot load."""
-    if snap.error is not None or snap.state is None:
+    if snap.error is not None or (snap.state is None and not decoded):
         return ("It keeps the undecodable bytes for forensics; restore will not write bytes torch cannot load "
                 "back.")
     return f"To undo: rdzvctl restore {path}"

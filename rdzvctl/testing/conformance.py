@@ -127,6 +127,8 @@ def set_with_token_on_absent_state_writes_nothing(ctx: CaseContext) -> None:
 
 
 def binary_safe(ctx: CaseContext) -> None:
+    if getattr(ctx.backend, "text_values", False):
+        return _text_safe(ctx)
     payload = bytes(range(256)) * 4
     _, token, _ = ctx.set(payload)
     state, _ = ctx.get(after="writing the 256 byte values")
@@ -136,6 +138,28 @@ def binary_safe(ctx: CaseContext) -> None:
     ctx.check(has_set, "a 1 MiB state was not written")
     state, _ = ctx.get(after="writing a 1 MiB state")
     ctx.check(state == big, "a 1 MiB state did not round-trip")
+
+
+def _text_safe(ctx: CaseContext) -> None:
+    """The variant for a backend whose values are text (``text_values = True``, e.g. torch's legacy etcd
+    JSON): every printable ASCII character, non-ASCII UTF-8 and a 1 MiB value round-trip; other bytes are
+    refused unwritten (a StateError), never mangled."""
+    payload = (bytes(range(32, 127)) * 4 + "é€😀".encode("utf-8"))
+    _, token, _ = ctx.set(payload)
+    state, _ = ctx.get(after="writing printable and UTF-8 text")
+    ctx.check(state == payload, "the printable and UTF-8 characters did not round-trip")
+    try:
+        ctx.backend.set_state(b"\xff\xfe", token)
+    except StateError:
+        pass
+    ctx.check(ctx.backend.get_state() == (payload, token), "bytes that are not text changed the stored value")
+    big = b"x" * (1 << 20)
+    _, _, has_set = ctx.set(big, token)
+    ctx.check(has_set, "a 1 MiB value was not written")
+    state, _ = ctx.get(after="writing a 1 MiB value")
+    ctx.check(state == big, "a 1 MiB value did not round-trip")
+    raise Limitation(f"the {ctx.backend.name} backend stores text (torch's JSON), not bytes: printable, UTF-8 "
+                      "and 1 MiB values round-trip; other bytes are refused unwritten")
 
 
 def racing_writers_one_wins(ctx: CaseContext) -> None:

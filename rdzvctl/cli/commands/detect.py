@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import click
 
 from rdzvctl import clock, inspection
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.cli.render import Table, render_tables, with_progress
 from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, BackendUnavailableError, RdzvctlError, StateError
@@ -59,6 +60,8 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
     --fail-on (--for-launch: no), 5 no state (not with --for-launch: no
     state is a yes unless stale keys), 6 a state is corrupt or unsafe.
     """
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.detect(app, output, all_runs, fail_on, for_launch)
     if for_launch and all_runs:
         raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
     now = clock.now_utc()

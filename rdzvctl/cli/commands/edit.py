@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import click
 
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, with_app, write_options
 from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import NoStateError, StateValidationError, UsageError
@@ -46,6 +47,8 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
     writes the state while you edit, nothing is written and the exit code is
     3: run edit again on the fresh state.
     """
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.refuse("edit")
     with app.open() as backend:
         snap = take_snapshot(backend)
         if snap.error is not None:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, with_app
 from rdzvctl.errors import MissingDependencyError, UsageError
 
@@ -37,6 +38,9 @@ def command(app: App, all_runs: bool, listen: Optional[str], max_runs: Optional[
 
     Stops cleanly on SIGTERM (exit 0) and SIGINT (exit 130).
     """
+    if legacy.handles(app):  # torch's legacy etcd JSON: the collector reads pickled states only
+        return legacy.refuse("exporter", "watch it with `rdzvctl watch -o json` or check it with "
+                                         "`rdzvctl corrupt-detect --all`")
     try:
         import prometheus_client  # noqa: F401
     except ImportError:

@@ -7,6 +7,7 @@ from typing import Any, Dict, Tuple
 import click
 
 from rdzvctl import inspection
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.cli.render import render_get
 from rdzvctl.errors import EXIT_CORRUPT, EXIT_NO_STATE, NoStateError, UnsupportedOperationError
@@ -32,6 +33,8 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
       rdzvctl get ... -o json | jq '.nodes[] | select(.alive == false)'
       rdzvctl get ... -o raw > state.pickle
     """
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.get(app, output, all_nodes, show_keys)
     with app.open() as backend:
         snap = take_snapshot(backend)
         if output == "raw":

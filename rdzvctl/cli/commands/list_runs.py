@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from rdzvctl import clock
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app
 from rdzvctl.cli.render import Table, render_tables, with_progress
 from rdzvctl.inspection import check_run
@@ -23,6 +24,8 @@ def command(app: App, output: str) -> None:
     every backend.  Needs a backend that can list runs (not every c10d store
     can).
     """
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.list_runs(app, output)
     now = clock.now_utc()
     rows = []
     with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 import click
 
 from rdzvctl import clock
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import NoStateError, TokenConflictError
@@ -50,6 +51,8 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     The backup path is printed; `rdzvctl restore PATH` puts a decodable state
     back (the bytes of a corrupt one are kept there for forensics only).
     """
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.reset(app, mode, yes, dry_run, backup_dir, output, retry)
     attempts = 1 + (retry if mode != "clear" else 0)
     with app.open() as backend:
         for attempt in range(attempts):

@@ -10,6 +10,7 @@ import click
 from rdzvctl.backends.base import Address, parse_conf
 from rdzvctl.backends.registry import open_backend
 from rdzvctl.backup import read_backup
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import StateError, UsageError
@@ -34,8 +35,9 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
     and writes nothing (`reset --mode clear` starts over instead).
     """
     saved = read_backup(Path(backup_file))
-    _check_restorable(backup_file, saved.state)
     backend_name, endpoint, run_id, conf, timeout = app.flags
+    legacy_json = legacy.handles_backend(backend_name or saved.backend)  # torch's legacy etcd JSON
+    (legacy.check_restorable if legacy_json else _check_restorable)(backup_file, saved.state)
     if endpoint is None and "***" in saved.endpoint:
         raise UsageError(f"the backup's endpoint {saved.endpoint} had a password, which backups never keep: "
                          "pass the real one with --rdzv-endpoint")
@@ -45,12 +47,16 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
                             None, timeout)
     address = Address(base.backend, base.endpoint, base.run_id, {**base.conf, **merged}, base.timeout)
     with open_backend(address) as backend:
-        snap = take_snapshot(backend)
-        result = apply_change(app, backend, snap, saved.state, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
-                              command=f"restore {backup_file}",
-                              title=f"Restore of run {snap.run_id!r} from {backup_file} (saved {saved.time})")
+        if legacy_json:
+            result = legacy.restore(app, backend, saved, backup_file, yes, dry_run, backup_dir)
+        else:
+            snap = take_snapshot(backend)
+            result = apply_change(app, backend, snap, saved.state, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
+                                  command=f"restore {backup_file}",
+                                  title=f"Restore of run {snap.run_id!r} from {backup_file} (saved {saved.time})")
+        run_id = backend.run_id
     if output == "json":
-        app.json(result or {"written": False, "run_id": snap.run_id})
+        app.json(result or {"written": False, "run_id": run_id})
 
 
 def _check_restorable(backup_file: str, state: Optional[bytes]) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Optional, Tuple
 import click
 
 from rdzvctl import clock
+from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import NoStateError, StateValidationError, TokenConflictError, UsageError
@@ -80,6 +81,8 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
       rdzvctl set ... --no-closed
       rdzvctl set ... --remove-node node3_4711_0 --yes
     """
+    if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
+        return legacy.refuse("set")
     edits = any(v is not None for v in (closed, complete, round_)) or clear_deadline or remove_nodes or add_waiting
     if source is None and not edits:
         raise click.UsageError("nothing to write: give -f FILE or a field change (see --help)")

@@ -35,7 +35,9 @@ def command(app: App, output: str, interval: float, until: Optional[str], durati
     kind at once are one event with a count (-o json: "count", and the first
     node ids in "nodes").  A corrupt value is reported and watching goes
     on.  The backend's native watch is used where it has one; otherwise the
-    state is polled.
+    state is polled.  On the etcd backend (torch's legacy JSON) the run is
+    polled and the events are its versions': status, joined, confirmed,
+    keep-alive-expired, waiting, stuck-* (see docs/etcd-layout.md).
 
     \b
     Examples:
