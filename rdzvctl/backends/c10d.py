@@ -24,7 +24,7 @@ from __future__ import annotations
 import binascii
 import re
 from base64 import b64decode, b64encode
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from rdzvctl.backends.base import Address, RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
 from rdzvctl.backends.filestore import FileStore
@@ -223,6 +223,14 @@ class C10dBackend(RendezvousBackend):
                 if value is not None:
                     out[f"{round_}/{name.decode(errors='replace')}"] = value
         return out
+
+    def server_info(self) -> Dict[str, Any]:
+        """The TCPStore server (protocol, flavour) or the FileStore file (see ``server_info``)."""
+        from rdzvctl.backends.server_info import filestore_info, tcpstore_info
+
+        if isinstance(self.store, FileStore):
+            return filestore_info(self.store.path)
+        return tcpstore_info(self.store)
 
     def close(self) -> None:
         self.store.close()

@@ -630,6 +630,12 @@ class RedisBackend(RendezvousBackend):
                         out[f"{round_}/{name.decode(errors='replace')}"] = value
         return out
 
+    def server_info(self) -> Dict[str, Any]:
+        """Version, role, cluster state and the settings rendezvous depends on (see ``server_info``)."""
+        from rdzvctl.backends.server_info import redis_info
+
+        return redis_info(self)
+
     # -- watch ----------------------------------------------------------------
     def _node_client(self) -> Any:
         """A client of the server that owns the key (the cluster node, or the server itself)."""
