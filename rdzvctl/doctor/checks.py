@@ -250,7 +250,7 @@ def run_checks(run_id: str, state: Optional[RendezvousState], error: Optional[st
         out.append(Check("run.id", "ok", f"run id {run_id!r}"))
     if error is not None:
         out.append(Check("run.state", "fail", f"the state does not decode: {error}",
-                         "rdzvctl corrupt-detect explains; rdzvctl reset --mode clear (backed up)"))
+                         "rdzvctl corrupt-detect (explains why); then rdzvctl reset --mode clear (backed up)"))
         return out
     if state is None:
         out.append(Check("run.state", "warn",
