@@ -129,3 +129,13 @@ def test_repair_commands_are_quoted_and_carry_the_address():
     assert words[words.index("--rdzv-conf") + 1] == "ttl=60"
     assert "hunter22" not in found[0]["command"]
     assert shlex.split(found[1]["command"])[:4] == ["rdzvctl", "reset", "--mode", "prune"]
+
+
+def test_a_resolver_timeout_warns_but_a_missing_name_fails():
+    state = state_of("slow", "gone")
+    slow_only = {"slow": Resolution("slow", (), "no answer", 2.0, True), "gone": Resolution("gone", ("10.0.0.3",))}
+    found = [c for c in C.node_checks(state, NOW, KeepAlive(), None, slow_only) if c.name == "nodes.resolve"]
+    assert [c.status for c in found] == ["warn"] and "--dns-timeout" in found[0].fix
+    both = {**slow_only, "gone": Resolution("gone", (), "Name or service not known")}
+    found = [c for c in C.node_checks(state, NOW, KeepAlive(), None, both) if c.name == "nodes.resolve"]
+    assert [c.status for c in found] == ["fail", "warn"]

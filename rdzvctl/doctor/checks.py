@@ -280,15 +280,21 @@ def node_checks(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive
     out: List[Check] = []
     nodes = sorted(state.nodes)
     addrs = sorted({n.addr for n in nodes})
-    bad = [a for a in addrs if a in resolved and not resolved[a].ok]
+    bad = [a for a in addrs if a in resolved and not resolved[a].ok and not resolved[a].timed_out]
+    slow = [a for a in addrs if a in resolved and resolved[a].timed_out]
     if bad:
         shown = [f"{a} ({resolved[a].error})" for a in bad]
         out.append(Check("nodes.resolve", "fail",
                          f"{len(bad)} of {len(addrs)} node address(es) do not resolve here: {_show(shown)}",
                          "fix the nodes' host names or DNS, or give torchrun --local-addr a resolvable address",
                          data={"unresolved": bad}))
-    else:
+    elif not slow:
         out.append(Check("nodes.resolve", "ok", f"all {len(addrs)} node address(es) resolve"))
+    if slow:
+        out.append(Check("nodes.resolve", "warn",
+                         f"the resolver did not answer in time for {len(slow)} of {len(addrs)} node address(es): "
+                         f"{_show(slow)}", "retry with a longer --dns-timeout; a slow resolver also delays the "
+                         "nodes' own lookups", data={"timed_out": slow}))
     arpa = [a for a in addrs if a.rstrip(".").lower().endswith(".arpa")]
     if arpa:
         out.append(Check("nodes.reverse-names", "warn", f"reverse-lookup names used as node addresses: {_show(arpa)}",

@@ -1,9 +1,9 @@
 """Small network probes for ``doctor``: forward DNS and TCP connect, each with a timeout.
 
-Many probes run at once on a pool of daemon threads (:func:`run_all`), so a
-1,000-node run is checked in seconds, and a lookup the resolver never answers
-(``getaddrinfo`` cannot be cancelled) is reported as timed out without
-holding up the process: daemon threads do not delay its exit.
+Many probes run at once on a pool of daemon threads (:func:`run_all`) under
+one deadline, so a 1,000-node run is checked in seconds, and a lookup the
+resolver never answers (``getaddrinfo`` cannot be cancelled) is reported as
+timed out without holding up the process: daemon threads do not delay its exit.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["Resolution", "Connection", "resolve", "connect", "run_all", "resolve
 
 DNS_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 2.0
-MAX_WORKERS = 64
+MAX_WORKERS = 256
 
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
@@ -35,6 +35,7 @@ class Resolution:
     addresses: Tuple[str, ...] = ()
     error: Optional[str] = None
     seconds: Optional[float] = None
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
@@ -114,11 +115,12 @@ def connect(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> Connectio
 
 def run_all(func: Callable[[K], R], items: Iterable[K], timeout: float,
             on_timeout: Callable[[K], R], workers: int = MAX_WORKERS) -> Dict[K, R]:
-    """``func`` of every distinct item on up to ``workers`` daemon threads.
+    """``func`` of every distinct item on up to ``workers`` daemon threads, within ``timeout`` overall.
 
-    Each item gets ``timeout`` seconds from when its worker picks it up;
-    items not done by then get ``on_timeout(item)``.  The whole call is
-    bounded by ``timeout x ceil(items / workers)``.
+    Items not done when ``timeout`` runs out (also those never started) get
+    ``on_timeout(item)``; their threads finish (or hang) unseen.  So the call
+    takes at most ``timeout`` however many items there are: a slow or
+    rate-limiting resolver shows up as timeouts, not as a long wait.
     """
     todo: List[K] = list(dict.fromkeys(items))
     if not todo:
@@ -127,11 +129,11 @@ def run_all(func: Callable[[K], R], items: Iterable[K], timeout: float,
     for item in todo:
         jobs.put(item)
     results: Dict[K, R] = {}
-    lock = threading.Lock()
-    done = threading.Condition(lock)
+    done = threading.Condition()
+    deadline = time.monotonic() + timeout
 
     def worker() -> None:
-        while True:
+        while time.monotonic() < deadline:
             try:
                 item = jobs.get_nowait()
             except queue.Empty:
@@ -141,11 +143,8 @@ def run_all(func: Callable[[K], R], items: Iterable[K], timeout: float,
                 results.setdefault(item, result)
                 done.notify_all()
 
-    count = max(1, min(workers, len(todo)))
-    for _ in range(count):
+    for _ in range(max(1, min(workers, len(todo)))):
         threading.Thread(target=worker, name="rdzvctl-probe", daemon=True).start()
-    rounds = -(-len(todo) // count)
-    deadline = time.monotonic() + timeout * rounds + 0.05
     with done:
         while len(results) < len(todo):
             left = deadline - time.monotonic()
@@ -159,11 +158,11 @@ def run_all(func: Callable[[K], R], items: Iterable[K], timeout: float,
 def resolve_all(hosts: Iterable[str], timeout: float = DNS_TIMEOUT) -> Dict[str, Resolution]:
     """Forward DNS of every distinct host, concurrently, each bounded by ``timeout``."""
     return run_all(resolve, hosts, timeout,
-                   lambda host: Resolution(host, (), f"no answer from the resolver within {timeout:g} s", timeout))
+                   lambda host: Resolution(host, (), f"no answer from the resolver within {timeout:g} s", timeout, True))
 
 
 def connect_all(targets: Iterable[Tuple[str, int]], timeout: float = CONNECT_TIMEOUT) -> Dict[Tuple[str, int], Connection]:
     """A TCP connect to every distinct ``(host, port)``, concurrently."""
-    return run_all(lambda target: connect(target[0], target[1], timeout), targets, timeout + 0.5,
+    return run_all(lambda target: connect(target[0], target[1], timeout), targets, timeout + 0.25,
                    lambda target: Connection(target[0], target[1], False, timeout,
                                              f"no answer within {timeout:g} s"))
