@@ -231,6 +231,7 @@ def test_etcd_v2_with_the_v2_api_passes(etcd_server, cli_env, run_id):
     code, doc = doctor("etcd-v2", etcd_server.endpoint, run_id)
     assert code == 0, failing(doc)
     assert status(doc, "etcd.v2") == status(doc, "etcd.health") == status(doc, "etcd.members") == "ok"
+    assert status(doc, "endpoint.resolve") == status(doc, "endpoint.connect") == status(doc, "endpoint.protocol") == "ok"
     assert doc["server"]["version"].startswith("3.")
     assert doc["server"]["leader"]
 
@@ -247,6 +248,7 @@ def test_etcd_v3_does_not_need_the_v2_api(etcd_without_v2, cli_env, run_id):
     code, doc = doctor("etcd-v3", etcd_without_v2.endpoint, run_id)
     assert code == 0, failing(doc)
     assert status(doc, "etcd.v2") == "ok" and doc["server"]["v2_enabled"] is False
+    assert status(doc, "endpoint.connect") == status(doc, "endpoint.protocol") == "ok"
     assert status(doc, "etcd.members") == "ok"
 
 
@@ -269,6 +271,7 @@ def test_redis_without_keyspace_notifications_warns(redis_server, cli_env, run_i
     assert check["status"] == "warn" and "notify-keyspace-events" in check["fix"]
     assert status(doc, "redis.maxmemory-policy") == "ok"
     assert doc["server"]["role"] == "master"
+    assert status(doc, "endpoint.resolve") == status(doc, "endpoint.connect") == status(doc, "endpoint.protocol") == "ok"
 
 
 def test_redis_with_keyspace_notifications_passes(redis_server_notify, cli_env, run_id):
