@@ -1,6 +1,6 @@
 """rdzvctl's benchmark suite: ``python -m bench [--quick] [--only P1,P3]``.
 
-Each benchmark (P1-P8, see ``docs/performance.md``) measures rdzvctl side by
+Each benchmark (P1-P7, P10, P11; see ``docs/performance.md``) measures rdzvctl side by
 side with a baseline in the same run and reports medians, the ratio and a
 verdict against its target.  The servers it needs (redis-server, etcd, a
 torch TCPStore, a FileStore) are started on free loopback ports and stopped

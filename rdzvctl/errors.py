@@ -4,6 +4,7 @@ Every error carries the CLI exit code it maps to, so the command line needs a
 single ``except RdzvctlError`` and the library never has to know about click::
 
     RdzvctlError                    (1)
+    ├── ConditionNotMetError        (1)  watch --until: the condition did not hold in time
     ├── UsageError                  (2)  bad flags, bad addresses, bad files
     │   ├── StateValidationError         a JSON state with a wrong field (names it)
     │   ├── BackendNotFoundError         unknown --rdzv-backend (lists the known ones)
@@ -39,6 +40,7 @@ __all__ = [
     "EXIT_CORRUPT",
     "EXIT_INTERRUPTED",
     "RdzvctlError",
+    "ConditionNotMetError",
     "UsageError",
     "StateValidationError",
     "BackendNotFoundError",
@@ -69,6 +71,10 @@ class RdzvctlError(Exception):
     """Base class of every error rdzvctl raises on purpose."""
 
     exit_code: ClassVar[int] = EXIT_PROBLEMS
+
+
+class ConditionNotMetError(RdzvctlError):
+    """``watch --until``: the condition did not hold within ``--for``."""
 
 
 class UsageError(RdzvctlError):

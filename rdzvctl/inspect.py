@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from rdzvctl.backends.base import RendezvousBackend, Token
 from rdzvctl.errors import RdzvctlError, StateError
-from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, KeepAlive, deadline_remaining, find_problems, node_statuses
+from rdzvctl.state.analysis import (
+    DEFAULT_KEEP_ALIVE,
+    Finding,
+    KeepAlive,
+    NodeStatus,
+    deadline_remaining,
+    node_statuses,
+)
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time, state_to_json
+from rdzvctl.state.lifecycle import Lifecycle
 from rdzvctl.state.model import RendezvousState
 
-__all__ = ["Snapshot", "take_snapshot", "describe", "SCHEMA", "now_utc"]
+__all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
+           "reread_while", "CONFIRM_SECONDS", "SCHEMA", "now_utc"]
+
+#: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
+PROBE_TIMEOUT = 0.5
 
 SCHEMA = "rdzvctl.get/v1"
+
+T = TypeVar("T")
 
 
 def now_utc() -> _dt.datetime:
@@ -96,11 +110,82 @@ def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[t
     return None
 
 
+def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
+    """One bounded TCP connect: ``listening``, ``refused`` or ``unreachable`` (timeout, no route, no name)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return "unreachable"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except ConnectionRefusedError:
+            return "refused"
+        except OSError:
+            return "unreachable"
+    return "listening"
+
+
+#: How long a "stuck" verdict with live agents is re-checked before it is reported: a restarting
+#: agent leaves its round (``_RendezvousExitOp``) one write before it waits (``_RendezvousJoinOp``),
+#: and in between a snapshot shows a free rank and nobody waiting.
+CONFIRM_SECONDS = 2.0
+
+
+def reread_while(read: Callable[[], T], again: Callable[[T], bool], seconds: float, pause: float = 0.25,
+                 first: Optional[T] = None) -> T:
+    """``first`` (else ``read()``), then ``read()`` every ``pause`` s while ``again(result)`` holds,
+    for at most ``seconds``."""
+    import time
+
+    result = read() if first is None else first
+    give_up = time.monotonic() + seconds
+    while again(result) and time.monotonic() < give_up:
+        time.sleep(pause)
+        result = read()
+    return result
+
+
+def read_store_keys(backend: RendezvousBackend) -> Optional[Dict[str, bytes]]:
+    """The run's per-round store keys, or None where the backend cannot list them."""
+    if "store_keys" not in backend.capabilities:
+        return None
+    return backend.store_keys()
+
+
+def assess(
+    state: RendezvousState,
+    now: _dt.datetime,
+    run_id: Optional[str],
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
+    max_nodes: Optional[int] = None,
+    store_keys: Optional[Dict[str, bytes]] = None,
+    closed_since: Optional[_dt.datetime] = None,
+    probe: bool = True,
+) -> Tuple[Lifecycle, List[Finding]]:
+    """The lifecycle and findings of a state; with store keys, the published rank-0 address is probed."""
+    from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
+    from rdzvctl.state.lifecycle import lifecycle, liveness
+
+    life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
+    findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
+    if store_keys:
+        probes = {}
+        if probe and not state.closed and liveness(state, now, keep_alive.expiry).live:
+            probes = {(addr, port): probe_tcp(addr, port) for addr, port in addresses_to_probe(store_keys)}
+        findings = master_address_findings(state, now, store_keys, probes, keep_alive) + findings
+    return life, findings
+
+
 def describe(
     snap: Snapshot,
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
     max_nodes: Optional[int] = None,
-    store_keys: Optional[Dict[str, Any]] = None,
+    store_keys: Optional[Dict[str, bytes]] = None,
 ) -> Dict[str, Any]:
     """The ``get -o json`` document (schema ``rdzvctl.get/v1``)."""
     doc: Dict[str, Any] = {
@@ -121,15 +206,7 @@ def describe(
     doc["state"] = state_to_json(state)
     beats = doc["state"]["last_heartbeats"]  # formatted once, reused per node below
     remaining = deadline_remaining(state, now)
-    participants = [s for s in statuses if s.role == "participant"]
-    doc["summary"] = {
-        "participants": len(participants),
-        "alive": sum(1 for s in participants if s.alive),
-        "dead": sum(1 for s in participants if s.alive is False),
-        "waiting": len(state.wait_list),
-        "redundant": len(state.redundancy_list),
-        "deadline_remaining": None if remaining is None else round(remaining, 3),
-    }
+    doc["summary"] = summarize(state, statuses, remaining)
     doc["nodes"] = [
         {
             "node": s.node.id,
@@ -141,13 +218,33 @@ def describe(
         }
         for s in statuses
     ]
-    doc["problems"] = [
-        {"code": f.code, "severity": f.severity, "message": f.message, "repair": f.repair, "nodes": list(f.nodes)}
-        for f in find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=snap.run_id)
-    ]
+    life, findings = assess(state, now, snap.run_id, keep_alive, max_nodes, store_keys)
+    doc["lifecycle"] = life.to_json()
+    doc["problems"] = [f.to_json() for f in findings]
     if store_keys is not None:
-        doc["store_keys"] = store_keys
+        doc["store_keys"] = {k: printable(v) for k, v in store_keys.items()}
     return doc
+
+
+def printable(value: bytes) -> str:
+    """A store value as text: UTF-8, else ``0x`` and hex."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + value.hex()
+
+
+def summarize(state: RendezvousState, statuses: List[NodeStatus], remaining: Optional[float]) -> Dict[str, Any]:
+    """The ``summary`` of ``get -o json``: participant, liveness and list counts (also the exporter's gauges)."""
+    participants = [s for s in statuses if s.role == "participant"]
+    return {
+        "participants": len(participants),
+        "alive": sum(1 for s in participants if s.alive),
+        "dead": sum(1 for s in participants if s.alive is False),
+        "waiting": len(state.wait_list),
+        "redundant": len(state.redundancy_list),
+        "deadline_remaining": None if remaining is None else round(remaining, 3),
+    }
 
 
 def problem_for_error(error: StateError) -> Dict[str, Any]:
@@ -158,7 +255,16 @@ def problem_for_error(error: StateError) -> Dict[str, Any]:
         "message": str(error),
         "repair": "rdzvctl reset --mode clear (a backup of the bytes is kept)",
         "nodes": [],
+        "torch_next": "agents-fail",
+        "outlook": ("every agent unpickles it unchecked at its next sync (`_BackendRendezvousStateHolder.sync`): "
+                    "what it names runs there" if error.kind == "unsafe" else
+                    "every agent's next sync fails to load it (`_BackendRendezvousStateHolder.sync`)"),
     }
+
+
+def stays(doc: Dict[str, Any]) -> bool:
+    """The document's run is judged stuck with nothing in torch to change it (``torch_next`` "stays")."""
+    return (doc.get("lifecycle") or {}).get("torch_next") == "stays"
 
 
 def worst_severity(problems: List[Dict[str, Any]]) -> Optional[str]:

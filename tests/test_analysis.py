@@ -23,6 +23,7 @@ from rdzvctl.state.analysis import (
     remove_node,
     reopen,
 )
+from rdzvctl.state.lifecycle import TORCH_NEXT
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from tests.strategies import UTC, from_torch, node_descs, rendezvous_states, to_torch
 
@@ -120,7 +121,7 @@ def _scenario(code: str) -> tuple:
     elif code == "complete-without-participants":
         s.participants, s.last_heartbeats = {}, {}
     elif code == "deadline-on-complete":
-        s.deadline, severity = NOW + SECOND, "warning"
+        s.deadline, severity = NOW + SECOND, "info"
     elif code == "missing-heartbeat":
         del s.last_heartbeats[B]
         nodes = (str(B),)
@@ -132,19 +133,15 @@ def _scenario(code: str) -> tuple:
         nodes = (str(B),)
     elif code == "dead-nodes":
         s.wait_list, s.last_heartbeats[C] = {C}, STALE
-        nodes, severity = (str(C),), "warning"
+        nodes, severity = (str(C),), "info"
     elif code == "heartbeat-in-future":
         s.last_heartbeats[B] = NOW + 10 * SECOND
         nodes, severity = (str(B),), "warning"
-    elif code == "closed-with-waiting":
-        s.closed, s.wait_list, s.last_heartbeats[C] = True, {C}, FRESH
-        nodes, severity = (str(C),), "warning"
-    elif code == "closed-while-alive":
-        s.closed = True
-        nodes, severity = (str(A), str(B)), "warning"
+    elif code == "closed-while-alive":  # seen closed a minute ago, and A and B still heartbeat
+        s.closed, kwargs["closed_since"] = True, NOW - 60 * SECOND
+        nodes = (str(A), str(B))
     elif code == "closed":
         s = RendezvousState(round=4, closed=True)
-        severity = "info"
     elif code == "over-max-nodes":
         kwargs["max_nodes"] = 1
     elif code == "shared-run-id":
@@ -164,8 +161,7 @@ def _scenario(code: str) -> tuple:
 
 CODES = [
     "ranks-invalid", "participant-left", "complete-without-participants", "deadline-on-complete", "missing-heartbeat",
-    "participant-and-waiting", "dead-participants", "dead-nodes", "heartbeat-in-future", "closed-with-waiting",
-    "closed-while-alive", "closed", "over-max-nodes", "shared-run-id", "deadline-passed", "orphan-heartbeats",
+    "participant-and-waiting", "dead-participants", "dead-nodes", "heartbeat-in-future", "closed-while-alive", "closed", "over-max-nodes", "shared-run-id", "deadline-passed", "orphan-heartbeats",
     "naive-datetimes",
 ]
 
@@ -179,18 +175,22 @@ def test_each_finding_in_a_minimal_scenario(code: str) -> None:
     assert finding.message and "\n" not in finding.message
     if nodes is not None:
         assert finding.nodes == nodes
-    # The minimal scenario produces this finding alone (closed-with-waiting: its node is alive too).
-    expected = {code, "closed-while-alive"} if code == "closed-with-waiting" else {code}
-    assert set(_codes(findings)) == expected
+    assert finding.torch_next in TORCH_NEXT and finding.outlook and "\n" not in finding.outlook
+    # The minimal scenario produces this finding alone.
+    assert set(_codes(findings)) == {code}
 
 
-def test_dead_participants_of_a_complete_round_are_an_error() -> None:
+def test_dead_participants_of_a_complete_round_nobody_waiting_are_an_error() -> None:
+    """Stuck: torch's ``_sanitize`` drops B without renumbering; nobody restarts A (``num_nodes_waiting`` is 0)."""
     state = _healthy()
     state.last_heartbeats[B] = STALE
-    assert _one(find_problems(state, NOW), "dead-participants").severity == "error"
-    state.complete = False
     finding = _one(find_problems(state, NOW), "dead-participants")
-    assert finding.severity == "warning" and finding.nodes == (str(B),)
+    assert finding.severity == "error" and finding.torch_next == "stays"
+    assert finding.repair.startswith("rdzvctl reset --mode prune") and "--add-waiting" in finding.repair
+    state.complete = False  # forming: A's next sync drops B (``_sanitize``), nothing to repair
+    finding = _one(find_problems(state, NOW), "dead-participants")
+    assert finding.severity == "info" and finding.nodes == (str(B),) and finding.torch_next == "recovers"
+    assert not finding.repair
 
 
 def test_custom_keep_alive_changes_who_is_dead() -> None:
@@ -213,20 +213,24 @@ def test_suspicious_run_ids(run_id: str) -> None:
 def test_findings_are_sorted_most_severe_first() -> None:
     state = _healthy()
     state.naive_datetimes = True  # info
-    state.deadline = NOW  # warning
-    state.participants = {A: 0, B: 5}  # error
+    state.last_heartbeats[B] = NOW + 60 * SECOND  # warning
+    state.participants = {A: 0, B: 5}  # error (a participant left, nobody waits)
     severities = [f.severity for f in find_problems(state, NOW)]
     assert severities == ["error", "warning", "info"]
     assert Finding("x", "warning", "m").at_least("warning")
     assert not Finding("x", "info", "m").at_least("warning")
 
 
-def test_every_finding_suggests_a_repair_or_explains() -> None:
+def test_a_repair_only_where_torch_does_not_fix_it_itself() -> None:
     for code in CODES:
         state, kwargs, _, _ = _scenario(code)
         for finding in find_problems(state, NOW, **kwargs):
             assert finding.severity in ("info", "warning", "error")
-            assert finding.repair or finding.severity == "info"
+            assert finding.torch_next in TORCH_NEXT and finding.outlook
+            if finding.torch_next in ("recovers", "next-join-fixes"):
+                assert not finding.repair, finding
+            elif finding.torch_next in ("stays", "agents-fail", "new-job-fails"):
+                assert finding.repair, finding
 
 
 # -- repairs, against torch's own code -------------------------------------------------------
@@ -368,8 +372,8 @@ def test_diff_heartbeats_alone_are_not_events() -> None:
     (lambda s: setattr(s, "round", 3), ["round-advanced"], None),
     (lambda s: s.participants.update({C: 2}), ["joined-participants"], C),
     (lambda s: s.participants.pop(B), ["left-participants"], B),
-    (lambda s: s.wait_list.add(C), ["joined-wait_list"], C),
-    (lambda s: s.redundancy_list.add(D), ["joined-redundancy_list"], D),
+    (lambda s: s.wait_list.add(C), ["joined-wait-list"], C),
+    (lambda s: s.redundancy_list.add(D), ["joined-redundancy-list"], D),
     (lambda s: s.participants.update({A: 1, B: 0}), ["rank-changed", "rank-changed"], A),
     (lambda s: setattr(s, "complete", False), ["incomplete"], None),
     (lambda s: setattr(s, "closed", True), ["closed"], None),
@@ -386,7 +390,7 @@ def test_diff_events(change: Any, kinds: List[str], node: Optional[NodeDesc]) ->
     # And the reverse change gives the opposite events.
     back = _kinds(diff_states(new, old))
     opposite = {"joined-participants": "left-participants", "left-participants": "joined-participants",
-                "joined-wait_list": "left-wait_list", "joined-redundancy_list": "left-redundancy_list",
+                "joined-wait-list": "left-wait-list", "joined-redundancy-list": "left-redundancy-list",
                 "incomplete": "completed", "closed": "reopened", "deadline-set": "deadline-cleared"}
     assert back == [opposite.get(k, k) for k in kinds]
 

@@ -242,13 +242,19 @@ def test_list_runs_returns_every_run_with_state_and_token(redis_server):
         expected[b.run_id] = (state, token)
         b.close()
     client = redis_server.client()
-    client.set(prefix + "job-0.0/MASTER_ADDR", "10.0.0.1")  # a store key under the prefix
+    client.set(prefix + "job-0.store/torch.rendezvous.job-0.1/MASTER_ADDR", "10.0.0.1")  # a torchrun store key
     client.hset(prefix + "not-ours", "field", "value")  # a hash without our fields
+    client.set(prefix + "a-string", "value")  # a key of another type
     b = backend(redis_server.endpoint, run_id="job-300", key_prefix=prefix)
     b.set_state(b"x")
     assert b.clear(b.get_state()[1])
-    found = {entry.run_id: entry.state for entry in b.list_runs()}
+    entries = list(b.list_runs())
+    assert [e.run_id for e in entries] == sorted(e.run_id for e in entries)  # sorted, not in SCAN order
+    found = {entry.run_id: entry.state for entry in entries if entry.error is None}
     assert found == expected
+    errors = {entry.run_id: str(entry.error) for entry in entries if entry.error is not None}
+    assert set(errors) == {"not-ours", "a-string"}
+    assert "has no state field" in errors["not-ours"] and "another type" in errors["a-string"]
 
 
 def test_list_runs_keeps_a_corrupt_run(redis_server):

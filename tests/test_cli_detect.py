@@ -22,6 +22,14 @@ from tests.support.cli import (  # noqa: F401  (fixtures)
 )
 
 
+@pytest.fixture(autouse=True)
+def _quick_confirmation(monkeypatch):
+    """These states never change: confirming a stuck verdict needs no real wait here."""
+    import rdzvctl.inspect
+
+    monkeypatch.setattr(rdzvctl.inspect, "CONFIRM_SECONDS", 0.3)
+
+
 def codes(result) -> list:
     return [p["code"] for r in json_out(result)["runs"] for p in r["problems"]]
 
@@ -42,7 +50,7 @@ def test_clean_run_exits_0(memory):
 
 
 def test_dead_participants_in_a_complete_round_exit_1_with_the_repair(memory):
-    memory.put(make_state())
+    memory.put(make_state(waiting=0))  # nobody waits: torch's survivors stay in the round
     result = invoke(["corrupt-detect", *memory.flags()])
     assert result.exit_code == 1
     assert "dead-participants" in result.stdout and "trainer-3.cluster.local_4103_0" in result.stdout
@@ -52,9 +60,10 @@ def test_dead_participants_in_a_complete_round_exit_1_with_the_repair(memory):
 @pytest.mark.parametrize(
     ("state", "code", "severity"),
     [
-        (make_state(complete=False), "dead-participants", "warning"),
-        (make_state(dead=0, waiting=0, closed=True), "closed-while-alive", "warning"),
-        (make_state(alive=0, dead=0, waiting=0, complete=False, closed=True), "closed", "info"),
+        (make_state(complete=False), "dead-participants", "info"),  # the next live sync drops it
+        (make_state(alive=0, dead=2, waiting=0), "dead-participants", "warning"),  # nobody alive: a new job's sync drops it
+        (make_state(dead=0, closed=True), "closed", "error"),  # closing: a new job fails
+        (make_state(alive=0, dead=0, complete=False, closed=True), "closed", "error"),  # finished
     ],
 )
 @pytest.mark.parametrize("fail_on", ["info", "warning", "error"])
@@ -125,8 +134,8 @@ def test_unsafe_pickle_exits_6(memory):
 @pytest.fixture
 def several_runs(memory):
     memory.put(make_state(dead=0), run_id="healthy")
-    memory.put(make_state(), run_id="stuck")
-    memory.put(make_state(dead=0, waiting=0, closed=True), run_id="closed")
+    memory.put(make_state(waiting=0), run_id="stuck")
+    memory.put(make_state(dead=0, closed=True), run_id="closed")
     return memory
 
 
@@ -136,9 +145,9 @@ def test_all_runs_json_summary(several_runs):
     assert result.exit_code == 1
     doc = json_out(result)
     assert doc["schema"] == "rdzvctl.corrupt-detect/v1"
-    assert [(r["run_id"], r["status"]) for r in doc["runs"]] == [("closed", "warning"), ("healthy", "ok"),
-                                                                 ("stuck", "error")]
-    assert doc["summary"] == {"runs": 3, "ok": 1, "warning": 1, "error": 1}
+    assert [(r["run_id"], r["status"], r["phase"]) for r in doc["runs"]] == [
+        ("closed", "error", "closing"), ("healthy", "ok", "recovering"), ("stuck", "error", "stuck")]  # healthy: a node waits
+    assert doc["summary"] == {"runs": 3, "ok": 1, "error": 2}
     assert doc["exit_code"] == 1
 
 
@@ -149,7 +158,7 @@ def test_corrupt_takes_precedence_over_findings(several_runs):
     result = invoke(["corrupt-detect", *memory.flags(run_id=None), "--all", "-o", "json"])
     assert result.exit_code == 6
     summary = json_out(result)["summary"]
-    assert summary == {"runs": 5, "ok": 1, "warning": 1, "error": 1, "corrupt": 1, "unsafe": 1}
+    assert summary == {"runs": 5, "ok": 1, "error": 2, "corrupt": 1, "unsafe": 1}
 
 
 def test_all_runs_text(several_runs):
@@ -157,7 +166,7 @@ def test_all_runs_text(several_runs):
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
     assert lines[:2] == ["runs           3", "with findings  2"]
-    assert any(line.split()[:3] == ["stuck", "error", "1"] for line in lines)
+    assert any(line.split()[:4] == ["stuck", "error", "stuck", "1"] for line in lines)
 
 
 def test_all_runs_on_an_empty_backend(memory):
@@ -193,8 +202,9 @@ def test_list_json(several_runs):
     rows = {r["run_id"]: r for r in doc["runs"]}
     assert set(rows) == {"broken", "closed", "healthy", "stuck"}
     assert rows["stuck"]["health"] == "error" and rows["stuck"]["participants"] == 4
-    assert rows["stuck"]["waiting"] == 1 and rows["stuck"]["round"] == 2 and rows["stuck"]["complete"] is True
-    assert rows["closed"]["closed"] is True
+    assert rows["stuck"]["waiting"] == 0 and rows["stuck"]["round"] == 2 and rows["stuck"]["complete"] is True
+    assert rows["stuck"]["phase"] == "stuck" and rows["healthy"]["phase"] == "recovering"
+    assert rows["closed"]["closed"] is True and rows["closed"]["phase"] == "closing"
     assert rows["broken"]["health"] == "corrupt" and rows["broken"]["round"] is None
     assert rows["healthy"]["token"] == str(memory.token("healthy"))
 
@@ -203,8 +213,9 @@ def test_list_text(several_runs):
     result = invoke(["list", *several_runs.flags(run_id=None)])
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["RUN", "ID", "ROUND", "COMPLETE", "PARTICIPANTS", "WAITING", "CLOSED", "HEALTH"]
-    assert lines[1:] and lines[-1].split() == ["stuck", "2", "yes", "4", "1", "no", "error"]
+    assert lines[0].split() == ["RUN", "ID", "ROUND", "COMPLETE", "PARTICIPANTS", "WAITING", "CLOSED", "PHASE",
+                                "HEALTH"]
+    assert lines[1:] and lines[-1].split() == ["stuck", "2", "yes", "4", "0", "no", "stuck", "error"]
 
 
 def test_list_of_an_unknown_backend_exits_2(memory):
@@ -236,7 +247,8 @@ def test_every_repair_names_real_options(memory):
     state.last_heartbeats[node(60)] = NOW + _dt.timedelta(minutes=5)
     state.deadline = NOW
     memory.put(state, run_id="none")
-    memory.put(make_state(alive=0, dead=0, waiting=0, complete=False, closed=True), run_id="closed")
+    memory.put(make_state(alive=0, dead=0, complete=False, closed=True), run_id="closed")
+    memory.put(make_state(waiting=0), run_id="stuck")
     memory.put(b"\x80\x04garbage", run_id="broken")
     result = invoke(["corrupt-detect", *memory.flags(run_id=None, conf="max_nodes=2"), "--all", "-o", "json"])
     repairs = {p["repair"] for r in json_out(result)["runs"] for p in r["problems"] if p["repair"]}

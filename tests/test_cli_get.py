@@ -31,6 +31,14 @@ SNAPSHOTS = Path(__file__).parent / "snapshots"
 ANSI = re.compile(r"\x1b\[")
 
 
+@pytest.fixture(autouse=True)
+def _quick_confirmation(monkeypatch):
+    """These states never change: confirming a stuck verdict needs no real wait here."""
+    import rdzvctl.inspect
+
+    monkeypatch.setattr(rdzvctl.inspect, "CONFIRM_SECONDS", 0.3)
+
+
 def assert_one_line_error(result, code: int, *words: str) -> str:
     """The error contract: exit ``code``, one ``rdzvctl: `` line on stderr, no traceback."""
     assert result.exit_code == code, (result.stdout, result.stderr)
@@ -53,9 +61,10 @@ def test_get_text_shows_header_nodes_and_problems(memory):
     assert "run id    job42" in out
     assert "round     2" in out
     assert "nodes     4 participants (3 alive, 1 dead), 1 waiting, 0 redundant" in out
+    assert "phase     recovering" in out  # a node waits: the agents restart and torch drops the dead one
     assert re.search(r"3\s+trainer-3.cluster.local_4103_0\s+50.0s ago\s+dead", out)
     assert re.search(r"spare-100.cluster.local_4200_0\s+2.0s ago\s+alive", out)
-    assert "dead-participants" in out and "rdzvctl reset --mode prune" in out
+    assert "dead-participants" in out and "[torch: recovers]" in out and "rdzvctl reset" not in out
     assert not ANSI.search(out)
 
 
@@ -78,7 +87,9 @@ def test_get_json_has_the_documented_schema(memory):
     dead = [n for n in doc["nodes"] if n["alive"] is False]
     assert [n["node"] for n in dead] == ["trainer-3.cluster.local_4103_0"] and dead[0]["age"] == 50.0
     (problem,) = doc["problems"]
-    assert set(problem) == {"code", "severity", "message", "repair", "nodes"}
+    assert set(problem) == {"code", "severity", "message", "repair", "nodes", "torch_next", "outlook"}
+    assert problem["torch_next"] == "recovers" and not problem["repair"]
+    assert doc["lifecycle"]["phase"] == "recovering" and "trainer-3.cluster.local_4103_0" in doc["lifecycle"]["nodes"]
     assert problem["code"] == "dead-participants" and problem["nodes"] == ["trainer-3.cluster.local_4103_0"]
 
 
@@ -111,7 +122,7 @@ def test_address_from_torchrun_environment(memory):
 
 def test_keys_on_a_backend_without_store_keys_is_a_note(memory):
     memory.put(make_state())
-    result = invoke(["get", *memory.flags(), "--keys"])
+    result = invoke(["get", *memory.flags(backend="memory-unlisted"), "--keys"])
     assert result.exit_code == 0
     assert "note:" in result.stderr and "store keys" in result.stderr
 
@@ -326,12 +337,13 @@ def test_get_rich_snapshot_at_fixed_width(memory, monkeypatch):
     assert ANSI.search(styled), "a terminal gets colours"
 
 
-def test_no_color_is_honoured_even_when_rich_is_forced(memory):
+def test_no_color_drops_the_colours_not_the_rich_layout(memory):
     memory.put(_snapshot_state())
+    rich = invoke(["get", *memory.flags()], env={"NO_COLOR": None, "RDZVCTL_FORCE_RICH": "1"})
     result = invoke(["get", *memory.flags()], env={"NO_COLOR": "1", "RDZVCTL_FORCE_RICH": "1"})
     assert result.exit_code == 0
     assert not ANSI.search(result.stdout)
-    assert result.stdout.startswith("backend   memory")  # the plain layout
+    assert result.stdout == rich.stdout and "─" in result.stdout  # rich's table rules, not the plain layout
 
 
 def test_forced_rich_output_without_a_terminal_has_no_escapes(memory):

@@ -53,7 +53,7 @@ def test_backends_json_lists_the_builtins_with_capabilities(memory):
         assert row["error"] is None and row["summary"], name
         assert row["origin"].startswith("rdzvctl"), name
     assert rows["c10d"]["usable"] is True and rows["c10d"]["strict_fencing"] is False
-    assert rows["memory"]["capabilities"] == ["clear", "list_runs"]
+    assert rows["memory"]["capabilities"] == ["clear", "list_runs", "store_keys"]
 
 
 def test_backends_text(memory):
@@ -128,7 +128,7 @@ def test_demo_creates_a_filestore_rendezvous(memory, tmp_path):
     result = invoke(["get", "-o", "json"], env=env)
     assert result.exit_code == 0, result.stderr
     doc = json_out(result)
-    assert doc["summary"] == {"participants": 4, "alive": 3, "dead": 1, "waiting": 1, "redundant": 0,
+    assert doc["summary"] == {"participants": 4, "alive": 3, "dead": 1, "waiting": 0, "redundant": 0,
                               "deadline_remaining": None}
     assert invoke(["corrupt-detect"], env=env).exit_code == 1
     # Running it again on the same path rewrites the state, fenced.
@@ -140,22 +140,20 @@ def test_demo_creates_a_filestore_rendezvous(memory, tmp_path):
 def test_demo_heartbeats_keep_its_story_true_ten_minutes_later():
     """Ten simulated minutes of the live demo's ticks: still 3 participants alive, exactly 1 dead."""
     import datetime as dt
-    import random
 
-    from rdzvctl.cli.commands.demo import MAX_WAITING, demo_state, heartbeat
+    from rdzvctl.cli.commands.demo import demo_state, heartbeat
     from rdzvctl.state.analysis import dead_nodes, node_statuses
 
     start = dt.datetime(2026, 11, 24, 22, 0, tzinfo=dt.timezone.utc)
-    state, rng, joined = demo_state(start), random.Random(7), 0
+    state = demo_state(start)
     now = start
     for _ in range(300):  # every 2 s for 10 minutes
         now += dt.timedelta(seconds=2)
-        joined = heartbeat(state, now, rng, joined)
-        assert len(state.wait_list) <= MAX_WAITING
+        heartbeat(state, now)
     assert [str(n) for n in dead_nodes(state, now)] == ["trainer-3.cluster.local_4103_0"]
     participants = [s for s in node_statuses(state, now) if s.role == "participant"]
     assert sorted(s.alive for s in participants) == [False, True, True, True]
-    assert joined > 0 and state.round == 2 and state.complete
+    assert not state.wait_list and state.round == 2 and state.complete
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_prints_the_script(memory, shell):
@@ -190,7 +188,8 @@ def test_process_inspect_prune_restore_on_a_filestore(demo_store):
     assert detect.returncode == 1
     assert not imported_modules(detect.stderr) & HEAVY
     (problem,) = json.loads(detect.stdout)["runs"][0]["problems"]
-    assert problem["nodes"] == ["trainer-3.cluster.local_4103_0"] and problem["repair"] == "rdzvctl reset --mode prune"
+    assert problem["nodes"] == ["trainer-3.cluster.local_4103_0"] and problem["repair"].startswith(
+        "rdzvctl reset --mode prune") and problem["torch_next"] == "stays"
     prune = run_rdzvctl(["reset", "--mode", "prune", "--yes"], env=demo_store)
     assert prune.returncode == 0, prune.stderr
     backup = next(line.split(": ", 1)[1] for line in prune.stderr.splitlines() if line.startswith("Backup written"))
@@ -257,15 +256,15 @@ def test_demo_live_gives_watch_something_to_show(tmp_path):
         store = path / "rendezvous.store"
         watch_env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(store), "PET_RDZV_ID": "demo-job",
                      "PET_RDZV_CONF": "store_type=file"}
-        # Wait for the demo to write its state, then follow it until a node joins the wait list.
+        # Wait for the demo to write its state, then follow it: heartbeats only, the round stays.
         for _ in range(100):
             if store.exists() and run_rdzvctl(["get", "-o", "json"], env=watch_env).returncode == 0:
                 break
-        done = run_rdzvctl(["watch", "-o", "json", "--interval", "0.1", "--until", "round>=3", "--timeout", "1.5"],
+        done = run_rdzvctl(["watch", "-o", "json", "--interval", "0.1", "--until", "round>=3", "--for", "1.5"],
                            env=watch_env)
         assert done.returncode == 1  # the demo never advances the round
         kinds = [json.loads(line)["kind"] for line in done.stdout.splitlines()]
-        assert kinds[0] == "snapshot" and "joined-wait_list" in kinds
+        assert kinds[0] == "snapshot" and "round-advanced" not in kinds
     finally:
         live.send_signal(signal.SIGINT)
         try:
@@ -401,11 +400,11 @@ RICH_ENV = {"NO_COLOR": None, "RDZVCTL_FORCE_RICH": "1"}
         (["corrupt-detect"], 1, "dead-participants"),
         (["list"], 0, "job42"),
         (["backends"], 0, "c10d"),
-        (["watch", "--until", "round>=0", "--timeout", "5", "--interval", "0.02"], 0, "until-met"),
+        (["watch", "--until", "round>=0", "--for", "5", "--interval", "0.02"], 0, "until-met"),
     ],
 )
 def test_commands_render_with_rich(memory, recording, args, code, expected):
-    memory.put(make_state())
+    memory.put(make_state(waiting=0))  # stuck: nobody waits
     flags = memory.flags(run_id=None if args[0] in ("list", "backends") else "job42")
     if args[0] == "backends":
         flags = []

@@ -36,7 +36,7 @@ def test_prune_removes_dead_nodes_after_a_backup(memory, cli_env):
     before = memory.raw()
     result = invoke(["reset", *memory.flags(), "--mode", "prune", "--yes", "-o", "json"])
     assert result.exit_code == 0, result.stderr
-    assert f"Dead node(s) to prune: {DEAD}" in result.stderr
+    assert f"1 dead node(s) to prune: {DEAD}" in result.stderr
     state = memory.state()
     assert DEAD not in state.nodes and len(state.participants) == 3
     out = json_out(result)

@@ -404,3 +404,54 @@ def test_backup_is_fsynced_file_and_directory_before_the_write(memory, cli_env, 
     assert invoke(["set", *memory.flags(), "--closed", "--yes"]).exit_code == 0
     (path,) = backups(cli_env)
     assert synced == [(str(path), False), (str(cli_env), False)]  # both before the state changed
+
+
+BROKEN = {
+    "rank outside the world": (lambda s: s["participants"].update({DEAD: 5}), "rank outside 0..3 (world size 4)"),
+    "shared rank": (lambda s: s["participants"].update({DEAD: 0}), "1 participant(s) share a rank"),
+    "participant waiting": (lambda s: s["wait_list"].append(DEAD), "1 node(s) both participating and waiting"),
+    "no heartbeat": (lambda s: s["last_heartbeats"].pop(DEAD), "1 participant(s) without a heartbeat"),
+    "complete without participants": (lambda s: s.update(participants={}),
+                                       "the round is complete but has no participants"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_state_breaking_torchs_invariants_is_refused_unless_force(memory, tmp_path, cli_env, case):
+    memory.put(make_state())
+    doc = get_json(memory)
+    edit, expected = BROKEN[case]
+    edit(doc["state"])
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(doc))
+    before = memory.raw()
+    result = invoke(["set", *memory.flags(), "-f", str(path), "--yes"])
+    assert result.exit_code == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("rdzvctl: StateValidationError: ") and "torch's invariants" in line and expected in line
+    assert "--force" in line and memory.raw() == before and not backups(cli_env)
+    forced = invoke(["set", *memory.flags(), "-f", str(path), "--yes", "--force"])
+    assert forced.exit_code == 0, forced.stderr
+    assert memory.raw() != before
+
+
+def test_force_without_a_file_is_a_usage_error(memory):
+    memory.put(make_state())
+    result = invoke(["set", *memory.flags(), "--round", "3", "--force", "--yes"])
+    assert result.exit_code == 2 and "--force only applies to -f" in result.stderr
+
+
+def test_every_violation_is_named_in_one_line(memory, tmp_path):
+    memory.put(make_state())
+    doc = get_json(memory)
+    doc["state"]["participants"] = {str(node(0)): 5}
+    doc["state"]["wait_list"].append(str(node(0)))
+    doc["state"]["last_heartbeats"].pop(str(node(0)))
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(doc))
+    result = invoke(["set", *memory.flags(), "-f", str(path), "--yes"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    for part in ("rank outside 0..0 (world size 1)", "both participating and waiting",
+                 "participant(s) without a heartbeat"):
+        assert part in line, line

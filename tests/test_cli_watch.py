@@ -62,7 +62,7 @@ def test_until_complete_reports_joined_and_completed(memory, watching):
     joined = make_state(alive=3, dead=0, waiting=0, complete=False)
     done = make_state(alive=3, dead=0, waiting=0, complete=True)
     thread = writer(memory, watching, [lambda: memory.put(joined), lambda: memory.put(done)])
-    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "complete", "--timeout", "20", *FAST])
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "complete", "--for", "20", *FAST])
     thread.join(10)
     assert result.exit_code == 0, result.stderr
     got = events(result)
@@ -78,7 +78,7 @@ def test_until_round(memory, watching):
     memory.put(make_state(dead=0, round=2))
     steps = [lambda r=r: memory.put(make_state(dead=0, round=r)) for r in (3, 4)]
     thread = writer(memory, watching, steps)
-    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "round>=4", "--timeout", "20", *FAST])
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "round>=4", "--for", "20", *FAST])
     thread.join(10)
     assert result.exit_code == 0, result.stderr
     got = events(result)
@@ -94,7 +94,7 @@ def test_until_absent(memory, watching):
         assert memory.backend().clear(memory.token())
 
     thread = writer(memory, watching, [clear])
-    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "absent", "--timeout", "20", *FAST])
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "absent", "--for", "20", *FAST])
     thread.join(10)
     assert result.exit_code == 0, result.stderr
     assert [e["kind"] for e in events(result)] == ["snapshot", "state-removed", "until-met"]
@@ -105,30 +105,82 @@ def test_created_closed_and_corrupt_as_text(memory, watching):
     closed = make_state(dead=0, closed=True)
     steps = [lambda: memory.put(state), lambda: memory.put(b"\x80\x04garbage"), lambda: memory.put(closed)]
     thread = writer(memory, watching, steps)
-    result = invoke(["watch", *memory.flags(), "--until", "closed", "--timeout", "20", *FAST])
+    result = invoke(["watch", *memory.flags(), "--until", "closed", "--for", "20", *FAST])
     thread.join(10)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     kinds = [line.split()[1] for line in lines]
     assert kinds == ["snapshot", "state-created", "state-corrupt", "state-created", "until-met"]
+
     assert lines[0] == "2026-11-24T22:00:00.000000+00:00  snapshot               no state yet"
     assert "not a valid pickle" in lines[2]
 
 
+def test_corrupt_wrapping_then_removed_goes_on(memory, watching):
+    memory.put(make_state(dead=0))
+
+    def clear() -> None:
+        from rdzvctl.testing import memory as memory_module
+
+        with memory_module._LOCK:
+            memory_module._TABLE.pop((memory.endpoint, "job42"), None)
+            memory_module._CORRUPT.discard((memory.endpoint, "job42"))
+
+    thread = writer(memory, watching, [memory.corrupt, clear])
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "absent", "--for", "20", *FAST])
+    thread.join(10)
+    assert result.exit_code == 0, result.stderr
+    assert [e["kind"] for e in events(result)] == ["snapshot", "state-corrupt", "state-removed", "until-met"]
+
+
 def test_stale_heartbeats_are_reported(memory):
     memory.put(make_state(dead=1))
-    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "round>=0", "--timeout", "20", *FAST])
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "round>=0", "--for", "20", *FAST])
     assert result.exit_code == 0
     got = events(result)
     assert [e["kind"] for e in got] == ["snapshot", "heartbeat-stale", "until-met"]
     assert got[1]["node"] == "trainer-3.cluster.local_4103_0" and "(50 s)" in got[1]["message"]
 
 
-def test_until_never_met_times_out_with_1(memory):
+def test_many_stale_heartbeats_are_one_event_with_a_count(memory):
+    memory.put(make_state(alive=2, dead=40, waiting=0))
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "round>=0", "--for", "20", *FAST])
+    assert result.exit_code == 0, result.stderr
+    got = events(result)
+    assert [e["kind"] for e in got] == ["snapshot", "heartbeat-stale", "until-met"]
+    assert got[1]["count"] == 40 and len(got[1]["nodes"]) == 20 and "node" not in got[1]
+    assert got[1]["message"].startswith("40 nodes heartbeat stale: trainer-") and got[1]["message"].endswith(
+        " and 37 more")
+
+
+def test_without_until_for_ends_the_watch_with_0(memory):
+    memory.put(make_state(dead=0))
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--for", "0.2", *FAST])
+    assert result.exit_code == 0, result.stderr
+    assert [e["kind"] for e in events(result)] == ["snapshot"]
+
+
+def test_timeout_is_only_the_per_operation_bound(memory):
+    memory.put(make_state(complete=True, dead=0))
+    result = invoke(["watch", *memory.flags(), "--until", "complete", "--timeout", "0.01", *FAST])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_until_with_only_timeout_stays_bounded_as_before(memory):
+    """A CI gate written before --for existed (--until X --timeout N) must not wait forever."""
     memory.put(make_state(complete=False, dead=0))
     result = invoke(["watch", *memory.flags(), "--until", "complete", "--timeout", "0.3", *FAST])
     assert result.exit_code == 1
-    assert "timed out after 0.3s waiting for 'complete'" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("rdzvctl: warning: --until with --timeout and no --for waits at most 0.3s")
+    assert lines[-1] == "rdzvctl: ConditionNotMetError: the condition 'complete' did not hold within 0.3s"
+
+
+def test_until_never_met_times_out_with_1(memory):
+    memory.put(make_state(complete=False, dead=0))
+    result = invoke(["watch", *memory.flags(), "--until", "complete", "--for", "0.3", *FAST])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "rdzvctl: ConditionNotMetError: the condition 'complete' did not hold within 0.3s"
 
 
 @pytest.mark.parametrize("until", ["done", "round>3", "round>=x", ""])
@@ -155,7 +207,7 @@ def test_watch_of_an_unsafe_state_never_executes_it(memory, tmp_path, watching):
 
     memory.put(pickle.dumps(Explode()))
     thread = writer(memory, watching, [lambda: memory.put(encode(make_state(dead=0, closed=True)))])
-    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "closed", "--timeout", "20", *FAST])
+    result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "closed", "--for", "20", *FAST])
     thread.join(10)
     assert result.exit_code == 0, result.stderr
     got = events(result)

@@ -14,7 +14,20 @@ Optional capabilities (advertised in :attr:`RendezvousBackend.capabilities`):
 ``clear`` (fenced removal, the backend-correct way), ``list_runs`` (every run
 on the backend with its raw state, batched), ``native_watch`` (``watch`` is
 pushed by the server instead of polled) and ``store_keys`` (the per-round
-store keys of the run).
+store keys of the run, and :meth:`RendezvousBackend.store_rounds`).
+
+Per-round store keys: torch's handler hands each round's agents a
+``PrefixStore("torch.rendezvous.<run_id>.<round>", store)``
+(``DynamicRendezvousHandler._get_store``/``_wrap_store``) on the store torchrun
+built next to the backend; rank 0 writes ``MASTER_ADDR``/``MASTER_PORT`` there
+(``RendezvousStoreInfo.build``) and the agents their rank and barrier keys.
+torch never deletes them: it relies on the round only growing
+(``_remove_participant_epilogue``), so a state that restarts at an old round
+makes the next job read the old job's keys.  ``store_keys``/``store_rounds``
+let ``reset --mode clear`` start a run past them.  Where the keys live:
+c10d (TCPStore, FileStore) next to the state; etcd-v2 torch's ``EtcdStore``
+under ``/torch/elastic/store`` (base64 key names, no TTL); Redis and etcd-v3
+rdzvctl's torchrun handlers (``rdzvctl.torchrun.stores``).
 
 Backends raise only :mod:`rdzvctl.errors` errors, never print, and import
 their client library lazily so ``rdzvctl --help`` stays fast.
@@ -32,6 +45,7 @@ from typing import Any, ClassVar, Dict, FrozenSet, Iterator, Mapping, NamedTuple
 from rdzvctl.errors import BackendConfigError, UnsupportedOperationError
 
 __all__ = [
+    "round_of_store_key",
     "Token",
     "StateAndToken",
     "SetResult",
@@ -50,6 +64,8 @@ SetResult = Tuple[bytes, Token, bool]
 CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
 
 DEFAULT_TIMEOUT = 10.0
+#: Rounds are counters: a store key whose round has more digits than an int64 is not torch's.
+_MAX_ROUND_DIGITS = 18
 
 
 class RunEntry(NamedTuple):
@@ -255,11 +271,17 @@ class RendezvousBackend(ABC):
         raise UnsupportedOperationError(f"the {self.name} backend cannot clear a state")
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run on the backend with its raw state, read in as few requests as possible."""
+        """Every run on the backend with its raw state, sorted by run id, read in as few requests as possible.
+
+        Every run is yielded, an unreadable one with its ``error`` set: a
+        listing never hides a run that ``get`` would show.
+        """
         raise UnsupportedOperationError(f"the {self.name} backend cannot list runs")
 
     def store_keys(self) -> Dict[str, bytes]:
-        """The run's per-round store keys (e.g. ``MASTER_ADDR``), by key name."""
+        """The run's per-round store keys as ``"<round>/<name>"`` (e.g. ``"3/MASTER_ADDR"``),
+        sorted by round then name; raises ``UnsupportedOperationError`` when the keys
+        cannot be listed (no ``store_keys`` capability, or a server too old)."""
         raise UnsupportedOperationError(f"the {self.name} backend has no per-round store keys")
 
     def server_info(self) -> Dict[str, Any]:
@@ -272,6 +294,14 @@ class RendezvousBackend(ABC):
         the endpoints are always there to probe.  Read-only.
         """
         raise UnsupportedOperationError(f"the {self.name} backend cannot describe its server")
+
+    def store_rounds(self) -> FrozenSet[int]:
+        """The rounds that have at least one per-round store key (empty: none).
+
+        Raises like :meth:`store_keys`.  This default derives the rounds from
+        :meth:`store_keys`; backends override it to list key names only.
+        """
+        return frozenset(int(name.partition("/")[0]) for name in self.store_keys())
 
     def watch(
         self,
@@ -344,6 +374,21 @@ def _sha256_hex(data: bytes) -> str:
         except ImportError:
             from hashlib import sha256  # type: ignore[no-redef]  # other interpreters
     return sha256(data).hexdigest()
+
+
+def round_of_store_key(name: bytes, round_prefix: bytes) -> Optional[Tuple[int, bytes]]:
+    """``(round, name)`` of a store key ``<round_prefix><round>/<name>``, else None.
+
+    ``round_prefix`` is ``torch.rendezvous.<run_id>.`` (plus any wire prefix):
+    torch's ``_wrap_store`` prefix for that run.  Keys of another run never
+    match: its id would leave a non-digit (``job.5``: ``5.0/...``) before the ``/``.
+    """
+    if not name.startswith(round_prefix):
+        return None
+    round_, sep, rest = name[len(round_prefix):].partition(b"/")
+    if not sep or not round_.isdigit() or len(round_) > _MAX_ROUND_DIGITS:
+        return None  # (a longer "round" is no key torch wrote, and int() would refuse it)
+    return int(round_), rest
 
 
 def is_counter_token(token: Any) -> bool:

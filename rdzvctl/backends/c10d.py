@@ -24,9 +24,17 @@ from __future__ import annotations
 import binascii
 import re
 from base64 import b64decode, b64encode
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
 
-from rdzvctl.backends.base import Address, RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
+from rdzvctl.backends.base import (
+    Address,
+    RendezvousBackend,
+    RunEntry,
+    SetResult,
+    StateAndToken,
+    Token,
+    round_of_store_key,
+)
 from rdzvctl.backends.filestore import FileStore
 from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
 from rdzvctl.errors import BackendConfigError, StateCorruptError
@@ -182,20 +190,20 @@ class C10dBackend(RendezvousBackend):
         return self.store.compare_set(self.key, token, NULL_SENTINEL) == NULL_SENTINEL
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every ``torch.rendezvous.<run_id>`` key with its state (``None`` for the sentinel).
+        """Every ``torch.rendezvous.<run_id>`` key with its state (``None`` for the sentinel), sorted by run id.
 
-        A value that is not base64 is returned raw, as its own token, so
-        decoding it reports the corruption and a fenced ``clear`` can repair it.
+        A run id may hold ``/``; a key is a round's store key
+        (``torch.rendezvous.<run_id>.<round>/<name>``) rather than a run only
+        when that ``<run_id>`` is a run too.  A value that is not base64 is
+        returned raw, as its own token, so decoding it reports the corruption
+        and a fenced ``clear`` can repair it.
         """
-        keys = sorted(k for k in self.store.list_keys()
-                      if k.startswith(_WIRE_PREFIX) and b"/" not in k[len(_WIRE_PREFIX):])
+        names = {k[len(_WIRE_PREFIX):] for k in self.store.list_keys() if k.startswith(_WIRE_PREFIX)}
+        keys = sorted(_WIRE_PREFIX + name for name in names if not _is_round_key(name, names))
         for start in range(0, len(keys), _MULTI_GET_BATCH):
             batch = keys[start:start + _MULTI_GET_BATCH]
             for key, value in zip(batch, self.store.multi_get(batch)):
-                try:
-                    run_id = key[len(_WIRE_PREFIX):].decode()
-                except UnicodeDecodeError:
-                    continue  # not a key torch writes
+                run_id = key[len(_WIRE_PREFIX):].decode("utf-8", "replace")
                 if value is None:
                     continue  # deleted since the listing
                 try:
@@ -203,18 +211,22 @@ class C10dBackend(RendezvousBackend):
                 except StateCorruptError:
                     yield RunEntry(run_id, (value, value))
 
+    def _store_key_names(self) -> List[Tuple[int, bytes, bytes]]:
+        """``(round, name, wire key)`` of each per-round key of the run, sorted (LIST_KEYS /
+        one FileStore replay); the state key ``torch.rendezvous.<run_id>`` itself has no ``/``."""
+        prefix = self.key + b"."
+        found = []
+        for key in self.store.list_keys():
+            parsed = round_of_store_key(key, prefix)
+            if parsed is not None:
+                found.append((parsed[0], parsed[1], key))
+        found.sort()
+        return found
+
     def store_keys(self) -> Dict[str, bytes]:
         """The run's per-round store keys (``torch.rendezvous.<run_id>.<round>/<name>``)
         of every round found, as ``"<round>/<name>"`` sorted by round then name."""
-        prefix = self.key + b"."
-        found: List[Tuple[int, bytes, bytes]] = []
-        for key in self.store.list_keys():
-            if not key.startswith(prefix):
-                continue
-            round_, sep, name = key[len(prefix):].partition(b"/")
-            if sep and round_.isdigit():
-                found.append((int(round_), name, key))
-        found.sort()
+        found = self._store_key_names()
         out: Dict[str, bytes] = {}
         for start in range(0, len(found), _MULTI_GET_BATCH):
             batch = found[start:start + _MULTI_GET_BATCH]
@@ -232,8 +244,26 @@ class C10dBackend(RendezvousBackend):
             return filestore_info(self.store.path)
         return tcpstore_info(self.store)
 
+    def store_rounds(self) -> FrozenSet[int]:
+        """The rounds with per-round keys, from the key names alone (no values fetched)."""
+        return frozenset(round_ for round_, _, _ in self._store_key_names())
+
     def close(self) -> None:
         self.store.close()
 
     def describe(self) -> str:
         return self.store.endpoint
+
+
+_ROUND_PREFIX = re.compile(rb"(.+)\.[0-9]+", re.DOTALL)  # run ids may hold any byte, line breaks too
+
+
+def _is_round_key(name: bytes, names: Set[bytes]) -> bool:
+    """``<run_id>.<round>/<key>`` of a run in ``names``: a per-round store key, not a run."""
+    cut = name.find(b"/")
+    while cut != -1:
+        match = _ROUND_PREFIX.fullmatch(name, 0, cut)
+        if match and match.group(1) in names:
+            return True
+        cut = name.find(b"/", cut + 1)
+    return False

@@ -19,7 +19,7 @@ import base64
 import binascii
 import threading
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, FrozenSet, Iterator, Optional
 from urllib.parse import quote, urlencode
 
 from rdzvctl.backends.base import (
@@ -30,13 +30,16 @@ from rdzvctl.backends.base import (
     StateAndToken,
     Token,
     is_counter_token,
+    round_of_store_key,
 )
 from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
 
-__all__ = ["EtcdV2Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
+__all__ = ["EtcdV2Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL", "STORE_DIRECTORY"]
 
 DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
 DEFAULT_TTL = 7200  # torch's EtcdRendezvousBackend._DEFAULT_TTL
+#: torch's ``EtcdStore`` directory for every run (``etcd_rendezvous_backend.create_backend``).
+STORE_DIRECTORY = "/torch/elastic/store"
 
 # etcd v2 error codes (https://etcd.io/docs/v2.3/errorcode/).
 _KEY_NOT_FOUND = 100
@@ -55,7 +58,7 @@ class EtcdV2Backend(RendezvousBackend):
     summary = "etcd v2 keys API (torch's etcd-v2 layout; etcd <= 3.5 with --enable-v2)"
     requires = ()
     install_hint = ""
-    capabilities = frozenset({"clear", "list_runs", "native_watch"})
+    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
     conf_keys = frozenset({"protocol", "ca_cert", "ssl_cert", "ssl_cert_key", "ttl", "key_prefix"})
     strict_fencing = True
 
@@ -165,7 +168,7 @@ class EtcdV2Backend(RendezvousBackend):
         return True
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run under the key prefix, from one recursive GET.
+        """Every run under the key prefix, sorted by run id, from one recursive GET.
 
         A run whose value is not base64 is listed with its ``error`` set.
         """
@@ -187,7 +190,58 @@ class EtcdV2Backend(RendezvousBackend):
                 entries.append(RunEntry(run_id, self._decode_node(node)))
             except StateCorruptError as exc:
                 entries.append(RunEntry(run_id, None, exc))
+        entries.sort(key=lambda entry: entry.run_id)
         yield from entries
+
+    def _store_nodes(self) -> Iterator["tuple[bytes, Dict[str, Any]]"]:
+        """Every key of torch's ``EtcdStore`` (all runs share it) as (decoded name, node).
+
+        ``EtcdStore`` names a key ``/torch/elastic/store/<base64 of the name>``
+        (``_encode``), so a ``/`` of the base64 alphabet nests directories:
+        the name is the whole path below the directory.  Names that are not
+        base64 are not torch's and are skipped.
+        """
+        status, doc, _ = self._call("GET", STORE_DIRECTORY, recursive="true", quorum="true")
+        if doc.get("errorCode") == _KEY_NOT_FOUND:
+            return
+        self._raise_unexpected(status, doc)
+        cut = len(STORE_DIRECTORY) + 1
+        stack = list(doc["node"].get("nodes", []))
+        while stack:
+            node = stack.pop()
+            if node.get("dir"):
+                stack.extend(node.get("nodes", []))
+                continue
+            try:
+                name = base64.b64decode(node["key"][cut:], validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                continue
+            yield name, node
+
+    def store_keys(self) -> Dict[str, bytes]:
+        """The run's per-round keys in torch's ``EtcdStore`` as ``"<round>/<name>"``.
+
+        torch's etcd-v2 handler shares one store directory between runs and
+        sets no TTL on it: the keys outlive the state (whose TTL is 7200 s).
+        One recursive GET of the directory, filtered by the run's round prefix.
+        """
+        prefix = f"torch.rendezvous.{self.run_id}.".encode()
+        found = []
+        for name, node in self._store_nodes():
+            parsed = round_of_store_key(name, prefix)
+            if parsed is None:
+                continue
+            try:
+                value = base64.b64decode(node.get("value", ""), validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                value = str(node.get("value", "")).encode()
+            found.append((parsed[0], parsed[1].decode("utf-8", "replace"), value))
+        return {f"{r}/{n}": v for r, n, v in sorted(found)}
+
+    def store_rounds(self) -> FrozenSet[int]:
+        prefix = f"torch.rendezvous.{self.run_id}.".encode()
+        return frozenset(parsed[0] for parsed in (round_of_store_key(name, prefix) for name, _ in self._store_nodes())
+                         if parsed is not None)
 
     def watch(
         self,

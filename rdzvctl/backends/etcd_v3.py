@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import closing
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional
 
 from rdzvctl.backends.base import (
     Address,
@@ -35,6 +35,7 @@ from rdzvctl.backends.base import (
     StateAndToken,
     Token,
     is_counter_token,
+    round_of_store_key,
 )
 from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
 
@@ -202,7 +203,7 @@ class EtcdV3Backend(RendezvousBackend):
         return bool(txn.get("succeeded"))
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run under the key prefix, from one range request.
+        """Every run under the key prefix, sorted by run id, from one range request.
 
         A run whose value is not base64 is listed with its ``error`` set.
         """
@@ -224,7 +225,19 @@ class EtcdV3Backend(RendezvousBackend):
                 entries.append(RunEntry(run_id, None, error))
                 continue
             entries.append(RunEntry(run_id, (state, int(kv["mod_revision"]))))
+        entries.sort(key=lambda entry: entry.run_id)
         yield from entries
+
+    @property
+    def store_prefix(self) -> str:
+        """Where the torchrun plugin's store keeps the run's store keys (torch's etcd-v2 store
+        directory, one per run); the plugin hands it to ``rdzvctl.torchrun.stores.EtcdV3Store``."""
+        return f"/torch/elastic/store/{self.run_id}/"
+
+    @property
+    def _round_prefix(self) -> bytes:
+        """Where torch's per-round keys of the run start: the store prefix plus torch's round prefix."""
+        return f"{self.store_prefix}torch.rendezvous.{self.run_id}.".encode()
 
     def store_keys(self) -> Dict[str, bytes]:
         """torchrun's per-round keys (``rdzvctl.torchrun`` store) as ``"<round>/<name>"``.
@@ -234,15 +247,28 @@ class EtcdV3Backend(RendezvousBackend):
         """
         from rdzvctl.backends.etcd_gateway import prefix_range_end
 
-        prefix = f"/torch/elastic/store/{self.run_id}/torch.rendezvous.{self.run_id}.".encode()
+        prefix = self._round_prefix
         doc = self._gw.range(prefix, prefix_range_end(prefix))
         found = []
         for kv in doc.get("kvs") or ():
-            rest = base64.b64decode(kv["key"])[len(prefix):]
-            round_, sep, name = rest.partition(b"/")
-            if sep and round_.isdigit():
-                found.append((int(round_), name.decode("utf-8", "replace"), base64.b64decode(kv.get("value", ""))))
+            parsed = round_of_store_key(base64.b64decode(kv["key"]), prefix)
+            if parsed is not None:
+                found.append((parsed[0], parsed[1].decode("utf-8", "replace"),
+                              base64.b64decode(kv.get("value", ""))))
         return {f"{r}/{n}": v for r, n, v in sorted(found)}
+
+    def store_rounds(self) -> FrozenSet[int]:
+        """The rounds with per-round keys: one keys-only range request."""
+        from rdzvctl.backends.etcd_gateway import prefix_range_end
+
+        prefix = self._round_prefix
+        doc = self._gw.range(prefix, prefix_range_end(prefix), keys_only=True)
+        rounds = set()
+        for kv in doc.get("kvs") or ():
+            parsed = round_of_store_key(base64.b64decode(kv["key"]), prefix)
+            if parsed is not None:
+                rounds.add(parsed[0])
+        return frozenset(rounds)
 
     def watch(
         self,

@@ -54,7 +54,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from rdzvctl.backends.base import (
@@ -64,6 +64,7 @@ from rdzvctl.backends.base import (
     SetResult,
     StateAndToken,
     Token,
+    round_of_store_key,
 )
 from rdzvctl.errors import (
     BackendConfigError,
@@ -563,42 +564,79 @@ class RedisBackend(RendezvousBackend):
         return removed == 1
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run under the key prefix, found by SCAN and read by pipelined HMGETs.
+        """Every run under the key prefix, sorted by run id: found by SCAN, read by pipelined HMGETs.
 
-        Keys of other types (store keys under the same prefix) and hashes
-        without rendezvous fields are skipped.  A state whose base64 is
-        corrupt is yielded undecoded, so the state layer reports it as
-        corrupt instead of hiding the run.
+        The torchrun store's STRING keys (``<key>.store/...``) are not runs and
+        are skipped.  Every other key is a run: a key of another type, a hash
+        without a ``state`` or ``version`` field comes with its ``error`` set;
+        a state whose base64 is corrupt is yielded undecoded (with its
+        version as the token), so the state layer reports it as corrupt and a
+        fenced ``clear`` can remove it.
         """
+        from redis import exceptions as rx
+
         prefix = self.settings.key_prefix.encode()
         pattern = _glob_escape(self.settings.key_prefix) + "*"
         client = self.client
         keys = iter(())
+        entries: List[RunEntry] = []
         with self._errors():
-            keys = client.scan_iter(match=pattern, count=LIST_BATCH, _type="hash")
+            keys = client.scan_iter(match=pattern, count=LIST_BATCH)
         while True:
             with self._errors():
                 batch = [key for _, key in zip(range(LIST_BATCH), keys)]
                 if not batch:
-                    return
+                    break
                 pipe = client.pipeline(transaction=False)
                 for key in batch:
                     pipe.hmget(key, ["state", "version"])
-                rows = pipe.execute()
-            for key, (state, version) in zip(batch, rows):
-                if state is None or not version:
-                    continue
+                rows = pipe.execute(raise_on_error=False)
+            for key, row in zip(batch, rows):
+                name = key.decode("utf-8", "replace")
                 run_id = key[len(prefix):].decode("utf-8", "replace")
+                if isinstance(row, rx.ResponseError):
+                    if b".store/" in key[len(prefix):]:
+                        continue  # a torchrun store key of some run
+                    if "WRONGTYPE" not in str(row).upper():
+                        raise translate_error(row, self.describe(), self.address.timeout, self.settings.secrets)
+                    entries.append(RunEntry(run_id, None, StateCorruptError(
+                        f"the Redis key {name!r} is a key of another type where a rendezvous hash belongs")))
+                    continue
+                if isinstance(row, Exception):
+                    raise translate_error(row, self.describe(), self.address.timeout, self.settings.secrets)
+                state, version = row
+                if state is None:
+                    entries.append(RunEntry(run_id, None, StateCorruptError(
+                        f"the Redis hash {name!r} has no state field (not a rendezvous hash)")))
+                    continue
                 try:
-                    yield RunEntry(run_id, _decode(key.decode("utf-8", "replace"), state, version))
-                except StateCorruptError:
-                    text = version.decode("ascii", "replace")
-                    yield RunEntry(run_id, (bytes(state), int(text) if text.isdigit() else text))
+                    entries.append(RunEntry(run_id, _decode(name, state, version)))
+                except StateCorruptError as exc:
+                    text = (version or b"").decode("ascii", "replace")
+                    if text.isdigit():
+                        entries.append(RunEntry(run_id, (bytes(state), int(text))))
+                    else:
+                        entries.append(RunEntry(run_id, None, exc))
+        entries.sort(key=lambda entry: entry.run_id)
+        yield from entries
 
     @property
     def store_prefix(self) -> str:
         """Where the torchrun plugin's store keeps the run's store keys (STRING keys)."""
         return self.key + ".store/"
+
+    def _store_key_names(self) -> List[Tuple[int, bytes, bytes]]:
+        """``(round, name, key)`` of each per-round key of the run, sorted (SCAN, names only)."""
+        text = self.store_prefix + f"torch.rendezvous.{self.run_id}."
+        prefix = text.encode()
+        found: List[Tuple[int, bytes, bytes]] = []
+        with self._errors():
+            for key in self.client.scan_iter(match=_glob_escape(text) + "*", count=LIST_BATCH):
+                parsed = round_of_store_key(key, prefix)
+                if parsed is not None:
+                    found.append((parsed[0], parsed[1], key))
+        found.sort()
+        return found
 
     def store_keys(self) -> Dict[str, bytes]:
         """The run's per-round store keys as ``"<round>/<name>"``, sorted by round then name.
@@ -606,20 +644,10 @@ class RedisBackend(RendezvousBackend):
         torch's handler writes them through a ``PrefixStore`` named
         ``torch.rendezvous.<run_id>.<round>``, inside :attr:`store_prefix`.
         """
-        prefix = self.store_prefix.encode()
-        round_prefix = f"torch.rendezvous.{self.run_id}.".encode()
+        found = self._store_key_names()
         client = self.client
-        found: List[Tuple[int, bytes, bytes]] = []
+        out: Dict[str, bytes] = {}
         with self._errors():
-            for key in client.scan_iter(match=_glob_escape(self.store_prefix) + "*", count=LIST_BATCH):
-                rest = key[len(prefix):]
-                if not rest.startswith(round_prefix):
-                    continue
-                round_, sep, name = rest[len(round_prefix):].partition(b"/")
-                if sep and round_.isdigit():
-                    found.append((int(round_), name, key))
-            found.sort()
-            out: Dict[str, bytes] = {}
             for start in range(0, len(found), LIST_BATCH):
                 batch = found[start:start + LIST_BATCH]
                 pipe = client.pipeline(transaction=False)
@@ -635,6 +663,10 @@ class RedisBackend(RendezvousBackend):
         from rdzvctl.backends.server_info import redis_info
 
         return redis_info(self)
+
+    def store_rounds(self) -> FrozenSet[int]:
+        """The rounds with per-round keys, from one SCAN of the key names (no values fetched)."""
+        return frozenset(round_ for round_, _, _ in self._store_key_names())
 
     # -- watch ----------------------------------------------------------------
     def _node_client(self) -> Any:

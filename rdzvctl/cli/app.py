@@ -1,8 +1,8 @@
 """What every command shares: the address, output mode, streams and confirmation.
 
 Data goes to stdout, status and errors to stderr.  Text output is rich on a
-terminal and plain (colourless, stable, rich not even imported) otherwise or
-with ``NO_COLOR``.  Everything printed passes :mod:`rdzvctl.text` here
+terminal (without colours under ``NO_COLOR``) and plain (colourless, stable,
+rich not even imported) otherwise.  Everything printed passes :mod:`rdzvctl.text` here
 (secrets masked, control characters escaped; JSON with ``\\u`` escapes),
 except ``-o raw``, which is the exact bytes and refuses a terminal without
 ``--force``.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
 
@@ -41,6 +41,7 @@ class App:
         self._flags = (backend, endpoint, run_id, conf, timeout)
         self._address: Optional[Address] = None
         self.verbose = bool((ctx.find_root().obj or {}).get("verbose"))
+        self.run_ids: Tuple[str, ...] = ()  # every --rdzv-id given, for commands that take several
 
     # -- addressing -----------------------------------------------------------
     @property
@@ -87,10 +88,18 @@ class App:
     # -- output ---------------------------------------------------------------
     @property
     def rich(self) -> bool:
-        """Rich output: stdout is a terminal and NO_COLOR is not set."""
-        if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        """Rich output (tables, panels): stdout is a terminal (or RDZVCTL_FORCE_RICH=1), TERM is not dumb.
+
+        ``NO_COLOR`` only drops the colours (see :meth:`console`); the layout stays.
+        """
+        if os.environ.get("TERM") == "dumb":
             return False
         return sys.stdout.isatty() or os.environ.get("RDZVCTL_FORCE_RICH") == "1"
+
+    @property
+    def full_diff(self) -> bool:
+        """--full-diff: a write's plan shows every diff line, however long."""
+        return bool(self.ctx.meta.get("rdzvctl.full_diff"))
 
     @property
     def interactive(self) -> bool:
@@ -126,7 +135,7 @@ class App:
     def console(self, stderr: bool = False) -> Any:
         from rich.console import Console
 
-        return Console(stderr=stderr, highlight=False, soft_wrap=False)
+        return Console(stderr=stderr, highlight=False, soft_wrap=False, no_color=bool(os.environ.get("NO_COLOR")))
 
     def require_consent_possible(self, yes: bool) -> None:
         """Refuse (exit 2) a write that could neither be asked about nor has ``--yes``."""
@@ -184,14 +193,23 @@ def _completer(name: str) -> Callable[..., Any]:
     return complete
 
 
-def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the torchrun-style address options and pass an :class:`App` first."""
+def with_app(func: Optional[Callable[..., Any]] = None, *, many_run_ids: bool = False) -> Any:
+    """Add the torchrun-style address options and pass an :class:`App` first.
+
+    With ``many_run_ids``, ``--rdzv-id`` may be repeated: the ids given are
+    ``app.run_ids`` (the address keeps the last one, or the environment's).
+    """
+    if func is None:
+        return functools.partial(with_app, many_run_ids=many_run_ids)
 
     @click.option("--rdzv-backend", "rdzv_backend", metavar="NAME", shell_complete=_completer("complete_backend"),
                   help="Backend name (c10d, etcd-v2, etcd-v3, redis, or module:factory). [env: RDZVCTL_RDZV_BACKEND, then PET_RDZV_BACKEND]")
     @click.option("--rdzv-endpoint", "rdzv_endpoint", metavar="HOST:PORT",
                   help="Backend endpoint, as given to torchrun. [env: RDZVCTL_RDZV_ENDPOINT, then PET_RDZV_ENDPOINT]")
-    @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", shell_complete=_completer("complete_run_id"), help="The run id (torchrun --rdzv-id). [env: RDZVCTL_RDZV_ID, then PET_RDZV_ID]")
+    @click.option("--rdzv-id", "rdzv_id", metavar="RUN_ID", multiple=many_run_ids,
+                  shell_complete=_completer("complete_run_id"),
+                  help="The run id (torchrun --rdzv-id)" + ("; repeat for several" if many_run_ids else "")
+                  + ". [env: RDZVCTL_RDZV_ID, then PET_RDZV_ID]")
     @click.option("--rdzv-conf", "rdzv_conf", metavar="K=V,...",
                   help="Backend options and keep-alive settings, as for torchrun. [env: RDZVCTL_RDZV_CONF, then PET_RDZV_CONF]")
     @click.option("--timeout", type=float, metavar="SECONDS",
@@ -199,11 +217,14 @@ def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, rdzv_backend: Optional[str], rdzv_endpoint: Optional[str],
-                rdzv_id: Optional[str], rdzv_conf: Optional[str], timeout: Optional[float],
+                rdzv_id: Any, rdzv_conf: Optional[str], timeout: Optional[float],
                 *args: Any, **kwargs: Any) -> Any:
         if timeout is not None and timeout <= 0:
             raise click.BadParameter("must be positive", param_hint="--timeout")
-        app = App(ctx, rdzv_backend, rdzv_endpoint, rdzv_id, rdzv_conf, timeout)
+        run_ids: Tuple[str, ...] = tuple(rdzv_id) if many_run_ids else ()
+        run_id = (run_ids[-1] if run_ids else None) if many_run_ids else rdzv_id
+        app = App(ctx, rdzv_backend, rdzv_endpoint, run_id, rdzv_conf, timeout)
+        app.run_ids = run_ids
         return func(app, *args, **kwargs)
 
     return wrapper
@@ -238,8 +259,12 @@ def output_option(*choices: str, default: str = "text") -> Callable[..., Any]:
     return decorate
 
 
+def _remember_full_diff(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    ctx.meta["rdzvctl.full_diff"] = value
+
+
 def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--yes, --dry-run and --backup-dir, shared by every command that writes."""
+    """--yes, --dry-run, --backup-dir and --full-diff, shared by every command that writes."""
 
     command = func
 
@@ -250,6 +275,8 @@ def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
         return command(*args, **kwargs)
 
     func = marked
+    func = click.option("--full-diff", is_flag=True, expose_value=False, callback=_remember_full_diff,
+                        help="Show the plan's whole diff (long ones are summarised by default).")(func)
     func = click.option("--backup-dir", type=click.Path(file_okay=False), envvar="RDZVCTL_BACKUP_DIR",
                         help="Where backups are written (default ~/.local/state/rdzvctl/backups); it must be "
                              "owned by you or root and not writable by group or others.")(func)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.backup import Backup, backup_directory, public_conf, write_backup
@@ -49,8 +49,11 @@ def apply_change(
     backup_dir: Optional[str],
     command: str,
     title: str,
+    notes: Sequence[str] = (),
 ) -> Optional[Dict[str, Any]]:
-    """Run the write flow; returns a result document, or None when nothing was written."""
+    """Run the write flow; returns a result document, or None when nothing was written.
+
+    ``notes`` are shown with the plan (before the diff, also on ``--dry-run``)."""
     from rdzvctl.cli.render import render_plan
 
     if snap.error is not None and snap.token is None:
@@ -60,6 +63,8 @@ def apply_change(
                                "cannot replace or remove it fenced: delete it with the backend's own tools")
     if new is not None:
         _check_writable(new)
+    for note in notes:
+        app.err(note)
     changed = render_plan(app, view_of(snap.raw), view_of(new), title)
     if not changed:
         return None
@@ -71,6 +76,8 @@ def apply_change(
         app.err("Declined: nothing was written.")
         return None
     path = _save_backup(app, backend, snap, command, directory)
+    if snap.raw is not None:
+        app.err(_restore_hint(path, snap))
     progress = app.progress
     progress["writing"] = True
     try:
@@ -115,6 +122,14 @@ def interrupted_message(progress: Dict[str, Any]) -> str:
     return "Interrupted: nothing was written."
 
 
+def _restore_hint(path: Path, snap: Snapshot) -> str:
+    """What the backup is good for: ``restore`` for a usable state, forensics for bytes torch cannot load."""
+    if snap.error is not None or snap.state is None:
+        return ("It keeps the undecodable bytes for forensics; restore will not write bytes torch cannot load "
+                "back.")
+    return f"To undo: rdzvctl restore {path}"
+
+
 def _check_writable(new: bytes) -> None:
     """Write only what torch's agents can load and use: they unpickle the stored bytes unchecked.
 
@@ -136,10 +151,12 @@ def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:
     except StateError:
         app.err("Meanwhile the stored state became undecodable.")
         return
-    events = diff_states(snap.state, now_state)
+    from rdzvctl.cli.render import group_events
+
+    events = group_events(diff_states(snap.state, now_state))
     if events:
         app.err("Changed meanwhile:")
-        for event in events:
-            app.err(f"  {event.message}")
+        for _, message, _ in events:
+            app.err(f"  {message}")
     elif current is not None:
         app.err("Changed meanwhile: the state was rewritten (heartbeats or equal content).")

@@ -33,6 +33,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "doctor": ("rdzvctl.cli.commands.doctor", "Check the endpoint, the run and its bootstrap: ok / warn / fail."),
     "report": ("rdzvctl.cli.commands.report", "Write one Markdown incident report (state, findings, doctor, repairs)."),
     "list": ("rdzvctl.cli.commands.list_runs", "List the runs on a backend with their health."),
+    "exporter": ("rdzvctl.cli.commands.exporter", "Serve /metrics for Prometheus: one run, several or every run."),
     "backends": ("rdzvctl.cli.commands.backends", "List the registered backends and their capabilities."),
     "conformance": ("rdzvctl.cli.commands.conformance", "Run the backend conformance kit against a live backend."),
     "demo": ("rdzvctl.cli.commands.demo", "Create a local rendezvous to try rdzvctl on (no server needed)."),

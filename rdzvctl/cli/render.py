@@ -24,6 +24,8 @@ __all__ = [
     "render_get",
     "render_plan",
     "render_event",
+    "plan_summary",
+    "group_events",
     "render_doctor",
     "fmt_age",
     "fmt_seconds",
@@ -99,7 +101,6 @@ def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[T
         blocks += ["\n".join(_plain_table(t)) for t in tables]
         app.out("\n\n".join(blocks))
         return
-    from rich import box
     from rich.table import Table as RichTable
     from rich.text import Text
 
@@ -109,19 +110,76 @@ def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[T
         grid.add_column(style="bold")
         grid.add_column()
         for key, value in pairs:
-            grid.add_row(Text(key), Text(value, style=_STYLES.get(value.split(" ")[0], "")))
+            # Only a value that is a status word is styled ("liveness: dead after 15s ..." is not an error).
+            grid.add_row(Text(key), Text(value, style=_STYLES.get(value, "")))
         console.print(grid)
     for table in tables:
         console.print()
-        rich_table = RichTable(title=Text(table.title) if table.title else None, title_justify="left",
-                               title_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        for column in table.columns:
-            rich_table.add_column(Text(column.upper()), overflow="fold")
-        for row in table.rows:
-            rich_table.add_row(*(Text(v, style=_STYLES.get(v, "")) for v in row))
-        console.print(rich_table if table.rows else Text.assemble((table.title, "bold"), "\n  (none)"))
+        if not table.rows:
+            console.print(Text.assemble((table.title, "bold"), "\n  (none)"))
+        elif _prose_below(table, console.width):
+            _print_stacked(console, table)
+        else:
+            console.print(_rich_table(table, console.width))
         if table.note:
             console.print(Text(table.note, style="dim"))
+
+
+#: Columns of identifiers (codes, node ids, run ids, keys) and status words: never wrapped or
+#: folded while they fit; the other columns give way first (their headers may fold).
+_IDENTIFIERS = {"code", "codes", "node", "run id", "key", "name", "case", "health", "status", "severity"}
+#: Columns of prose: they wrap at spaces; below this width they go on their own lines instead.
+_PROSE = {"message", "repair", "why", "summary", "description", "detail"}
+_PROSE_MIN_WIDTH = 36
+
+
+def _widths(table: Table) -> List[int]:
+    return [max(len(c), *(len(r[i]) for r in table.rows)) for i, c in enumerate(table.columns)]
+
+
+def _prose_below(table: Table, width: int) -> bool:
+    """True when the prose columns would be squeezed below :data:`_PROSE_MIN_WIDTH` beside the others."""
+    prose = [i for i, c in enumerate(table.columns) if c in _PROSE]
+    if not prose:
+        return False
+    widths = _widths(table)
+    beside = sum(w + 2 for i, w in enumerate(widths) if i not in prose)
+    return (width - beside) / len(prose) < _PROSE_MIN_WIDTH
+
+
+def _rich_table(table: Table, width: int) -> Any:
+    from rich import box
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    rich_table = RichTable(title=Text(table.title) if table.title else None, title_justify="left",
+                           title_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    widths = _widths(table)
+    keep = sum(w + 2 for w, c in zip(widths, table.columns) if c in _IDENTIFIERS) <= width - 8
+    for column, natural in zip(table.columns, widths):
+        if keep and column in _IDENTIFIERS:
+            rich_table.add_column(Text(column.upper()), no_wrap=True, min_width=natural, overflow="fold")
+        else:
+            rich_table.add_column(Text(column.upper()), overflow="fold")
+    for row in table.rows:
+        rich_table.add_row(*(Text(v, style=_STYLES.get(v, "")) for v in row))
+    return rich_table
+
+
+def _print_stacked(console: Any, table: Table) -> None:
+    """A narrow terminal: the short columns on one line, each prose cell indented on its own lines below."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    prose = [i for i, c in enumerate(table.columns) if c in _PROSE]
+    if table.title:
+        console.print(Text(table.title, style="bold"))
+    for row in table.rows:
+        head = Text("  ").join(Text(row[i], style=_STYLES.get(row[i], "")) for i in range(len(row)) if i not in prose)
+        console.print(head, no_wrap=True, overflow="fold")
+        for i in prose:
+            if row[i]:
+                console.print(Padding(Text(row[i]), (0, 0, 0, 4)))
 
 
 def _yes(value: Any) -> str:
@@ -151,6 +209,7 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
         ("round", str(state["round"])),
         ("complete", _yes(state["complete"])),
         ("closed", _yes(state["closed"])),
+        *_lifecycle_pairs(doc.get("lifecycle")),
         ("deadline", deadline),
         ("nodes", f"{summary['participants']} participants ({summary['alive']} alive, {summary['dead']} dead), "
                   f"{summary['waiting']} waiting, {summary['redundant']} redundant"),
@@ -177,11 +236,18 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
         ]
         tables.append(Table(title, columns, rows, note))
     tables.append(_problems_table(doc["problems"]))
-    if doc.get("store_keys"):
-        tables.append(Table("Store keys", ["key", "value"], sorted(doc["store_keys"].items())))
+    if doc.get("store_keys") is not None:  # asked for (--keys)
+        keys = doc["store_keys"]
+        tables.append(Table("Store keys", ["key", "value"], sorted(keys.items()),
+                            "" if keys else "no round keys for this run (torch writes them once a round completes)"))
     pairs.append(("liveness", f"dead after {expiry:g}s without a heartbeat "
                               f"({ka['interval']:g}s x {ka['max_attempt']})"))
     render_tables(app, pairs, tables)
+
+
+def _lifecycle_pairs(life: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """The phase and what torch does next (``lifecycle`` of the document)."""
+    return [] if not life else [("phase", life["phase"]), ("next", life["outlook"])]
 
 
 def _status(alive: Optional[bool]) -> str:
@@ -189,13 +255,25 @@ def _status(alive: Optional[bool]) -> str:
 
 
 def _problems_table(problems: List[Dict[str, Any]]) -> Table:
-    rows = [[p["severity"], p["code"], p["message"] + (f" -> {p['repair']}" if p.get("repair") else "")]
+    rows = [[p["severity"], p["code"], p["message"] + (f" [torch: {p['torch_next']}]" if p.get("torch_next") else "")
+             + (f" -> {p['repair']}" if p.get("repair") else "")]
             for p in problems]
     return Table("Problems", ["severity", "code", "message"], rows)
 
 
+#: A plan's diff longer than this many lines is summarised unless ``--full-diff``.
+PLAN_DIFF_LIMIT = 60
+#: How many names a plan summary shows per changed field.
+PLAN_NAMED = 3
+
+
 def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
-    """Show a unified diff of two JSON documents; returns False when they are equal."""
+    """Show a unified diff of two JSON documents; returns False when they are equal.
+
+    A diff longer than :data:`PLAN_DIFF_LIMIT` lines (a large state cleared or
+    pruned) is summarised field by field, so the question that follows is on
+    screen; ``--full-diff`` (``app.full_diff``) shows every line.
+    """
     # json_text: data-held controls, bidi and separators become \u escapes, so no diff line carries them.
     old = json_text(before, indent=2).splitlines() if before is not None else []
     new = json_text(after, indent=2).splitlines() if after is not None else []
@@ -203,6 +281,11 @@ def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
         app.err(f"{title}: no change.")
         return False
     diff = [safe(line) for line in difflib.unified_diff(old, new, "current", "new", lineterm="", n=2)]
+    if len(diff) > PLAN_DIFF_LIMIT and not getattr(app, "full_diff", False):
+        app.err(f"{title} (a {len(diff)}-line diff, summarised; --full-diff shows it all):")
+        for line in plan_summary(before, after):
+            app.err(f"  {line}")
+        return True
     app.err(f"{title}:")
     if app.rich:
         from rich.syntax import Syntax
@@ -212,6 +295,78 @@ def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
         for line in diff:
             app.err(line)
     return True
+
+
+def _named(names: List[str]) -> str:
+    shown = ", ".join(names[:PLAN_NAMED])
+    return shown + (f" and {len(names) - PLAN_NAMED} more" if len(names) > PLAN_NAMED else "")
+
+
+def _size(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return f"{len(value)} entries"
+    return json_text(value)
+
+
+def plan_summary(before: Any, after: Any) -> List[str]:
+    """What a plan changes, one line per top-level field (counts and the first names, never every node)."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        which, doc = ("removes", before) if after is None else ("writes", after)
+        if not isinstance(doc, dict):
+            return [f"{which} the state"]
+        return [f"{which} the state:"] + [f"  {k}: {_size(v)}" for k, v in doc.items() if k != "bytes_base64"]
+    lines = []
+    for key in list(before) + [k for k in after if k not in before]:
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
+            old_items = old if isinstance(old, dict) else {k: None for k in (old or [])}
+            new_items = new if isinstance(new, dict) else {k: None for k in (new or [])}
+            parts = []
+            for label, names in (("added", [k for k in new_items if k not in old_items]),
+                                 ("removed", [k for k in old_items if k not in new_items]),
+                                 ("changed", [k for k in new_items if k in old_items and old_items[k] != new_items[k]])):
+                if names:
+                    parts.append(f"{len(names)} {label} ({_named([str(n) for n in names])})")
+            lines.append(f"{key}: " + "; ".join(parts))
+        else:
+            lines.append(f"{key}: {json_text(old)} -> {json_text(new)}")
+    return lines
+
+
+#: A grouped event (many nodes changing the same way at once) lists this many node ids in ``nodes``...
+GROUP_NODES = 20
+#: ... and names this many in its message.
+GROUP_NAMED = 3
+_GROUP_PHRASE = {"heartbeat-fresh": "heartbeating again", "rank-changed": "changed rank"}
+
+
+def group_events(events: Iterable[Any]) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """Semantic events (``analysis.Event``) as (kind, message, fields), one per kind for node events.
+
+    One node: its own message, ``node`` and data.  Several nodes of one kind
+    (5,000 heartbeats going stale): one entry with ``count``, the first
+    :data:`GROUP_NODES` ids in ``nodes`` and the first :data:`GROUP_NAMED`
+    named in the message, so neither ``watch`` nor a conflict report floods.
+    """
+    groups: Dict[Any, List[Any]] = {}
+    for event in events:
+        groups.setdefault(event.kind if event.node else id(event), []).append(event)
+    out: List[Tuple[str, str, Dict[str, Any]]] = []
+    for group in groups.values():
+        first = group[0]
+        if len(group) == 1:
+            out.append((first.kind, first.message, {"node": first.node, **first.data} if first.node else
+                        dict(first.data)))
+            continue
+        nodes = [e.node for e in group]
+        shown = ", ".join(nodes[:GROUP_NAMED]) + (f" and {len(nodes) - GROUP_NAMED} more"
+                                                  if len(nodes) > GROUP_NAMED else "")
+        phrase = _GROUP_PHRASE.get(first.kind, first.kind.replace("-", " "))
+        out.append((first.kind, f"{len(nodes)} nodes {phrase}: {shown}",
+                    {"count": len(nodes), "nodes": nodes[:GROUP_NODES]}))
+    return out
 
 
 def render_event(app: Any, event: Dict[str, Any]) -> None:

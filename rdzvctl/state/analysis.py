@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
@@ -106,25 +106,28 @@ def deadline_remaining(state: RendezvousState, now: _dt.datetime) -> Optional[fl
 
 
 class Finding(NamedTuple):
-    """One problem: a stable code, a severity, one line of explanation and the repair."""
+    """One problem: a stable code, a severity, one line of explanation and the repair.
+
+    ``torch_next`` says what torch does next about it (a key of
+    :data:`rdzvctl.state.lifecycle.TORCH_NEXT`) and ``outlook`` says it in a
+    sentence; ``repair`` is empty when torch fixes it itself.
+    """
 
     code: str
     severity: str
     message: str
     repair: str = ""
     nodes: Tuple[str, ...] = ()
+    torch_next: str = ""
+    outlook: str = ""
+
+    def to_json(self) -> Dict[str, object]:
+        """The finding as documented in ``get -o json`` (``problems``) and ``corrupt-detect -o json``."""
+        return {"code": self.code, "severity": self.severity, "message": self.message, "repair": self.repair,
+                "nodes": list(self.nodes), "torch_next": self.torch_next, "outlook": self.outlook}
 
     def at_least(self, severity: str) -> bool:
         return SEVERITIES.index(self.severity) >= SEVERITIES.index(severity)
-
-
-def _ids(nodes) -> Tuple[str, ...]:
-    return tuple(str(n) for n in sorted(nodes))
-
-
-def _show(nodes: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(nodes[:limit])
-    return shown + (f" and {len(nodes) - limit} more" if len(nodes) > limit else "")
 
 
 def find_problems(
@@ -133,148 +136,12 @@ def find_problems(
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
     max_nodes: Optional[int] = None,
     run_id: Optional[str] = None,
-) -> List[Finding]:
-    """torch's invariants and the field incidents, most severe first."""
-    out: List[Finding] = []
-    participants = set(state.participants)
-    expire = now - keep_alive.expiry
-    dead = {n for n, when in state.last_heartbeats.items() if when < expire}
+    closed_since: Optional[_dt.datetime] = None,
+) -> List["Finding"]:
+    """torch's invariants and the field incidents, most severe first (see :mod:`rdzvctl.state.findings`)."""
+    from rdzvctl.state.findings import find_problems as _find
 
-    if state.complete:
-        ranks = sorted(state.participants.values())
-        shown = f"{ranks[:8]}{'...' if len(ranks) > 8 else ''}"
-        if len(set(ranks)) != len(ranks) or (ranks and ranks[0] < 0):
-            out.append(Finding(
-                "ranks-invalid", "error",
-                f"the round is complete but the ranks {shown} repeat or are negative; torch never assigns those",
-                "rdzvctl reset --mode clear (the agents re-rendezvous from scratch)",
-            ))
-        elif ranks != list(range(len(ranks))):
-            # torch drops a dead or leaving participant without renumbering: the
-            # survivors run on with a hole and only restart when a node waits.
-            missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))
-            out.append(Finding(
-                "participant-left", "error",
-                f"a participant left the complete round {state.round}: rank(s) {missing[:8]}"
-                f"{'...' if len(missing) > 8 else ''} are gone and the agents will not re-rendezvous "
-                "until a node waits",
-                f"rdzvctl set --add-waiting {RESTART_NODE} (live agents then restart the round, as torch "
-                "PR #151220 does)",
-            ))
-        if not participants:
-            out.append(Finding(
-                "complete-without-participants", "error",
-                "the round is marked complete but has no participants",
-                "rdzvctl reset --mode clear",
-            ))
-        if state.deadline is not None:
-            out.append(Finding(
-                "deadline-on-complete", "warning",
-                "the round is complete but still has a last-call deadline (torch clears it on completion)",
-                "rdzvctl set --clear-deadline",
-            ))
-    for label, group in (("participant", participants), ("waiting node", state.wait_list),
-                         ("redundant node", state.redundancy_list)):
-        missing = _ids(group - set(state.last_heartbeats))
-        if missing:
-            out.append(Finding(
-                "missing-heartbeat", "error",
-                f"{len(missing)} {label}(s) without a heartbeat can never be detected dead: {_show(missing)}",
-                "rdzvctl set --remove-node NODE (or reset --mode clear)", missing,
-            ))
-    both = _ids(participants & state.wait_list)
-    if both:
-        out.append(Finding(
-            "participant-and-waiting", "error",
-            f"node(s) both participating and waiting: {_show(both)}",
-            "rdzvctl set --remove-node NODE, then let it rejoin", both,
-        ))
-    dead_participants = _ids(participants & dead)
-    if dead_participants:
-        if state.complete:
-            out.append(Finding(
-                "dead-participants", "error",
-                f"{len(dead_participants)} participant(s) of the complete round {state.round} stopped "
-                f"heartbeating (> {keep_alive.expiry.total_seconds():g} s): {_show(dead_participants)}; "
-                "the survivors will not re-rendezvous on their own",
-                "rdzvctl reset --mode prune", dead_participants,
-            ))
-        else:
-            out.append(Finding(
-                "dead-participants", "warning",
-                f"{len(dead_participants)} participant(s) stopped heartbeating: {_show(dead_participants)}; "
-                "they count towards the round until a live node syncs",
-                "rdzvctl reset --mode prune", dead_participants,
-            ))
-    dead_others = _ids(dead - participants)
-    if dead_others:
-        out.append(Finding(
-            "dead-nodes", "warning",
-            f"{len(dead_others)} waiting/redundant node(s) stopped heartbeating: {_show(dead_others)}",
-            "rdzvctl reset --mode prune", dead_others,
-        ))
-    future = _ids(n for n, when in state.last_heartbeats.items() if when - now > FUTURE_TOLERANCE)
-    if future:
-        out.append(Finding(
-            "heartbeat-in-future", "warning",
-            f"{len(future)} heartbeat(s) lie in the future (clock skew between nodes and this machine?): "
-            f"{_show(future)}",
-            "fix the clocks (NTP); a skewed node is judged alive or dead wrongly", future,
-        ))
-    if state.closed:
-        live = _ids(n for n in state.nodes if n in state.last_heartbeats and n not in dead)
-        if state.wait_list:
-            out.append(Finding(
-                "closed-with-waiting", "warning",
-                f"the rendezvous is closed but {len(state.wait_list)} node(s) are waiting: they will fail "
-                "with RendezvousClosedError",
-                "rdzvctl reset --mode reopen (or --mode clear to start over)", _ids(state.wait_list),
-            ))
-        if live:
-            out.append(Finding(
-                "closed-while-alive", "warning",
-                f"the rendezvous is closed while {len(live)} node(s) still heartbeat (an agent shut down "
-                "and closed it for the survivors?)",
-                "rdzvctl reset --mode reopen", live,
-            ))
-        elif not state.wait_list:
-            out.append(Finding(
-                "closed", "info",
-                "the rendezvous is closed: a new job with this run id fails with RendezvousClosedError",
-                "rdzvctl reset --mode reopen (or --mode clear) before reusing the run id",
-            ))
-    if max_nodes is not None and len(participants) > max_nodes:
-        out.append(Finding(
-            "over-max-nodes", "error",
-            f"{len(participants)} participants exceed max_nodes={max_nodes}",
-            "rdzvctl reset --mode prune (dead nodes) or reset --mode clear",
-        ))
-    if run_id is not None and run_id.strip() in SUSPICIOUS_RUN_IDS:
-        out.append(Finding(
-            "shared-run-id", "warning",
-            f"the run id {run_id!r} is a common default that unrelated jobs share",
-            "give each job a unique --rdzv-id",
-        ))
-    if not state.complete and state.deadline is not None and state.deadline < now:
-        out.append(Finding(
-            "deadline-passed", "info",
-            f"the last-call deadline passed {(now - state.deadline).total_seconds():.0f} s ago; the next "
-            "live node to sync completes the round",
-        ))
-    orphans = _ids(set(state.last_heartbeats) - participants - state.wait_list - state.redundancy_list)
-    if orphans:
-        out.append(Finding(
-            "orphan-heartbeats", "info",
-            f"{len(orphans)} heartbeat(s) of nodes in no list: {_show(orphans)}",
-            "rdzvctl reset --mode prune once they expire", orphans,
-        ))
-    if state.naive_datetimes:
-        out.append(Finding(
-            "naive-datetimes", "info",
-            "datetimes are naive UTC (written by torch older than ~2.6); rdzvctl writes them back the same way",
-        ))
-    order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
-    return sorted(out, key=lambda f: order[f.severity])
+    return _find(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, closed_since=closed_since)
 
 
 # -- repairs ------------------------------------------------------------------------
@@ -361,9 +228,11 @@ def diff_states(old: Optional[RendezvousState], new: Optional[RendezvousState]) 
         ("redundancy_list", old.redundancy_list, new.redundancy_list),
     ):
         for node in sorted(after - before):
-            events.append(Event(f"joined-{label}", f"{node} joined {label.replace('_', ' ')}", str(node)))
+            events.append(Event(f"joined-{label.replace('_', '-')}", f"{node} joined {label.replace('_', ' ')}",
+                                str(node)))
         for node in sorted(before - after):
-            events.append(Event(f"left-{label}", f"{node} left {label.replace('_', ' ')}", str(node)))
+            events.append(Event(f"left-{label.replace('_', '-')}", f"{node} left {label.replace('_', ' ')}",
+                                str(node)))
     for node in sorted(set(old.participants) & set(new.participants)):
         if old.participants[node] != new.participants[node]:
             events.append(Event("rank-changed", f"{node} rank {old.participants[node]} -> {new.participants[node]}",

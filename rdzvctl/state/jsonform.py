@@ -54,6 +54,7 @@ DOCUMENT_KEYS = frozenset(
         "summary",
         "nodes",
         "problems",
+        "lifecycle",
         "store_keys",
     }
 )

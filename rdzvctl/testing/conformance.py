@@ -39,6 +39,7 @@ __all__ = [
     "CaseResult",
     "ConformanceFailure",
     "ConformanceLimitation",
+    "StoreWriter",
     "CASES",
     "run_conformance",
     "BackendConformanceTests",
@@ -46,6 +47,9 @@ __all__ = [
 
 BackendFactory = Callable[[str], RendezvousBackend]
 Corrupter = Callable[[RendezvousBackend], None]
+#: Writes a per-round store key of the backend's run the way torch's handler does:
+#: ``PrefixStore("torch.rendezvous.<run_id>.<round>", <the handler's store>).set(name, value)``.
+StoreWriter = Callable[[RendezvousBackend, int, str, bytes], None]
 
 
 class ConformanceFailure(AssertionError):
@@ -77,9 +81,11 @@ class CaseResult:
 class _Context:
     """What a case gets: a fresh run id, backends on it, and assertions."""
 
-    def __init__(self, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int):
+    def __init__(self, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int,
+                 store_writer: Optional[StoreWriter] = None):
         self.factory = factory
         self.corrupter = corrupter
+        self.store_writer = store_writer
         self.racers = racers
         self.run_id = f"rdzvctl-conformance-{uuid.uuid4().hex[:12]}"
         self.opened: List[RendezvousBackend] = []
@@ -301,6 +307,34 @@ def list_runs_finds_run(ctx: _Context) -> None:
     ctx.check(runs[ctx.run_id] == (b"listed", token), "list_runs() returned a different state or token than get_state()")
 
 
+def store_rounds_of_the_run(ctx: _Context) -> None:
+    if "store_keys" not in ctx.backend.capabilities:
+        raise _Skip("the backend does not declare the store_keys capability")
+    try:
+        empty = ctx.backend.store_rounds()
+    except UnsupportedOperationError as exc:
+        raise _Skip(str(exc)) from None
+    ctx.check(empty == frozenset(), f"store_rounds() of a new run is {sorted(empty)}, expected none")
+    ctx.check(ctx.backend.store_keys() == {}, "store_keys() of a new run is not empty")
+    if ctx.store_writer is None:
+        return  # nothing more can be checked without torch's handler store
+    written = {"0/MASTER_ADDR": b"10.0.0.1", "3/MASTER_PORT": b"29500", "11/torchelastic/role_info/0": b"\x00\xff"}
+    for name, value in written.items():
+        round_, _, key = name.partition("/")
+        ctx.store_writer(ctx.backend, int(round_), key, value)
+    # Runs whose ids extend this one's must not count: "<id>.5" (a dot) and "<id>1".
+    dotted, longer = ctx.open(ctx.run_id + ".5"), ctx.open(ctx.run_id + "1")
+    ctx.store_writer(dotted, 2, "MASTER_ADDR", b"other")
+    ctx.store_writer(longer, 4, "MASTER_ADDR", b"other")
+    rounds = ctx.backend.store_rounds()
+    ctx.check(rounds == frozenset({0, 3, 11}), f"store_rounds() is {sorted(rounds)}, expected [0, 3, 11]")
+    keys = ctx.backend.store_keys()
+    ctx.check(keys == written, f"store_keys() is {sorted(keys)}, expected {sorted(written)}")
+    ctx.check(list(keys) == list(written), "store_keys() is not sorted by round then name")
+    ctx.check(dotted.store_rounds() == frozenset({2}), "store_rounds() of run '<id>.5' is not [2]")
+    ctx.check(longer.store_rounds() == frozenset({4}), "store_rounds() of run '<id>1' is not [4]")
+
+
 def watch_sees_change(ctx: _Context) -> None:
     _, token, _ = ctx.set(b"before")
     stop = threading.Event()
@@ -348,15 +382,18 @@ CASES = [
     ("no_aba", "the token changes on every write, even of equal bytes", token_changes_on_equal_bytes),
     ("clear_fenced", "clear removes only with the current token", clear_is_fenced),
     ("list_runs", "list_runs finds the run with its state and token", list_runs_finds_run),
+    ("store_rounds", "store_rounds/store_keys list the run's per-round store keys, no other run's",
+     store_rounds_of_the_run),
     ("watch", "watch yields the current state, then each change", watch_sees_change),
 ]
 
 
-def _run_case(func, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int) -> CaseResult:
+def _run_case(func, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int,
+              store_writer: Optional[StoreWriter] = None) -> CaseResult:
     name, description = next((n, d) for n, d, f in CASES if f is func)
     ctx: Optional[_Context] = None
     try:
-        ctx = _Context(factory, corrupter, racers)  # a factory that raises fails the case, not the run
+        ctx = _Context(factory, corrupter, racers, store_writer)  # a factory that raises fails the case, not the run
         func(ctx)
         return CaseResult(name, description, "pass")
     except _Limitation as exc:
@@ -378,10 +415,14 @@ def run_conformance(
     corrupter: Optional[Corrupter] = None,
     racers: int = 8,
     only: Optional[List[str]] = None,
+    store_writer: Optional[StoreWriter] = None,
 ) -> List[CaseResult]:
-    """Run every case (or those named in ``only``) and return the results in order."""
+    """Run every case (or those named in ``only``) and return the results in order.
+
+    ``store_writer`` (optional) writes per-round store keys as torch's handler
+    does; without it the store_rounds case checks only an empty run."""
     return [
-        _run_case(func, factory, corrupter, racers)
+        _run_case(func, factory, corrupter, racers, store_writer)
         for name, _, func in CASES
         if only is None or name in only
     ]
@@ -392,6 +433,9 @@ class BackendConformanceTests:
 
     Override ``corrupt_state(backend)`` to store something ``get_state`` must
     refuse; without it the corrupt-state case is skipped with a reason.
+    Override ``write_store_key(backend, round, name, value)`` to write a
+    per-round store key as torch's handler does; without it the store_rounds
+    case checks only that a new run has none.
     """
 
     racers = 8
@@ -400,11 +444,12 @@ class BackendConformanceTests:
         raise NotImplementedError
 
     corrupt_state: Optional[Corrupter] = None
+    write_store_key: Optional[StoreWriter] = None
 
     def _check_case(self, name: str) -> None:
         func = next(f for n, _, f in CASES if n == name)
         corrupter = self.corrupt_state
-        result = _run_case(func, self.make_backend, corrupter, self.racers)
+        result = _run_case(func, self.make_backend, corrupter, self.racers, self.write_store_key)
         if result.outcome == "fail":
             raise ConformanceFailure(f"{name}: {result.detail}")
         if result.outcome == "limitation":

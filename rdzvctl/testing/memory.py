@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, FrozenSet, Iterator, Optional, Tuple
 
 from rdzvctl.backends.base import RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
 from rdzvctl.errors import StateCorruptError
@@ -19,6 +19,8 @@ __all__ = ["MemoryBackend"]
 _LOCK = threading.Lock()
 _TABLE: Dict[Tuple[str, str], Tuple[bytes, int]] = {}
 _CORRUPT: set = set()
+#: Per-round store keys, as torch's handler store would hold them: (endpoint, run id) -> {(round, name): value}.
+_STORE: Dict[Tuple[str, str], Dict[Tuple[int, str], bytes]] = {}
 _VERSIONS = itertools.count(1)
 
 
@@ -27,7 +29,7 @@ class MemoryBackend(RendezvousBackend):
 
     name = "memory"
     summary = "in-process reference backend (tests only)"
-    capabilities = frozenset({"clear", "list_runs"})
+    capabilities = frozenset({"clear", "list_runs", "store_keys"})
     strict_fencing = True
 
     @property
@@ -75,3 +77,17 @@ class MemoryBackend(RendezvousBackend):
         with _LOCK:
             _TABLE[self._key] = (b"\x00corrupt", next(_VERSIONS))
             _CORRUPT.add(self._key)
+
+    def store_keys(self) -> Dict[str, bytes]:
+        with _LOCK:
+            keys = dict(_STORE.get(self._key, {}))
+        return {f"{r}/{n}": v for (r, n), v in sorted(keys.items())}
+
+    def store_rounds(self) -> FrozenSet[int]:
+        with _LOCK:
+            return frozenset(r for r, _ in _STORE.get(self._key, {}))
+
+    def put_store_key(self, round_: int, name: str, value: bytes) -> None:
+        """Store a per-round key as torch's handler would (``torch.rendezvous.<run_id>.<round>/<name>``)."""
+        with _LOCK:
+            _STORE.setdefault(self._key, {})[(round_, name)] = bytes(value)

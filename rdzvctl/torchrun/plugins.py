@@ -134,5 +134,6 @@ def create_etcd_v3_backend(params: "RendezvousParameters") -> Tuple["TorchRendez
             ttl=backend.ttl,
             timeout=timedelta(seconds=address.timeout),
             endpoint=backend.describe(),
+            prefix=backend.store_prefix,
         )
     return TorchRendezvousBackend(backend), store

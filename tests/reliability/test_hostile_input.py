@@ -244,7 +244,7 @@ def test_malicious_state_through_every_command(target: Target, corpus: List[Payl
         assert result.exit_code == 6, (args, result.exit_code, result.stderr)
         assert "unsafe" in (result.stdout + result.stderr).lower(), (args, result.stdout, result.stderr)
         checked += 1
-    watch = _invoke(target, ["watch", "-o", "json", "--until", "complete", "--timeout", "1"], run_id, env=env)
+    watch = _invoke(target, ["watch", "-o", "json", "--until", "complete", "--for", "1"], run_id, env=env)
     assert any(json.loads(line)["kind"] == "state-corrupt" for line in watch.stdout.splitlines() if line.strip())
     assert backend.get_state()[1] == token, "a refused command wrote"
 

@@ -249,7 +249,7 @@ def test_json_keeps_the_exact_strings_as_u_escapes(hostile: Dict[str, Any]) -> N
                                *t.flags(RUN_ID, **LIVENESS)], cli_env())
     events = [json.loads(line) for line in out.decode().splitlines()]
     assert events and all(e["run_id"] == RUN_ID for e in events)
-    stale = {e["node"].rsplit("_", 2)[0] for e in events if e["kind"] == "heartbeat-stale"}
+    stale = {n.rsplit("_", 2)[0] for e in events if e["kind"] == "heartbeat-stale" for n in e.get("nodes", [e.get("node")])}
     assert stale == DEAD
 
 

@@ -3,7 +3,7 @@
 The in-memory reference backend is registered as ``memory`` for the duration
 of a test, with variants ``memory-racing`` (another writer sneaks in before
 our write), ``memory-broken`` (ignores tokens) and ``memory-unlisted`` (cannot
-list runs).  Each test gets its own endpoint so runs never leak between
+list runs nor store keys).  Each test gets its own endpoint so runs never leak between
 tests.  Time is frozen at ``NOW`` so heartbeat ages and rendered output are
 stable.
 
@@ -180,11 +180,13 @@ class RacingMemoryBackend(MemoryBackend):
 
 
 class UnlistedMemoryBackend(MemoryBackend):
-    """A memory backend that cannot list runs (so a corrupt value comes without a token)."""
+    """A memory backend that cannot list runs (so a corrupt value comes without a token) nor store keys."""
 
     name = "memory-unlisted"
     capabilities = frozenset({"clear"})
     list_runs = RendezvousBackend.list_runs
+    store_keys = RendezvousBackend.store_keys
+    store_rounds = RendezvousBackend.store_rounds
 
 
 class BrokenMemoryBackend(MemoryBackend):

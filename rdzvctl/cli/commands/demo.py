@@ -2,7 +2,8 @@
 
 By default the demo stays in the foreground and keeps its healthy nodes
 heartbeating (as torch's agents do), so the story it tells stays true for as
-long as somebody reads it: three participants alive, one dead, a node waiting.
+long as somebody reads it: three participants alive, one dead, nobody waiting, so
+torch's survivors stay in the round: stuck until someone repairs it.
 When it stops (Ctrl-C, SIGTERM or ``--duration``) it removes the temporary
 directory it made.  ``--no-live`` writes the state once and exits; its
 heartbeats are then a snapshot that decays (every node looks dead after
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import random
 import shutil
 import signal
 import tempfile
@@ -25,8 +25,6 @@ import click
 from rdzvctl.cli.app import App
 
 RUN_ID = "demo-job"
-#: How many nodes may wait for the next round at once while the demo runs.
-MAX_WAITING = 3
 
 
 def _dead_node():
@@ -36,43 +34,30 @@ def _dead_node():
 
 
 def demo_state(now: _dt.datetime):
-    """Round 2 complete: three healthy participants, one dead one, one waiting node."""
+    """Round 2 complete: three healthy participants, one dead one, nobody waiting (stuck)."""
     from rdzvctl.state.model import NodeDesc, RendezvousState
 
     alive = [NodeDesc(f"trainer-{i}.cluster.local", 4100 + i, 0) for i in range(3)]
     dead = _dead_node()
-    waiting = NodeDesc("trainer-4.cluster.local", 5120, 0)
     members = sorted(alive + [dead])
     state = RendezvousState(round=2, complete=True, closed=False)
     state.participants = {node: rank for rank, node in enumerate(members)}
     state.last_heartbeats = {node: now - _dt.timedelta(seconds=1 + i) for i, node in enumerate(alive)}
     state.last_heartbeats[dead] = now - _dt.timedelta(seconds=47)
-    state.wait_list = {waiting}
-    state.last_heartbeats[waiting] = now - _dt.timedelta(seconds=2)
     return state
 
 
-def heartbeat(state: Any, now: _dt.datetime, rng: random.Random, joined: int) -> int:
-    """One tick of the simulated agents: every node but the dead one heartbeats, and now
-    and then a node joins or leaves the wait list (at most :data:`MAX_WAITING` wait).
-    Returns how many nodes have joined so far (the next joiner's number)."""
-    from rdzvctl.state.model import NodeDesc
+def heartbeat(state: Any, now: _dt.datetime) -> None:
+    """One tick of the simulated agents: every node but the dead one heartbeats.
 
+    Nothing else changes: a node joining the wait list would make torch's
+    agents re-rendezvous by themselves, and the demo's story (a stuck round
+    that needs a repair) would no longer be true.
+    """
     dead = _dead_node()
     for node in state.last_heartbeats:
         if node != dead:
             state.last_heartbeats[node] = now
-    roll = rng.random()
-    if roll < 0.3 and len(state.wait_list) < MAX_WAITING:
-        node = NodeDesc(f"trainer-{10 + joined}.cluster.local", 6010 + joined, 0)
-        joined += 1
-        state.wait_list.add(node)
-        state.last_heartbeats[node] = now
-    elif roll < 0.45 and state.wait_list:
-        node = sorted(state.wait_list)[0]
-        state.wait_list.discard(node)
-        state.last_heartbeats.pop(node, None)
-    return joined
 
 
 @click.command("demo")
@@ -89,8 +74,8 @@ def heartbeat(state: Any, now: _dt.datetime, rng: random.Random, joined: int) ->
 def command(ctx: click.Context, path: Optional[str], live: bool, interval: float, duration: float) -> None:
     """Create a FileStore holding a realistic rendezvous and print commands to try.
 
-    The state has three healthy participants, one whose heartbeat is stale
-    (so the round is stuck) and one node waiting for the next round.  It is a
+    The state has three healthy participants and one whose heartbeat is
+    stale, and nobody waits: torch's survivors stay in the round (stuck).  It is a
     real torch FileStore: torch's own C10dRendezvousBackend reads it too.
 
     The demo keeps running and heartbeating the healthy nodes, like torch's
@@ -159,8 +144,6 @@ def _run_live(address: Any, interval: float, duration: float) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
-    rng = random.Random(7)
-    joined = 0
     end = time.monotonic() + duration
     try:
         with open_backend(address) as backend:
@@ -170,7 +153,7 @@ def _run_live(address: Any, interval: float, duration: float) -> None:
                 if current is None:  # cleared by the user: the demo's nodes are gone
                     continue
                 state = decode(current[0])
-                joined = heartbeat(state, now_utc(), rng, joined)
+                heartbeat(state, now_utc())
                 try:
                     write_fenced(backend, current[1], encode(state))
                 except TokenConflictError:

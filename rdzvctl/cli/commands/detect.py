@@ -1,4 +1,4 @@
-"""rdzvctl corrupt-detect: decode, type-check and check torch's invariants."""
+"""rdzvctl corrupt-detect: decode, check torch's invariants, say what torch does next; the launch gate."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from rdzvctl.state.analysis import SEVERITIES
 
 
 def check_raw(run_id: str, raw: Optional[bytes], error: Optional[BaseException], app: App,
-              now: Any) -> Tuple[Dict[str, Any], Any]:
-    """One run's report (status ok/info/warning/error/corrupt/unsafe/absent, findings) and its state."""
-    from rdzvctl.inspect import problem_for_error
-    from rdzvctl.state.analysis import find_problems
+              now: Any, store_keys: Optional[Dict[str, bytes]] = None,
+              closed_since: Any = None) -> Tuple[Dict[str, Any], Any]:
+    """One run's report (status ok/info/warning/error/corrupt/unsafe/absent, phase, findings) and its state."""
+    from rdzvctl.inspect import assess, problem_for_error
     from rdzvctl.state.codec import decode
 
     state = None
@@ -27,16 +27,17 @@ def check_raw(run_id: str, raw: Optional[bytes], error: Optional[BaseException],
     if error is not None:
         kind = getattr(error, "kind", "corrupt")
         err = error if isinstance(error, StateError) else StateError(str(error))
-        return {"run_id": run_id, "status": kind, "problems": [problem_for_error(err)]}, None
-    if raw is None:
-        return {"run_id": run_id, "status": "absent", "problems": []}, None
-    findings = find_problems(state, now, app.keep_alive, max_nodes=app.max_nodes, run_id=run_id)
+        return {"run_id": run_id, "status": kind, "phase": None, "problems": [problem_for_error(err)]}, None
+    if raw is None or state is None:
+        return {"run_id": run_id, "status": "absent", "phase": None, "problems": []}, None
+    life, findings = assess(state, now, run_id, app.keep_alive, app.max_nodes, store_keys, closed_since)
     return {
         "run_id": run_id,
         "status": "ok" if not findings else max((f.severity for f in findings), key=SEVERITIES.index),
         "round": state.round,
-        "problems": [{"code": f.code, "severity": f.severity, "message": f.message, "repair": f.repair,
-                      "nodes": list(f.nodes)} for f in findings],
+        "phase": life.phase,
+        "lifecycle": life.to_json(),
+        "problems": [f.to_json() for f in findings],
     }, state
 
 
@@ -72,23 +73,41 @@ def _progress(app: App, entries: Iterator[Any]) -> Iterator[Any]:
 @click.option("--all", "all_runs", is_flag=True, help="Check every run on the backend (where it can list runs).")
 @click.option("--fail-on", type=click.Choice(list(SEVERITIES)), default="error", show_default=True,
               help="Exit 1 when a finding at or above this severity is found.")
-def command(app: App, output: str, all_runs: bool, fail_on: str) -> None:
-    """Check a run (or --all runs) for corruption, broken invariants and stuck states.
+@click.option("--for-launch", is_flag=True,
+              help="The launch gate: exit 0 if a job started now with this run id rendezvous, 1 if not.")
+@click.option("--settle", is_flag=True,
+              help="A run closed while agents still heartbeat: re-read until a normal end can be told from a "
+                   "close under live agents (at most one keep-alive window).")
+def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: bool, settle: bool) -> None:
+    """Check a run (or --all runs): corruption, torch's invariants, and what torch does next.
 
     Checks that the state decodes (base64, pickle, allow-list) with the right
     types, that torch's invariants hold (ranks 0..n-1 when complete, every
     node has a heartbeat, no node both participating and waiting, complete
-    implies participants, a deadline only while incomplete), and looks for
-    trouble: dead participants, heartbeats from the future, closed with nodes
-    waiting, more participants than max_nodes (--rdzv-conf max_nodes=N).
-    Every finding has a severity, an explanation and the repair to run.
+    implies participants), the run's phase (forming, complete, recovering,
+    stuck, closing, finished, closed-under-live-agents) and the incidents:
+    dead participants, a closed run, heartbeats from the future, more
+    participants than max_nodes (--rdzv-conf max_nodes=N), and, where the
+    backend lists the run's store keys, a published MASTER_ADDR:PORT of a
+    dead node (probed with one bounded TCP connect).  Every finding says
+    what torch does next (torch_next); a repair is given only when torch
+    will not fix it itself.
 
-    Exit codes: 0 clean, 1 findings at or above --fail-on, 5 no state,
-    6 a state is corrupt or unsafe.
+    --for-launch answers "will a job started now with this run id
+    rendezvous?": no when the run is closed, when agents of a running job
+    still heartbeat, or when the store already holds keys of the round the
+    new job forms (stale MASTER_ADDR, where the backend lists store keys).
+
+    Exit codes: 0 clean (--for-launch: yes), 1 findings at or above
+    --fail-on (--for-launch: no), 5 no state (not with --for-launch: no
+    state is a yes unless stale keys), 6 a state is corrupt or unsafe.
     """
     from rdzvctl.inspect import now_utc
 
+    if for_launch and all_runs:
+        raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
     now = now_utc()
+    verdict = None
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
             reports = [check_raw(e.run_id, None if e.state is None else e.state[0], e.error, app, now)[0]
@@ -96,39 +115,92 @@ def command(app: App, output: str, all_runs: bool, fail_on: str) -> None:
         reports = [r for r in reports if r["status"] != "absent"]
     else:
         with app.open() as backend:
-            try:
-                current = backend.get_state()
-                reports = [check_raw(backend.run_id, None if current is None else current[0], None, app, now)[0]]
-            except StateError as exc:
-                reports = [check_raw(backend.run_id, None, exc, app, now)[0]]
-        if reports[0]["status"] == "absent":
+            report, state, keys = _check_one(app, backend, now)
+            if settle and report.get("phase") == "closing":
+                report, state = _settle(app, backend, now, keys)
+            reports = [report]
+            if for_launch and report["status"] not in ("corrupt", "unsafe"):
+                from rdzvctl.state.lifecycle import launch_verdict
+
+                ka = app.keep_alive
+                verdict = launch_verdict(state, now_utc(), ka.interval, ka.max_attempt, keys)
+        if reports[0]["status"] == "absent" and verdict is None:
             from rdzvctl.errors import NoStateError
 
             raise NoStateError(f"no rendezvous state for run {backend.run_id!r} on {backend.describe()}")
     code = exit_code(reports, fail_on)
+    if verdict is not None:
+        code = EXIT_OK if verdict.ok else EXIT_PROBLEMS
     if output == "json":
         counts: Dict[str, int] = {}
         for r in reports:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-        app.json({"schema": "rdzvctl.corrupt-detect/v1", "fail_on": fail_on, "runs": reports,
-                  "summary": {"runs": len(reports), **counts}, "exit_code": code})
+        doc: Dict[str, Any] = {"schema": "rdzvctl.corrupt-detect/v1", "fail_on": fail_on, "runs": reports,
+                               "summary": {"runs": len(reports), **counts}, "exit_code": code}
+        if verdict is not None:
+            doc["launch"] = {"ok": verdict.ok, "reason": verdict.reason, "round": verdict.round}
+        app.json(doc)
     else:
-        _render(app, reports, all_runs)
+        _render(app, reports, all_runs, verdict)
     if code:
         app.exit(code)
 
 
-def _render(app: App, reports: List[Dict[str, Any]], all_runs: bool) -> None:
+def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, Optional[Dict[str, bytes]]]:
+    """Read one run and its store keys (where the backend lists them) and check it.
+
+    A stuck verdict while agents are alive stands only if it lasts
+    (``rdzvctl.inspect.CONFIRM_SECONDS``): stuck means nothing changes.
+    """
+    from rdzvctl import inspect
+    from rdzvctl.errors import RdzvctlError
+
+    keys = None
+    try:
+        keys = inspect.read_store_keys(backend)
+    except RdzvctlError as exc:
+        app.err(f"note: the run's store keys could not be read ({exc}); MASTER_ADDR not checked")
+    report, state = inspect.reread_while(lambda: _read_one(app, backend, inspect.now_utc(), keys),
+                                         lambda checked: inspect.stays(checked[0]), inspect.CONFIRM_SECONDS,
+                                         first=_read_one(app, backend, now, keys))
+    return report, state, keys
+
+
+def _read_one(app: App, backend: Any, now: Any, keys: Any, closed_since: Any = None) -> Tuple[Dict[str, Any], Any]:
+    try:
+        current = backend.get_state()
+    except StateError as exc:
+        return check_raw(backend.run_id, None, exc, app, now)[0], None
+    return check_raw(backend.run_id, None if current is None else current[0], None, app, now, keys, closed_since)
+
+
+def _settle(app: App, backend: Any, first_seen: Any, keys: Any) -> Tuple[Dict[str, Any], Any]:
+    """Re-read a closed run until the phase is decided (finished or closed-under-live-agents), bounded."""
+    from rdzvctl import inspect
+
+    ka = app.keep_alive
+    return inspect.reread_while(
+        lambda: _read_one(app, backend, inspect.now_utc(), keys, closed_since=first_seen),
+        lambda checked: checked[0].get("phase") == "closing",
+        ka.expiry.total_seconds() + ka.interval + 1.0, pause=min(1.0, ka.interval))
+
+
+def _render(app: App, reports: List[Dict[str, Any]], all_runs: bool, verdict: Any = None) -> None:
     from rdzvctl.cli.render import Table, render_tables
 
     if all_runs:
-        rows = [[r["run_id"], r["status"], str(len(r["problems"])),
+        rows = [[r["run_id"], r["status"], r.get("phase") or "-", str(len(r["problems"])),
                  ", ".join(sorted({p["code"] for p in r["problems"]}))] for r in reports]
         bad = sum(1 for r in reports if r["status"] != "ok")
         render_tables(app, [("runs", str(len(reports))), ("with findings", str(bad))],
-                      [Table("Runs", ["run id", "status", "findings", "codes"], rows)])
+                      [Table("Runs", ["run id", "status", "phase", "findings", "codes"], rows)])
         return
     report = reports[0]
-    rows = [[p["severity"], p["code"], p["message"]] + [p.get("repair") or "-"] for p in report["problems"]]
-    render_tables(app, [("run id", report["run_id"]), ("status", report["status"])],
-                  [Table("Findings", ["severity", "code", "message", "repair"], rows)])
+    rows = [[p["severity"], p["code"], p["message"], p.get("torch_next") or "-", p.get("repair") or "-"]
+            for p in report["problems"]]
+    pairs = [("run id", report["run_id"]), ("status", report["status"])]
+    if report.get("lifecycle"):
+        pairs += [("phase", report["lifecycle"]["phase"]), ("next", report["lifecycle"]["outlook"])]
+    if verdict is not None:
+        pairs.append(("launch", ("yes: " if verdict.ok else "no: ") + verdict.reason))
+    render_tables(app, pairs, [Table("Findings", ["severity", "code", "message", "torch next", "repair"], rows)])

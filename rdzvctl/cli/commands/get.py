@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict, Tuple
+
 import click
 
 from rdzvctl.cli.app import App, output_option, with_app
@@ -14,7 +16,12 @@ from rdzvctl.errors import EXIT_CORRUPT, EXIT_NO_STATE, NoStateError, Unsupporte
 @click.option("--all-nodes", is_flag=True, help="Show every node even in large states (default: summarise).")
 @click.option("--keys", "show_keys", is_flag=True, help="Also show the run's per-round store keys (e.g. MASTER_ADDR).")
 def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
-    """Show the decoded state of a run: round, nodes with rank and liveness, problems.
+    """Show the decoded state of a run: phase, round, nodes with rank and liveness, problems.
+
+    The phase says what torch does next (forming, complete, recovering,
+    stuck, closing, finished, closed-under-live-agents).  With --keys the
+    round's published MASTER_ADDR:PORT is also probed (one bounded TCP
+    connect) and a dead rank-0 address is a finding.
 
     \b
     Examples:
@@ -22,7 +29,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
       rdzvctl get ... -o json | jq '.nodes[] | select(.alive == false)'
       rdzvctl get ... -o raw > state.pickle
     """
-    from rdzvctl.inspect import describe, take_snapshot
+    from rdzvctl.inspect import CONFIRM_SECONDS, read_store_keys, reread_while, stays, take_snapshot
 
     with app.open() as backend:
         snap = take_snapshot(backend)
@@ -36,12 +43,17 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         keys = None
         if show_keys and snap.state is not None:
             try:
-                keys = {k: _printable(v) for k, v in backend.store_keys().items()}
+                keys = read_store_keys(backend)
             except UnsupportedOperationError as exc:
                 app.err(f"note: {exc}")
-    if not snap.exists:
-        raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
-    doc = describe(snap, app.keep_alive, app.max_nodes, keys)
+            if keys is None and "store_keys" not in backend.capabilities:
+                app.err(f"note: the {backend.name} backend has no per-round store keys")
+        if not snap.exists:
+            raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
+        # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspect.CONFIRM_SECONDS).
+        snap, doc = reread_while(lambda: _described(app, take_snapshot(backend), keys),
+                                 lambda pair: stays(pair[1]), CONFIRM_SECONDS,
+                                 first=_described(app, snap, keys))
     if output == "json":
         app.json(doc)
     else:
@@ -54,8 +66,7 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         app.exit(EXIT_NO_STATE)
 
 
-def _printable(value: bytes) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return "0x" + value.hex()
+def _described(app: App, snap: Any, keys: Any) -> Tuple[Any, Dict[str, Any]]:
+    from rdzvctl.inspect import describe
+
+    return snap, describe(snap, app.keep_alive, app.max_nodes, keys)

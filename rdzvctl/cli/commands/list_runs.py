@@ -11,11 +11,14 @@ from rdzvctl.cli.app import App, output_option, with_app
 @with_app
 @output_option("text", "json")
 def command(app: App, output: str) -> None:
-    """List the runs on a backend: round, complete, participants, waiting, closed, health.
+    """List the runs on a backend: round, complete, participants, waiting, closed, phase, health.
 
-    Health is the worst finding of corrupt-detect: ok, info, warning, error,
-    corrupt or unsafe.  Needs a backend that can list runs (not every c10d
-    store can).
+    Phase is what torch is doing with the run (forming, complete, recovering,
+    stuck, closing, finished, closed-under-live-agents); health is the worst
+    finding of corrupt-detect: ok, info, warning, error, corrupt or unsafe; a
+    run that cannot be read is listed with why.  Runs are sorted by run id on
+    every backend.  Needs a backend that can list runs (not every c10d store
+    can).
     """
     from rdzvctl.cli.commands.detect import _progress, check_raw
     from rdzvctl.inspect import now_utc
@@ -28,12 +31,16 @@ def command(app: App, output: str) -> None:
             if raw is None and entry.error is None:
                 continue  # e.g. c10d's "no state" sentinel
             report, state = check_raw(entry.run_id, raw, entry.error, app, now)
-            row = {"run_id": entry.run_id, "health": report["status"], "round": None, "complete": None,
+            row = {"run_id": entry.run_id, "health": report["status"], "phase": report["phase"],
+                   "round": None, "complete": None,
                    "participants": None, "waiting": None, "closed": None,
-                   "token": None if entry.state is None else backend.format_token(entry.state[1])}
+                   "token": None if entry.state is None else backend.format_token(entry.state[1]),
+                   "error": None}
             if state is not None:
                 row.update(round=state.round, complete=state.complete, participants=len(state.participants),
                            waiting=len(state.wait_list), closed=state.closed)
+            elif report.get("problems"):
+                row["error"] = report["problems"][0]["message"]
             rows.append(row)
     if output == "json":
         app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
@@ -43,7 +50,9 @@ def command(app: App, output: str) -> None:
     def show(value: object) -> str:
         return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
 
-    table = Table("", ["run id", "round", "complete", "participants", "waiting", "closed", "health"],
-                  [[r["run_id"], *(show(r[k]) for k in ("round", "complete", "participants", "waiting", "closed")),
-                    r["health"]] for r in rows])
-    render_tables(app, [], [table])
+    table = Table("", ["run id", "round", "complete", "participants", "waiting", "closed", "phase", "health"],
+                  [[r["run_id"], *(show(r[k]) for k in ("round", "complete", "participants", "waiting", "closed",
+                                                        "phase")), r["health"]] for r in rows])
+    unreadable = [[r["run_id"], r["error"]] for r in rows if r["error"]]
+    tables = [table] + ([Table("Unreadable runs", ["run id", "why"], unreadable)] if unreadable else [])
+    render_tables(app, [], tables)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import click
 
 from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.errors import NoStateError, TokenConflictError
 
+#: How many dead nodes the prune plan names (the diff or its summary has the rest).
+PRUNE_NAMED = 5
+
 
 @click.command("reset")
 @with_app
 @click.option("--mode", type=click.Choice(["clear", "reopen", "prune"]), required=True,
-              help="clear: remove the state (the backend-correct way); reopen: closed -> false; "
+              help="clear: start the run afresh (a fresh state past every round with store keys, or the "
+                   "state removed if the store has none); reopen: closed -> false; "
                    "prune: drop dead nodes with torch's own bookkeeping.")
 @click.option("--retry", type=click.IntRange(min=0), default=0, show_default=True,
               help="On a conflict, re-read and re-apply reopen/prune up to N times (each attempt backed up).")
@@ -28,12 +32,21 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     reopen  RendezvousClosedError for new agents: mark the rendezvous open again
     prune   dead nodes keep a round full or stuck: remove them as torch would
 
+    Round keys: torch keeps each round's MASTER_ADDR/MASTER_PORT and agent keys
+    in the store under torch.rendezvous.<id>.<round>/ and never deletes them.
+    clear leaves them and writes a fresh, empty state at a round past all of
+    them (no keys: it removes the state), so the next job never reads an old
+    job's keys; with no state left but old keys, it writes that fresh state.
+    reopen refuses if the round new agents would use already has keys.
+
     Liveness uses --rdzv-conf keep_alive_interval and keep_alive_max_attempt
     (torch's defaults 5 s x 3); min_nodes=N lets prune clear the deadline like torch.
-    The backup path is printed; `rdzvctl restore PATH` puts the exact bytes back.
+    The backup path is printed; `rdzvctl restore PATH` puts a decodable state
+    back (the bytes of a corrupt one are kept there for forensics only).
     """
     from rdzvctl.cli.change import apply_change
     from rdzvctl.inspect import now_utc, take_snapshot
+    from rdzvctl.round_keys import check_reopen, plan_clear
     from rdzvctl.state.analysis import prune_dead_nodes, reopen
     from rdzvctl.state.codec import encode
 
@@ -41,10 +54,15 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     with app.open() as backend:
         for attempt in range(attempts):
             snap = take_snapshot(backend)
-            if not snap.exists:
+            plan = plan_clear(backend, snap) if mode == "clear" else None
+            if not snap.exists and plan is None:
                 raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to reset")
-            if mode == "clear":
-                new = None
+            extra: Dict[str, Any] = {}
+            notes = []
+            if plan is not None:
+                notes = plan.notes
+                new = plan.new
+                extra = plan.to_json()
             else:
                 if snap.error is not None:
                     raise snap.error  # only clear can repair an undecodable state
@@ -53,17 +71,21 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
                     if not snap.state.closed:
                         app.err(f"Run {snap.run_id!r} is not closed: nothing to do.")
                         return
+                    notes = [check_reopen(backend, snap.state)]
                     new_state = reopen(snap.state)
                 else:
                     new_state, removed = prune_dead_nodes(snap.state, now_utc(), app.keep_alive, app.min_nodes)
                     if not removed:
                         app.err(f"Run {snap.run_id!r} has no dead nodes: nothing to prune.")
                         return
-                    app.err(f"Dead node(s) to prune: {', '.join(map(str, removed))}")
+                    shown = ", ".join(map(str, removed[:PRUNE_NAMED]))
+                    more = f" and {len(removed) - PRUNE_NAMED} more" if len(removed) > PRUNE_NAMED else ""
+                    app.err(f"{len(removed)} dead node(s) to prune: {shown}{more}")
                 new = encode(new_state)
             try:
                 result = apply_change(app, backend, snap, new, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
-                                      command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {snap.run_id!r}")
+                                      command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {snap.run_id!r}",
+                                      notes=notes)
             except TokenConflictError:
                 if attempt + 1 < attempts:
                     app.err(f"Conflict: retrying on the fresh state ({attempt + 1}/{retry}).")
@@ -71,5 +93,5 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
                     continue
                 raise
             if output == "json":
-                app.json(result or {"written": False, "run_id": snap.run_id})
+                app.json({**(result or {"written": False, "run_id": snap.run_id}), **extra})
             return

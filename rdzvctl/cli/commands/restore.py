@@ -20,6 +20,10 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
     The backend, endpoint and run id come from the backup unless given; pass
     secrets (passwords) again with --rdzv-conf or the environment, since
     backups never store them.  What restore replaces is itself backed up.
+
+    A backup of a corrupt or unsafe state keeps those exact bytes for
+    forensics, but restore never writes bytes torch cannot load: it exits 6
+    and writes nothing (`reset --mode clear` starts over instead).
     """
     from pathlib import Path
 
@@ -30,6 +34,7 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
     from rdzvctl.inspect import take_snapshot
 
     saved = read_backup(Path(backup_file))
+    _check_restorable(backup_file, saved.state)
     backend_name, endpoint, run_id, conf, timeout = app._flags
     if endpoint is None and "***" in saved.endpoint:
         from rdzvctl.errors import UsageError
@@ -48,3 +53,18 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
                               title=f"Restore of run {snap.run_id!r} from {backup_file} (saved {saved.time})")
     if output == "json":
         app.json(result or {"written": False, "run_id": snap.run_id})
+
+
+def _check_restorable(backup_file: str, state: Optional[bytes]) -> None:
+    """Refuse, before touching the backend, a backup whose bytes torch could not load."""
+    from rdzvctl.errors import StateError
+    from rdzvctl.state.codec import decode
+
+    if state is None:
+        return
+    try:
+        decode(state)
+    except StateError as exc:
+        raise type(exc)(f"{backup_file} holds a {exc.kind} state ({exc}): rdzvctl never writes bytes torch cannot "
+                        "load, so nothing was written; the backup is kept for forensics "
+                        "(for a fresh start: rdzvctl reset --mode clear)") from None

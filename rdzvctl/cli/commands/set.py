@@ -47,17 +47,23 @@ def read_document(source: str) -> Any:
               help="Remove a node (addr_pid_localid) with torch's bookkeeping; repeatable.")
 @click.option("--add-waiting", "add_waiting", multiple=True, metavar="NODE",
               help="Add a node to the wait list with a fresh heartbeat (forces live agents to re-rendezvous).")
+@click.option("--force", is_flag=True,
+              help="With -f: write a state that breaks torch's invariants (refused otherwise, exit 2).")
 @write_options
 @output_option("text", "json")
 def command(app: App, source: Optional[str], token: Optional[str], create: bool, closed: Optional[bool],
             complete: Optional[bool], round_: Optional[int], clear_deadline: bool, remove_nodes: Tuple[str, ...],
-            add_waiting: Tuple[str, ...], yes: bool, dry_run: bool, backup_dir: Optional[str], output: str) -> None:
+            add_waiting: Tuple[str, ...], force: bool, yes: bool, dry_run: bool, backup_dir: Optional[str],
+            output: str) -> None:
     """Write a state given as JSON, or change fields in place; always fenced.
 
     A JSON state (-f) replaces the stored one: with --token only over that
     token, with --create only if none exists, otherwise over the token read
     just before.  Field changes read, edit and write with the token they read.
-    On a conflict nothing is written and the exit code is 3.
+    On a conflict nothing is written and the exit code is 3.  A JSON state
+    that breaks torch's invariants (a complete round's rank outside the
+    world, a node both participating and waiting, a node without a
+    heartbeat) is refused with exit 2, naming each, unless --force.
 
     \b
     Examples:
@@ -69,6 +75,7 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
     from rdzvctl.inspect import take_snapshot
     from rdzvctl.state.analysis import remove_node
     from rdzvctl.state.codec import encode
+    from rdzvctl.state.invariants import torch_invariant_violations
     from rdzvctl.state.jsonform import state_from_document
 
     edits = any(v is not None for v in (closed, complete, round_)) or clear_deadline or remove_nodes or add_waiting
@@ -79,8 +86,15 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
     if create and token:
         raise click.UsageError("--create and --token are exclusive")
     new_state = None
+    if force and source is None:
+        raise click.UsageError("--force only applies to -f")
     if source is not None:
         new_state = state_from_document(read_document(source))  # validate before touching the backend
+        violations = torch_invariant_violations(new_state)
+        if violations and not force:
+            where = "the state on stdin" if source == "-" else source
+            raise StateValidationError("", f"{where} breaks torch's invariants: {'; '.join(violations)}; "
+                                           "nothing was written (--force writes it anyway)")
     nodes_out = [_node(n, "--remove-node") for n in remove_nodes]
     nodes_in = [_node(n, "--add-waiting") for n in add_waiting]
 

@@ -1,4 +1,4 @@
-"""P8: the bounded-cost promise of the decoder: worst-case inputs at the size cap.
+"""P10: the bounded-cost promise of the decoder: worst-case inputs at the size cap.
 
 Each input (``MAX_STATE_BYTES`` of a flood from the hostile corpus, and a
 valid state just under the cap) is written to a file; a fresh process reads
@@ -18,7 +18,7 @@ from typing import List, Tuple
 from bench.context import Context, ms
 from bench.measure import Row, median, time_interleaved
 
-ID = "P8"
+ID = "P10"
 SECONDS = 2.0
 MIB = 256
 
@@ -57,7 +57,7 @@ def run(ctx: Context) -> List[Row]:
                 f.write(data)
             size = len(data) >> 20
             del data
-            ctx.log(f"P8 {name} ({size} MiB)")
+            ctx.log(f"P10 {name} ({size} MiB)")
             timed = time_interleaved({"decide": [sys.executable, "-c", _DECIDE, path],
                                       "read": [sys.executable, "-c", _READ, path]}, ctx.env, 1, repeats)
             rss = median([p.max_rss_kib for p in timed["decide"]]) / 1024
