@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from rdzvctl.doctor.probes import Connection, Resolution, is_loopback_name
 from rdzvctl.state.analysis import SUSPICIOUS_RUN_IDS, KeepAlive, find_problems, node_statuses
+from rdzvctl.state.findings import master_addresses
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = [
@@ -381,9 +382,6 @@ def bootstrap_checks(state: Optional[RendezvousState], keys: Optional[Mapping[st
     round_, host, port = found
     current = state is not None and round_ == state.round
     label = f"round {round_}" + ("" if current else f" (the state is at round {state.round})" if state else "")
-    if port is None:
-        return [Check("bootstrap.master", "fail", f"{label}: MASTER_PORT is missing or not a port",
-                      "rdzvctl reset --mode clear (the agents publish it again)")]
     where = f"{host}:{port}"
     res = resolved.get(host)
     if res is not None and not res.ok:
@@ -400,20 +398,7 @@ def bootstrap_checks(state: Optional[RendezvousState], keys: Optional[Mapping[st
     return [Check("bootstrap.master", "ok", f"{label}: MASTER_ADDR:MASTER_PORT {where} accepts connections{took}")]
 
 
-def bootstrap_target(keys: Mapping[str, bytes], current_round: Optional[int]) -> Optional[Tuple[int, str, Optional[int]]]:
-    """``(round, MASTER_ADDR, MASTER_PORT or None)`` of the latest round (not after the current one) that has them."""
-    rounds: Dict[int, Dict[str, bytes]] = {}
-    for key, value in keys.items():
-        round_text, _, name = key.partition("/")
-        if round_text.isdigit() and name in ("MASTER_ADDR", "MASTER_PORT"):
-            rounds.setdefault(int(round_text), {})[name] = value
-    candidates = sorted((r for r, names in rounds.items() if "MASTER_ADDR" in names
-                         and (current_round is None or r <= current_round)), reverse=True)
-    if not candidates:
-        return None
-    round_ = candidates[0]
-    names = rounds[round_]
-    host = names["MASTER_ADDR"].decode("utf-8", errors="replace").strip()
-    raw_port = names.get("MASTER_PORT", b"").decode("ascii", errors="replace").strip()
-    port = int(raw_port) if raw_port.isdigit() and 0 < int(raw_port) < 65536 else None
-    return round_, host, port
+def bootstrap_target(keys: Mapping[str, bytes], current_round: Optional[int]) -> Optional[Tuple[int, str, int]]:
+    """``(round, MASTER_ADDR, MASTER_PORT)`` of the latest round (not after the current one) that published both."""
+    published = [p for p in master_addresses(keys) if current_round is None or p[0] <= current_round]
+    return published[-1] if published else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.doctor import checks as C
@@ -131,16 +131,3 @@ def diagnose(
         diag.checks += C.node_checks(state, now, keep_alive, max_nodes, resolved)
         diag.checks += C.bootstrap_checks(state, diag.store_keys, resolved, connected, keys_note)
     return diag
-
-
-def printable_keys(keys: Optional[Mapping[str, bytes]]) -> Optional[Dict[str, str]]:
-    """Store key values as text (UTF-8, else ``0x`` hex), as ``get --keys`` shows them."""
-    if keys is None:
-        return None
-    out: Dict[str, str] = {}
-    for name, value in keys.items():
-        try:
-            out[name] = value.decode("utf-8")
-        except UnicodeDecodeError:
-            out[name] = "0x" + value.hex()
-    return out

@@ -34,7 +34,6 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
       rdzvctl report ... -o json | jq .repairs
     """
     from rdzvctl.doctor import diagnose
-    from rdzvctl.doctor.run import printable_keys
     from rdzvctl.inspect import describe, now_utc
     from rdzvctl.report import build_bundle, render_markdown, write_private_file
     from rdzvctl.text import json_text, safe_lines
@@ -45,7 +44,7 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
         diag = diagnose(backend, keep_alive, max_nodes, dns_timeout=dns_timeout, connect_timeout=connect_timeout)
     get_doc = None
     if diag.snapshot is not None:
-        get_doc = describe(diag.snapshot, keep_alive, max_nodes, printable_keys(diag.store_keys))
+        get_doc = describe(diag.snapshot, keep_alive, max_nodes, diag.store_keys)
     bundle = build_bundle(app.address, get_doc, diag.to_json(), now_utc())
     if output_file is None:
         if fmt == "json":
