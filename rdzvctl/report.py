@@ -162,6 +162,7 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
         summary = get_doc.get("summary") or {}
         ka = get_doc.get("keep_alive") or {}
         remaining = summary.get("deadline_remaining")
+        life = get_doc.get("lifecycle") or {}
         out += _table(["field", "value"], [
             ["round", state.get("round")],
             ["complete", "yes" if state.get("complete") else "no"],
@@ -171,6 +172,7 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
             ["waiting", summary.get("waiting")],
             ["redundant", summary.get("redundant")],
             ["liveness", f"dead after {ka.get('interval')} s x {ka.get('max_attempt')} without a heartbeat"],
+            *([["phase", life.get("phase")], ["torch next", life.get("outlook")]] if life else []),
         ])
         nodes = get_doc.get("nodes") or []
         shown = sorted(nodes, key=lambda n: n.get("alive") is not False)[:NODE_ROWS]  # dead ones first
@@ -189,8 +191,9 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
     out += ["", "## Findings", ""]
     problems = get_doc.get("problems") or []
     if problems:
-        out += _table(["severity", "code", "message", "repair"],
-                      [[p.get("severity"), p.get("code"), p.get("message"), p.get("repair") or ""] for p in problems])
+        out += _table(["severity", "code", "message", "torch next", "repair"],
+                      [[p.get("severity"), p.get("code"), p.get("message"), p.get("outlook") or p.get("torch_next") or "",
+                        p.get("repair") or ""] for p in problems])
     else:
         out.append("None.")
     out += ["", "## Doctor", ""]

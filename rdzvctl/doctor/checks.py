@@ -267,8 +267,10 @@ def run_checks(run_id: str, state: Optional[RendezvousState], error: Optional[st
     if findings:
         status = "fail" if any(f.severity == "error" for f in findings) else "warn"
         first = findings[0]
+        outlook = getattr(first, "outlook", "")
         out.append(Check("run.findings", status,
-                         f"{len(findings)} finding(s): {', '.join(f.code for f in findings)}; first: {first.message}",
+                         f"{len(findings)} finding(s): {', '.join(f.code for f in findings)}; first: {first.message}"
+                         + (f"; torch next: {outlook}" if outlook else ""),
                          first.repair or "rdzvctl corrupt-detect", data={"codes": [f.code for f in findings]}))
     else:
         out.append(Check("run.findings", "ok", "no warnings or errors in the state"))
