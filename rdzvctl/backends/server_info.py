@@ -10,11 +10,12 @@ facts is :mod:`rdzvctl.doctor`'s job, not this module's.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from rdzvctl.errors import RdzvctlError, UnsupportedOperationError
+from rdzvctl.errors import BackendTimeoutError, RdzvctlError, UnsupportedOperationError
 
 __all__ = ["tcpstore_info", "filestore_info", "etcd_info", "redis_info", "mount_of"]
 
@@ -59,8 +60,6 @@ def tcpstore_info(client: Any) -> Dict[str, Any]:
             probe.queue_len(_PROBE_KEY)
             info["flavour"] = "libuv"
         except RdzvctlError as exc:
-            from rdzvctl.errors import BackendTimeoutError
-
             info["flavour"] = "unknown" if isinstance(exc, BackendTimeoutError) else "legacy"
         finally:
             probe.close()
@@ -122,16 +121,14 @@ def filestore_info(path: str) -> Dict[str, Any]:
 # -- etcd (v2 and v3 share the server) ------------------------------------------------------
 def etcd_info(http: Any, gateway: Any = None) -> Dict[str, Any]:
     """Version, health, members and leader (v3 gateway), and whether the v2 API is served."""
-    import json
-
     info: Dict[str, Any] = {"kind": "etcd", "endpoints": _endpoints([(e.host, e.port) for e in http.endpoints])}
 
-    def get_json(path: str) -> Any:
+    def get(path: str) -> Tuple[int, Any, bytes]:
         answer = http.request("GET", path)
         return answer.status, answer.headers, answer.body
 
     def ask() -> None:
-        status, _, body = get_json("/version")
+        status, _, body = get("/version")
         try:
             version = json.loads(body)
         except ValueError:
@@ -141,13 +138,13 @@ def etcd_info(http: Any, gateway: Any = None) -> Dict[str, Any]:
             return
         info["version"] = str(version.get("etcdserver"))
         info["cluster_version"] = str(version.get("etcdcluster"))
-        status, _, body = get_json("/health")
+        status, _, body = get("/health")
         try:
             health = json.loads(body)
         except ValueError:
             health = {}
         info["health"] = str(health.get("health", "")).lower() == "true" if isinstance(health, dict) else None
-        status, headers, _ = get_json("/v2/keys/")
+        status, headers, _ = get("/v2/keys/")
         info["v2_enabled"] = status == 200 and "json" in headers.get("content-type", "")
         call = gateway.call if gateway is not None else _plain_v3(http)
         try:
