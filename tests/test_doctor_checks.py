@@ -1,8 +1,10 @@
 """doctor's pure checks and the report's escaping and repair commands, on plain data."""
 
+# ruff: noqa: F811  (pytest fixtures imported by name)
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import shlex
 import threading
 
@@ -13,6 +15,7 @@ from rdzvctl.doctor.probes import Resolution, is_loopback_name, resolve, run_all
 from rdzvctl.report import md, repair_commands
 from rdzvctl.state.analysis import KeepAlive
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from tests.support.cli import cli_env, frozen_now, invoke, make_state, memory  # noqa: F401
 
 NOW = _dt.datetime(2026, 12, 1, 12, 0, tzinfo=_dt.timezone.utc)
 
@@ -139,3 +142,12 @@ def test_a_resolver_timeout_warns_but_a_missing_name_fails():
     both = {**slow_only, "gone": Resolution("gone", (), "Name or service not known")}
     found = [c for c in C.node_checks(state, NOW, KeepAlive(), None, both) if c.name == "nodes.resolve"]
     assert [c.status for c in found] == ["fail", "warn"]
+
+
+def test_a_backend_without_server_info_still_gets_the_run_checked(memory):
+    memory.put(make_state())
+    result = invoke(["doctor", *memory.flags(), "-o", "json"])
+    doc = json.loads(result.stdout)
+    assert {c["name"]: c["status"] for c in doc["checks"]}["endpoint.server"] == "ok"
+    assert doc["server"] is None and any(c["name"] == "run.state" for c in doc["checks"])
+    assert result.exit_code == (1 if doc["status"] == "fail" else 0)
