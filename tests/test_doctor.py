@@ -22,7 +22,7 @@ from rdzvctl.state.codec import encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from tests.support.cli import cli_env, closed_port, invoke, json_out  # noqa: F401
 from tests.support.etcd_server import EtcdCluster, etcd_server  # noqa: F401
-from tests.support.redis_server import RedisServer, redis_server, redis_server_notify  # noqa: F401
+from tests.support.redis_server import RedisServer, redis_cluster_node, redis_server, redis_server_notify  # noqa: F401
 from tests.support.torch_handlers import Target, node_factory  # noqa: F401
 from tests.support.torch_peer import filestore_path, tcpstore_legacy, tcpstore_libuv  # noqa: F401
 
@@ -317,3 +317,9 @@ def test_a_real_torch_rendezvous_passes(tcpstore_libuv, node_factory, cli_env, r
         assert status(doc, "bootstrap.master") == "ok"
         assert f":{master_port} accepts connections" in checks(doc, "bootstrap.master")[0]["message"]
         del workers_store
+
+
+def test_a_redis_cluster_reports_its_state(redis_cluster_node, cli_env, run_id):
+    code, doc = doctor("redis", redis_cluster_node.endpoint, run_id, "--rdzv-conf", "cluster=true")
+    assert status(doc, "redis.cluster") == "ok", doc["checks"]
+    assert doc["server"]["cluster_enabled"] is True and doc["server"]["cluster_state"] == "ok"
