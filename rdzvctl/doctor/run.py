@@ -115,7 +115,7 @@ def diagnose(
         hosts.append(target[1])
     resolved = resolve_all(hosts, dns_timeout)
     targets = [(h, p) for h, p in endpoints if resolved.get(h) is not None and resolved[h].ok]
-    if target is not None and target[2] is not None and resolved.get(target[1]) is not None and resolved[target[1]].ok:
+    if target is not None and resolved.get(target[1]) is not None and resolved[target[1]].ok:
         targets.append((target[1], target[2]))
     connected = connect_all(targets, connect_timeout)
 
