@@ -129,3 +129,18 @@ def test_output_file_is_private_and_never_overwritten_without_force(tcpstore_lib
     report(*flags(tcpstore_libuv.endpoint, run_id), "--output", str(fresh), "-o", "json")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
     assert json.loads(fresh.read_text())["schema"] == "rdzvctl.report/v1"
+
+
+def test_a_corrupt_state_is_reported_and_doctor_fails(tcpstore_libuv, cli_env, run_id):
+    from rdzvctl.backends.tcpstore import TcpStoreClient
+
+    host, port = tcpstore_libuv.endpoint.rsplit(":", 1)
+    with TcpStoreClient(host, int(port)) as client:
+        client.set(f"/torch.rendezvous.{run_id}", b"not base64 |`<x>`")
+        assert client.check([f"/torch.rendezvous.{run_id}"])
+    text = report(*flags(tcpstore_libuv.endpoint, run_id))
+    assert "The state does not decode." in text and "state-corrupt" in text
+    assert "rdzvctl reset --mode clear --rdzv-backend c10d" in text
+    result = invoke(["doctor", *flags(tcpstore_libuv.endpoint, run_id), "-o", "json"])
+    assert result.exit_code == 1
+    assert {c["name"]: c["status"] for c in json.loads(result.stdout)["checks"]}["run.state"] == "fail"
