@@ -32,7 +32,8 @@ def by_name(found, name):
 
 
 def test_loopback_names_and_literals():
-    assert all(map(is_loopback_name, ["localhost", "LOCALHOST.", "a.localhost", "127.0.0.2", "::1", "[::1]"]))
+    assert all(map(is_loopback_name, ["localhost", "LOCALHOST.", "a.localhost", "127.0.0.2", "::1", "[::1]",
+                                             "::ffff:127.0.0.1", "0.0.0.0"]))
     assert not any(map(is_loopback_name, ["node0", "10.0.0.1", "localhost.example.com"]))
     assert resolve("192.0.2.1") == Resolution("192.0.2.1", ("192.0.2.1",), None, 0.0)  # no DNS for a literal
 

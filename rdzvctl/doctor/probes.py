@@ -67,11 +67,13 @@ def _is_loopback_ip(text: str) -> bool:
     except ValueError:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
-    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+    if mapped is not None:
+        address = mapped
+    return bool(address.is_loopback or address.is_unspecified)  # 0.0.0.0 / :: reach only the host itself
 
 
 def is_loopback_name(host: str) -> bool:
-    """``localhost``, ``*.localhost`` (RFC 6761) or a loopback IP literal."""
+    """``localhost``, ``*.localhost`` (RFC 6761), a loopback or unspecified (``0.0.0.0``) IP literal."""
     name = host.strip().rstrip(".").lower()
     return name == "localhost" or name.endswith(".localhost") or _is_loopback_ip(name.strip("[]"))
 
