@@ -1,7 +1,8 @@
 """P10: the bounded-cost promise of the decoder: worst-case inputs at the size cap.
 
-Each input (``MAX_STATE_BYTES`` of a flood from the hostile corpus, and a
-valid state just under the cap) is written to a file; a fresh process reads
+Each input (``MAX_STATE_BYTES`` of a flood from the hostile corpus, hash
+floods among them (dict keys and set items sharing hashes), and a valid state
+just under the cap) is written to a file; a fresh process reads
 it and decodes it (``rdzvctl.state.codec.decode``), refused or not.  The row
 is that process's wall time and its own peak RSS (interpreter included),
 against 2 s and 256 MiB.  The baseline column is the same process reading
@@ -31,13 +32,20 @@ _READ = "import sys\nimport rdzvctl.state.codec\ndata = open(sys.argv[1], 'rb').
 def _inputs(quick: bool) -> List[Tuple[str, bytes]]:
     from bench.states import state_bytes
     from rdzvctl.state.codec import MAX_STATE_BYTES
-    from tests.reliability.malicious.corpus import resource_payloads
+    from tests.reliability.malicious.corpus import hash_flood_payloads, resource_payloads
 
     wanted = {"flood-empty-set", "flood-empty-dict", "flood-set-reduce", "flood-short-strings", "flood-none",
               "flood-memoize", "flood-tuple1", "flood-nodes"}
+    # Hash floods: the int ones a state may hold reach the unpickler (as colliding as
+    # 64-bit ints get); the tuple and frozenset ones are refused by the prescan;
+    # hash-node-ids is a valid state whose nodes collide as hash((addr, pid, local_id)).
+    floods = {"hash-int64-low-bits", "hash-int64-same-hash", "hash-tuple-items", "hash-memo-tuple-keys",
+              "hash-frozenset-items", "hash-node-ids"}
     if quick:
         wanted = {"flood-empty-set", "flood-none"}
+        floods = {"hash-int64-low-bits"}
     out = [(name, data) for name, data in resource_payloads(MAX_STATE_BYTES) if name in wanted]
+    out += list(hash_flood_payloads(MAX_STATE_BYTES, floods))
     nodes = 180_000 if not quick else 20_000
     real = state_bytes(nodes)
     while len(real) > MAX_STATE_BYTES:

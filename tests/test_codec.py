@@ -230,7 +230,8 @@ def test_wrong_node_field_types_are_corrupt(field: str, value: Any) -> None:
         "round": 0, "complete": False, "deadline": None, "closed": False,
         "participants": {}, "wait_list": {node}, "redundancy_list": set(), "last_heartbeats": {},
     })
-    with pytest.raises(StateCorruptError, match=field):
+    # A float is refused before unpickling (no state holds one, and float keys collide by design).
+    with pytest.raises(StateCorruptError, match="float" if type(value) is float else field):
         decode(pickle.dumps(obj))
 
 

@@ -6,12 +6,16 @@
 * states torch's agents cannot use: refused by decode, and by the write gate;
 * floods of cheap opcodes at the size cap: refused under a 256 MiB address
   space (in a child process);
-* tuple nests under a 1 MiB stack (``ulimit -s 1024``): no crash, in a child.
+* tuple nests under a 1 MiB stack (``ulimit -s 1024``): no crash, in a child;
+* hash floods (dict keys and set items sharing one hash): refused before
+  unpickling, or (ints within 64 bits, which a state may hold) decided; at the
+  cap in a child under 256 MiB and a kill timeout that only guards the run.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import resource
 import subprocess
 import sys
@@ -23,7 +27,7 @@ from rdzvctl.errors import StateCorruptError, StateError, StateUnsafeError
 from rdzvctl.state import codec
 from rdzvctl.state.codec import check_writable, decode, encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
-from tests.reliability.malicious.corpus import trust_payloads
+from tests.reliability.malicious.corpus import hash_flood_payloads, trust_payloads
 
 REPO = Path(__file__).resolve().parents[1]
 A = NodeDesc("node-a", 1, 0)
@@ -61,7 +65,8 @@ from tests.reliability.malicious.corpus import trust_payloads
 
 def snapshot():
     classes = [convert._Shell, convert._Built, convert._BuiltNode, convert._BuiltState, convert._NodeShell,
-               convert._StateShell, type(codec.ALLOWED_GLOBALS[("_codecs", "encode")])]
+               convert._StateShell, codec._Narrow]
+    classes += sorted({type(v) for v in codec.ALLOWED_GLOBALS.values() if not isinstance(v, type)}, key=repr)
     return {f"{c.__module__}.{c.__qualname__}": sorted((k, repr(v)) for k, v in vars(c).items()) for c in classes}
 
 before = snapshot()
@@ -117,7 +122,8 @@ def test_floods_at_the_cap_are_refused_within_256_mib(size: int) -> None:
     outcomes = json.loads(done.stdout)
     assert all(o.startswith("StateCorruptError") for o in outcomes.values()), outcomes
     assert "MemoryError" not in done.stdout
-    assert sum("builds more than" in o for o in outcomes.values()) >= 5  # container floods hit the metered budget
+    # Container floods hit the metered budget (tuple and frozenset floods are refused by the prescan).
+    assert sum("builds more than" in o for o in outcomes.values()) >= 4
 
 
 def test_size_limit_is_named_in_the_error() -> None:
@@ -173,7 +179,7 @@ def test_restore_of_a_tampered_backup_writes_nothing(tmp_path: Path, name: str) 
 
     from tests.support.cli import run_rdzvctl
 
-    assert run_rdzvctl(["demo", "--path", str(tmp_path / "demo")]).returncode == 0
+    assert run_rdzvctl(["demo", "--no-live", "--path", str(tmp_path / "demo")]).returncode == 0
     env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(tmp_path / "demo" / "rendezvous.store"),
            "PET_RDZV_ID": "demo-job", "PET_RDZV_CONF": "store_type=file", "RDZVCTL_BACKUP_DIR": str(tmp_path / "bk")}
     prune = run_rdzvctl(["reset", "--mode", "prune", "--yes"], env=env)
@@ -194,3 +200,150 @@ def test_restore_of_a_tampered_backup_writes_nothing(tmp_path: Path, name: str) 
     assert "nothing was written" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr
     assert run_rdzvctl(["get", "-o", "raw"], env=env, text=False).stdout == before
+
+
+# -- hash floods --------------------------------------------------------------------
+def _flood_outcome(name: str, data: bytes) -> str:
+    try:
+        decode(data)
+    except StateError as exc:
+        return type(exc).__name__ + ": " + str(exc)
+    return "decoded"
+
+
+def _expected_flood(name: str, outcome: str) -> bool:
+    if name == "hash-node-ids":  # a valid state: decoded (at the cap: more nodes than decoded, or over the budget)
+        return outcome == "decoded" or "more than 262,144 nodes" in outcome or "builds more than" in outcome
+    if name.startswith("hash-int64"):  # ints a state may hold reach the unpickler: no state, or over the budget
+        return outcome.startswith("StateCorruptError") and ("not a _RendezvousState" in outcome
+                                                            or "builds more than" in outcome)
+    return outcome.startswith("StateCorruptError") and "refused before unpickling" in outcome
+
+
+@pytest.mark.parametrize("name, data", list(hash_flood_payloads(220_000)),
+                         ids=[name for name, _ in hash_flood_payloads(2_000)])
+def test_hash_floods_are_refused(name: str, data: bytes) -> None:
+    outcome = _flood_outcome(name, data)
+    assert _expected_flood(name, outcome), outcome
+
+
+_HASH_SCRIPT = r"""
+import json, os, sys
+from rdzvctl.errors import StateError
+from rdzvctl.state import codec
+outcomes = {}
+for name in sorted(os.listdir(FOLDER)):
+    with open(os.path.join(FOLDER, name), "rb") as f:
+        data = f.read()
+    try:
+        codec.decode(data)
+        outcomes[name] = "decoded"
+    except StateError as exc:
+        outcomes[name] = type(exc).__name__ + ": " + str(exc)
+    del data
+print(json.dumps(outcomes))
+"""
+
+
+def test_hash_floods_at_the_cap_are_refused(tmp_path: Path) -> None:
+    """Before the fix one 16 MiB flood would run for hours; the kill timeout only keeps a regression from hanging.
+
+    The floods are written here (building them takes more memory than decoding them) and decoded in
+    a child under a 256 MiB address space."""
+    # The ones the prescan refuses stop at their first opcode whatever their size: one of them suffices here.
+    wanted = {"hash-int64-same-hash", "hash-int64-low-bits", "hash-int64-low-bits-keys", "hash-node-ids",
+              "hash-tuple-items"}
+    for name, data in hash_flood_payloads(codec.MAX_STATE_BYTES, wanted):
+        (tmp_path / name).write_bytes(data)
+    done = _child(_HASH_SCRIPT.replace("FOLDER", repr(str(tmp_path))), address_space=256 << 20, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcomes = json.loads(done.stdout)
+    assert set(outcomes) == wanted
+    unexpected = {name: outcome for name, outcome in outcomes.items() if not _expected_flood(name, outcome)}
+    assert not unexpected, unexpected
+
+
+def _p4(body: bytes) -> bytes:
+    return b"\x80\x04" + body + pickle.STOP
+
+
+_TD = b"cdatetime\ntimedelta\n"
+_DT = b"cdatetime\ndatetime\n"
+_SET = b"c__builtin__\nset\n"
+
+
+@pytest.mark.parametrize("body, reason", [
+    (pickle.BINFLOAT + b"\x3f\xf0" + b"\x00" * 6, "float"),
+    (pickle.FLOAT + b"1.5\n", "float"),
+    (pickle.LONG1 + b"\x09" + b"\x00" * 8 + b"\x01", "beyond 64 bits"),
+    (pickle.LONG4 + b"\x01\x00\x00\x00\x01", "beyond 64 bits"),
+    (pickle.INT + b"12345678901234567890\n", "beyond 64 bits"),
+    (pickle.LONG + b"12345678901234567890L\n", "beyond 64 bits"),
+    (pickle.MARK + pickle.FROZENSET, "frozenset"),
+    (pickle.NONE + pickle.TUPLE1, "tuple that is not a call's arguments"),
+    (pickle.NONE + pickle.TUPLE1 + pickle.MEMOIZE + pickle.POP, "tuple that is not a call's arguments"),
+    (pickle.EMPTY_DICT + pickle.BININT1 + b"\x01" + pickle.BININT1 + b"\x02" + pickle.TUPLE2 + pickle.NONE
+     + pickle.SETITEM, "tuple that is not a call's arguments"),
+])
+def test_opcodes_no_state_holds_are_refused_before_unpickling(body: bytes, reason: str) -> None:
+    with pytest.raises(StateCorruptError, match=reason):
+        decode(_p4(body))
+
+
+@pytest.mark.parametrize("body", [
+    pickle.INT + b"-9223372036854775808\n",
+    pickle.INT + b"01\n",
+    pickle.LONG + b"9223372036854775807L\n",
+    pickle.LONG1 + b"\x08" + b"\xff" * 7 + b"\x7f",
+])
+def test_ints_within_64_bits_pass_the_prescan(body: bytes) -> None:
+    from rdzvctl.state import prescan
+
+    prescan.scan(_p4(body))
+    with pytest.raises(StateCorruptError, match="not a _RendezvousState"):
+        decode(_p4(body))
+
+
+@pytest.mark.parametrize("body", [
+    # the argument tuple survives in the memo only if the call accepted it
+    _TD + pickle.BININT1 + b"\x02" + pickle.BININT1 + b"\x00" + pickle.BININT1 + b"\x00" + pickle.TUPLE3
+    + pickle.MEMOIZE + pickle.REDUCE,  # a two-day offset
+    _TD + pickle.BININT1 + b"\x00" + pickle.BININT1 + b"\x00" + pickle.TUPLE2 + pickle.REDUCE,
+    _DT + pickle.BININT2 + b"\xea\x07" + pickle.BININT1 + b"\x01" + pickle.BININT1 + b"\x01" + pickle.TUPLE3
+    + pickle.REDUCE,  # datetime(2026, 1, 1): not how a datetime pickles
+    _SET + pickle.EMPTY_LIST + pickle.BININT1 + b"\x01" + pickle.APPEND + pickle.TUPLE1 + pickle.REDUCE,
+    _SET + pickle.EMPTY_TUPLE + pickle.REDUCE,
+])
+def test_allowed_calls_take_only_what_their_pickles_pass(body: bytes) -> None:
+    with pytest.raises(StateCorruptError, match="never does|other than a built _NodeDesc"):
+        decode(_p4(body))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_torchs_own_pickles_pass_the_narrow_calls(protocol: int) -> None:
+    """torch's pickle of a state with a deadline, heartbeats and sets, at every protocol, still decodes."""
+    import datetime as dt
+
+    state = RendezvousState(round=2, complete=True, deadline=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    state.participants[A] = 0
+    state.wait_list.add(NodeDesc("node-b", 2, 0))
+    state.last_heartbeats[A] = dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.timezone.utc)
+    raw = encode(state)
+    torch_bytes = pickle.dumps(_torch_object(raw), protocol=protocol)
+    assert decode(torch_bytes) == state
+
+
+def _torch_object(raw: bytes) -> object:
+    pytest.importorskip("torch")
+    return pickle.loads(raw)  # noqa: S301 - our own encode() output, loaded by torch's classes
+
+
+def test_states_with_more_nodes_than_decoded_are_refused() -> None:
+    from bench.states import state_bytes
+    from tests.reliability.malicious.corpus import node_hash_flood
+
+    assert len(decode(node_hash_flood(200_000)).wait_list) > 5_000
+    with pytest.raises(StateCorruptError, match="more than 262,144 nodes"):
+        decode(node_hash_flood(10_000_000))  # about 277,000 nodes
+    # a real state at the cap has fewer
+    assert len(decode(state_bytes(180_000)).participants) == 180_000

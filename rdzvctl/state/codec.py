@@ -42,7 +42,16 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state import prescan
-from rdzvctl.state.convert import _NO_STATE, NODE_CLASS, STATE_CLASS, _NodeShell, _reason, _StateShell, convert
+from rdzvctl.state.convert import (
+    _NO_STATE,
+    NODE_CLASS,
+    STATE_CLASS,
+    _BuiltNode,
+    _NodeShell,
+    _reason,
+    _StateShell,
+    convert,
+)
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = [
@@ -67,10 +76,24 @@ MAX_STATE_BYTES = 16 * 1024 * 1024
 
 DEFAULT_PROTOCOL = 4  # what torch writes on Python 3.11
 
-class _Latin1Encode:
-    """``_codecs.encode`` as protocols 2-3 use it for bytes, and nothing more (BUILD on it is refused)."""
+class _Narrow:
+    """An allowed global that takes only the arguments torch's pickles pass it (BUILD on it is refused)."""
 
     __slots__ = ()
+    _name = ""
+
+    def __setstate__(self, state: Any = _NO_STATE) -> None:
+        raise StateUnsafeError(f"the pickle tries to set attributes on {self._name}; refused")
+
+    def _refuse(self) -> StateCorruptError:
+        return StateCorruptError(f"the pickle calls {self._name} in a way a rendezvous state never does")
+
+
+class _Latin1Encode(_Narrow):
+    """``_codecs.encode`` as protocols 2-3 use it for bytes, and nothing more."""
+
+    __slots__ = ()
+    _name = "_codecs.encode"
 
     def __call__(self, text: Any, encoding: Any = "latin1") -> bytes:
         if type(text) is not str or encoding not in ("latin1", "latin-1"):
@@ -80,22 +103,63 @@ class _Latin1Encode:
         except UnicodeEncodeError:
             raise StateCorruptError("the pickle calls _codecs.encode in a way bytes never need") from None
 
-    def __setstate__(self, state: Any = _NO_STATE) -> None:
-        raise StateUnsafeError("the pickle tries to set attributes on _codecs.encode; refused")
+
+_DATETIME = _dt.datetime
+_TIMEZONE = _dt.timezone
+
+
+class _Datetime(_Narrow):
+    """``datetime`` as its pickle calls it: its 10-byte payload (bytes; latin-1 text from Python 2) and a timezone."""
+
+    __slots__ = ()
+    _name = "datetime.datetime"
+
+    def __call__(self, payload: Any = None, tz: Any = None, *rest: Any) -> _dt.datetime:
+        kind = type(payload)
+        if (kind is not bytes and kind is not str) or (tz is not None and type(tz) is not _TIMEZONE) or rest:
+            raise self._refuse()
+        return _DATETIME(payload, tz)
+
+
+class _Offset(_Narrow):
+    """``timedelta`` as a pickled timezone offset calls it: (days, seconds, microseconds), under a day."""
+
+    __slots__ = ()
+    _name = "datetime.timedelta"
+
+    def __call__(self, *args: Any) -> _dt.timedelta:
+        if (len(args) != 3 or any(type(a) is not int for a in args) or args[0] not in (-1, 0)
+                or not 0 <= args[1] < 86400 or not 0 <= args[2] < 1_000_000):
+            raise self._refuse()
+        return _dt.timedelta(*args)
+
+
+class _NodeSet(_Narrow):
+    """``set`` as protocols 2-3 pickle a set of nodes: ``set([node, ...])`` with built nodes only."""
+
+    __slots__ = ()
+    _name = "set"
+
+    def __call__(self, *args: Any) -> set:
+        if len(args) != 1 or type(args[0]) is not list:
+            raise self._refuse()
+        for item in args[0]:
+            if type(item) is not _BuiltNode:
+                raise StateCorruptError("the pickle puts something other than a built _NodeDesc into a set "
+                                        "of nodes")
+        return set(args[0])
 
 
 ALLOWED_GLOBALS: Dict[Tuple[str, str], Any] = {
     (TORCH_MODULE, STATE_CLASS): _StateShell,
     (TORCH_MODULE, NODE_CLASS): _NodeShell,
-    ("datetime", "datetime"): _dt.datetime,
+    ("datetime", "datetime"): _Datetime(),
     ("datetime", "timezone"): _dt.timezone,
-    ("datetime", "timedelta"): _dt.timedelta,
+    ("datetime", "timedelta"): _Offset(),
     # Protocols 2-3 have no set or bytes opcodes: sets are REDUCE(set, [items])
     # and a datetime's bytes payload is REDUCE(_codecs.encode, (str, "latin1")).
-    ("builtins", "set"): set,
-    ("__builtin__", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("__builtin__", "frozenset"): frozenset,
+    ("builtins", "set"): _NodeSet(),
+    ("__builtin__", "set"): _NodeSet(),
     ("_codecs", "encode"): _Latin1Encode(),
 }
 

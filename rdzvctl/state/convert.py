@@ -27,6 +27,12 @@ _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 _NO_STATE = object()
 
+#: Refuse states with more distinct nodes than this before converting them.  A node can
+#: take as little as 36 bytes (one addr, memoised), so 16 MiB could hold 430,000 (2 s of
+#: CPU and 350 MiB to convert); 262,144 take about 1.5 s and 205 MiB, and are more than a
+#: 16 MiB state of distinct hosts holds (about 180,000).
+MAX_NODES = 2**18
+
 
 class _Shell:
     """Inert stand-in for a torch class while unpickling; the fields land in ``_fields``."""
@@ -219,6 +225,15 @@ def _renamed(fields: Dict[str, Any], legacy: Dict[str, str], where: str, lenient
     return out
 
 
+def _check_node_count(raw: Dict[str, Any]) -> None:
+    containers = [raw[name] for name in ("participants", "last_heartbeats", "wait_list", "redundancy_list")
+                  if type(raw[name]) in (dict, set)]
+    if sum(len(c) for c in containers) <= MAX_NODES:  # the common case: no node set built
+        return
+    if len({id(key) for c in containers for key in c}) > MAX_NODES:
+        raise StateCorruptError(f"the state holds more than {MAX_NODES:,} nodes, more than rdzvctl decodes")
+
+
 def convert(obj: Any) -> Tuple[RendezvousState, List[str]]:
     if type(obj) is not _BuiltState:
         what = "a _RendezvousState without fields (never built)" if type(obj) is _StateShell else _kind(obj)
@@ -242,6 +257,7 @@ def convert(obj: Any) -> Tuple[RendezvousState, List[str]]:
             raise StateCorruptError(f"{name}: expected bool, found {_kind(raw[name])}")
     deadline = None if raw["deadline"] is None else conv.time(raw["deadline"], "deadline")
 
+    _check_node_count(raw)
     participants: Dict[NodeDesc, int] = {}
     for key, rank in conv.node_map(raw["participants"], "participants").items():
         node = conv.node(key, "participants")

@@ -47,6 +47,16 @@ class NodeDesc:
     def __str__(self) -> str:
         return self.id
 
+    def __hash__(self) -> int:
+        # Not the dataclass's hash((addr, pid, local_id)): its int lanes let a state hold
+        # thousands of same-addr nodes with one hash whatever the str hash key is (a set of
+        # them costs O(n^2)); the id string hashes with the per-process SipHash key, and
+        # equal nodes have equal ids.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = self.__dict__["_hash"] = hash(f"{self.addr}_{self.pid}_{self.local_id}")
+        return cached  # type: ignore[no-any-return]
+
     @cached_property
     def id(self) -> str:
         """The node id as torch prints it (``addr_pid_localid``); computed once per node."""

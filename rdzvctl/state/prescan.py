@@ -22,6 +22,50 @@ thread whose stack is sized for that bound when the current one is too small
 consumes, the memory grown since the start is compared with a budget derived
 from the input size, so a flood of cheap objects is refused after a bounded
 amount of memory.  Nothing here builds an object from the pickle.
+
+Hash floods.  The C unpickler hashes at ``SETITEM``/``SETITEMS``,
+``ADDITEMS``, ``FROZENSET`` and inside ``set()``; n keys that share a hash cost
+O(n^2) comparisons there, inside one opcode (no read in between, so the
+metered input cannot stop it; 10,000 colliding keys took 3-12 s).  Hashes an
+attacker can choose come only from ints, floats, tuples, frozensets and what
+hashes like a tuple of ints (timedelta, timezone, an aware datetime); str,
+bytes and naive datetimes hash with SipHash under a per-process key, built
+shells by identity, and lists, dicts, sets and bytearrays not at all.  Each
+is closed by what real states never contain (torch writes protocol 2-5 with
+BININT*/LONG1 ints, bytes payloads and tuples only as call arguments):
+
+* floats: ``FLOAT`` and ``BINFLOAT`` are refused;
+* ints: only within 64 bits (``LONG1`` of at most 8 bytes, ``INT``/``LONG``
+  text of at most 19 digits; ``LONG4`` refused).  ``hash(n)`` is
+  ``n mod (2^61 - 1)`` (negated for negative n), so at most 9 distinct ints
+  in that range share a hash value, and equal ints are one key;
+* frozensets: ``FROZENSET`` is refused and ``frozenset`` is not an allowed global;
+* tuples: every tuple opcode must be followed, after at most one memo put,
+  by ``REDUCE`` or ``BUILD`` (checked in the run), so no other opcode sees a
+  tuple before a call took it.  ``BUILD`` with a tuple always fails (the
+  shells and the allowed calls refuse it; nothing else has settable
+  attributes), and ``REDUCE`` succeeds only on an allowed global that takes
+  exactly what its own pickles pass (``rdzvctl.state.codec``): ``datetime``
+  (bytes or latin-1 text, a timezone), ``timedelta`` (an offset under a day:
+  1.7e11 values), ``timezone`` (validates its own: a timedelta, a str),
+  ``set`` (a list of built nodes), ``_codecs.encode`` (a str, "latin1"); a
+  shell class refuses arguments.  So every tuple that survives (in the
+  memo) holds a SipHash-keyed item, an unhashable list or three ints from
+  the offset range, and the objects returned hash the same way.  An aware
+  datetime hashes as (days, seconds, microseconds): at most 2^61 values,
+  where each key sharing a chosen hash costs about 2^44 hash evaluations
+  to find.
+
+After unpickling, the converter hashes :class:`~rdzvctl.state.model.NodeDesc`
+objects, which hash their id string (SipHash-keyed): the dataclass default,
+``hash((addr, pid, local_id))``, let same-addr nodes share one hash whatever
+the str hash key is (its int lanes pass the mixing linearly).
+
+What remains is CPython's probing of distinct hashes: keys equal in their
+low bits share their first slots until the perturbation (5 more hash bits
+per probe) separates them, within about 13 probes; the worst shape measured
+(16 MiB of ints equal in their low 40 bits, ``hash-int64-low-bits`` in the
+hostile corpus and bench P8) costs about 3x a set of ordinary ints.
 """
 
 from __future__ import annotations
@@ -85,13 +129,19 @@ def _counted(width: int) -> bytes:
     return b"(?:" + b"|".join(b"\\x%02x" % n + pad + (b"[\\s\\S]{%d}" % n if n else b"") for n in range(256)) + b")"
 
 
+#: Opcodes no state has: floats, LONG4 ints (the pickler's form for 256 bytes and more), frozensets.
+_NEVER = {"FLOAT", "BINFLOAT", "LONG4", "FROZENSET"}
+#: Opcodes the run admits only in the narrow forms states use (see :func:`_build_run`).
+_NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
+
+
 def _build_run() -> "re.Pattern[bytes]":
     """A possessive run of opcodes that need no decision (STOP and the rare ones excluded)."""
     plain: List[str] = []
     fixed: dict = {}
     lines: List[str] = []
     counted: dict = {1: [], 4: [], 8: []}
-    special = {"STOP", "LONG_BINPUT", "PUT", "FRAME", "EXT1", "EXT2", "EXT4", "GLOBAL", "INST"}
+    special = {"STOP", "LONG_BINPUT", "PUT", "FRAME", "EXT1", "EXT2", "EXT4", "GLOBAL", "INST"} | _NEVER | _NARROW
     widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
               pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
     for op in pickletools.opcodes:
@@ -112,16 +162,32 @@ def _build_run() -> "re.Pattern[bytes]":
     parts.append(b"r[\\s\\S]{2}[\\x00-\\x1f]\\x00")  # LONG_BINPUT up to MAX_MEMO_INDEX
     parts.append(b"p[0-9]{1,6}\\n")  # PUT below a million
     parts.append(b"\\x95[\\s\\S]{3}\\x00{5}")  # FRAME below 16 MiB
+    # Integers within 64 bits (at most 19 digits: below 2^63.2), the only ones a state holds.
+    parts.append(b"\\x8a(?:" + b"|".join(b"\\x%02x[\\s\\S]{%d}" % (n, n) for n in range(9)) + b")")  # LONG1
+    parts.append(b"I[-+]?[0-9]{1,19}\\n")  # INT
+    parts.append(b"L[-+]?[0-9]{1,19}L?\\n")  # LONG
+    # A tuple goes straight to REDUCE or BUILD (memoised or not; a FRAME may start between,
+    # which torch's C pickler never writes there): it only ever holds a call's arguments.
+    frame = b"(?:\\x95[\\s\\S]{3}\\x00{5})?"
+    parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
+                 + frame + b"[Rb]")
     parts += [_cls(codes) + _counted(width) for width, codes in sorted(counted.items())]
     return re.compile(b"(?:" + b"|".join(parts) + b")*+")
 
 
 _RUN = _build_run()
-_LENGTHS = {pickle.BINSTRING[0]: (4, True), pickle.LONG4[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
+_LENGTHS = {pickle.BINSTRING[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
             pickle.BINBYTES[0]: (4, False), pickle.BINUNICODE8[0]: (8, False), pickle.BINBYTES8[0]: (8, False),
             pickle.BYTEARRAY8[0]: (8, False), pickle.FRAME[0]: (8, False)}
 _EXTENSIONS = {pickle.EXT1[0]: 1, pickle.EXT2[0]: 2, pickle.EXT4[0]: 4}
 _MEMO = "not a valid pickle: a memo index beyond any object the state holds"
+_NOT_A_STATE = {
+    **{pickle.FLOAT[0]: "a float", pickle.BINFLOAT[0]: "a float", pickle.FROZENSET[0]: "a frozenset",
+       pickle.LONG4[0]: "an integer beyond 64 bits", pickle.LONG1[0]: "an integer beyond 64 bits",
+       pickle.INT[0]: "an integer beyond 64 bits", pickle.LONG[0]: "an integer beyond 64 bits"},
+    **dict.fromkeys(pickle.TUPLE + pickle.TUPLE1 + pickle.TUPLE2 + pickle.TUPLE3,
+                    "a tuple that is not a call's arguments"),
+}
 
 
 def scan(data: bytes) -> None:
@@ -161,6 +227,9 @@ def scan(data: bytes) -> None:
                 # Extension codes in copyreg's cache skip find_class (and the allow-list) entirely.
                 raise StateUnsafeError("the pickle uses an extension code, which a rendezvous state never does")
             pos += 1 + _EXTENSIONS[op]
+        elif op in _NOT_A_STATE:
+            raise StateCorruptError(f"the pickle holds {_NOT_A_STATE[op]}, which a rendezvous state never does; "
+                                    "refused before unpickling")
         elif op in (pickle.GLOBAL[0], pickle.INST[0]):
             return  # only a truncated GLOBAL/INST is left out of the run: the unpickler refuses it
         else:  # STOP, an unknown opcode or a truncated argument: the unpickler stops here

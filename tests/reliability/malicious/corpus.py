@@ -28,11 +28,12 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 from rdzvctl.state.codec import TORCH_MODULE
 
-__all__ = ["Payload", "build_corpus", "EXTENSION_CODE", "trust_payloads", "resource_payloads", "deep_tuple_payloads"]
+__all__ = ["Payload", "build_corpus", "EXTENSION_CODE", "trust_payloads", "resource_payloads", "deep_tuple_payloads",
+           "hash_flood_payloads", "node_hash_flood"]
 
 #: The copyreg extension code the EXT payloads use (registered by the test, to os.system).
 EXTENSION_CODE = 0x7A11
@@ -291,8 +292,8 @@ def trust_payloads() -> List[Tuple[str, str, bytes]]:
         ("class-node-setstate-none", "class-mutation", _on_class(node_cls, "__setstate__", pickle.NONE)),
         ("class-node-dict-state", "class-mutation", _real_state() + node_cls + _dict(_str("__hash__"), pickle.NONE)
          + pickle.BUILD + pickle.POP + pickle.STOP),
-        ("class-codecs-defaults", "class-mutation", _on_class(codecs_encode, "__defaults__",
-                                                              _str("rot13") + pickle.TUPLE1)),
+        # (a tuple as the value, as __defaults__ wants, is refused before unpickling: not a call's arguments)
+        ("class-codecs-defaults", "class-mutation", _on_class(codecs_encode, "__defaults__", _str("rot13"))),
         ("class-set-attribute", "class-mutation", _on_class(_global("builtins", "set"), "add", pickle.NONE)),
         ("class-datetime-attribute", "class-mutation", _on_class(_global("datetime", "datetime"), "now",
                                                                  pickle.NONE)),
@@ -380,3 +381,193 @@ def deep_tuple_payloads(depth: int) -> List[Tuple[str, bytes]]:
         "in-a-state": _shell(_fields(participants=pickle.EMPTY_DICT + deep + pickle.NONE + pickle.SETITEM)),
     }
     return [(f"deep-tuple-{name}-{depth}", P4 + body + pickle.STOP) for name, body in bodies.items()]
+
+
+# -- hash floods ------------------------------------------------------------------
+# Keys whose hashes an attacker can choose collide in one dict or set, and the C
+# unpickler's SETITEMS/ADDITEMS then costs O(n^2) comparisons.  int hashes are
+# n mod (2^61 - 1); a tuple's hash mixes its items' hashes with an invertible
+# step (CPython 3.11's xxHash variant), a frozenset's XORs shuffled item hashes.
+_M61 = 2**61 - 1
+_MASK = 2**64 - 1
+_P1, _P2, _P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+
+def _rotl31(x: int) -> int:
+    return ((x << 31) | (x >> 33)) & _MASK
+
+
+def _int_for_lane(lane: int) -> "int | None":
+    """An int within 64 bits whose hash, as an unsigned word, is ``lane`` (None if there is none)."""
+    if lane < _M61:
+        return lane
+    negative = (1 << 64) - lane  # hash(-x) == -(x mod M61)
+    if negative < _M61 and negative != 1:  # hash(-1) is -2
+        return -negative
+    return None
+
+
+def _colliding_pairs(count: int) -> List[Tuple[int, int]]:
+    """``count`` tuples (a, b) of ints within 64 bits, all with one hash."""
+    target = 0x5EED_5EED_5EED_5EED
+    out: List[Tuple[int, int]] = []
+    inverse = pow(_P2, -1, 2**64)
+    a = 1
+    while len(out) < count:
+        acc = (_rotl31((_P5 + a * _P2) & _MASK) * _P1) & _MASK
+        b = _int_for_lane(((target - acc) * inverse) & _MASK)
+        if b is not None:
+            out.append((a, b))
+        a += 1
+    return out
+
+
+def _unshuffle(h: int) -> int:
+    """The inverse of CPython's frozenset ``_shuffle_bits``."""
+    h = ((h * pow(3644798167, -1, 2**64)) & _MASK) ^ 89869747
+    x = h  # undo x ^ (x << 16)
+    for _ in range(4):
+        x = h ^ ((x << 16) & _MASK)
+    return x
+
+
+def _shuffle(h: int) -> int:
+    return (((h ^ 89869747) ^ (h << 16)) * 3644798167) & _MASK
+
+
+def _colliding_frozen_pairs(count: int) -> List[Tuple[int, int]]:
+    """``count`` pairs {a, b} of ints within 64 bits whose frozensets share one hash."""
+    target = 0x0BAD_F00D_0BAD_F00D
+    out: List[Tuple[int, int]] = []
+    a = 3
+    while len(out) < count:
+        b = _int_for_lane(_unshuffle(target ^ _shuffle(a)))
+        if b is not None and b != a:
+            out.append((a, b))
+        a += 1
+    return out
+
+
+def _colliding_node_ids(count: int) -> List[Tuple[int, int]]:
+    """``count`` (pid, local_id) pairs within 64 bits whose ``hash((addr, pid, local_id))`` agree
+    for one addr, whatever hash(addr) is: a pid lane step of 2^33/P2 passes the 31-bit rotation
+    as +1 (no carry for all but a 2^-11 share of hash(addr)), which the local_id lane cancels."""
+    inverse = pow(_P2, -1, 2**64)
+    delta, step = (2**33 * inverse) & _MASK, (_P1 * inverse) & _MASK
+    out: List[Tuple[int, int]] = []
+    j = 0
+    while len(out) < count:
+        pid, local_id = _int_for_lane((1000 + j * delta) & _MASK), _int_for_lane((7 - j * step) & _MASK)
+        if pid is not None and local_id is not None:
+            out.append((pid, local_id))
+        j += 1
+    return out
+
+
+def node_hash_flood(size: int) -> bytes:
+    """A valid state of about ``size`` bytes whose wait_list nodes share one addr and, as
+    ``hash((addr, pid, local_id))``, one hash: costly to whoever builds a set of them."""
+    memo = b"".join(part + pickle.BINPUT + bytes([i]) + pickle.POP for i, part in enumerate(
+        [_global(TORCH_MODULE, "_NodeDesc"), _str("addr"), _str("host"), _str("pid"), _str("local_id")]))
+
+    def node(pid: int, local_id: int) -> bytes:
+        get = [pickle.BINGET + bytes([i]) for i in range(5)]
+        return (get[0] + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK + get[1] + get[2]
+                + get[3] + _int(pid) + get[4] + _int(local_id) + pickle.SETITEMS + pickle.BUILD)
+
+    unit = len(node(2**62, 2**62))
+    nodes = b"".join(node(pid, lid) for pid, lid in _colliding_node_ids(max(1, (size - 400) // unit)))
+    return P4 + memo + _shell(_fields(wait_list=pickle.EMPTY_SET + pickle.MARK + nodes + pickle.ADDITEMS)) + pickle.STOP
+
+
+def _int(n: int) -> bytes:
+    if -(2**31) <= n < 2**31:
+        return pickle.BININT + struct.pack("<i", n)
+    raw = pickle.encode_long(n)  # type: ignore[attr-defined]  # the pickler's own minimal form
+    return pickle.LONG1 + bytes([len(raw)]) + raw
+
+
+def hash_flood_payloads(size: int, names: "Iterable[str] | None" = None) -> Iterator[Tuple[str, bytes]]:
+    """Dicts and sets of about ``size`` bytes whose keys all share one hash (made one at a time; only ``names``).
+
+    Kinds: ints within 64 bits as colliding as they can be (at most about 10
+    share a hash; hashes equal in their low 40 bits), which a state may hold
+    and the decoder must still decide quickly; ints of 2^61 and more (one hash), floats (hash-equal groups, the
+    opcode alone is never in a state), tuples and frozensets of two ints within
+    64 bits (colliding by construction), 1-tuples and frozensets of big ints,
+    and a mix, as dict keys (SETITEMS) and set items (ADDITEMS); and a valid state
+    whose nodes collide as ``hash((addr, pid, local_id))`` (``hash-node-ids``).
+    """
+    def keys_until(unit_size: int) -> int:
+        return max(1, (size - 16) // unit_size)
+
+    def fitting(units: Iterable[bytes]) -> bytes:
+        out, room = [], size - 8
+        for unit in units:
+            room -= len(unit)
+            if room < 0:
+                break
+            out.append(unit)
+        return b"".join(out)
+
+    def as_dict(keys: Iterable[bytes]) -> bytes:
+        return P4 + pickle.EMPTY_DICT + pickle.MARK + fitting(k + pickle.NONE for k in keys) + pickle.SETITEMS + pickle.STOP
+
+    def as_set(keys: Iterable[bytes]) -> bytes:
+        return P4 + pickle.EMPTY_SET + pickle.MARK + fitting(keys) + pickle.ADDITEMS + pickle.STOP
+
+    def big_ints(n: int) -> List[bytes]:
+        return [_int(k * _M61) for k in range(1, n + 1)]
+
+    def pairs(n: int) -> List[bytes]:
+        return [_int(a) + _int(b) + pickle.TUPLE2 for a, b in _colliding_pairs(n)]
+
+    def frozen(n: int) -> List[bytes]:
+        return [pickle.MARK + _int(a) + _int(b) + pickle.FROZENSET for a, b in _colliding_frozen_pairs(n)]
+
+    def floats(n: int) -> List[bytes]:
+        # i * 2^(61 j) all hash to i: groups of 16 equal hashes
+        return [pickle.BINFLOAT + struct.pack(">d", float(i) * 2.0 ** (61 * j)) for i in range(1, n // 16 + 2)
+                for j in range(16)][:n]
+
+    def int64_groups(n: int) -> List[bytes]:
+        # every int within 64 bits that shares a hash with 1, 2, 3, ... (about 10 each): the most a state can hold
+        out: List[bytes] = []
+        h = 1
+        while len(out) < n:
+            out += [_int(v) for v in range(h - 5 * _M61, 2**63, _M61) if v >= -(2**63) and hash(v) == h]
+            out += [_int(v) for v in range(-h, -(2**63) - 1, -_M61) if hash(v) == -h and v != -1]
+            h += 1
+        return out[:n]
+
+    def low_bits(n: int) -> List[bytes]:
+        # distinct hashes equal in their low 40 bits: the first probes of every key collide
+        return [_int(i << 40) for i in range(1, n + 1)]
+
+    units = [
+        ("hash-int64-same-hash", lambda: as_set(int64_groups(keys_until(10)))),
+        ("hash-int64-low-bits", lambda: as_set(low_bits(keys_until(9)))),
+        ("hash-int64-low-bits-keys", lambda: as_dict(low_bits(keys_until(10)))),
+        ("hash-int-keys", lambda: as_dict(big_ints(keys_until(11)))),
+        ("hash-int-items", lambda: as_set(big_ints(keys_until(10)))),
+        ("hash-float-keys", lambda: as_dict(floats(keys_until(10)))),
+        ("hash-tuple-keys", lambda: as_dict(pairs(keys_until(12)))),
+        ("hash-tuple-items", lambda: as_set(pairs(keys_until(11)))),
+        ("hash-frozenset-keys", lambda: as_dict(frozen(keys_until(13)))),
+        ("hash-frozenset-items", lambda: as_set(frozen(keys_until(12)))),
+        ("hash-big-1-tuples", lambda: as_set([k + pickle.TUPLE1 for k in big_ints(keys_until(11))])),
+        ("hash-big-frozensets", lambda: as_set([pickle.MARK + k + pickle.FROZENSET for k in big_ints(keys_until(12))])),
+        ("hash-mixed", lambda: as_set([k for trio in zip(big_ints(keys_until(36)), pairs(keys_until(36)),
+                                                        [k + pickle.TUPLE1 for k in big_ints(keys_until(36))])
+                                       for k in trio])),
+        ("hash-node-ids", lambda: node_hash_flood(size)),
+        ("hash-memo-tuple-keys", lambda: P4 + b"".join(
+            _int(a) + _int(b) + pickle.TUPLE2 + pickle.MEMOIZE + pickle.POP for a, b in _colliding_pairs(keys_until(24)))
+            + pickle.EMPTY_DICT + pickle.MARK + b"".join(
+                pickle.LONG_BINGET + struct.pack("<I", i) + pickle.NONE for i in range(keys_until(24)))
+            + pickle.SETITEMS + pickle.STOP),
+    ]
+    chosen = None if names is None else set(names)
+    for name, make in units:
+        if chosen is None or name in chosen:
+            yield name, make()
