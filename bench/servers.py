@@ -1,7 +1,9 @@
 """The backends to measure, on servers started here and stopped at the end.
 
-Reuses the test launchers in ``tests/support`` (free loopback ports, own
-temporary directories).  Every backend rdzvctl ships is covered: c10d over a
+Starts them with the test launchers in ``tests/support`` (``RedisServer``,
+``EtcdCluster``, ``start_tcpstore``), built on the one server harness
+:mod:`tests.support.harness` (free loopback ports, bounded readiness waits and
+stops, own temporary directories).  Every backend rdzvctl ships is covered: c10d over a
 torch TCPStore and over a FileStore, redis (keyspace notifications on, so
 ``watch`` is pushed), etcd-v2 and etcd-v3 (one etcd member serves both).
 """

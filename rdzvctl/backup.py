@@ -21,7 +21,6 @@ checked, as OpenSSH does.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import errno
 import json
 import os
@@ -32,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from rdzvctl import clock
 from rdzvctl.errors import BackupError, UsageError
+from rdzvctl.state.jsonform import JSONDocumentError, load_json_document
 
 __all__ = ["Backup", "default_backup_dir", "backup_directory", "write_backup", "read_backup", "FORMAT"]
 
@@ -151,7 +152,7 @@ def write_backup(backup: Backup, directory: Optional[Path] = None) -> Path:
     Any failure removes the partial file and raises :class:`BackupError`.
     """
     directory = backup_directory(directory)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = clock.now_utc().strftime("%Y%m%dT%H%M%S.%fZ")
     data = (json.dumps(backup.to_json(), indent=2) + "\n").encode("utf-8")
     for _ in range(100):
         path = directory / f"{_safe_name(backup.run_id)}-{stamp}-{secrets.token_hex(3)}.json"
@@ -224,13 +225,15 @@ def read_backup(path: Path) -> Backup:
         if os.path.getsize(path) > MAX_BACKUP_BYTES:
             raise UsageError(f"{path}: larger than any backup rdzvctl writes")
         with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
+            doc = load_json_document(handle.read())
     except OSError as exc:
         raise UsageError(f"cannot read the backup {path}: {exc.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except JSONDocumentError as exc:
+        if exc.too_deep:
+            raise UsageError(f"{path}: not a backup file (the JSON nests too deeply)") from None
         raise UsageError(f"{path}: not a backup file (invalid JSON: {exc})") from None
-    except RecursionError:
-        raise UsageError(f"{path}: not a backup file (the JSON nests too deeply)") from None
+    except ValueError as exc:  # bad UTF-8
+        raise UsageError(f"{path}: not a backup file (invalid JSON: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UsageError(f"{path}: not an rdzvctl backup (format must be {FORMAT!r})")
     for key in ("backend", "endpoint", "run_id", "time"):

@@ -141,6 +141,16 @@ class NoStateError(RdzvctlError):
 
     exit_code = EXIT_NO_STATE
 
+    @classmethod
+    def for_run(cls, run_id: str, where: str = "", consequence: str = "") -> "NoStateError":
+        """The one wording: ``no rendezvous state for run 'id'[ on <where>][: <consequence>]``."""
+        message = f"no rendezvous state for run {run_id!r}"
+        if where:
+            message += f" on {where}"
+        if consequence:
+            message += f": {consequence}"
+        return cls(message)
+
 
 class StateError(RdzvctlError):
     """The stored state cannot be used (torch's ``RendezvousStateError``)."""

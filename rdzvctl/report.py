@@ -2,7 +2,7 @@
 
 :func:`build_bundle` assembles the data (the ``report -o json`` document,
 schema ``rdzvctl.report/v1``) from the documents other commands print (the
-``get -o json`` document of :func:`rdzvctl.inspect.describe` and
+``get -o json`` document of :func:`rdzvctl.inspection.describe` and
 :meth:`rdzvctl.doctor.Diagnosis.to_json`); :func:`render_markdown` turns it
 into Markdown.  Every value from a store or a server is untrusted: each is
 scrubbed of secrets and escaped (:func:`rdzvctl.text.safe`, then Markdown:

@@ -15,7 +15,7 @@ from typing import Any, Dict, FrozenSet, List, Optional
 
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.errors import RdzvctlError, UnsupportedOperationError
-from rdzvctl.inspect import Snapshot
+from rdzvctl.inspection import Snapshot
 from rdzvctl.state.codec import encode
 from rdzvctl.state.model import RendezvousState
 from rdzvctl.state.restart import describe_rounds, fresh_state, join_round, restart_round

@@ -1,8 +1,5 @@
 """The c10d backend over torch's FileStore, with torch 2.13 as the peer on the same file."""
 
-# The fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import fcntl
@@ -20,7 +17,6 @@ from rdzvctl.backends.filestore import FileStore, parse_records
 from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
 from rdzvctl.testing.conformance import BackendConformanceTests, run_conformance
 from tests.support.torch_peer import (
-    filestore_path,  # noqa: F401  (fixture)
     torch_filestore,
 )
 
@@ -305,3 +301,20 @@ def test_replay_in_small_chunks_matches_torch(filestore_path, monkeypatch):
     expected = [theirs.get(k[1:]) if theirs.check([k[1:]]) else None for k in wire]
     assert ours.multi_get(wire) == expected
     assert expected[3] is None
+
+
+def test_keys_longer_than_a_chunk_and_later_appends_match_torch(filestore_path, monkeypatch):
+    import rdzvctl.backends.filestore as filestore
+
+    theirs = torch_filestore(filestore_path)
+    long_key = "k" * 100
+    theirs.set(long_key, "first")
+    theirs.set("big", "v" * 1000)
+    monkeypatch.setattr(filestore, "_CHUNK", 29)  # a header, and a value, longer than a chunk
+    ours = FileStore(filestore_path)
+    assert ours.multi_get(["/" + long_key, "/big"]) == [b"first", b"v" * 1000]
+    theirs.set(long_key, "second")  # read incrementally: the latest record wins
+    theirs.delete_key("big")
+    assert ours.multi_get(["/" + long_key, "/big"]) == [b"second", None]
+    assert ours.compare_set("/" + long_key, b"second", b"third") == b"third"
+    assert theirs.get(long_key) == b"third"

@@ -1,8 +1,5 @@
 """The c10d backend over torch 2.13 TCPStore servers (libuv and legacy), torch as the peer."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -26,13 +23,10 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests, run_conformance
-from tests.support.torch_peer import (  # noqa: F401  (fixtures)
+from tests.support.torch_peer import (
     blackhole_server,
     refused_port,
     scripted_server,
-    tcpstore_legacy,
-    tcpstore_libuv,
-    tcpstore_server,
     torch_set,
     torch_tcpstore,
 )

@@ -1,8 +1,5 @@
 """The etcd-v2 backend against real etcd 3.4 members started with --enable-v2."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -29,12 +26,8 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.etcd_server import (  # noqa: F401  (fixtures)
+from tests.support.etcd_server import (
     EtcdCluster,
-    etcd_auth_server,
-    etcd_cluster,
-    etcd_server,
-    etcd_tls_server,
 )
 from tests.support.torch_peer import blackhole_server, refused_port, scripted_server
 
@@ -179,22 +172,6 @@ def test_watch_resynchronises_when_its_index_was_cleared(etcd_server):
     assert next(items) == (b"v1", token)
     stop.set()
     items.close()
-
-
-def test_watch_stops_promptly(etcd_server):
-    b = backend(etcd_server.endpoint)
-    stop = threading.Event()
-    done = threading.Event()
-
-    def follow():
-        for _ in b.watch(stop=stop):
-            pass
-        done.set()
-
-    threading.Thread(target=follow, daemon=True).start()
-    time.sleep(0.5)
-    stop.set()
-    assert done.wait(1.0)
 
 
 # -- torch's own EtcdRendezvousBackend as the peer --------------------------------------------

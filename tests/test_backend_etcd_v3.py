@@ -1,8 +1,5 @@
 """The etcd-v3 backend against real etcd 3.4 members (plain, with auth, with TLS, a cluster)."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 try:  # protobuf first, as inside torchrun; the subprocess test below makes the order certain
@@ -33,13 +30,9 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.etcd_server import (  # noqa: F401  (fixtures)
+from tests.support.etcd_server import (
     ROOT_PASSWORD,
     EtcdCluster,
-    etcd_auth_server,
-    etcd_cluster,
-    etcd_server,
-    etcd_tls_server,
 )
 from tests.support.torch_peer import blackhole_server, refused_port, scripted_server
 
@@ -215,36 +208,6 @@ def test_list_runs_rate_on_10k_runs(etcd_server):
 
 
 # -- watch ----------------------------------------------------------------------------------
-def test_watch_reports_delete_and_recreate(etcd_server):
-    b = backend(etcd_server.endpoint)
-    _, token, _ = b.set_state(b"a")
-    stop = threading.Event()
-    items = backend(etcd_server.endpoint, b.run_id).watch(stop=stop)
-    assert next(items) == (b"a", token)
-    assert b.clear(token)
-    assert next(items) is None
-    _, token, _ = b.set_state(b"b")
-    assert next(items) == (b"b", token)
-    stop.set()
-    items.close()
-
-
-def test_watch_stops_promptly(etcd_server):
-    b = backend(etcd_server.endpoint)
-    stop = threading.Event()
-    done = threading.Event()
-
-    def follow():
-        for _ in b.watch(stop=stop):
-            pass
-        done.set()
-
-    threading.Thread(target=follow, daemon=True).start()
-    time.sleep(0.5)
-    stop.set()
-    assert done.wait(1.0)
-
-
 # -- several members ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_failover_when_a_member_dies(etcd_cluster):

@@ -1,8 +1,5 @@
 """The redis backend against real redis-server processes (plain, TLS, auth, cluster, sentinel)."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -24,18 +21,11 @@ from rdzvctl.errors import (
     StateCorruptError,
 )
 from rdzvctl.testing.conformance import BackendConformanceTests
-from tests.support.redis_server import (  # noqa: F401  (fixtures)
+from tests.support.redis_server import (
     ACL_PASSWORD,
     ACL_USER,
     DEFAULT_PASSWORD,
     free_port,
-    redis_cluster_node,
-    redis_sentinel,
-    redis_server,
-    redis_server_auth,
-    redis_server_notify,
-    redis_server_paused,
-    redis_server_tls,
 )
 
 TIMEOUT = 5.0
@@ -349,33 +339,6 @@ def test_native_watch_reports_quickly_even_with_a_long_interval(redis_server_not
     assert not thread.is_alive()
 
 
-@pytest.mark.parametrize("fixture", ["redis_server", "redis_server_notify"])
-def test_watch_stops_promptly(request, fixture):
-    server = request.getfixturevalue(fixture)
-    stop, seen = threading.Event(), []
-    thread = _follow(backend(server.endpoint), stop, seen, interval=0.5)
-    deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert seen == [(seen[0][0], None)]
-    time.sleep(1.5)  # let polling back off
-    stopped = time.monotonic()
-    stop.set()
-    thread.join(5)
-    assert not thread.is_alive()
-    assert time.monotonic() - stopped < 1.5
-
-
-def test_watch_since_skips_the_known_state(redis_server_notify):
-    b = backend(redis_server_notify.endpoint)
-    current = b.set_state(b"x")[:2]
-    stop = threading.Event()
-    items = b.watch(interval=0.05, stop=stop, since=current)
-    threading.Timer(0.3, lambda: b.set_state(b"y", current[1])).start()
-    assert next(items)[0] == b"y"
-    stop.set()
-
-
 # -- errors -----------------------------------------------------------------------------
 def test_wrong_password_is_unavailable_and_not_echoed(redis_server_auth):
     secret = "wr0ng-pa55word-xyz"
@@ -559,7 +522,7 @@ def _start_redis(port: int, directory) -> subprocess.Popen:
 @pytest.mark.slow
 def test_watch_rides_out_a_server_restart(tmp_path):
     """A SIGKILLed and restarted server does not end the watch: it reconnects and reports what follows."""
-    from tests.support.redis_server import free_port
+    from tests.support.harness import free_port
 
     port = free_port()
     server = _start_redis(port, tmp_path)
@@ -602,7 +565,7 @@ def test_watch_rides_out_a_server_restart(tmp_path):
 
 
 def test_watch_gives_up_after_an_outage_longer_than_the_timeout(tmp_path):
-    from tests.support.redis_server import free_port
+    from tests.support.harness import free_port
 
     port = free_port()
     server = _start_redis(port, tmp_path)

@@ -1,7 +1,5 @@
 """`rdzvctl conformance` as a real process on real servers leaves the backend as it found it."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -12,9 +10,6 @@ import pytest
 from rdzvctl.backends.base import Address
 from rdzvctl.backends.registry import open_backend
 from tests.support.cli import run_rdzvctl
-from tests.support.etcd_server import etcd_server  # noqa: F401  (fixture)
-from tests.support.redis_server import redis_server  # noqa: F401  (fixture)
-from tests.support.torch_peer import tcpstore_libuv  # noqa: F401  (fixture)
 
 
 def nothing_new(before, after) -> None:

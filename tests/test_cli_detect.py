@@ -1,7 +1,5 @@
 """rdzvctl corrupt-detect (one run, --all) and list: findings, severities, exit codes."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import datetime as _dt
@@ -10,14 +8,11 @@ import re
 
 import pytest
 
-from tests.support.cli import (  # noqa: F401  (fixtures)
+from tests.support.cli import (
     NOW,
-    cli_env,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
     node,
 )
 
@@ -25,9 +20,9 @@ from tests.support.cli import (  # noqa: F401  (fixtures)
 @pytest.fixture(autouse=True)
 def _quick_confirmation(monkeypatch):
     """These states never change: confirming a stuck verdict needs no real wait here."""
-    import rdzvctl.inspect
+    import rdzvctl.inspection
 
-    monkeypatch.setattr(rdzvctl.inspect, "CONFIRM_SECONDS", 0.3)
+    monkeypatch.setattr(rdzvctl.inspection, "CONFIRM_SECONDS", 0.3)
 
 
 def codes(result) -> list:

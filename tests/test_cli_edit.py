@@ -1,18 +1,13 @@
 """rdzvctl edit: the state in $EDITOR, written back fenced; no change, no write."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from tests.support.cli import (  # noqa: F401  (fixtures)
-    cli_env,
-    frozen_now,
+from tests.support.cli import (
     invoke,
     make_state,
-    memory,
     run_rdzvctl,
 )
 

@@ -1,7 +1,5 @@
 """rdzvctl get, and the behaviour every command shares: addressing, errors, exit codes."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import datetime as _dt
@@ -16,15 +14,12 @@ import pytest
 import rdzvctl.cli.app
 from rdzvctl.state.codec import encode
 from rdzvctl.state.jsonform import DOCUMENT_KEYS, STATE_KEYS
-from tests.support.cli import (  # noqa: F401  (fixtures)
+from tests.support.cli import (
     NOW,
-    cli_env,
     closed_port,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
 )
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -34,9 +29,9 @@ ANSI = re.compile(r"\x1b\[")
 @pytest.fixture(autouse=True)
 def _quick_confirmation(monkeypatch):
     """These states never change: confirming a stuck verdict needs no real wait here."""
-    import rdzvctl.inspect
+    import rdzvctl.inspection
 
-    monkeypatch.setattr(rdzvctl.inspect, "CONFIRM_SECONDS", 0.3)
+    monkeypatch.setattr(rdzvctl.inspection, "CONFIRM_SECONDS", 0.3)
 
 
 def assert_one_line_error(result, code: int, *words: str) -> str:

@@ -5,8 +5,6 @@ etcd-v3 backends return from ``store_keys()``); the probe connects to real
 loopback ports.
 """
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import datetime as _dt
@@ -16,17 +14,14 @@ from typing import Dict
 
 import pytest
 
-import rdzvctl.inspect
+import rdzvctl.clock
 from rdzvctl.state.model import NodeDesc, RendezvousState
-from tests.support.cli import (  # noqa: F401  (fixtures)
+from tests.support.cli import (
     NOW,
-    cli_env,
     closed_port,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
 )
 
 SECOND = _dt.timedelta(seconds=1)
@@ -160,7 +155,7 @@ def test_a_restarting_agent_between_leaving_and_waiting_is_not_reported_stuck(re
 # -- --settle ---------------------------------------------------------------------------------
 @pytest.fixture
 def real_clock(memory, monkeypatch):
-    monkeypatch.setattr(rdzvctl.inspect, "now_utc", lambda: _dt.datetime.now(_dt.timezone.utc))
+    monkeypatch.setattr(rdzvctl.clock, "now_utc", lambda: _dt.datetime.now(_dt.timezone.utc))
     return memory
 
 

@@ -1,7 +1,5 @@
 """backends, conformance, demo, completion; and rdzvctl as a real process on a FileStore."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -18,14 +16,11 @@ from rdzvctl.backends.registry import get_backend_class, open_backend
 from rdzvctl.cli.commands.completion import completion_script
 from rdzvctl.state.codec import decode
 from rdzvctl.testing.memory import MemoryBackend
-from tests.support.cli import (  # noqa: F401  (fixtures)
-    cli_env,
+from tests.support.cli import (
     closed_port,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
     run_rdzvctl,
 )
 
@@ -67,22 +62,22 @@ def test_backends_text(memory):
     assert lines[-1] == "Also: any torch RendezvousBackend as --rdzv-backend module:factory."
 
 
-def test_backends_reports_plugins_that_fail_or_lack_their_library(memory, monkeypatch):
+def test_backends_reports_plugins_that_fail_or_lack_their_library(memory):
     import rdzvctl.backends.registry as registry
 
-    monkeypatch.setitem(registry._BUILTIN, "ghost", "rdzvctl_no_such_plugin:Backend")
-    monkeypatch.setitem(registry._BUILTIN, "memory-needs-lib", "tests.test_cli_misc:NeedsAbsentLibraryBackend")
-    result = invoke(["backends", "-o", "json"])
-    assert result.exit_code == 0
-    rows = {row["name"]: row for row in json_out(result)["backends"]}
-    assert rows["ghost"]["usable"] is False and "rdzvctl_no_such_plugin" in rows["ghost"]["error"]
-    assert rows["memory-needs-lib"]["missing"] == ["rdzvctl_no_such_client_lib"]
-    text = invoke(["backends"]).stdout
-    assert "failed to load" in text and "pip install rdzvctl-no-such-client-lib" in text
-    # Using it says what to install, exit 2.
-    result = invoke(["get", *memory.flags(backend="memory-needs-lib")])
-    assert result.exit_code == 2
-    assert "pip install rdzvctl-no-such-client-lib" in result.stderr
+    with registry.register({"ghost": "rdzvctl_no_such_plugin:Backend",
+                            "memory-needs-lib": "tests.test_cli_misc:NeedsAbsentLibraryBackend"}):
+        result = invoke(["backends", "-o", "json"])
+        assert result.exit_code == 0
+        rows = {row["name"]: row for row in json_out(result)["backends"]}
+        assert rows["ghost"]["usable"] is False and "rdzvctl_no_such_plugin" in rows["ghost"]["error"]
+        assert rows["memory-needs-lib"]["missing"] == ["rdzvctl_no_such_client_lib"]
+        text = invoke(["backends"]).stdout
+        assert "failed to load" in text and "pip install rdzvctl-no-such-client-lib" in text
+        # Using it says what to install, exit 2.
+        result = invoke(["get", *memory.flags(backend="memory-needs-lib")])
+        assert result.exit_code == 2
+        assert "pip install rdzvctl-no-such-client-lib" in result.stderr
 
 
 # -- conformance -----------------------------------------------------------------------
@@ -419,7 +414,7 @@ def test_progress_is_shown_only_on_a_terminal(monkeypatch, recording):
     import io
     import sys
 
-    from rdzvctl.cli.commands.detect import _progress
+    from rdzvctl.cli.render import with_progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -431,8 +426,29 @@ def test_progress_is_shown_only_on_a_terminal(monkeypatch, recording):
         console = App.console  # the recording one
 
     app = AppStub()
-    assert list(_progress(app, iter(range(5)))) == list(range(5))  # not a terminal: no rich at all
+    assert list(with_progress(app, iter(range(5)))) == list(range(5))  # not a terminal: no rich at all
     assert recording == []
     monkeypatch.setattr(sys, "stderr", Terminal())
-    assert list(_progress(app, iter(range(500)))) == list(range(500))
+    assert list(with_progress(app, iter(range(500)))) == list(range(500))
     assert len(recording) == 1
+
+
+def test_main_honours_its_own_argv_for_verbose(monkeypatch, capsys):
+    """An error outside any subcommand: ``main(["-v", ...])`` shows the traceback, whatever sys.argv says."""
+    import sys
+
+    import rdzvctl.cli.main as cli_main
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli_main.cli, "main", fail)
+    monkeypatch.setattr(sys, "argv", ["rdzvctl"])
+    monkeypatch.delenv("RDZVCTL_VERBOSE", raising=False)
+    for argv, traceback in ((["-v", "get"], True), (["get"], False)):
+        with pytest.raises(SystemExit) as exited:
+            cli_main.main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 1
+        assert err.splitlines()[-1] == "rdzvctl: internal error: RuntimeError: boom"
+        assert ("Traceback" in err) is traceback

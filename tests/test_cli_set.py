@@ -1,7 +1,5 @@
 """rdzvctl set: JSON writes and field edits, always fenced, backed up, restorable."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -14,14 +12,11 @@ import pytest
 from rdzvctl.backup import FORMAT, Backup, read_backup, write_backup
 from rdzvctl.cli.app import App
 from rdzvctl.state.model import NodeDesc
-from tests.support.cli import (  # noqa: F401  (fixtures)
+from tests.support.cli import (
     NOW,
-    cli_env,
-    frozen_now,
     invoke,
     json_out,
     make_state,
-    memory,
     node,
 )
 

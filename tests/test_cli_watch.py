@@ -1,7 +1,5 @@
 """rdzvctl watch: semantic events while another writer changes the state, and --until gates."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -12,12 +10,9 @@ import pytest
 
 from rdzvctl.state.codec import encode
 from rdzvctl.testing.memory import MemoryBackend
-from tests.support.cli import (  # noqa: F401  (fixtures)
-    cli_env,
-    frozen_now,
+from tests.support.cli import (
     invoke,
     make_state,
-    memory,
     node,
 )
 
@@ -119,14 +114,7 @@ def test_created_closed_and_corrupt_as_text(memory, watching):
 def test_corrupt_wrapping_then_removed_goes_on(memory, watching):
     memory.put(make_state(dead=0))
 
-    def clear() -> None:
-        from rdzvctl.testing import memory as memory_module
-
-        with memory_module._LOCK:
-            memory_module._TABLE.pop((memory.endpoint, "job42"), None)
-            memory_module._CORRUPT.discard((memory.endpoint, "job42"))
-
-    thread = writer(memory, watching, [memory.corrupt, clear])
+    thread = writer(memory, watching, [memory.corrupt, memory.backend().drop])
     result = invoke(["watch", *memory.flags(), "-o", "json", "--until", "absent", "--for", "20", *FAST])
     thread.join(10)
     assert result.exit_code == 0, result.stderr

@@ -65,6 +65,13 @@ def test_ci_fails_when_pytest_runs_no_test():
     assert re.search(r'"\$status" -eq 5 \]; then.*?exit 1', script, re.DOTALL), "pytest's exit 5 must fail CI"
 
 
+def test_ci_type_checks_with_the_pyproject_configuration():
+    runs = [line for line in commands_of((ROOT / ".ci" / "run").read_text()) if re.match(r"python -m mypy\b", line)]
+    assert runs == ["python -m mypy || types=$?"], "CI runs mypy once, configured only by pyproject.toml"
+    config = (ROOT / "pyproject.toml").read_text()
+    assert "[tool.mypy]" in config and '"rdzvctl.state.*"' in config and '"rdzvctl.backends.base"' in config
+
+
 def test_ci_installs_what_a_user_gets_at_pinned_versions():
     installs = [line for line in commands_of((ROOT / ".ci" / "run").read_text()) if "pip install" in line]
     assert installs, ".ci/run installs nothing with pip"

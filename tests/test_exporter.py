@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from rdzvctl.backends.base import Address, RendezvousBackend  # noqa: E402
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError  # noqa: E402
-from rdzvctl.inspect import describe, snapshot_from  # noqa: E402
+from rdzvctl.inspection import describe, snapshot_from  # noqa: E402
 from rdzvctl.monitor.collector import METRIC_NAMES, RendezvousCollector  # noqa: E402
 from rdzvctl.monitor.runs import RunReader  # noqa: E402
 from rdzvctl.state.analysis import KeepAlive  # noqa: E402
@@ -78,6 +78,16 @@ class Store:
     def scrape(self) -> Page:
         return Page(generate_latest(self.registry).decode("utf-8"))
 
+    def labels(self, run_id: str) -> dict:
+        return {"backend": "memory", "endpoint": self.reader.endpoint, "run_id": run_id}
+
+    def phase(self, page: Page, run_id: str) -> List[str]:
+        return [dict(key)["phase"] for key in page.series("rdzvctl_phase", run_id=run_id)]
+
+    def findings(self, page: Page, run_id: str) -> set:
+        return {(dict(k)["code"], dict(k)["severity"], dict(k)["torch_next"])
+                for k in page.series("rdzvctl_findings", run_id=run_id)}
+
 
 def test_unchanged_runs_are_not_decoded_again() -> None:
     store = Store()
@@ -128,15 +138,80 @@ def test_values_equal_what_get_json_reports() -> None:
                         ("rdzvctl_redundant_nodes", "redundant"),
                         ("rdzvctl_deadline_remaining_seconds", "deadline_remaining")]:
         assert page.value(metric, **labels) == summary[key], metric
-    found = {(dict(k)["code"], dict(k)["severity"]): v for k, v in page.series("rdzvctl_findings", **labels).items()}
-    expected = {}
+    found = {(dict(k)["code"], dict(k)["severity"], dict(k)["torch_next"]): v
+             for k, v in page.series("rdzvctl_findings", **labels).items()}
+    expected: dict = {}
     for problem in doc["problems"]:
-        expected[(problem["code"], problem["severity"])] = expected.get((problem["code"], problem["severity"]), 0) + 1
-    assert found == expected and ("closed-while-alive", "warning") in found
+        key = (problem["code"], problem["severity"], problem["torch_next"])
+        expected[key] = expected.get(key, 0) + 1
+    # Closed under live agents, first seen now: a normal end cannot be told yet (phase closing).
+    assert found == expected and ("closed", "error", "new-job-fails") in found
+    assert doc["lifecycle"]["phase"] == "closing"
+    assert page.series("rdzvctl_phase", **labels) == {
+        frozenset({**store.labels("job42"), "phase": "closing"}.items()): 1.0}
     ages = [n["age"] for n in doc["nodes"] if n["age"] is not None]
     assert page.value("rdzvctl_heartbeat_newest_age_seconds", **labels) == min(ages)
     assert page.value("rdzvctl_heartbeat_oldest_age_seconds", **labels) == max(ages)
     assert page.value("rdzvctl_state_size_bytes", **labels) == len(backend.get_state()[0])  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("state", "phase", "finding"), [
+    (make_state(alive=2, dead=0, waiting=0), "complete", None),
+    # torch recovers: the survivors restart for the waiting node and the next live sync drops the dead one
+    (make_state(alive=2, dead=1, waiting=1), "recovering", ("dead-participants", "info", "recovers")),
+    # nobody waits: the live agents keep the round and nothing in torch moves it
+    (make_state(alive=2, dead=1, waiting=0), "stuck", ("dead-participants", "error", "stays")),
+    # no agent is alive: the next job's first sync fixes it
+    (make_state(alive=0, dead=2, waiting=0), "stuck", ("dead-participants", "warning", "next-join-fixes")),
+    (make_state(alive=0, dead=2, waiting=0, closed=True), "finished", ("closed", "error", "new-job-fails")),
+    (make_state(alive=2, dead=0, waiting=0, complete=False), "forming", None),
+], ids=["complete", "recovering", "stuck", "no-agent-alive", "finished", "forming"])
+def test_one_phase_series_per_run_as_get_json_reports(state: Any, phase: str, finding: Any) -> None:
+    store = Store()
+    store.put("job42", state)
+    page = store.scrape()
+    backend = store.backend("job42")
+    snap = snapshot_from(backend, backend.get_state())
+    snap.fetched_at = NOW
+    doc = describe(snap, KeepAlive(5.0, 3))
+    assert store.phase(page, "job42") == [phase] == [doc["lifecycle"]["phase"]]
+    found = store.findings(page, "job42")
+    assert found == {(p["code"], p["severity"], p["torch_next"]) for p in doc["problems"]}
+    if finding is not None:
+        assert finding in found
+    else:
+        assert not [f for f in found if f[1] == "error"]
+
+
+def test_the_exporter_settles_a_close_by_watching_it() -> None:
+    store = Store()
+    store.put("job42", make_state(alive=2, dead=0, waiting=0, closed=True))
+    page = store.scrape()
+    assert store.phase(page, "job42") == ["closing"]  # a normal end cannot be told yet
+    assert ("closed", "error", "new-job-fails") in store.findings(page, "job42")
+    # A keep-alive window (5 s x 3) later the agents still heartbeat into the closed run.
+    later = NOW + _dt.timedelta(seconds=20)
+    store.now = later
+    store.put("job42", make_state(alive=2, dead=0, waiting=0, closed=True, now=later))
+    page = store.scrape()
+    assert store.phase(page, "job42") == ["closed-under-live-agents"]
+    assert ("closed-while-alive", "error", "new-job-fails") in store.findings(page, "job42")
+    fresh = Store()  # an exporter that has not watched the close cannot tell yet, like corrupt-detect
+    fresh.now = later
+    fresh.put("job42", make_state(alive=2, dead=0, waiting=0, closed=True, now=later))
+    assert fresh.phase(fresh.scrape(), "job42") == ["closing"]
+    # The agents stop heartbeating: the run has ended.
+    store.now = later + _dt.timedelta(seconds=30)
+    page = store.scrape()
+    assert store.phase(page, "job42") == ["finished"]
+    assert {f for f in store.findings(page, "job42") if f[1] != "info"} == {("closed", "error", "new-job-fails")}
+    # Reopened, then closed again: the watch starts over.
+    store.put("job42", make_state(alive=2, dead=0, waiting=0, now=store.now))
+    assert store.phase(store.scrape(), "job42") == ["complete"]
+    store.put("job42", make_state(alive=2, dead=0, waiting=0, closed=True, now=store.now))
+    store.now += _dt.timedelta(seconds=20)
+    store.put("job42", make_state(alive=2, dead=0, waiting=0, closed=True, now=store.now))
+    assert store.phase(store.scrape(), "job42") == ["closing"]
 
 
 def test_runs_appear_and_disappear() -> None:

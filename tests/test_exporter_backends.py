@@ -27,9 +27,9 @@ pytest.importorskip("prometheus_client")
 from rdzvctl.state.codec import encode  # noqa: E402
 from tests.reliability.servers import BACKEND_IDS, FileLockHolder, Target, TcpStoreZygote, make_target  # noqa: E402
 from tests.support.cli import make_state, run_rdzvctl  # noqa: E402
-from tests.support.etcd_server import ROOT_PASSWORD, etcd_auth_server, etcd_tls_server  # noqa: E402,F401
+from tests.support.etcd_server import ROOT_PASSWORD  # noqa: E402
 from tests.support.exporter import ExporterProcess, Page  # noqa: E402
-from tests.support.redis_server import DEFAULT_PASSWORD, redis_server_auth  # noqa: E402,F401
+from tests.support.redis_server import DEFAULT_PASSWORD  # noqa: E402
 
 HOSTILE = 'evil"\n\\\x1b[2Jrun'
 KEEP_ALIVE = {"keep_alive_interval": "5", "keep_alive_max_attempt": "3"}
@@ -185,11 +185,11 @@ def test_a_server_killed_mid_scrape_is_backend_up_0_and_the_exporter_stays_up(li
         page = _wait_page(exporter, lambda p: p.value("rdzvctl_backend_up") == 1 and p.run_ids() == [run_id])
         assert page.value("rdzvctl_backend_up") == 1 and page.run_ids() == [run_id]
         assert exporter.process.poll() is None
-        assert "backend down" in exporter.stderr and "backend up again" in exporter.stderr
+        assert exporter.wait_stderr("backend down") and exporter.wait_stderr("backend up again"), exporter.stderr
     _remove(live, run_id)
 
 
-def test_no_secret_in_the_page_or_the_log(redis_server_auth: Any) -> None:  # noqa: F811
+def test_no_secret_in_the_page_or_the_log(redis_server_auth: Any) -> None:
     endpoint = f"redis://:{DEFAULT_PASSWORD}@127.0.0.1:{redis_server_auth.port}/0"
     target = Target("redis", "redis", endpoint)
     _put(target, "job42", make_state(now=_now()))
@@ -205,7 +205,7 @@ def test_no_secret_in_the_page_or_the_log(redis_server_auth: Any) -> None:  # no
     assert "backend down" in exporter.stderr and DEFAULT_PASSWORD not in exporter.stderr
 
 
-def test_etcd_over_tls_with_client_certificates(etcd_tls_server: Any) -> None:  # noqa: F811
+def test_etcd_over_tls_with_client_certificates(etcd_tls_server: Any) -> None:
     target = Target("etcd-v3", "etcd-v3", etcd_tls_server.endpoint, etcd_tls_server.conf())
     _put(target, "job42", make_state(now=_now()))
     with ExporterProcess([*target.flags("job42"), "--timeout", "5"]) as exporter:
@@ -215,7 +215,7 @@ def test_etcd_over_tls_with_client_certificates(etcd_tls_server: Any) -> None:  
             f"https://{etcd_tls_server.endpoint}"}
 
 
-def test_etcd_password_never_in_the_page_or_the_log(etcd_auth_server: Any) -> None:  # noqa: F811
+def test_etcd_password_never_in_the_page_or_the_log(etcd_auth_server: Any) -> None:
     good = Target("etcd-v3", "etcd-v3", etcd_auth_server.endpoint, {"username": "root", "password": ROOT_PASSWORD})
     _put(good, "job42", make_state(now=_now()))
     with ExporterProcess([*good.flags("job42"), "--timeout", "5"]) as exporter:

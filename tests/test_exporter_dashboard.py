@@ -57,6 +57,16 @@ def test_the_dashboard_has_what_an_import_needs(dashboard: Dict[str, Any]) -> No
     assert {"backend", "endpoint", "run_id"} <= set(variables)
 
 
+def test_the_phase_is_shown_per_run_and_counted_per_backend(dashboard: Dict[str, Any]) -> None:
+    panels = list(_panels(dashboard["panels"]))
+    (timeline,) = [p for p in panels if p["type"] == "state-timeline"]
+    assert timeline["targets"][0]["legendFormat"] == "{{phase}}"
+    assert re.match(r"rdzvctl_phase\{", timeline["targets"][0]["expr"])
+    counted = [t["expr"] for p in panels for t in p.get("targets", []) if "count by (phase)" in t["expr"]]
+    assert counted and all("rdzvctl_phase{" in e for e in counted)  # one series per run: count, not sum of 0/1
+    assert any(r["id"] == "state-timeline" for r in dashboard["__requires"])
+
+
 def test_every_query_names_exported_metrics(dashboard: Dict[str, Any]) -> None:
     for expr in _queries(dashboard):
         used = set(re.findall(r"\brdzvctl_[a-z_]+", expr))
@@ -69,7 +79,7 @@ def test_the_run_row_repeats_per_run_with_the_promised_panels(dashboard: Dict[st
     assert len(rows) == 1
     after = dashboard["panels"][dashboard["panels"].index(rows[0]) + 1:]
     exprs = " ".join(t["expr"] for p in after for t in p["targets"])
-    for metric in ("rdzvctl_round", "rdzvctl_participants_alive", "rdzvctl_participants_dead",
+    for metric in ("rdzvctl_phase", "rdzvctl_round", "rdzvctl_participants_alive", "rdzvctl_participants_dead",
                    "rdzvctl_waiting_nodes", "rdzvctl_heartbeat_newest_age_seconds", "rdzvctl_findings"):
         assert re.search(rf"\b{metric}\{{", exprs), metric
     assert all('run_id=~"$run_id"' in t["expr"] for p in after for t in p["targets"]

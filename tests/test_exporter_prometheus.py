@@ -6,7 +6,9 @@ stale while the survivor keeps heartbeating.  The exporter judges liveness
 with a 1 s x 3 keep-alive (``--rdzv-conf``); the nodes tolerate 300 missed
 heartbeats, so torch's survivor does not prune the dead node during the test
 (with equal settings it would, within one keep-alive interval, and the
-finding would become ``participant-left``).  Prometheus (its own TSDB in a
+finding would become ``participant-left``).  Nobody waits, so the round is
+stuck (``dead-participants`` error, torch_next ``stays``) and it pages; while
+a node waited torch would recover and nothing would page.  Prometheus (its own TSDB in a
 temporary directory, a free loopback port) scrapes the exporter every second
 and evaluates a copy of deploy/prometheus/rdzvctl-alerts.yml with every
 ``for:`` cut to 1 s.  Its HTTP API must report
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -38,8 +39,8 @@ from rdzvctl.backends.registry import open_backend  # noqa: E402
 from rdzvctl.state.codec import encode  # noqa: E402
 from tests.support.cli import make_state  # noqa: E402
 from tests.support.exporter import ExporterProcess  # noqa: E402
-from tests.support.redis_server import free_port  # noqa: E402
-from tests.support.torch_handlers import NodeFactory, Target, node_factory  # noqa: E402,F401
+from tests.support.harness import free_port, stop_process, wait_ready  # noqa: E402
+from tests.support.torch_handlers import NodeFactory, Target  # noqa: E402
 
 PROMETHEUS = shutil.which("prometheus")
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "rdzvctl-alerts.yml"
@@ -66,16 +67,12 @@ class Prometheus:
              "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=directory)
         self.directory = directory
-        self.wait_for(lambda: self._ready(), "prometheus to start", timeout=60)
+        wait_ready(self._ready, self.process, timeout=60, what="prometheus", log=directory / "prometheus.log",
+                   interval=0.25)
 
     def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"prometheus exited: {(self.directory / 'prometheus.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as answer:
+            return bool(answer.status == 200)
 
     def api(self, path: str, **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
@@ -98,13 +95,7 @@ class Prometheus:
                              f"{(self.directory / 'prometheus.log').read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, timeout=20)
         self.log.close()
 
 
@@ -137,7 +128,7 @@ def _alert(prometheus: Prometheus, name: str, run_id: str) -> Optional[Dict[str,
 
 
 def test_a_killed_participant_is_dead_in_prometheus_and_the_alert_fires(
-        tmp_path: Path, node_factory: NodeFactory, prometheus_for: Callable[[Path, int], Prometheus]) -> None:  # noqa: F811
+        tmp_path: Path, node_factory: NodeFactory, prometheus_for: Callable[[Path, int], Prometheus]) -> None:
     store = tmp_path / "filestore"
     store.write_bytes(b"")
     target = Target("c10d-file", "c10d", str(store), {"store_type": "file"})
@@ -158,6 +149,10 @@ def test_a_killed_participant_is_dead_in_prometheus_and_the_alert_fires(
                 "rdzvctl_participants_dead 1")
             assert dead[0]["metric"]["backend"] == "c10d" and dead[0]["metric"]["endpoint"] == str(store)
             assert prometheus.query(f'rdzvctl_participants_alive{{run_id="{run_id}"}}')[0]["value"][1] == "1"
+            # Nobody waits: the survivor keeps the round, nothing in torch moves it (phase stuck, "stays").
+            assert [r["metric"]["phase"] for r in prometheus.query(f'rdzvctl_phase{{run_id="{run_id}"}}')] == ["stuck"]
+            (finding,) = prometheus.query(f'rdzvctl_findings{{run_id="{run_id}",code="dead-participants"}}')
+            assert (finding["metric"]["severity"], finding["metric"]["torch_next"]) == ("error", "stays")
             alert = prometheus.wait_for(lambda: _alert(prometheus, "RendezvousDeadParticipants", run_id),
                                         "the dead-participants alert")
             assert alert["state"] in ("pending", "firing")

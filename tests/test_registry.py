@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 
@@ -39,20 +39,31 @@ def not_a_torch_backend(params: Any) -> object:
 
 
 @pytest.fixture()
-def extra_builtins(monkeypatch: pytest.MonkeyPatch) -> Dict[str, str]:
-    """Register test backends in the source-tree table (entry points still win)."""
+def extra_builtins() -> Iterator[Dict[str, str]]:
+    """Register test backends for the test (through the public ``registry.register``)."""
     entries = {
         "needs-missing": f"{__name__}:NeedsMissingModule",
         "not-a-backend": f"{__name__}:NotABackend",
         "unimportable": "rdzvctl_test_no_such_package.backend:Backend",
         "reference": "rdzvctl.testing.memory:MemoryBackend",
     }
-    for name, target in entries.items():
-        monkeypatch.setitem(registry._BUILTIN, name, target)
-    return entries
+    with registry.register(entries):
+        yield entries
 
 
 # -- registry -------------------------------------------------------------------------------
+def test_register_lasts_for_its_block_and_restores_what_a_name_meant() -> None:
+    with registry.register({"reference": "rdzvctl.testing.memory:MemoryBackend"}):
+        assert get_backend_class("reference") is MemoryBackend
+        assert registered_backends()["reference"].target == "rdzvctl.testing.memory:MemoryBackend"
+        with registry.register({"reference": f"{__name__}:NeedsMissingModule"}):
+            assert get_backend_class("reference") is NeedsMissingModule
+        assert get_backend_class("reference") is MemoryBackend
+    assert "reference" not in registered_backends()
+    with pytest.raises(BackendNotFoundError):
+        get_backend_class("reference")
+
+
 def test_built_in_backends_are_registered_and_load() -> None:
     found = registered_backends()
     assert set(BUILT_IN) <= set(found)

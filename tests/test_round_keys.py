@@ -10,7 +10,6 @@ rdzvctl's torchrun stores on Redis and etcd v3) -- including the conformance
 kit's ``store_rounds`` case.
 """
 
-# ruff: noqa: F811
 from __future__ import annotations
 
 import json
@@ -26,16 +25,11 @@ from rdzvctl.backup import read_backup
 from rdzvctl.state.codec import decode, encode
 from rdzvctl.state.restart import describe_rounds, fresh_state, join_round, restart_round
 from rdzvctl.testing.conformance import run_conformance
-from tests.support.cli import (  # noqa: F401  (fixtures)
-    cli_env,
-    frozen_now,
+from tests.support.cli import (
     invoke,
     json_out,
     make_state,
-    memory,
 )
-from tests.support.etcd_server import etcd_server  # noqa: F401
-from tests.support.redis_server import redis_server  # noqa: F401
 
 
 # -- the pure rules ------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ Every rdzvctl run is a subprocess with ``NO_COLOR=1``, a short ``--timeout``
 and its backups under the test's tmp_path.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported by name)
 from __future__ import annotations
 
 import json
@@ -31,10 +30,8 @@ import pytest
 from rdzvctl.backup import read_backup
 from rdzvctl.state.codec import decode
 from tests.e2e_cli.cli import Rdzvctl, Result
-from tests.support.etcd_server import etcd_server  # noqa: F401
-from tests.support.redis_server import redis_server  # noqa: F401
-from tests.support.torch_handlers import NodeFactory, Target, frozen, node_factory  # noqa: F401
-from tests.support.torch_peer import blackhole_server, refused_port, tcpstore_libuv  # noqa: F401
+from tests.support.torch_handlers import NodeFactory, Target, frozen
+from tests.support.torch_peer import blackhole_server, refused_port
 
 pytestmark = pytest.mark.torch  # real torch rendezvous handlers and stores
 

@@ -6,7 +6,6 @@ every typo in a run id visible to torch's agents.  The checks use torch's
 own store clients (``store.check``) on both TCPStore servers and a FileStore.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported by name)
 from __future__ import annotations
 
 import os
@@ -16,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e_cli.cli import Rdzvctl
-from tests.support.torch_handlers import NodeFactory, Target, node_factory  # noqa: F401
-from tests.support.torch_peer import TcpStoreServer, tcpstore_server, torch_filestore, torch_tcpstore  # noqa: F401
+from tests.support.torch_handlers import NodeFactory, Target
+from tests.support.torch_peer import TcpStoreServer, torch_filestore, torch_tcpstore
 
 pytestmark = pytest.mark.torch  # real torch rendezvous handlers and stores
 

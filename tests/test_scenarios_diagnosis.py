@@ -15,8 +15,6 @@ keep-alive settings.
 3. a clean finish: a finished run, and the launch gate says no.
 """
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -26,9 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 
 from tests.support.cli import run_rdzvctl
-from tests.support.etcd_server import etcd_server  # noqa: F401  (job_target needs both server fixtures)
-from tests.support.redis_server import redis_server  # noqa: F401
-from tests.support.torchrun_jobs import DEFAULT_CONF, JobRunner, job_target, torchrun_jobs, unique_run_id  # noqa: F401
+from tests.support.torchrun_jobs import DEFAULT_CONF, JobRunner, unique_run_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 

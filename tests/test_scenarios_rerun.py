@@ -14,7 +14,6 @@ deterministic half is asserted too: after ``clear`` the state's round is past
 every round the store has keys for.
 """
 
-# ruff: noqa: F811
 from __future__ import annotations
 
 import json
@@ -27,15 +26,11 @@ from rdzvctl.backends.base import Address
 from rdzvctl.backends.registry import open_backend
 from rdzvctl.state.codec import decode
 from tests.support.cli import run_rdzvctl
-from tests.support.etcd_server import etcd_server  # noqa: F401
-from tests.support.redis_server import redis_server  # noqa: F401
 from tests.support.torch_handlers import Target
-from tests.support.torchrun_jobs import (  # noqa: F401  (fixtures)
+from tests.support.torchrun_jobs import (
     JOB_BACKENDS,
     JobResult,
     JobRunner,
-    job_target,
-    torchrun_jobs,
     unique_run_id,
 )
 

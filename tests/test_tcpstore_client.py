@@ -1,8 +1,5 @@
 """The pure-Python TCPStore client against torch 2.13 servers (libuv and legacy)."""
 
-# The server fixtures are imported by name, so pytest arguments shadow them.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import socket
@@ -19,11 +16,10 @@ from rdzvctl.errors import (
     BackendUnavailableError,
     UnsupportedOperationError,
 )
-from tests.support.torch_peer import (  # noqa: F401  (fixtures)
+from tests.support.torch_peer import (
     blackhole_server,
     refused_port,
     scripted_server,
-    tcpstore_server,
     torch_set,
     torch_tcpstore,
 )

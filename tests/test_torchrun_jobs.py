@@ -1,7 +1,6 @@
 """The torchrun job harness itself (tests/support/torchrun_jobs.py): a kill -9 of one agent, the
 survivor training again on its own, and a teardown that leaves no agent or worker running."""
 
-# ruff: noqa: F811
 from __future__ import annotations
 
 import os
@@ -9,11 +8,9 @@ import signal
 
 import pytest
 
-from tests.support.torchrun_jobs import (  # noqa: F401  (fixtures)
+from tests.support.torchrun_jobs import (
     JobRunner,
     JobTimeout,
-    job_target,
-    torchrun_jobs,
     unique_run_id,
 )
 

@@ -30,8 +30,6 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.elastic.rendezvous import RendezvousParameters  # noqa: E402
 
 from rdzvctl.torchrun import plugins  # noqa: E402
-from tests.support.etcd_server import etcd_auth_server, etcd_server  # noqa: E402,F401
-from tests.support.redis_server import redis_server, redis_server_auth  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 ALLREDUCE = REPO / "tests" / "e2e" / "allreduce.py"
@@ -172,7 +170,7 @@ def test_store_uses_the_backends_credentials(backend_name: str, request: pytest.
 def test_unreachable_server_is_a_torch_connection_error(backend_name: str) -> None:
     from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
-    from tests.support.redis_server import free_port
+    from tests.support.harness import free_port
 
     backend, store = _create(backend_name)(
         _params(backend_name, f"127.0.0.1:{free_port()}", _run_id("down"), read_timeout="2"))
@@ -339,7 +337,7 @@ def test_store_keys_live_under_the_run_prefix_with_a_ttl(backend_name: str, requ
         assert '"lease":' in lease and '"lease":0' not in lease
 
 
-def test_etcd_store_replaces_a_lost_lease(etcd_server: Any) -> None:  # noqa: F811
+def test_etcd_store_replaces_a_lost_lease(etcd_server: Any) -> None:
     """Keys die with their lease; a store whose lease was revoked (or expired) grants a new one."""
     store = _make_store("etcd-v3", etcd_server.endpoint, _run_id("lease"))
     store.set("a", "1")
@@ -351,7 +349,7 @@ def test_etcd_store_replaces_a_lost_lease(etcd_server: Any) -> None:  # noqa: F8
     assert store.compare_set("c", "", "x") == b"x"
 
 
-def test_redis_store_ttl_zero_never_expires(redis_server: Any) -> None:  # noqa: F811
+def test_redis_store_ttl_zero_never_expires(redis_server: Any) -> None:
     run_id = _run_id("nottl")
     store = _make_store("redis", redis_server.endpoint, run_id, ttl="0")
     store.set("a", "1")

@@ -29,20 +29,40 @@ c10d (TCPStore, FileStore) next to the state; etcd-v2 torch's ``EtcdStore``
 under ``/torch/elastic/store`` (base64 key names, no TTL); Redis and etcd-v3
 rdzvctl's torchrun handlers (``rdzvctl.torchrun.stores``).
 
-Backends raise only :mod:`rdzvctl.errors` errors, never print, and import
-their client library lazily so ``rdzvctl --help`` stays fast.
+``watch`` is the same for every backend (:mod:`rdzvctl.backends.watching`):
+a backend supplies ``watch_read`` (the state now, and where to wait from) and
+``watch_wait`` (the next changes, pushed or polled; the default polls).
+
+Backends raise only :mod:`rdzvctl.errors` errors (each transport maps its
+library's exceptions in one table), never print, and import their client
+library lazily so ``rdzvctl --help`` stays fast.  Shared helpers:
+:mod:`~rdzvctl.backends.endpoints`, :mod:`~rdzvctl.backends.tls`,
+:mod:`rdzvctl.state.store_keys`, the codec's ``decode_base64``/``encode_base64``.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, Iterator, Mapping, NamedTuple, Optional, Tuple
+from typing import (
+    Any,
+    ClassVar,
+    Dict,
+    FrozenSet,
+    Generator,
+    Iterator,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 from rdzvctl.errors import BackendConfigError, UnsupportedOperationError
+from rdzvctl.state.store_keys import round_of_store_key, split_round_key
 
 __all__ = [
     "round_of_store_key",
@@ -60,12 +80,11 @@ __all__ = [
 Token = Any
 StateAndToken = Tuple[bytes, Token]
 SetResult = Tuple[bytes, Token, bool]
+_Backend = TypeVar("_Backend", bound="RendezvousBackend")  # from_address builds the class it is called on
 
 CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
 
 DEFAULT_TIMEOUT = 10.0
-#: Rounds are counters: a store key whose round has more digits than an int64 is not torch's.
-_MAX_ROUND_DIGITS = 18
 
 
 class RunEntry(NamedTuple):
@@ -125,8 +144,9 @@ def check_conf_keys(backend: str, conf: Mapping[str, str], accepted: Optional[Fr
         )
 
 
-_TRUE = {"1", "true", "t", "yes", "y", "on"}
-_FALSE = {"0", "false", "f", "no", "n", "off"}
+#: The spellings of a boolean ``--rdzv-conf`` value.
+TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
+FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
 @dataclass(frozen=True)
@@ -216,9 +236,9 @@ class Address:
         raw = self.conf.get(key)
         if raw is None or raw == "":
             return default
-        if raw.lower() in _TRUE:
+        if raw.lower() in TRUE_WORDS:
             return True
-        if raw.lower() in _FALSE:
+        if raw.lower() in FALSE_WORDS:
             return False
         raise BackendConfigError(f"--rdzv-conf {key}: not a boolean: {raw!r}")
 
@@ -247,7 +267,7 @@ class RendezvousBackend(ABC):
         self.address = address
 
     @classmethod
-    def from_address(cls, address: Address) -> "RendezvousBackend":
+    def from_address(cls: Type[_Backend], address: Address) -> _Backend:
         """Build a backend for ``address``; validates the endpoint and options."""
         check_conf_keys(cls.name or address.backend, address.conf, cls.conf_keys)
         return cls(address)
@@ -301,7 +321,7 @@ class RendezvousBackend(ABC):
         Raises like :meth:`store_keys`.  This default derives the rounds from
         :meth:`store_keys`; backends override it to list key names only.
         """
-        return frozenset(int(name.partition("/")[0]) for name in self.store_keys())
+        return frozenset(parsed[0] for parsed in map(split_round_key, self.store_keys()) if parsed is not None)
 
     def watch(
         self,
@@ -311,23 +331,27 @@ class RendezvousBackend(ABC):
     ) -> Iterator[Optional[StateAndToken]]:
         """Yield the state (or ``None`` when absent) each time its token changes.
 
-        The first item is the current state.  This default polls
-        ``get_state`` every ``interval`` seconds; backends with
-        ``native_watch`` override it.  Stops when ``stop`` is set.
+        The first item is the current state (unless ``since`` is it).  One
+        driver (:func:`rdzvctl.backends.watching.drive_watch`) serves every
+        backend: it de-duplicates by token, rides out an outage for up to
+        ``address.timeout`` seconds once the first read worked, and stops
+        promptly when ``stop`` is set.  Backends supply :meth:`watch_read`
+        and :meth:`watch_wait`; this default polls every ``interval`` seconds.
         """
-        stop = stop or threading.Event()
-        last: Any = object()
-        if since is not None:
-            last = since[1]
-        first = since is None
-        while not stop.is_set():
-            current = self.get_state()
-            token = None if current is None else current[1]
-            if first or token != last:
-                first = False
-                last = token
-                yield current
-            stop.wait(interval)
+        from rdzvctl.backends.watching import drive_watch
+
+        return drive_watch(self.watch_read, self.watch_wait, timeout=self.address.timeout,
+                           interval=interval, stop=stop, since=since)
+
+    def watch_read(self) -> Tuple[Optional[StateAndToken], Any]:
+        """The state now and the cursor :meth:`watch_wait` resumes from (None: polling)."""
+        return self.get_state(), None
+
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Generator[Any, None, None]:
+        """Yield ``(state, cursor)`` for each change after ``cursor`` (or ``RESYNC``); this default polls."""
+        from rdzvctl.backends.watching import poll_changes
+
+        return poll_changes(self.get_state, stop, interval)
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections; the backend is unusable afterwards."""
@@ -365,37 +389,13 @@ class RendezvousBackend(ABC):
 
 
 def _sha256_hex(data: bytes) -> str:
-    """SHA-256 without loading OpenSSL: ``hashlib`` costs ~3.5 ms of every c10d ``get``."""
-    try:
-        from _sha2 import sha256  # CPython >= 3.12: the built-in module
-    except ImportError:
-        try:
-            from _sha256 import sha256  # type: ignore[no-redef]  # CPython <= 3.11
-        except ImportError:
-            from hashlib import sha256  # type: ignore[no-redef]  # other interpreters
-    return sha256(data).hexdigest()
+    """SHA-256 of a token; ``hashlib`` is imported on first use (it loads OpenSSL), not with every command."""
+    import hashlib
 
-
-def round_of_store_key(name: bytes, round_prefix: bytes) -> Optional[Tuple[int, bytes]]:
-    """``(round, name)`` of a store key ``<round_prefix><round>/<name>``, else None.
-
-    ``round_prefix`` is ``torch.rendezvous.<run_id>.`` (plus any wire prefix):
-    torch's ``_wrap_store`` prefix for that run.  Keys of another run never
-    match: its id would leave a non-digit (``job.5``: ``5.0/...``) before the ``/``.
-    """
-    if not name.startswith(round_prefix):
-        return None
-    round_, sep, rest = name[len(round_prefix):].partition(b"/")
-    if not sep or not round_.isdigit() or len(round_) > _MAX_ROUND_DIGITS:
-        return None  # (a longer "round" is no key torch wrote, and int() would refuse it)
-    return int(round_), rest
+    return hashlib.sha256(data).hexdigest()
 
 
 def is_counter_token(token: Any) -> bool:
     """A token that is a revision/index/version counter: a positive int, and never a bool."""
     return type(token) is int and token > 0
 
-
-def wait_interval(deadline: float) -> float:
-    """Seconds left until ``deadline`` (a ``time.monotonic`` value), never negative."""
-    return max(0.0, deadline - time.monotonic())

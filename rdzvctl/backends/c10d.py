@@ -21,9 +21,7 @@ never host a store).
 
 from __future__ import annotations
 
-import binascii
 import re
-from base64 import b64decode, b64encode
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
 
 from rdzvctl.backends.base import (
@@ -35,46 +33,34 @@ from rdzvctl.backends.base import (
     Token,
     round_of_store_key,
 )
+from rdzvctl.backends.endpoints import EndpointSyntaxError, parse_rendezvous_endpoint
 from rdzvctl.backends.filestore import FileStore
 from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
 from rdzvctl.errors import BackendConfigError, StateCorruptError
+from rdzvctl.state.codec import decode_base64, encode_base64
 
 __all__ = ["C10dBackend", "NULL_SENTINEL", "KEY_PREFIX", "parse_endpoint"]
 
 NULL_SENTINEL = b"Y2FuaW1hZGFt"
 KEY_PREFIX = "torch.rendezvous."
 _WIRE_PREFIX = b"/" + KEY_PREFIX.encode()
-_MULTI_GET_BATCH = 256  # values per MULTI_GET: bounds memory when states are large
-_HOST = re.compile(r"^[\w.:-]+$")
+_MULTI_GET_BATCH = 256  # values per TCPStore MULTI_GET: bounds memory when states are large
 
 Store = Union[TcpStoreClient, FileStore]
 
 
 def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
     """torch's ``parse_rendezvous_endpoint``: ``host[:port]``, ``[v6]:port``, default port."""
-    endpoint = (endpoint or "").strip()
-    if not endpoint:
-        return "localhost", default_port
-    if endpoint[0] == "[" and endpoint[-1] == "]":
-        host, rest = endpoint, None
-    else:
-        host, sep, rest = endpoint.rpartition(":")
-        if not sep:
-            host, rest = rest, None
-    if len(host) > 1 and host[0] == "[" and host[-1] == "]":
-        host = host[1:-1]
-    port = default_port
-    if rest is not None:
-        if not rest.isdigit() or not 0 < int(rest) < 65536:
+    try:
+        return parse_rendezvous_endpoint(endpoint, default_port)
+    except EndpointSyntaxError as exc:
+        if exc.problem == "port":
             raise BackendConfigError(
-                f"the port of the c10d endpoint {endpoint!r} must be an integer between 1 and 65535"
-            )
-        port = int(rest)
-    if not host or not _HOST.match(host):
+                f"the port of the c10d endpoint {endpoint.strip()!r} must be an integer between 1 and 65535"
+            ) from None
         raise BackendConfigError(
-            f"the host of the c10d endpoint {endpoint!r} must be a host name, an IPv4 or an IPv6 address"
-        )
-    return host, port
+            f"the host of the c10d endpoint {endpoint.strip()!r} must be a host name, an IPv4 or an IPv6 address"
+        ) from None
 
 
 class C10dBackend(RendezvousBackend):
@@ -99,6 +85,9 @@ class C10dBackend(RendezvousBackend):
         if timeout <= 0:
             raise BackendConfigError(f"the timeout must be positive, got {timeout:g}")
         self.store: Store
+        # A FileStore read costs no round trip but holds each value asked for, and
+        # anyone who can write the file can make every value large: one at a time.
+        self._batch = 1 if self.store_type == "file" else _MULTI_GET_BATCH
         if self.store_type == "tcp":
             host, port = parse_endpoint(address.endpoint)
             self.store = TcpStoreClient(host, port, timeout=timeout)
@@ -124,8 +113,8 @@ class C10dBackend(RendezvousBackend):
         if value == NULL_SENTINEL:
             return None
         try:
-            return b64decode(value, validate=True), value
-        except (binascii.Error, ValueError) as exc:
+            return decode_base64(value), value
+        except StateCorruptError as exc:
             raise StateCorruptError(
                 f"the c10d value of run {run_id or self.run_id!r} at {self.describe()} is not "
                 "base64, so it is not rendezvous state"
@@ -141,7 +130,7 @@ class C10dBackend(RendezvousBackend):
 
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
         key = self.key
-        desired = b64encode(state)
+        desired = encode_base64(state)
         if token is None:
             return self._create(key, state, desired)
         if not isinstance(token, bytes) or not token:
@@ -200,8 +189,8 @@ class C10dBackend(RendezvousBackend):
         """
         names = {k[len(_WIRE_PREFIX):] for k in self.store.list_keys() if k.startswith(_WIRE_PREFIX)}
         keys = sorted(_WIRE_PREFIX + name for name in names if not _is_round_key(name, names))
-        for start in range(0, len(keys), _MULTI_GET_BATCH):
-            batch = keys[start:start + _MULTI_GET_BATCH]
+        for start in range(0, len(keys), self._batch):
+            batch = keys[start:start + self._batch]
             for key, value in zip(batch, self.store.multi_get(batch)):
                 run_id = key[len(_WIRE_PREFIX):].decode("utf-8", "replace")
                 if value is None:
@@ -228,8 +217,8 @@ class C10dBackend(RendezvousBackend):
         of every round found, as ``"<round>/<name>"`` sorted by round then name."""
         found = self._store_key_names()
         out: Dict[str, bytes] = {}
-        for start in range(0, len(found), _MULTI_GET_BATCH):
-            batch = found[start:start + _MULTI_GET_BATCH]
+        for start in range(0, len(found), self._batch):
+            batch = found[start:start + self._batch]
             values = self.store.multi_get([key for _, _, key in batch])
             for (round_, name, _), value in zip(batch, values):
                 if value is not None:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
-import time
-from typing import Any, Dict, FrozenSet, Iterator, Optional
+from typing import Any, Dict, FrozenSet, Generator, Iterator, Optional
 from urllib.parse import quote, urlencode
 
 from rdzvctl.backends.base import (
@@ -33,6 +32,7 @@ from rdzvctl.backends.base import (
     round_of_store_key,
 )
 from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
+from rdzvctl.state.codec import decode_base64, encode_base64
 
 __all__ = ["EtcdV2Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL", "STORE_DIRECTORY"]
 
@@ -64,14 +64,11 @@ class EtcdV2Backend(RendezvousBackend):
 
     def __init__(self, address: Address) -> None:
         super().__init__(address)
-        from rdzvctl.backends.etcd_gateway import EtcdHttp, make_ssl_context, parse_endpoints
+        from rdzvctl.backends.etcd_http import EtcdHttp
+        from rdzvctl.backends.etcd_members import choose_protocol, make_ssl_context, parse_endpoints
 
         endpoints, scheme = parse_endpoints(address.endpoint)
-        protocol = (address.get("protocol") or scheme or "http").strip().lower()
-        if protocol not in ("http", "https"):
-            raise BackendConfigError("--rdzv-conf protocol: must be http or https")
-        if scheme and scheme != protocol:
-            raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
+        protocol = choose_protocol(address.get("protocol"), scheme, "http")
         read_timeout = address.get_float("read_timeout")
         if read_timeout is not None and read_timeout <= 0:
             raise BackendConfigError("--rdzv-conf read_timeout: must be positive")
@@ -118,8 +115,8 @@ class EtcdV2Backend(RendezvousBackend):
         if node.get("dir"):
             raise StateCorruptError(f"etcd key {node.get('key', self.key)} is a directory, not rendezvous state")
         try:
-            state = base64.b64decode(node.get("value", ""), validate=True)
-        except (binascii.Error, ValueError, TypeError) as exc:
+            state = decode_base64(node.get("value", ""))
+        except StateCorruptError as exc:
             raise StateCorruptError(
                 f"the value of etcd key {node.get('key', self.key)} is not base64 (not rendezvous state)"
             ) from exc
@@ -136,7 +133,7 @@ class EtcdV2Backend(RendezvousBackend):
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
         if token is not None and not is_counter_token(token):
             return self._current_refused()
-        form: Dict[str, Any] = {"value": base64.b64encode(state).decode("ascii"), "ttl": self.ttl}
+        form: Dict[str, Any] = {"value": encode_base64(state).decode("ascii"), "ttl": self.ttl}
         if token is None:
             form["prevExist"] = "false"
         else:
@@ -243,81 +240,55 @@ class EtcdV2Backend(RendezvousBackend):
         return frozenset(parsed[0] for parsed in (round_of_store_key(name, prefix) for name, _ in self._store_nodes())
                          if parsed is not None)
 
-    def watch(
-        self,
-        interval: float = 1.0,
-        stop: Optional[threading.Event] = None,
-        since: Optional[StateAndToken] = None,
-    ) -> Iterator[Optional[StateAndToken]]:
+    # -- watch (driven by rdzvctl.backends.watching) -------------------------------------
+    def watch_read(self) -> "tuple[Optional[StateAndToken], int]":
+        """The state and the etcd index to wait from (the one after the store index of the read)."""
+        status, doc, headers = self._call("GET", self.key, quorum="true")
+        if doc.get("errorCode") == _KEY_NOT_FOUND:
+            current: Optional[StateAndToken] = None
+        else:
+            self._raise_unexpected(status, doc)
+            current = self._decode_node(doc["node"])
+        return current, int(headers.get("x-etcd-index", doc.get("index", 0))) + 1
+
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Generator[Any, None, None]:
         """etcd's own watch (``wait=true&waitIndex=``): no polling, one request per change.
 
-        Once the watch runs, an outage (a member restarting, a leader election)
-        is ridden out for up to ``address.timeout`` seconds: the watch waits
-        again from the index after the last change it saw.  A longer outage raises.
+        An idle, interrupted or broken long-poll ends the generator (the driver
+        waits again from the same index); an index etcd no longer keeps (401)
+        or an error event asks the driver to re-read.
         """
-        stop = stop or threading.Event()
-        last: Any = object() if since is None else since[1]
-        next_index = 0
-        started = False  # the first read worked: from then on outages are ridden out
-        outage: Optional[float] = None  # when the server stopped answering
-        while not stop.is_set():
-            try:
-                if next_index == 0:  # (re)synchronise: read the key and the store index
-                    status, doc, headers = self._call("GET", self.key, quorum="true")
-                    started, outage = True, None
-                    if doc.get("errorCode") == _KEY_NOT_FOUND:
-                        current: Optional[StateAndToken] = None
-                    else:
-                        self._raise_unexpected(status, doc)
-                        current = self._decode_node(doc["node"])
-                    next_index = int(headers.get("x-etcd-index", doc.get("index", 0))) + 1
-                    token = None if current is None else current[1]
-                    if token != last:
-                        last = token
-                        yield current
-                    continue
-                event = self._wait(next_index, stop)
-                outage = None
-            except BackendUnavailableError:
-                if not started:
-                    raise  # never connected: report at once (bad endpoint, options)
-                outage = time.monotonic() if outage is None else outage
-                if stop.is_set() or time.monotonic() - outage >= self.address.timeout:
-                    raise
-                stop.wait(0.2)
-                continue
-            if event is None:  # idle, interrupted or broken: wait again from the same index
-                stop.wait(0.05)
-                continue
-            if event.get("errorCode") == _INDEX_CLEARED:
-                next_index = 0
-                continue
-            if "errorCode" in event or "node" not in event:
-                next_index = 0
-                stop.wait(min(interval, 1.0))
-                continue
-            node = event["node"]
-            next_index = int(node["modifiedIndex"]) + 1
-            if event.get("action") in ("delete", "compareAndDelete", "expire") or "value" not in node:
-                current = None
-            else:
-                current = self._decode_node(node)
-            token = None if current is None else current[1]
-            if token != last:
-                last = token
-                yield current
+        from rdzvctl.backends.watching import RESYNC
+
+        event = self._wait(cursor, stop)
+        if event is None:
+            return
+        if event.get("errorCode") == _INDEX_CLEARED:
+            yield RESYNC
+            return
+        if "errorCode" in event or "node" not in event:
+            stop.wait(min(interval, 1.0))
+            yield RESYNC
+            return
+        node = event["node"]
+        if event.get("action") in ("delete", "compareAndDelete", "expire") or "value" not in node:
+            current = None
+        else:
+            current = self._decode_node(node)
+        yield current, int(node["modifiedIndex"]) + 1
 
     def _wait(self, index: int, stop: threading.Event) -> Optional[Dict[str, Any]]:
         """One long-poll for the next change at or after ``index``; None if none came."""
-        import http.client
         import json
+
+        from rdzvctl.backends.etcd_errors import TRANSPORT_ERRORS
 
         path = self._path(self.key, wait="true", waitIndex=index)
         try:
             with self._http.stream("GET", path, None, {}, stop) as stream:
                 response = stream.response()
                 body = response.read()
-        except (OSError, http.client.HTTPException):
+        except TRANSPORT_ERRORS:
             return None
         except BackendUnavailableError:
             if stop.is_set():

@@ -10,7 +10,7 @@ The state is attached to a lease of ``ttl`` seconds (default 7200, torch's v2
 TTL) that every write renews, so abandoned runs expire.
 
 It talks to etcd's JSON gateway with the standard library (see
-:mod:`rdzvctl.backends.etcd_gateway`): no grpc, no protobuf.  Options in
+:mod:`rdzvctl.backends.etcd_gateway`, over :mod:`rdzvctl.backends.etcd_http`): no grpc, no protobuf.  Options in
 ``--rdzv-conf``: ``protocol`` (http/https), ``ca_cert``, ``ssl_cert``,
 ``ssl_cert_key``, ``username``/``password`` (or ``ETCD_USERNAME``/
 ``ETCD_PASSWORD``, or ``http://user:password@host:2379``), ``ttl``,
@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import closing
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Generator, Iterator, List, Optional
 
 from rdzvctl.backends.base import (
     Address,
@@ -37,12 +37,22 @@ from rdzvctl.backends.base import (
     is_counter_token,
     round_of_store_key,
 )
-from rdzvctl.errors import BackendConfigError, BackendUnavailableError, StateCorruptError
+from rdzvctl.errors import BackendConfigError, StateCorruptError
+from rdzvctl.state.codec import decode_base64, encode_base64
 
 __all__ = ["EtcdV3Backend", "DEFAULT_KEY_PREFIX", "DEFAULT_TTL"]
 
 DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
 DEFAULT_TTL = 7200
+
+
+def _stored_state(kv: Dict[str, Any]) -> bytes:
+    """The state bytes of a key-value from the gateway: its value (base64 on the wire) is the state's base64."""
+    try:
+        stored = base64.b64decode(kv.get("value", ""))
+    except (binascii.Error, ValueError) as exc:
+        raise StateCorruptError("the gateway sent a value that is not base64") from exc
+    return decode_base64(stored)
 
 
 class EtcdV3Backend(RendezvousBackend):
@@ -59,9 +69,10 @@ class EtcdV3Backend(RendezvousBackend):
 
     def __init__(self, address: Address) -> None:
         super().__init__(address)
-        from rdzvctl.backends.etcd_gateway import (
-            EtcdGateway,
-            EtcdHttp,
+        from rdzvctl.backends.etcd_gateway import EtcdGateway
+        from rdzvctl.backends.etcd_http import EtcdHttp
+        from rdzvctl.backends.etcd_members import (
+            choose_protocol,
             make_ssl_context,
             parse_endpoints,
             split_credentials,
@@ -70,11 +81,7 @@ class EtcdV3Backend(RendezvousBackend):
         members, url_user, url_password = split_credentials(address.endpoint)
         endpoints, scheme = parse_endpoints(members)
         tls_files = [address.get(k) for k in ("ca_cert", "ssl_cert", "ssl_cert_key")]
-        protocol = (address.get("protocol") or scheme or ("https" if any(tls_files) else "http")).strip().lower()
-        if protocol not in ("http", "https"):
-            raise BackendConfigError("--rdzv-conf protocol: must be http or https")
-        if scheme and scheme != protocol:
-            raise BackendConfigError(f"the endpoint says {scheme}:// but --rdzv-conf protocol is {protocol}")
+        protocol = choose_protocol(address.get("protocol"), scheme, "https" if any(tls_files) else "http")
         context = make_ssl_context(*tls_files) if protocol == "https" else None
         ttl = address.get_int("ttl")
         self.ttl = ttl if ttl and ttl > 0 else DEFAULT_TTL
@@ -104,9 +111,8 @@ class EtcdV3Backend(RendezvousBackend):
     # -- decoding -----------------------------------------------------------------------
     def _decode(self, kv: Dict[str, Any]) -> StateAndToken:
         try:
-            stored = base64.b64decode(kv.get("value", ""))
-            state = base64.b64decode(stored, validate=True)
-        except (binascii.Error, ValueError) as exc:
+            state = _stored_state(kv)
+        except StateCorruptError as exc:
             raise StateCorruptError(f"the value of etcd key {self.key} is not base64 (not rendezvous state)") from exc
         return state, int(kv["mod_revision"])
 
@@ -128,7 +134,7 @@ class EtcdV3Backend(RendezvousBackend):
         from rdzvctl.backends.etcd_gateway import b64
 
         key = b64(self._key)
-        value = b64(base64.b64encode(state))
+        value = b64(encode_base64(state))
         read_back = [{"request_range": {"key": key}}]
         if token is not None and not is_counter_token(token):
             current = self.get_state()
@@ -216,10 +222,9 @@ class EtcdV3Backend(RendezvousBackend):
         entries: List[RunEntry] = []
         for kv in doc.get("kvs") or ():
             run_id = b64decode(kv["key"])[cut:].decode("utf-8", "replace")
-            stored = b64decode(kv.get("value", ""))
             try:
-                state = b64decode(stored, validate=True)
-            except (binascii.Error, ValueError) as exc:
+                state = _stored_state(kv)
+            except StateCorruptError as exc:
                 error = StateCorruptError(f"the value of etcd key {self.key_prefix}/{run_id} is not base64")
                 error.__cause__ = exc
                 entries.append(RunEntry(run_id, None, error))
@@ -270,60 +275,26 @@ class EtcdV3Backend(RendezvousBackend):
                 rounds.add(parsed[0])
         return frozenset(rounds)
 
-    def watch(
-        self,
-        interval: float = 1.0,
-        stop: Optional[threading.Event] = None,
-        since: Optional[StateAndToken] = None,
-    ) -> Iterator[Optional[StateAndToken]]:
-        """etcd's own watch; after a broken stream it resumes from the last revision seen.
+    # -- watch (driven by rdzvctl.backends.watching) -------------------------------------
+    def watch_read(self) -> "tuple[Optional[StateAndToken], int]":
+        """The state and the revision to watch from (the one after the store revision of the read)."""
+        doc = self._gw.range(self._key)
+        return self._first(doc), int(doc["header"]["revision"]) + 1
 
-        Once the watch runs, an outage (a member restarting, a leader election)
-        is ridden out for up to ``address.timeout`` seconds: the watch
-        reconnects and replays from the revision after the last one it saw,
-        so no change is missed or repeated.  A longer outage raises.
-        """
-        stop = stop or threading.Event()
-        last: Any = object() if since is None else since[1]
-        next_revision = 0
-        started = False  # the first read worked: from then on outages are ridden out
-        outage: Optional[float] = None  # when the server stopped answering
-        while not stop.is_set():
-            try:
-                if next_revision == 0:  # (re)synchronise: read the key and the store revision
-                    doc = self._gw.range(self._key)
-                    started, outage = True, None
-                    current = self._first(doc)
-                    next_revision = int(doc["header"]["revision"]) + 1
-                    token = None if current is None else current[1]
-                    if token != last:
-                        last = token
-                        yield current
-                    continue
-                with closing(self._gw.watch(self._key, next_revision, stop)) as results:
-                    for result in results:
-                        outage = None
-                        if result.get("canceled") or result.get("compact_revision"):
-                            next_revision = 0  # history compacted away: re-read
-                            break
-                        for event in result.get("events") or ():
-                            kv = event.get("kv", {})
-                            next_revision = int(kv["mod_revision"]) + 1
-                            current = None if event.get("type") == "DELETE" else self._decode(kv)
-                            token = None if current is None else current[1]
-                            if token != last:
-                                last = token
-                                yield current
-            except BackendUnavailableError:
-                if not started:
-                    raise  # never connected: report at once (bad endpoint, credentials)
-                outage = time.monotonic() if outage is None else outage
-                if stop.is_set() or time.monotonic() - outage >= self.address.timeout:
-                    raise
-                stop.wait(0.2)
-                continue
-            if not stop.is_set():
-                stop.wait(0.05)
+    def watch_wait(self, cursor: Any, stop: threading.Event, interval: float) -> Generator[Any, None, None]:
+        """etcd's own watch from revision ``cursor``; after a broken stream the driver resumes from
+        the revision after the last one seen, so no change is missed or repeated."""
+        from rdzvctl.backends.watching import RESYNC
+
+        with closing(self._gw.watch(self._key, cursor, stop)) as results:
+            for result in results:
+                if result.get("canceled") or result.get("compact_revision"):
+                    yield RESYNC  # history compacted away: re-read
+                    return
+                for event in result.get("events") or ():
+                    kv = event.get("kv", {})
+                    current = None if event.get("type") == "DELETE" else self._decode(kv)
+                    yield current, int(kv["mod_revision"]) + 1
 
     # -- presentation ------------------------------------------------------------------
     def server_info(self) -> Dict[str, Any]:

@@ -10,7 +10,9 @@ Rules kept here so live torch processes are never disturbed (see
 append at EOF; the file is never truncated, compacted or replaced; existing
 files are opened without ``O_CREAT`` (a store torch deleted stays deleted); and
 ``refcount/``/``cleanup/`` are never written.  Reads replay only what was
-appended since the previous read.
+appended since the previous read, and only the position of each key's latest
+value is remembered: a value is read from the file when a call asks for it, so
+memory follows what the command needs, not what anyone appended to the file.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import struct
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
 
@@ -29,9 +31,11 @@ __all__ = ["FileStore"]
 _U32 = struct.Struct("<I")
 _INTERNAL = (b"refcount/", b"cleanup/")
 _HEAD = 64  # bytes remembered to notice a file replaced under the same inode
-_CHUNK = 8 << 20
+_CHUNK = 1 << 20  # bytes read at a time; a replay skips a larger value without reading it
 
 Key = Union[bytes, str]
+Span = Tuple[int, int]  # (offset, length) of a value in the file
+T = TypeVar("T")
 
 
 def _b(value: Key) -> bytes:
@@ -65,6 +69,31 @@ def parse_records(data: bytes) -> Tuple[List[Tuple[bytes, bytes]], int]:
     return records, pos
 
 
+def index_records(data: bytes, base: int, size: int, index: Dict[bytes, Span]) -> int:
+    """Apply the records starting in ``data`` (read at file offset ``base`` of a
+    ``size``-byte file) to ``index`` as value spans; returns the file offset
+    after the last complete record.  A value may run past ``data``: it is
+    skipped, not read, when the file holds all of it."""
+    pos, end = 0, len(data)
+    unpack = _U32.unpack_from
+    while pos + 4 <= end:
+        klen = unpack(data, pos)[0]
+        kend = pos + 4 + klen
+        if kend + 4 > end:
+            break
+        vlen = unpack(data, kend)[0]
+        vstart = base + kend + 4
+        if vstart + vlen > size:
+            break
+        key = data[pos + 4:kend]
+        if key[:1] == b"-":
+            index.pop(key[1:], None)
+        else:
+            index[key] = (vstart, vlen)
+        pos = kend + 4 + vlen
+    return base + pos
+
+
 def encode_record(key: bytes, value: bytes) -> bytes:
     return b"".join((_U32.pack(len(key)), key, _U32.pack(len(value)), value))
 
@@ -85,7 +114,7 @@ class FileStore:
         self.timeout = float(timeout)
         self.create = create
         self._lock = threading.Lock()
-        self._values: Dict[bytes, bytes] = {}
+        self._index: Dict[bytes, Span] = {}
         self._offset = 0
         self._ident: Optional[Tuple[int, int]] = None
         self._head = b""
@@ -96,7 +125,7 @@ class FileStore:
 
     def close(self) -> None:
         with self._lock:
-            self._values, self._offset, self._ident, self._head = {}, 0, None, b""
+            self._index, self._offset, self._ident, self._head = {}, 0, None, b""
 
     # -- file access --------------------------------------------------------------
     def _open(self, write: bool) -> Optional[int]:
@@ -143,49 +172,64 @@ class FileStore:
             pause = min(pause * 2, 0.01)
 
     def _refresh(self, fd: int) -> int:
-        """Replay what was appended since the last read; returns the file size."""
+        """Index what was appended since the last read; returns the file size."""
         st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino)
         head = os.pread(fd, len(self._head), 0) if self._offset else b""
         if ident != self._ident or st.st_size < self._offset or head != self._head:
-            self._values, self._offset, self._ident, self._head = {}, 0, ident, b""
-        pos, carry = self._offset, b""
-        values = self._values
-        while pos < st.st_size:  # in chunks: the log can be far larger than its live values
-            chunk = os.pread(fd, min(_CHUNK, st.st_size - pos), pos)
+            self._index, self._offset, self._ident, self._head = {}, 0, ident, b""
+        size = st.st_size
+        while self._offset < size:  # in chunks; large values are skipped, not read
+            chunk = os.pread(fd, min(_CHUNK, size - self._offset), self._offset)
             if not chunk:
                 break
             if not self._head:
                 self._head = chunk[:_HEAD]
-            data = carry + chunk if carry else chunk
-            records, used = parse_records(data)
-            for key, value in records:
-                if key[:1] == b"-":
-                    values.pop(key[1:], None)
-                else:
-                    values[key] = value
-            self._offset += used
-            carry = data[used:]
-            pos += len(chunk)
-        if carry:
+            after = index_records(chunk, self._offset, size, self._index)
+            if after == self._offset and len(chunk) < size - self._offset:
+                # One record header longer than a chunk (a huge key): read it whole.
+                klen = _U32.unpack_from(chunk, 0)[0]
+                chunk = os.pread(fd, min(8 + klen, size - self._offset), self._offset)
+                after = index_records(chunk, self._offset, size, self._index)
+            if after == self._offset:
+                break
+            self._offset = after
+        if self._offset < size:
             # Writers append whole records under LOCK_EX, so under our lock
             # a torn tail is damage (a crashed or unlocked writer).
             raise StateCorruptError(
                 f"the FileStore file {self.path} ends with an incomplete record at byte "
                 f"{self._offset}; torch cannot read past it either"
             )
-        return st.st_size
+        return size
 
-    def _snapshot(self) -> Dict[bytes, bytes]:
-        """Current values, read under LOCK_SH (empty when the file does not exist)."""
+    def _value(self, fd: int, key: bytes) -> Optional[bytes]:
+        """The latest value of ``key``, read from the file (the caller holds the lock)."""
+        span = self._index.get(key)
+        if span is None:
+            return None
+        offset, length = span
+        parts = []
+        while length:
+            part = os.pread(fd, min(_CHUNK, length), offset)
+            if not part:
+                raise StateCorruptError(f"the FileStore file {self.path} shrank while being read")
+            parts.append(part)
+            offset += len(part)
+            length -= len(part)
+        return b"".join(parts)
+
+    def _read(self, use: Callable[[Optional[int]], T]) -> T:
+        """``use(fd)`` under LOCK_SH after indexing the file (``fd`` is None and the
+        index empty when the file does not exist); the caller holds ``_lock``."""
         fd = self._open(write=False)
         if fd is None:
-            self._values, self._offset, self._ident, self._head = {}, 0, None, b""
-            return self._values
+            self._index, self._offset, self._ident, self._head = {}, 0, None, b""
+            return use(None)
         try:
             self._lock_file(fd, exclusive=False)
             self._refresh(fd)
-            return self._values
+            return use(fd)
         finally:
             os.close(fd)  # also releases the flock
 
@@ -198,11 +242,11 @@ class FileStore:
             view = view[os.write(fd, view):]
         if self._offset == 0:
             self._head = record[:_HEAD]
-        self._offset += len(record)
         if key[:1] == b"-":
-            self._values.pop(key[1:], None)
+            self._index.pop(key[1:], None)
         else:
-            self._values[key] = value
+            self._index[key] = (self._offset + 8 + len(key), len(value))
+        self._offset += len(record)
 
     def _update(self, key: bytes, decide) -> bytes:
         """Under LOCK_EX: ``decide(current) -> (value to append or None, reply)``."""
@@ -214,7 +258,7 @@ class FileStore:
             try:
                 self._lock_file(fd, exclusive=True)
                 self._refresh(fd)
-                new, reply = decide(self._values.get(key))
+                new, reply = decide(self._value(fd, key))
                 if new is not None:
                     self._append(fd, *new)
                 return reply
@@ -228,28 +272,23 @@ class FileStore:
     # -- operations (torch's Store semantics) ---------------------------------------
     def check(self, keys: Iterable[Key]) -> bool:
         with self._lock:
-            values = self._snapshot()
-            return all(_b(k) in values for k in keys)
+            return self._read(lambda fd: all(_b(k) in self._index for k in keys))
 
     def get(self, key: Key) -> Optional[bytes]:
         """The value of ``key`` or ``None`` when absent (never waits for it to appear)."""
         with self._lock:
-            return self._snapshot().get(_b(key))
+            return self._read(lambda fd: None if fd is None else self._value(fd, _b(key)))
 
     def multi_get(self, keys: Sequence[Key]) -> List[Optional[bytes]]:
+        """The values of ``keys``, from one replay; memory is the sum of the values
+        asked for, so a caller walking many keys asks for few at a time."""
         with self._lock:
-            values = self._snapshot()
-            return [values.get(_b(k)) for k in keys]
+            return self._read(lambda fd: [None if fd is None else self._value(fd, _b(k)) for k in keys])
 
     def list_keys(self) -> List[bytes]:
-        """Every stored key, torch's bookkeeping keys included."""
+        """Every stored key, torch's bookkeeping keys included (no value is read)."""
         with self._lock:
-            return list(self._snapshot())
-
-    def items(self) -> Dict[bytes, bytes]:
-        """A copy of every key and value, from one replay."""
-        with self._lock:
-            return dict(self._snapshot())
+            return self._read(lambda fd: list(self._index))
 
     def compare_set(self, key: Key, expected: Key, desired: Key) -> bytes:
         """torch's ``compare_set``: the value current after the call.

@@ -15,13 +15,14 @@ fatal to the others.
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import importlib.util
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Type
+from typing import Dict, Iterator, List, Mapping, Optional, Type
 
 from rdzvctl.backends.base import Address, RendezvousBackend
+from rdzvctl.backends.loading import load_target
 from rdzvctl.errors import BackendNotFoundError, MissingDependencyError, UsageError
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "get_backend_class",
     "open_backend",
     "missing_modules",
+    "register",
 ]
 
 GROUP = "rdzvctl.backends"
@@ -40,7 +42,7 @@ _BUILTIN = {
     "c10d": "rdzvctl.backends.c10d:C10dBackend",
     "etcd-v2": "rdzvctl.backends.etcd_v2:EtcdV2Backend",
     "etcd-v3": "rdzvctl.backends.etcd_v3:EtcdV3Backend",
-    "redis": "rdzvctl.backends.redis_backend:RedisBackend",
+    "redis": "rdzvctl.backends.redis:RedisBackend",
 }
 
 
@@ -74,20 +76,24 @@ def registered_backends() -> Dict[str, BackendInfo]:
     return dict(sorted(found.items()))
 
 
-def _load_target(target: str) -> object:
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"not a module:attribute reference: {target!r}")
+@contextlib.contextmanager
+def register(targets: Mapping[str, str]) -> Iterator[None]:
+    """Register backends by name (``name -> "module:attr"``) for the duration of a ``with`` block.
+
+    For tests and programs embedding rdzvctl that have no installed entry
+    point: the names resolve like the built-in ones, and what they meant
+    before (if anything) is back when the block ends.
+    """
+    before = {name: _BUILTIN.get(name) for name in targets}
+    _BUILTIN.update(targets)
     try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MissingDependencyError(f"cannot import {module_name}: {exc}") from exc
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"{module_name} has no attribute {attr!r}") from None
-    return obj
+        yield
+    finally:
+        for name, target in before.items():
+            if target is None:
+                _BUILTIN.pop(name, None)
+            else:
+                _BUILTIN[name] = target
 
 
 def get_backend_class(name: str) -> Type[RendezvousBackend]:
@@ -105,7 +111,7 @@ def get_backend_class(name: str) -> Type[RendezvousBackend]:
     if info is None:
         known = ", ".join(registered_backends()) or "none"
         raise BackendNotFoundError(f"unknown backend {name!r}; registered backends: {known}")
-    cls = _load_target(info.target)
+    cls = load_target(info.target)
     if not (isinstance(cls, type) and issubclass(cls, RendezvousBackend)):
         raise UsageError(f"{info.target} (backend {name!r}) is not a RendezvousBackend subclass")
     return cls

@@ -186,8 +186,8 @@ def redis_info(backend: Any) -> Dict[str, Any]:
     def ask() -> None:
         from redis import exceptions as rx
 
-        node = backend._node_client()
-        with backend._errors():
+        node = backend.node_client()
+        with backend.errors():
             server = node.info("server")
             replication = node.info("replication")
             persistence = node.info("persistence")

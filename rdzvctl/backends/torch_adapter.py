@@ -43,9 +43,9 @@ class TorchBackendAdapter(RendezvousBackend):
 
     @staticmethod
     def _build(address: Address) -> Any:
-        from rdzvctl.backends.registry import _load_target
+        from rdzvctl.backends.loading import load_target
 
-        factory = _load_target(address.backend)
+        factory = load_target(address.backend)
         if not callable(factory):
             raise BackendConfigError(f"{address.backend} is not callable")
         try:

@@ -13,16 +13,27 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import click
 
 from rdzvctl.backends.base import Address, RendezvousBackend
+from rdzvctl.backends.registry import open_backend
 from rdzvctl.errors import UsageError
 from rdzvctl.state.analysis import KeepAlive
 from rdzvctl.text import json_text, safe, safe_lines
 
-__all__ = ["App", "with_app", "output_option", "write_options"]
+__all__ = ["App", "AddressFlags", "with_app", "output_option", "write_options"]
+
+
+class AddressFlags(NamedTuple):
+    """The address options as given on the command line (None where not given)."""
+
+    backend: Optional[str]
+    endpoint: Optional[str]
+    run_id: Optional[str]
+    conf: Optional[str]
+    timeout: Optional[float]
 
 
 class App:
@@ -38,17 +49,21 @@ class App:
         timeout: Optional[float],
     ) -> None:
         self.ctx = ctx
-        self._flags = (backend, endpoint, run_id, conf, timeout)
+        self._flags = AddressFlags(backend, endpoint, run_id, conf, timeout)
         self._address: Optional[Address] = None
         self.verbose = bool((ctx.find_root().obj or {}).get("verbose"))
         self.run_ids: Tuple[str, ...] = ()  # every --rdzv-id given, for commands that take several
 
     # -- addressing -----------------------------------------------------------
     @property
+    def flags(self) -> AddressFlags:
+        """The address options given (before the environment and defaults fill them in)."""
+        return self._flags
+
+    @property
     def address(self) -> Address:
         if self._address is None:
-            backend, endpoint, run_id, conf, timeout = self._flags
-            self._address = Address.from_env(backend, endpoint, run_id, conf, timeout)
+            self._address = Address.from_env(*self._flags)
         return self._address
 
     def require_run_id(self) -> str:
@@ -57,8 +72,6 @@ class App:
         return self.address.run_id
 
     def open(self, run_id: Optional[str] = None, need_run_id: bool = True) -> RendezvousBackend:
-        from rdzvctl.backends.registry import open_backend
-
         if need_run_id and run_id is None:
             self.require_run_id()
         return open_backend(self.address, run_id)
@@ -66,7 +79,7 @@ class App:
     @property
     def timeout_given(self) -> bool:
         """True when --timeout (or RDZVCTL_TIMEOUT) was given explicitly."""
-        return self._flags[4] is not None or bool(os.environ.get("RDZVCTL_TIMEOUT"))
+        return self._flags.timeout is not None or bool(os.environ.get("RDZVCTL_TIMEOUT"))
 
     @property
     def keep_alive(self) -> KeepAlive:
@@ -128,7 +141,7 @@ class App:
 
     def raw(self, data: bytes) -> None:
         """The exact bytes on stdout (never on a terminal unless --force: checked by output_option)."""
-        stream = click.get_binary_stream("stdout")
+        stream = sys.stdout.buffer  # click.get_binary_stream is deprecated (click 8.3)
         stream.write(data)
         stream.flush()
 

@@ -13,17 +13,23 @@ what was written (:func:`interrupted_message`).
 from __future__ import annotations
 
 import base64
+import shlex
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
+from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.backup import Backup, backup_directory, public_conf, write_backup
+from rdzvctl.cli.render import render_plan
 from rdzvctl.errors import StateError, TokenConflictError
 from rdzvctl.fence import write_fenced
-from rdzvctl.inspect import Snapshot, now_utc
-from rdzvctl.state.analysis import diff_states
+from rdzvctl.inspection import Snapshot
+from rdzvctl.state.analysis import diff_states, group_events
 from rdzvctl.state.codec import check_writable, decode
 from rdzvctl.state.jsonform import format_time, state_to_json
+
+if TYPE_CHECKING:  # the App only types arguments here
+    from rdzvctl.cli.app import App
 
 __all__ = ["apply_change", "view_of", "interrupted_message"]
 
@@ -39,7 +45,7 @@ def view_of(raw: Optional[bytes]) -> Any:
 
 
 def apply_change(
-    app: Any,
+    app: "App",
     backend: RendezvousBackend,
     snap: Snapshot,
     new: Optional[bytes],
@@ -54,8 +60,6 @@ def apply_change(
     """Run the write flow; returns a result document, or None when nothing was written.
 
     ``notes`` are shown with the plan (before the diff, also on ``--dry-run``)."""
-    from rdzvctl.cli.render import render_plan
-
     if snap.error is not None and snap.token is None:
         # The value is there but unreadable and the backend gave no token: any
         # write would be blind (or refused as a conflict), so say why instead.
@@ -92,13 +96,13 @@ def apply_change(
     return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
 
 
-def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: str, directory: Path) -> Path:
+def _save_backup(app: "App", backend: RendezvousBackend, snap: Snapshot, command: str, directory: Path) -> Path:
     """Back up what the write replaces; from here on an interruption names the backup."""
     address = backend.address
     path = write_backup(
         # describe(), not the raw endpoint: a URL may hold a password, and backups never store secrets.
         Backup(address.backend, backend.describe(), snap.run_id, public_conf(dict(address.conf)), snap.token_text,
-               format_time(now_utc()) or "", command, snap.raw),
+               format_time(clock.now_utc()) or "", command, snap.raw),
         directory,
     )
     app.progress.update(backup=str(path), run_id=snap.run_id)
@@ -108,8 +112,6 @@ def _save_backup(app: Any, backend: RendezvousBackend, snap: Snapshot, command: 
 
 def interrupted_message(progress: Dict[str, Any]) -> str:
     """What Ctrl-C reports for a command that writes, true to how far the write flow got."""
-    import shlex
-
     backup, run_id = progress.get("backup"), progress.get("run_id")
     restore = f"`rdzvctl restore {shlex.quote(str(backup))}` puts back what was there"
     if progress.get("writing"):
@@ -144,14 +146,13 @@ def _check_writable(new: bytes) -> None:
                         "nothing was written") from None
 
 
-def _report_conflict(app: Any, snap: Snapshot, exc: TokenConflictError) -> None:
+def _report_conflict(app: "App", snap: Snapshot, exc: TokenConflictError) -> None:
     current = exc.current
     try:
         now_state = None if current is None else decode(current[0])
     except StateError:
         app.err("Meanwhile the stored state became undecodable.")
         return
-    from rdzvctl.cli.render import group_events
 
     events = group_events(diff_states(snap.state, now_state))
     if events:

@@ -14,12 +14,16 @@ was written.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
 from rdzvctl import __version__
+
+# rdzvctl.errors and rdzvctl.text are imported where an error is handled, not here:
+# `rdzvctl --help` / `--version` (bench P2) import nothing beyond click.
 
 # name -> (module, short help); order is the order shown in --help.
 COMMANDS: Dict[str, Tuple[str, str]] = {
@@ -99,10 +103,15 @@ class CommandError(click.ClickException):
         super().__init__(error.format_message() if isinstance(error, click.ClickException) else str(error))
         self.error = error
         self.verbose = verbose
-        self.exit_code = getattr(error, "exit_code", 1)
+        self.exit_code = getattr(error, "exit_code", 1)  # type: ignore[misc]  # click declares it on the class
 
     def show(self, file: Any = None) -> None:
         report_error(self.error, verbose=self.verbose, file=file, message=self.message)
+
+
+#: click >= 8.2 raises this for a bare group invocation (8.1 printed the help and exited).
+_HELP_ERRORS: Tuple[type, ...] = tuple(
+    cls for cls in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if cls is not None)
 
 
 class OneLineUsageError(click.UsageError):
@@ -110,10 +119,10 @@ class OneLineUsageError(click.UsageError):
 
     @classmethod
     def wrap(cls, error: click.UsageError) -> click.UsageError:
-        if isinstance(error, cls) or type(error).__name__ == "NoArgsIsHelpError":  # bare `rdzvctl`: the help
+        if isinstance(error, (cls, *_HELP_ERRORS)):  # bare `rdzvctl`: the help, as click shows it
             return error
         wrapped = cls(error.format_message(), error.ctx)
-        wrapped.exit_code = error.exit_code
+        wrapped.exit_code = error.exit_code  # type: ignore[misc]  # click declares it on the class
         return wrapped
 
     def show(self, file: Any = None) -> None:
@@ -164,12 +173,12 @@ def main(argv: Optional[List[str]] = None) -> Any:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except RdzvctlError as exc:
-        _report(exc, exc.exit_code)
+    except RdzvctlError as exc:  # raised outside a subcommand (LazyGroup.invoke wraps the rest)
+        _report(exc, exc.exit_code, _verbose(obj, argv))
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:  # a bug: still one line unless -v
-        _report(exc, 1, prefix="internal error: ")
+        _report(exc, 1, _verbose(obj, argv), prefix="internal error: ")
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -181,8 +190,15 @@ def _interrupted(progress: Dict[str, Any]) -> str:
     return interrupted_message(progress)  # how far the write got
 
 
-def _report(exc: BaseException, code: int, prefix: str = "") -> None:
-    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:] or _env_verbose()
+def _verbose(obj: Dict[str, Any], argv: Optional[List[str]]) -> bool:
+    """-v as parsed by the root command, else as found in ``argv`` (the command line when None)."""
+    if "verbose" in obj:
+        return bool(obj["verbose"])
+    args = sys.argv[1:] if argv is None else argv
+    return "-v" in args or "--verbose" in args or _env_verbose()
+
+
+def _report(exc: BaseException, code: int, verbose: bool, prefix: str = "") -> None:
     report_error(exc, verbose=verbose, prefix=prefix)
     sys.exit(code)
 
@@ -206,8 +222,6 @@ def report_error(error: BaseException, *, verbose: bool = False, file: Any = Non
 
 
 def _env_verbose() -> bool:
-    import os
-
     return os.environ.get("RDZVCTL_VERBOSE", "").lower() in ("1", "true", "yes")
 
 

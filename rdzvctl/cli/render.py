@@ -1,6 +1,6 @@
 """Turn documents into text: plain (stable, colourless) or rich (terminal).
 
-Commands build data (the documents of :mod:`rdzvctl.inspect`, rows of
+Commands build data (the documents of :mod:`rdzvctl.inspection`, rows of
 tables) and hand it here; nothing in this module talks to a backend.  Plain
 output never imports rich, so scripted use stays fast and byte-stable.
 
@@ -14,9 +14,13 @@ never markup built from data.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+import sys
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from rdzvctl.text import json_text, safe
+
+if TYPE_CHECKING:  # the App only types arguments here
+    from rdzvctl.cli.app import App
 
 __all__ = [
     "Table",
@@ -24,8 +28,8 @@ __all__ = [
     "render_get",
     "render_plan",
     "render_event",
+    "with_progress",
     "plan_summary",
-    "group_events",
     "render_doctor",
     "fmt_age",
     "fmt_seconds",
@@ -91,7 +95,7 @@ def _plain_pairs(pairs: Sequence[Tuple[str, str]]) -> List[str]:
     return [f"{k.ljust(width)}  {v}" for k, v in pairs]
 
 
-def render_tables(app: Any, pairs: Sequence[Tuple[str, str]], tables: Sequence[Table]) -> None:
+def render_tables(app: "App", pairs: Sequence[Tuple[str, str]], tables: Sequence[Table]) -> None:
     """Print key/value pairs then tables, rich on a terminal, plain otherwise."""
     pairs = [(safe(k), safe(v)) for k, v in pairs]
     if not app.rich:
@@ -186,7 +190,7 @@ def _yes(value: Any) -> str:
     return "yes" if value else "no"
 
 
-def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
+def render_get(app: "App", doc: Dict[str, Any], all_nodes: bool = False) -> None:
     """The ``get`` view: header, nodes by role, problems."""
     state = doc.get("state")
     pairs = [("backend", f"{doc['backend']}  {doc['endpoint']}"), ("run id", doc["run_id"]),
@@ -267,7 +271,7 @@ PLAN_DIFF_LIMIT = 60
 PLAN_NAMED = 3
 
 
-def render_plan(app: Any, before: Any, after: Any, title: str) -> bool:
+def render_plan(app: "App", before: Any, after: Any, title: str) -> bool:
     """Show a unified diff of two JSON documents; returns False when they are equal.
 
     A diff longer than :data:`PLAN_DIFF_LIMIT` lines (a large state cleared or
@@ -335,41 +339,7 @@ def plan_summary(before: Any, after: Any) -> List[str]:
     return lines
 
 
-#: A grouped event (many nodes changing the same way at once) lists this many node ids in ``nodes``...
-GROUP_NODES = 20
-#: ... and names this many in its message.
-GROUP_NAMED = 3
-_GROUP_PHRASE = {"heartbeat-fresh": "heartbeating again", "rank-changed": "changed rank"}
-
-
-def group_events(events: Iterable[Any]) -> List[Tuple[str, str, Dict[str, Any]]]:
-    """Semantic events (``analysis.Event``) as (kind, message, fields), one per kind for node events.
-
-    One node: its own message, ``node`` and data.  Several nodes of one kind
-    (5,000 heartbeats going stale): one entry with ``count``, the first
-    :data:`GROUP_NODES` ids in ``nodes`` and the first :data:`GROUP_NAMED`
-    named in the message, so neither ``watch`` nor a conflict report floods.
-    """
-    groups: Dict[Any, List[Any]] = {}
-    for event in events:
-        groups.setdefault(event.kind if event.node else id(event), []).append(event)
-    out: List[Tuple[str, str, Dict[str, Any]]] = []
-    for group in groups.values():
-        first = group[0]
-        if len(group) == 1:
-            out.append((first.kind, first.message, {"node": first.node, **first.data} if first.node else
-                        dict(first.data)))
-            continue
-        nodes = [e.node for e in group]
-        shown = ", ".join(nodes[:GROUP_NAMED]) + (f" and {len(nodes) - GROUP_NAMED} more"
-                                                  if len(nodes) > GROUP_NAMED else "")
-        phrase = _GROUP_PHRASE.get(first.kind, first.kind.replace("-", " "))
-        out.append((first.kind, f"{len(nodes)} nodes {phrase}: {shown}",
-                    {"count": len(nodes), "nodes": nodes[:GROUP_NODES]}))
-    return out
-
-
-def render_event(app: Any, event: Dict[str, Any]) -> None:
+def render_event(app: "App", event: Dict[str, Any]) -> None:
     """One watch event as a line: time, kind, message."""
     line = safe(f"{event['time']}  {event['kind']:<22} {event['message']}")
     if app.rich:
@@ -379,6 +349,24 @@ def render_event(app: Any, event: Dict[str, Any]) -> None:
         app.console().print(Text(line, style=style))
     else:
         app.out(line)
+
+
+T = TypeVar("T")
+
+
+def with_progress(app: "App", entries: Iterable[T], label: str = "checking runs") -> Iterator[T]:
+    """``entries``, with a progress display on stderr while they are consumed, only on a terminal."""
+    if not sys.stderr.isatty():
+        yield from entries
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    with Progress(SpinnerColumn(), TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                  transient=True, console=app.console(stderr=True)) as progress:
+        task = progress.add_task("runs", total=None)
+        for entry in entries:
+            yield entry
+            progress.advance(task)
 
 
 def render_doctor(app: Any, doc: Dict[str, Any]) -> None:

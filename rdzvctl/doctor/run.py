@@ -34,7 +34,7 @@ class Diagnosis:
     checked_at: _dt.datetime
     checks: List[C.Check] = field(default_factory=list)
     server: Optional[Dict[str, Any]] = None
-    snapshot: Any = None  # rdzvctl.inspect.Snapshot, when the run was read
+    snapshot: Any = None  # rdzvctl.inspection.Snapshot, when the run was read
     store_keys: Optional[Dict[str, bytes]] = None
 
     @property
@@ -69,7 +69,8 @@ def diagnose(
     connect_timeout: float = CONNECT_TIMEOUT,
 ) -> Diagnosis:
     """Check the endpoint, the run and its bootstrap; never raises for what it diagnoses."""
-    from rdzvctl.inspect import now_utc, take_snapshot
+    from rdzvctl.clock import now_utc
+    from rdzvctl.inspection import take_snapshot
 
     diag = Diagnosis(backend.address.backend, backend.describe(), backend.run_id, now_utc())
     try:

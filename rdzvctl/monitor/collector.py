@@ -5,7 +5,12 @@ it: no password) and ``run_id``; backend-wide series carry ``backend`` and
 ``endpoint``.  A run that is gone from the backend is gone from the next
 page.  Run ids are untrusted: they only ever travel as label values, which
 ``prometheus_client`` escapes.  Findings are exported generically, one series
-per ``code`` and ``severity`` that the run has now.
+per ``code``, ``severity`` and ``torch_next`` that the run has now.  The
+lifecycle phase is one series per run, ``rdzvctl_phase{phase} 1``: a state
+set without its zeros (the full set would be 7 series per run, half the page
+again at 10,000 runs, for phases that change a few times in a run's life).
+It is not an ``_info`` metric, which OpenMetrics keeps for what does not
+change during the process lifetime.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from typing import Callable, Dict, Iterator, List, Optional, TextIO
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
-from rdzvctl import __version__
+from rdzvctl import __version__, clock
 from rdzvctl.errors import RdzvctlError
-from rdzvctl.inspect import now_utc, problem_for_error
+from rdzvctl.inspection import problem_for_error
 from rdzvctl.monitor.runs import (
     ERROR_KINDS,
     RunAnalysis,
@@ -33,6 +38,7 @@ from rdzvctl.monitor.runs import (
     error_kind,
 )
 from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, KeepAlive
+from rdzvctl.state.lifecycle import PHASES
 
 __all__ = ["RendezvousCollector", "RUN_LABELS", "BACKEND_LABELS", "METRIC_NAMES", "DEFAULT_JOIN_TIMEOUT"]
 
@@ -61,6 +67,7 @@ _RUN_GAUGES = {
 }
 METRIC_NAMES = frozenset({
     *_RUN_GAUGES,
+    "rdzvctl_phase",
     "rdzvctl_findings",
     "rdzvctl_rounds_advanced_total",
     "rdzvctl_state_decode_failures_total",
@@ -102,7 +109,7 @@ class RendezvousCollector:
         self.last: Optional[Scrape] = None
 
     def _now(self) -> _dt.datetime:
-        return self._clock() if self._clock is not None else now_utc()
+        return self._clock() if self._clock is not None else clock.now_utc()
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # concurrent scrapes (an HA pair of Prometheus servers) take turns
@@ -193,8 +200,11 @@ class RendezvousCollector:
         gauges: Dict[str, GaugeMetricFamily] = {
             name: GaugeMetricFamily(name, text, labels=RUN_LABELS) for name, text in _RUN_GAUGES.items()
         }
-        findings = GaugeMetricFamily("rdzvctl_findings", "Findings of corrupt-detect the run has now, by code and "
-                                     "severity.", labels=RUN_LABELS + ["code", "severity"])
+        phases = GaugeMetricFamily("rdzvctl_phase", "1 for the run's lifecycle phase (one of " + ", ".join(PHASES)
+                                   + "; the other phases have no series).", labels=RUN_LABELS + ["phase"])
+        findings = GaugeMetricFamily("rdzvctl_findings", "Findings of corrupt-detect the run has now, by code, "
+                                     "severity and what torch does next (torch_next).",
+                                     labels=RUN_LABELS + ["code", "severity", "torch_next"])
         advanced = CounterMetricFamily("rdzvctl_rounds_advanced", "Rounds the run advanced while this exporter "
                                        "watched it (restarts).", labels=RUN_LABELS)
         failures = CounterMetricFamily("rdzvctl_state_decode_failures", "Stored values of the run that did not "
@@ -208,18 +218,23 @@ class RendezvousCollector:
             if record.state is None:
                 if record.error is not None:
                     problem = problem_for_error(record.error)
-                    findings.add_sample("rdzvctl_findings", {**labels, "code": problem["code"],
-                                                             "severity": problem["severity"]}, 1.0)
+                    findings.add_sample("rdzvctl_findings", {
+                        **labels, "code": problem["code"], "severity": problem["severity"],
+                        "torch_next": problem["torch_next"]}, 1.0)
                 continue
             gauges["rdzvctl_state_size_bytes"].add_sample("rdzvctl_state_size_bytes", labels, record.size)
-            self._add_state(gauges, findings, labels, record, now)
-        return [*gauges.values(), findings, advanced, failures]
+            self._add_state(gauges, phases, findings, labels, record, now)
+        return [*gauges.values(), phases, findings, advanced, failures]
 
-    def _add_state(self, gauges: Dict[str, GaugeMetricFamily], findings: GaugeMetricFamily, labels: Dict[str, str],
-                   record: RunRecord, now: _dt.datetime) -> None:
+    def _add_state(self, gauges: Dict[str, GaugeMetricFamily], phases: GaugeMetricFamily,
+                   findings: GaugeMetricFamily, labels: Dict[str, str], record: RunRecord,
+                   now: _dt.datetime) -> None:
         state = record.state
         assert state is not None
-        result: RunAnalysis = analyze(state, now, self.keep_alive, self.max_nodes, record.run_id)
+        closed_since = None if record.closed_since is None else \
+            _dt.datetime.fromtimestamp(record.closed_since, _dt.timezone.utc)
+        result: RunAnalysis = analyze(state, now, self.keep_alive, self.max_nodes, record.run_id, closed_since)
+        phases.add_sample("rdzvctl_phase", {**labels, "phase": result.lifecycle.phase}, 1.0)
         summary = result.summary
         values = {
             "rdzvctl_round": state.round,
@@ -239,5 +254,7 @@ class RendezvousCollector:
         for name, value in values.items():
             if value is not None:
                 gauges[name].add_sample(name, labels, value)
-        for (code, severity), count in sorted(Counter((f.code, f.severity) for f in result.findings).items()):
-            findings.add_sample("rdzvctl_findings", {**labels, "code": code, "severity": severity}, count)
+        counts = Counter((f.code, f.severity, f.torch_next) for f in result.findings)
+        for (code, severity, torch_next), count in sorted(counts.items()):
+            findings.add_sample("rdzvctl_findings", {**labels, "code": code, "severity": severity,
+                                                     "torch_next": torch_next}, count)

@@ -8,7 +8,9 @@ costs one batched read plus N token comparisons, and D changed runs add D
 decodes.  The analysis that depends on the clock (liveness, deadline,
 findings) runs at every scrape on the cached decoded state
 (:func:`analyze`), with the library's own functions, so the figures equal
-what ``rdzvctl get -o json`` reports at the same moment.
+what ``rdzvctl get -o json`` reports at the same moment.  The exporter
+watches, so it settles a close the way ``corrupt-detect --settle`` does: the
+time it first saw a run closed is the lifecycle's ``closed_since``.
 
 Memory is bounded by ``max_runs``: runs beyond it (in listing order) are
 counted, not cached.  A backend failure leaves the cache alone and is
@@ -26,15 +28,10 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 
 from rdzvctl.backends.base import Address, RendezvousBackend, RunEntry
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError, RdzvctlError, StateError, UsageError
-from rdzvctl.state.analysis import (
-    DEFAULT_KEEP_ALIVE,
-    Finding,
-    KeepAlive,
-    deadline_remaining,
-    find_problems,
-    node_statuses,
-)
+from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Finding, KeepAlive, deadline_remaining, node_statuses
 from rdzvctl.state.codec import decode
+from rdzvctl.state.findings import find_problems
+from rdzvctl.state.lifecycle import Lifecycle, lifecycle
 from rdzvctl.state.model import RendezvousState
 
 __all__ = [
@@ -92,9 +89,10 @@ class RunRecord:
     decode_failures: int = 0
     incomplete_round: Optional[int] = None
     incomplete_since: Optional[float] = None  # POSIX time this exporter first saw the current round incomplete
+    closed_since: Optional[float] = None  # POSIX time this exporter first saw the run closed
 
     def observe(self, now: float) -> None:
-        """Count rounds advanced and note since when the current round is incomplete."""
+        """Count rounds advanced; note since when the current round is incomplete and the run closed."""
         state = self.state
         if state is None:
             return
@@ -105,29 +103,40 @@ class RunRecord:
             self.incomplete_round = self.incomplete_since = None
         elif self.incomplete_round != state.round or self.incomplete_since is None:
             self.incomplete_round, self.incomplete_since = state.round, now
+        if not state.closed:
+            self.closed_since = None
+        elif self.closed_since is None:
+            self.closed_since = now
 
 
 class RunAnalysis(NamedTuple):
     """What the clock-dependent analysis says about a run at one moment."""
 
     summary: Dict[str, Any]  # ``get -o json``'s summary
+    lifecycle: Lifecycle  # the phase and what torch does next
     findings: List[Finding]
     newest_heartbeat_age: Optional[float]
     oldest_heartbeat_age: Optional[float]
 
 
 def analyze(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
-            max_nodes: Optional[int] = None, run_id: Optional[str] = None) -> RunAnalysis:
-    """Liveness, counts and findings of ``state`` at ``now``, as ``get -o json`` computes them."""
-    from rdzvctl.inspect import summarize
+            max_nodes: Optional[int] = None, run_id: Optional[str] = None,
+            closed_since: Optional[_dt.datetime] = None) -> RunAnalysis:
+    """Liveness, counts, lifecycle and findings of ``state`` at ``now``, as ``get -o json`` computes them.
+
+    ``closed_since`` is when the run was first seen closed (``RunRecord.closed_since``): with it
+    the lifecycle tells a close under live agents from a normal end, as ``corrupt-detect --settle``.
+    """
+    from rdzvctl.inspection import summarize
 
     statuses = node_statuses(state, now, keep_alive)
     summary = summarize(state, statuses, deadline_remaining(state, now))
     beats = state.last_heartbeats.values()
     newest = (now - max(beats)).total_seconds() if beats else None
     oldest = (now - min(beats)).total_seconds() if beats else None
-    return RunAnalysis(summary, find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id),
-                       newest, oldest)
+    life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
+    findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
+    return RunAnalysis(summary, life, findings, newest, oldest)
 
 
 @dataclass

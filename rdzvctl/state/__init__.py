@@ -1,4 +1,11 @@
-"""The state layer: model, safe codec, JSON form and pure analysis. No I/O."""
+"""The state layer: model, safe codec, JSON form and pure analysis. No I/O.
+
+``model`` (the state), ``codec`` (decode/encode; ``prescan`` bounds a pickle
+before it is read, ``convert`` checks what it built), ``jsonform`` (the JSON
+form and the one JSON document loader), ``analysis`` (liveness, repairs as
+torch does them, semantic events and their grouping), ``lifecycle`` and
+``findings`` (phase, what torch does next), ``invariants``, ``restart``.
+"""
 
 from rdzvctl.state.model import NodeDesc, RendezvousState
 

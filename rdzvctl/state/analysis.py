@@ -1,4 +1,4 @@
-"""Pure analysis of a state: liveness, deadline, findings, repairs and diffs.
+"""Pure analysis of a state: liveness, deadline, findings, repairs, diffs and their grouping.
 
 Everything takes ``now`` explicitly so it is deterministic and testable; the
 repairs mirror torch's own bookkeeping in ``dynamic_rendezvous.py``
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
@@ -25,8 +25,14 @@ __all__ = [
     "find_problems",
     "prune_dead_nodes",
     "reopen",
+    "remove_node",
+    "add_waiting",
     "Event",
     "diff_states",
+    "stale_transitions",
+    "group_events",
+    "GROUP_NODES",
+    "GROUP_NAMED",
     "SUSPICIOUS_RUN_IDS",
 ]
 
@@ -167,13 +173,23 @@ def prune_dead_nodes(
         new.wait_list.discard(node)
         new.redundancy_list.discard(node)
     if participant_removed:
-        if new.complete:
-            if not new.participants:
-                new.complete = False
-                new.round += 1
-        elif min_nodes is not None and len(new.participants) < min_nodes:
-            new.deadline = None
+        _remove_participant_epilogue(new, min_nodes)
     return new, removed
+
+
+def _remove_participant_epilogue(state: RendezvousState, min_nodes: Optional[int]) -> None:
+    """torch's ``_remove_participant_epilogue``, in place, after participants left.
+
+    A complete round with nobody left is over (incomplete, next round); an
+    incomplete round below ``min_nodes`` loses its last-call deadline.  Without
+    ``min_nodes`` the deadline stays (torch's join re-checks ``min_nodes``).
+    """
+    if state.complete:
+        if not state.participants:
+            state.complete = False
+            state.round += 1
+    elif min_nodes is not None and len(state.participants) < min_nodes:
+        state.deadline = None
 
 
 def reopen(state: RendezvousState) -> RendezvousState:
@@ -190,11 +206,22 @@ def remove_node(state: RendezvousState, node: NodeDesc, min_nodes: Optional[int]
     new.redundancy_list.discard(node)
     new.last_heartbeats.pop(node, None)
     if was_participant:
-        if new.complete and not new.participants:
-            new.complete = False
-            new.round += 1
-        elif not new.complete and min_nodes is not None and len(new.participants) < min_nodes:
-            new.deadline = None
+        _remove_participant_epilogue(new, min_nodes)
+    return new
+
+
+def add_waiting(state: RendezvousState, nodes: Iterable[NodeDesc], now: _dt.datetime) -> RendezvousState:
+    """Put ``nodes`` on the wait list with a heartbeat at ``now`` (out of participants and redundancy).
+
+    torch's agents re-rendezvous when they see a waiting node
+    (``_RendezvousJoinOp``/``should_keep_alive`` in ``dynamic_rendezvous.py``).
+    """
+    new = state.copy()
+    for node in nodes:
+        new.participants.pop(node, None)
+        new.redundancy_list.discard(node)
+        new.wait_list.add(node)
+        new.last_heartbeats[node] = now
     return new
 
 
@@ -253,7 +280,7 @@ def diff_states(old: Optional[RendezvousState], new: Optional[RendezvousState]) 
 
 
 def stale_transitions(
-    state: RendezvousState, now: _dt.datetime, already: set, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE
+    state: RendezvousState, now: _dt.datetime, already: Set[NodeDesc], keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE
 ) -> List[Event]:
     """Events for nodes whose heartbeat went stale since ``already`` (updated in place)."""
     dead = set(dead_nodes(state, now, keep_alive))
@@ -267,3 +294,37 @@ def stale_transitions(
     already.clear()
     already.update(dead)
     return events
+
+
+#: A grouped event (many nodes changing the same way at once) lists this many node ids in ``nodes``...
+GROUP_NODES = 20
+#: ... and names this many in its message.
+GROUP_NAMED = 3
+_GROUP_PHRASE = {"heartbeat-fresh": "heartbeating again", "rank-changed": "changed rank"}
+
+
+def group_events(events: Iterable[Event]) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """Semantic events as (kind, message, fields), one per kind for node events.
+
+    One node: its own message, ``node`` and data.  Several nodes of one kind
+    (5,000 heartbeats going stale): one entry with ``count``, the first
+    :data:`GROUP_NODES` ids in ``nodes`` and the first :data:`GROUP_NAMED`
+    named in the message, so neither ``watch`` nor a conflict report floods.
+    """
+    groups: Dict[Any, List[Event]] = {}
+    for event in events:
+        groups.setdefault(event.kind if event.node else id(event), []).append(event)
+    out: List[Tuple[str, str, Dict[str, Any]]] = []
+    for group in groups.values():
+        first = group[0]
+        if len(group) == 1:
+            out.append((first.kind, first.message, {"node": first.node, **first.data} if first.node else
+                        dict(first.data)))
+            continue
+        nodes = [e.node for e in group]
+        shown = ", ".join(str(n) for n in nodes[:GROUP_NAMED]) + (f" and {len(nodes) - GROUP_NAMED} more"
+                                                                  if len(nodes) > GROUP_NAMED else "")
+        phrase = _GROUP_PHRASE.get(first.kind, first.kind.replace("-", " "))
+        out.append((first.kind, f"{len(nodes)} nodes {phrase}: {shown}",
+                    {"count": len(nodes), "nodes": nodes[:GROUP_NODES]}))
+    return out

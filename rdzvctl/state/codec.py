@@ -38,7 +38,7 @@ import datetime as _dt
 import gc
 import io
 import pickle
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, SupportsIndex, Tuple
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state import prescan
@@ -118,7 +118,7 @@ class _Datetime(_Narrow):
         kind = type(payload)
         if (kind is not bytes and kind is not str) or (tz is not None and type(tz) is not _TIMEZONE) or rest:
             raise self._refuse()
-        return _DATETIME(payload, tz)
+        return _DATETIME(payload, tz)  # type: ignore[call-arg, arg-type]  # the pickle form: (payload, tzinfo)
 
 
 class _Offset(_Narrow):
@@ -140,7 +140,7 @@ class _NodeSet(_Narrow):
     __slots__ = ()
     _name = "set"
 
-    def __call__(self, *args: Any) -> set:
+    def __call__(self, *args: Any) -> "set[Any]":
         if len(args) != 1 or type(args[0]) is not list:
             raise self._refuse()
         for item in args[0]:
@@ -244,7 +244,7 @@ def decode_base64(text: bytes) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError) as exc:
-        raise StateCorruptError(f"the stored value is not valid base64: {_reason(exc)}") from None
+        raise StateCorruptError(f"the stored value is not valid base64: {_reason(exc)}") from exc
 
 
 def encode_base64(data: bytes) -> bytes:
@@ -258,8 +258,8 @@ class _TorchState:
     def __init__(self, fields: Dict[str, Any]) -> None:
         self.fields = fields
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        return (copyreg.__newobj__, (type(self),), self.fields)
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (copyreg.__newobj__, (type(self),), self.fields)  # type: ignore[attr-defined]  # untyped in typeshed
 
 
 class _TorchNode(_TorchState):
@@ -269,7 +269,11 @@ class _TorchNode(_TorchState):
 _TORCH_NAMES = {_TorchState: (TORCH_MODULE, STATE_CLASS), _TorchNode: (TORCH_MODULE, NODE_CLASS)}
 
 
-class _TorchNamePickler(pickle._Pickler):  # type: ignore[name-defined]
+#: The pure-Python pickler (typeshed does not describe it): the one whose ``save_global`` can be overridden.
+_PurePickler: Any = pickle._Pickler
+
+
+class _TorchNamePickler(_PurePickler):  # type: ignore[misc]  # subclasses an untyped base
     """The pure-Python pickler, writing our stand-ins under torch's names.
 
     (The C pickler cannot: it imports the named module to check the class.)
@@ -278,7 +282,8 @@ class _TorchNamePickler(pickle._Pickler):  # type: ignore[name-defined]
     def save_global(self, obj: Any, name: Optional[str] = None) -> None:
         target = _TORCH_NAMES.get(obj)
         if target is None:
-            return super().save_global(obj, name)
+            super().save_global(obj, name)
+            return
         module, qualname = target
         if self.proto >= 4:
             self.save(module)

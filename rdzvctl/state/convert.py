@@ -162,16 +162,16 @@ class _Converter:
         if tz is not None and type(tz) is not _dt.timezone:
             raise StateCorruptError(f"{label()}: a datetime with a {_kind(tz)} time zone")
         try:  # a pickled payload skips the constructor's range checks (day 0, hour 25, ...)
-            value = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
-                                 value.microsecond, tz, fold=value.fold)
+            checked = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                                   value.microsecond, tz, fold=value.fold)
         except (ValueError, OverflowError, TypeError) as exc:
             raise StateCorruptError(f"{label()}: not a valid datetime: {_reason(exc)}") from None
         if tz is None:
             self.naive.add(True)
-            return value.replace(tzinfo=_dt.timezone.utc)
+            return checked.replace(tzinfo=_dt.timezone.utc)
         self.naive.add(False)
         try:
-            return value.astimezone(_dt.timezone.utc)
+            return checked.astimezone(_dt.timezone.utc)
         except (OverflowError, ValueError) as exc:
             raise StateCorruptError(f"{label()}: datetime out of range: {_reason(exc)}") from None
 

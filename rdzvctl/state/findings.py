@@ -11,7 +11,7 @@ progress.  Linear in the number of nodes, whatever the values (ranks included).
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from rdzvctl.state.analysis import (
     DEFAULT_KEEP_ALIVE,
@@ -22,8 +22,12 @@ from rdzvctl.state.analysis import (
     Finding,
     KeepAlive,
 )
-from rdzvctl.state.lifecycle import Lifecycle, _first_missing_ranks, lifecycle, liveness, show_nodes
+from rdzvctl.state.lifecycle import Lifecycle, Liveness, _first_missing_ranks, lifecycle, liveness, show_nodes
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.store_keys import split_round_key
+
+#: ``add(code, severity, message, torch_next, outlook, repair="", nodes=())``: record one finding.
+_Add = Callable[..., None]
 
 __all__ = ["find_problems", "master_address_findings", "MAX_RANK", "master_addresses"]
 
@@ -131,7 +135,8 @@ def find_problems(
     return sorted(out, key=lambda f: order[f.severity])
 
 
-def _complete_round(state: RendezvousState, max_nodes: Optional[int], life: Lifecycle, live, add) -> None:
+def _complete_round(state: RendezvousState, max_nodes: Optional[int], life: Lifecycle, live: Liveness,
+                    add: "_Add") -> None:
     ranks = state.participants.values()
     # Above max_nodes, over-max-nodes speaks; otherwise a rank at or above max_nodes was never torch's.
     limit = MAX_RANK if max_nodes is None or len(state.participants) > max_nodes else max_nodes
@@ -177,7 +182,7 @@ def _complete_round(state: RendezvousState, max_nodes: Optional[int], life: Life
                 life.torch_next, life.outlook, "", dead)
 
 
-def _closed(state: RendezvousState, life: Lifecycle, add) -> None:
+def _closed(state: RendezvousState, life: Lifecycle, add: "_Add") -> None:
     waiting = f" ({len(state.wait_list)} waiting node(s) fail at their next sync)" if state.wait_list else ""
     if life.phase == "closing":
         add("closed", "error", f"the rendezvous is closed{waiting}; a normal end is not certain yet (no repair "
@@ -197,17 +202,17 @@ def master_addresses(store_keys: Mapping[str, object]) -> List[Tuple[int, str, i
 
     ``store_keys`` is ``"<round>/<name>" -> bytes or str`` (backend ``store_keys()``, ``get --keys``).
     """
-    found: dict = {}
+    found: Dict[int, Dict[str, str]] = {}
     for key, value in store_keys.items():
-        round_, sep, name = key.partition("/")
-        if sep and round_.isdigit() and name in ("MASTER_ADDR", "MASTER_PORT"):
+        parsed = split_round_key(key)
+        if parsed is not None and parsed[1] in ("MASTER_ADDR", "MASTER_PORT"):
             text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            found.setdefault(int(round_), {})[name] = text.strip()
+            found.setdefault(parsed[0], {})[parsed[1]] = text.strip()
     out = []
-    for round_, pair in sorted(found.items()):
+    for number, pair in sorted(found.items()):
         port = pair.get("MASTER_PORT", "")
         if "MASTER_ADDR" in pair and port.isdigit() and 0 < int(port) < 65536:
-            out.append((round_, pair["MASTER_ADDR"], int(port)))
+            out.append((number, pair["MASTER_ADDR"], int(port)))
     return out
 
 

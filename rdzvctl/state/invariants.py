@@ -8,9 +8,9 @@ never be detected dead).  ``set -f`` refuses such a state unless ``--force``.
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
-from rdzvctl.state.model import RendezvousState
+from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = ["torch_invariant_violations", "some_of"]
 
@@ -37,7 +37,7 @@ def torch_invariant_violations(state: RendezvousState) -> List[str]:
         if outside:
             out.append(f"{len(outside)} participant(s) of the complete round have a rank outside 0..{world - 1} "
                        f"(world size {world}): {some_of(outside)}")
-        seen: dict = {}
+        seen: Dict[int, NodeDesc] = {}
         repeated = [node for node, rank in participants.items() if seen.setdefault(rank, node) is not node]
         if repeated:
             out.append(f"{len(repeated)} participant(s) share a rank with another: {some_of(repeated)}")

@@ -23,7 +23,8 @@ accepts that whole document and ignores the read-only parts.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set
+import json
+from typing import Any, Dict, Iterable, Mapping, Optional, Set, Union
 
 from rdzvctl.errors import StateValidationError
 from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState
@@ -219,5 +220,21 @@ def state_from_document(doc: Any) -> RendezvousState:
     return state_from_json(doc)
 
 
-def node_ids(nodes: Iterable[NodeDesc]) -> List[str]:
-    return [str(n) for n in sorted(nodes)]
+
+class JSONDocumentError(ValueError):
+    """Text that is not a JSON document: ``str()`` is the parser's reason; ``too_deep`` for nesting."""
+
+    def __init__(self, reason: str, too_deep: bool = False) -> None:
+        super().__init__(reason)
+        self.too_deep = too_deep
+
+
+def load_json_document(data: Union[str, bytes]) -> Any:
+    """``json.loads``, with every failure (bad JSON, bad UTF-8, nesting past the recursion limit)
+    as one :class:`JSONDocumentError` the caller words for its source."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise JSONDocumentError("the JSON nests too deeply", too_deep=True) from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise JSONDocumentError(str(exc)) from None

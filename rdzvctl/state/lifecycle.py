@@ -31,10 +31,12 @@ settings; nothing here does I/O.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from rdzvctl.state.analysis import KeepAlive, prune_dead_nodes
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.store_keys import split_round_key
 
 __all__ = ["PHASES", "TORCH_NEXT", "Lifecycle", "Liveness", "LaunchVerdict", "liveness", "lifecycle", "launch_verdict",
            "show_nodes"]
@@ -56,8 +58,8 @@ TORCH_NEXT = {
 class Liveness(NamedTuple):
     """Who is alive and who is dead, by role (node ids sorted)."""
 
-    live: frozenset
-    dead: frozenset
+    live: FrozenSet[NodeDesc]
+    dead: FrozenSet[NodeDesc]
     live_participants: Tuple[NodeDesc, ...]
     dead_participants: Tuple[NodeDesc, ...]
     live_waiting: Tuple[NodeDesc, ...]
@@ -94,7 +96,7 @@ class Lifecycle(NamedTuple):
     nodes: Tuple[str, ...] = ()  # the nodes the outlook is about (dead ones included)
     known_at: Optional[_dt.datetime] = None  # "closing": when a normal end would be certain
 
-    def to_json(self) -> dict:
+    def to_json(self) -> Dict[str, Any]:
         return {"phase": self.phase, "torch_next": self.torch_next, "outlook": self.outlook,
                 "nodes": list(self.nodes), "known_at": None if self.known_at is None else format_time(self.known_at)}
 
@@ -214,7 +216,7 @@ def _closed(state: RendezvousState, now: _dt.datetime, life: Liveness, expiry: _
         live, known_at)
 
 
-def _first_missing_ranks(ranks, limit: int) -> List[int]:
+def _first_missing_ranks(ranks: Iterable[int], limit: int) -> List[int]:
     """The lowest ``limit`` ranks missing from 0..max(ranks): linear in the ranks, not their values."""
     missing: List[int] = []
     expected = 0
@@ -253,8 +255,6 @@ def launch_verdict(
     the round the new job forms (stale MASTER_ADDR/PORT from an earlier life
     of the run id).  ``store_keys`` is None where the backend cannot list them.
     """
-    from rdzvctl.state.analysis import KeepAlive, prune_dead_nodes
-
     if state is None:
         first = RendezvousState()
     else:
@@ -271,8 +271,8 @@ def launch_verdict(
                                         "participant(s) without an expiring heartbeat): new agents wait for a "
                                         "round nobody starts")
     if store_keys:
-        stale = sorted({int(k.partition("/")[0]) for k in store_keys
-                        if k.partition("/")[0].isdigit() and int(k.partition("/")[0]) >= first.round})
+        rounds = {parsed[0] for parsed in map(split_round_key, store_keys) if parsed is not None}
+        stale = sorted(round_ for round_ in rounds if round_ >= first.round)
         if stale:
             return LaunchVerdict(False, f"the store already holds keys of round(s) {stale[:8]}: the new round "
                                         f"{first.round} reads a stale MASTER_ADDR/PORT", first.round)

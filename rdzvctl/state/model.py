@@ -55,7 +55,7 @@ class NodeDesc:
         cached = self.__dict__.get("_hash")
         if cached is None:
             cached = self.__dict__["_hash"] = hash(f"{self.addr}_{self.pid}_{self.local_id}")
-        return cached  # type: ignore[no-any-return]
+        return cached
 
     @cached_property
     def id(self) -> str:

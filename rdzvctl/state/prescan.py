@@ -78,7 +78,7 @@ import re
 import resource
 import sys
 import threading
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 
@@ -138,9 +138,9 @@ _NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
 def _build_run() -> "re.Pattern[bytes]":
     """A possessive run of opcodes that need no decision (STOP and the rare ones excluded)."""
     plain: List[str] = []
-    fixed: dict = {}
+    fixed: Dict[int, List[str]] = {}
     lines: List[str] = []
-    counted: dict = {1: [], 4: [], 8: []}
+    counted: Dict[int, List[str]] = {1: [], 4: [], 8: []}
     special = {"STOP", "LONG_BINPUT", "PUT", "FRAME", "EXT1", "EXT2", "EXT4", "GLOBAL", "INST"} | _NEVER | _NARROW
     widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
               pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}

@@ -27,13 +27,24 @@ from __future__ import annotations
 import os
 import threading
 import traceback
-import uuid
 import warnings
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import List, Optional, Union
 
-from rdzvctl.backends.base import RendezvousBackend
+from rdzvctl.backends.base import RendezvousBackend, SetResult
 from rdzvctl.errors import StateError, UnsupportedOperationError
+from rdzvctl.state.store_keys import split_round_key
+from rdzvctl.testing.context import (
+    BackendFactory,
+    CaseContext,
+    CaseResult,
+    ConformanceFailure,
+    ConformanceLimitation,
+    Corrupter,
+    Limitation,
+    Skip,
+    StoreWriter,
+)
+from rdzvctl.testing.watch_cases import WATCH_CASES
 
 __all__ = [
     "CaseResult",
@@ -45,135 +56,21 @@ __all__ = [
     "BackendConformanceTests",
 ]
 
-BackendFactory = Callable[[str], RendezvousBackend]
-Corrupter = Callable[[RendezvousBackend], None]
-#: Writes a per-round store key of the backend's run the way torch's handler does:
-#: ``PrefixStore("torch.rendezvous.<run_id>.<round>", <the handler's store>).set(name, value)``.
-StoreWriter = Callable[[RendezvousBackend, int, str, bytes], None]
-
-
-class ConformanceFailure(AssertionError):
-    """A backend broke the contract."""
-
-
-class ConformanceLimitation(UserWarning):
-    """A backend has a limitation it declared (e.g. non-strict fencing)."""
-
-
-class _Limitation(Exception):
-    pass
-
-
-class _Skip(Exception):
-    pass
-
-
-@dataclass
-class CaseResult:
-    """The outcome of one case: ``pass``, ``fail``, ``limitation`` or ``skip``."""
-
-    name: str
-    description: str
-    outcome: str
-    detail: str = ""
-
-
-class _Context:
-    """What a case gets: a fresh run id, backends on it, and assertions."""
-
-    def __init__(self, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int,
-                 store_writer: Optional[StoreWriter] = None):
-        self.factory = factory
-        self.corrupter = corrupter
-        self.store_writer = store_writer
-        self.racers = racers
-        self.run_id = f"rdzvctl-conformance-{uuid.uuid4().hex[:12]}"
-        self.opened: List[RendezvousBackend] = []
-        self.backend = self.open()
-
-    def open(self, run_id: Optional[str] = None) -> RendezvousBackend:
-        backend = self.factory(run_id or self.run_id)
-        self.opened.append(backend)
-        return backend
-
-    def set(self, state: bytes, token: object = None, backend: Optional[RendezvousBackend] = None):
-        result = (backend or self.backend).set_state(state, token)
-        self.check(result is not None, f"set_state({state[:16]!r}..., {token!r}) returned None")
-        return result
-
-    def check(self, condition: bool, message: str) -> None:
-        if not condition:
-            raise ConformanceFailure(message)
-
-    def close(self) -> None:
-        """Remove everything the case's scratch runs left on the backend, then close."""
-        for backend in self.opened:
-            try:
-                if "clear" in backend.capabilities:
-                    current = backend.get_state()
-                    if current is not None:
-                        backend.clear(current[1])
-                _discard_scratch_run(backend)
-            except Exception:  # cleanup is best effort; the case result stands
-                pass
-            try:
-                backend.close()
-            except Exception:
-                pass
-
-
-def _discard_scratch_run(backend: RendezvousBackend) -> None:
-    """Remove what a cleared scratch run still leaves on a built-in backend.
-
-    A fenced ``clear`` keeps what protects a *reused* run id: c10d puts torch's
-    "no state" sentinel back (torch's own backend would recreate it anyway), Redis
-    keeps the run's version counter so a new state never reuses a token, etcd v2
-    keeps the directories it created under the key prefix, and etcd v3 leaves the
-    state's lease to expire (TTL).  Scratch run ids are never reused, so the kit
-    removes these too (an etcd v2 directory only while it is empty).  Other
-    backends are left as ``clear`` left them.
-    """
-    if backend.name == "c10d":
-        from rdzvctl.backends.c10d import NULL_SENTINEL
-
-        store = backend.store  # type: ignore[attr-defined]
-        if store.get(backend.key) == NULL_SENTINEL:  # type: ignore[attr-defined]
-            store.delete_key(backend.key)  # type: ignore[attr-defined]
-    elif backend.name == "redis":
-        counter = getattr(backend, "counter_key", None)
-        if counter and not backend.client.exists(backend.key):  # type: ignore[attr-defined]
-            backend.client.delete(counter)  # type: ignore[attr-defined]
-    elif backend.name == "etcd-v2":
-        directory = backend.key.rsplit("/", 1)[0]  # type: ignore[attr-defined]
-        while directory:
-            status, _, _ = backend._call("DELETE", directory, dir="true")  # type: ignore[attr-defined]
-            if status >= 300:  # not empty (someone else's runs live there) or already gone
-                return
-            directory = directory.rsplit("/", 1)[0]
-    elif backend.name == "etcd-v3":
-        if backend.get_state() is None:  # revoking a lease deletes the keys on it
-            for lease in list(getattr(backend, "_renewed", {})):
-                backend._gw.lease_revoke(lease)  # type: ignore[attr-defined]
-            backend._renewed = {}  # type: ignore[attr-defined]
-
-
 # -- torch's RendezvousBackendTestMixin, case for case -------------------------
-def get_returns_none_when_absent(ctx: _Context) -> None:
+def get_returns_none_when_absent(ctx: CaseContext) -> None:
     ctx.check(ctx.backend.get_state() is None, "get_state() on a new run did not return None")
 
 
-def get_returns_state_and_token(ctx: _Context) -> None:
+def get_returns_state_and_token(ctx: CaseContext) -> None:
     ctx.backend.set_state(b"x")
-    result = ctx.backend.get_state()
-    ctx.check(result is not None, "get_state() returned None after a write")
-    state, token = result
+    state, token = ctx.get(after="a write")
     ctx.check(state == b"x", f"get_state() returned {state!r}, expected b'x'")
     ctx.check(token is not None, "get_state() returned a None token")
 
 
-def get_raises_on_corrupt_state(ctx: _Context) -> None:
+def get_raises_on_corrupt_state(ctx: CaseContext) -> None:
     if ctx.corrupter is None:
-        raise _Skip("no way to corrupt the stored state was given")
+        raise Skip("no way to corrupt the stored state was given")
     ctx.corrupter(ctx.backend)
     try:
         ctx.backend.get_state()
@@ -182,14 +79,14 @@ def get_raises_on_corrupt_state(ctx: _Context) -> None:
     raise ConformanceFailure("get_state() on a corrupt stored state did not raise StateError")
 
 
-def set_creates_when_absent(ctx: _Context) -> None:
+def set_creates_when_absent(ctx: CaseContext) -> None:
     state, token, has_set = ctx.set(b"x")
     ctx.check(has_set is True, "set_state(b'x') with no token on a new run did not set")
     ctx.check(state == b"x", f"set_state returned {state!r}, expected b'x'")
     ctx.check(token is not None, "set_state returned a None token")
 
 
-def set_replaces_with_current_token(ctx: _Context) -> None:
+def set_replaces_with_current_token(ctx: CaseContext) -> None:
     _, token1, has_set1 = ctx.set(b"x")
     state2, token2, has_set2 = ctx.set(b"y", token1)
     ctx.check(has_set1 and has_set2, "a write with the current token did not set")
@@ -197,7 +94,7 @@ def set_replaces_with_current_token(ctx: _Context) -> None:
     ctx.check(token1 != token2, "the token did not change after a successful write")
 
 
-def set_refuses_old_token(ctx: _Context) -> None:
+def set_refuses_old_token(ctx: CaseContext) -> None:
     _, token1, _ = ctx.set(b"x")
     state2, token2, _ = ctx.set(b"y", token1)
     state3, token3, has_set = ctx.set(b"z", token1)
@@ -206,14 +103,14 @@ def set_refuses_old_token(ctx: _Context) -> None:
     ctx.check(ctx.backend.get_state() == (state2, token2), "a refused write changed the stored state")
 
 
-def set_refuses_no_token_when_present(ctx: _Context) -> None:
+def set_refuses_no_token_when_present(ctx: CaseContext) -> None:
     state1, token1, _ = ctx.set(b"x")
     state2, token2, has_set = ctx.set(b"y")
     ctx.check(has_set is False, "a write with no token over an existing state was accepted")
     ctx.check((state2, token2) == (state1, token1), "the refused write did not return the current state")
 
 
-def set_refuses_invalid_token(ctx: _Context) -> None:
+def set_refuses_invalid_token(ctx: CaseContext) -> None:
     state1, token1, _ = ctx.set(b"x")
     for bad in ("invalid", b"invalid", 10**12, -1, 1.5, object(), ("x",)):
         state2, token2, has_set = ctx.set(b"y", bad)
@@ -222,30 +119,30 @@ def set_refuses_invalid_token(ctx: _Context) -> None:
 
 
 # -- rdzvctl's stricter contract ------------------------------------------------
-def set_with_token_on_absent_state_writes_nothing(ctx: _Context) -> None:
+def set_with_token_on_absent_state_writes_nothing(ctx: CaseContext) -> None:
     _, token, _ = ctx.set(b"x")
     other = ctx.open(ctx.run_id + "-other")
     other.set_state(b"y", token)
     ctx.check(other.get_state() is None, "a token from another run created a state")
 
 
-def binary_safe(ctx: _Context) -> None:
+def binary_safe(ctx: CaseContext) -> None:
     payload = bytes(range(256)) * 4
     _, token, _ = ctx.set(payload)
-    state, _ = ctx.backend.get_state()
+    state, _ = ctx.get(after="writing the 256 byte values")
     ctx.check(state == payload, "the 256 byte values did not round-trip")
     big = os.urandom(1 << 20) + b"\x00\xff"
     _, _, has_set = ctx.set(big, token)
     ctx.check(has_set, "a 1 MiB state was not written")
-    state, _ = ctx.backend.get_state()
+    state, _ = ctx.get(after="writing a 1 MiB state")
     ctx.check(state == big, "a 1 MiB state did not round-trip")
 
 
-def racing_writers_one_wins(ctx: _Context) -> None:
+def racing_writers_one_wins(ctx: CaseContext) -> None:
     _, token, _ = ctx.set(b"start")
     racers = [ctx.open() for _ in range(ctx.racers)]
     barrier = threading.Barrier(len(racers))
-    results: List[object] = [None] * len(racers)
+    results: List[Union[None, SetResult, Exception]] = [None] * len(racers)
 
     def race(i: int) -> None:
         barrier.wait()
@@ -261,13 +158,13 @@ def racing_writers_one_wins(ctx: _Context) -> None:
         t.join()
     errors = [r for r in results if isinstance(r, Exception)]
     ctx.check(not errors, f"racing writers raised: {errors[:1]!r}")
-    winners = [i for i, r in enumerate(results) if r is not None and r[2]]
+    winners = [i for i, r in enumerate(results) if r is not None and not isinstance(r, Exception) and r[2]]
     ctx.check(len(winners) == 1, f"{len(winners)} of {len(racers)} racing writers won, expected exactly 1")
     final = ctx.backend.get_state()
     ctx.check(final is not None and final[0] == f"racer-{winners[0]}".encode(), "the stored state is not the winner's")
 
 
-def token_changes_on_equal_bytes(ctx: _Context) -> None:
+def token_changes_on_equal_bytes(ctx: CaseContext) -> None:
     _, token1, _ = ctx.set(b"same")
     _, token2, has_set = ctx.set(b"same", token1)
     ctx.check(has_set, "rewriting the same bytes with the current token did not set")
@@ -275,16 +172,16 @@ def token_changes_on_equal_bytes(ctx: _Context) -> None:
         ctx.check(token1 != token2, "the token did not change on a write of equal bytes (ABA)")
         return
     if token1 == token2:
-        raise _Limitation(
+        raise Limitation(
             f"the {ctx.backend.name} backend uses the value as its token: rewriting equal "
             "bytes keeps the token, so a writer cannot detect an A-B-A change"
         )
     raise ConformanceFailure("the backend declares strict_fencing=False but behaved strictly; declare it True")
 
 
-def clear_is_fenced(ctx: _Context) -> None:
+def clear_is_fenced(ctx: CaseContext) -> None:
     if "clear" not in ctx.backend.capabilities:
-        raise _Skip("the backend does not declare the clear capability")
+        raise Skip("the backend does not declare the clear capability")
     _, token1, _ = ctx.set(b"x")
     _, token2, _ = ctx.set(b"y", token1)
     ctx.check(ctx.backend.clear(token1) is False, "clear() with an old token removed the state")
@@ -295,33 +192,33 @@ def clear_is_fenced(ctx: _Context) -> None:
     ctx.check(has_set, "a tokenless write after clear() did not create the state")
 
 
-def list_runs_finds_run(ctx: _Context) -> None:
+def list_runs_finds_run(ctx: CaseContext) -> None:
     if "list_runs" not in ctx.backend.capabilities:
-        raise _Skip("the backend does not declare the list_runs capability")
+        raise Skip("the backend does not declare the list_runs capability")
     _, token, _ = ctx.set(b"listed")
     try:
         runs = {entry.run_id: entry.state for entry in ctx.backend.list_runs()}
     except UnsupportedOperationError as exc:
-        raise _Skip(str(exc)) from None
+        raise Skip(str(exc)) from None
     ctx.check(ctx.run_id in runs, f"list_runs() did not include run {ctx.run_id!r}")
     ctx.check(runs[ctx.run_id] == (b"listed", token), "list_runs() returned a different state or token than get_state()")
 
 
-def store_rounds_of_the_run(ctx: _Context) -> None:
+def store_rounds_of_the_run(ctx: CaseContext) -> None:
     if "store_keys" not in ctx.backend.capabilities:
-        raise _Skip("the backend does not declare the store_keys capability")
+        raise Skip("the backend does not declare the store_keys capability")
     try:
         empty = ctx.backend.store_rounds()
     except UnsupportedOperationError as exc:
-        raise _Skip(str(exc)) from None
+        raise Skip(str(exc)) from None
     ctx.check(empty == frozenset(), f"store_rounds() of a new run is {sorted(empty)}, expected none")
     ctx.check(ctx.backend.store_keys() == {}, "store_keys() of a new run is not empty")
     if ctx.store_writer is None:
         return  # nothing more can be checked without torch's handler store
     written = {"0/MASTER_ADDR": b"10.0.0.1", "3/MASTER_PORT": b"29500", "11/torchelastic/role_info/0": b"\x00\xff"}
     for name, value in written.items():
-        round_, _, key = name.partition("/")
-        ctx.store_writer(ctx.backend, int(round_), key, value)
+        round_, key = split_round_key(name) or (0, name)
+        ctx.store_writer(ctx.backend, round_, key, value)
     # Runs whose ids extend this one's must not count: "<id>.5" (a dot) and "<id>1".
     dotted, longer = ctx.open(ctx.run_id + ".5"), ctx.open(ctx.run_id + "1")
     ctx.store_writer(dotted, 2, "MASTER_ADDR", b"other")
@@ -333,38 +230,6 @@ def store_rounds_of_the_run(ctx: _Context) -> None:
     ctx.check(list(keys) == list(written), "store_keys() is not sorted by round then name")
     ctx.check(dotted.store_rounds() == frozenset({2}), "store_rounds() of run '<id>.5' is not [2]")
     ctx.check(longer.store_rounds() == frozenset({4}), "store_rounds() of run '<id>1' is not [4]")
-
-
-def watch_sees_change(ctx: _Context) -> None:
-    _, token, _ = ctx.set(b"before")
-    stop = threading.Event()
-    seen: List[object] = []
-    done = threading.Event()
-
-    def follow() -> None:
-        try:
-            for item in ctx.open().watch(interval=0.05, stop=stop):
-                seen.append(item)
-                if item is not None and item[0] == b"after":
-                    done.set()
-                    return
-                if len(seen) == 1:
-                    done.set()
-        except Exception as exc:
-            seen.append(exc)
-            done.set()
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    ctx.check(done.wait(10), "watch() did not yield the current state within 10 s")
-    done.clear()
-    ctx.set(b"after", token)
-    ok = done.wait(10)
-    stop.set()
-    errors = [s for s in seen if isinstance(s, Exception)]
-    ctx.check(not errors, f"watch() raised: {errors[:1]!r}")
-    ctx.check(ok, "watch() did not report a write within 10 s")
-    ctx.check(seen[0] is not None and seen[0][0] == b"before", "watch() did not start with the current state")
 
 
 CASES = [
@@ -384,21 +249,21 @@ CASES = [
     ("list_runs", "list_runs finds the run with its state and token", list_runs_finds_run),
     ("store_rounds", "store_rounds/store_keys list the run's per-round store keys, no other run's",
      store_rounds_of_the_run),
-    ("watch", "watch yields the current state, then each change", watch_sees_change),
+    *WATCH_CASES,
 ]
 
 
 def _run_case(func, factory: BackendFactory, corrupter: Optional[Corrupter], racers: int,
               store_writer: Optional[StoreWriter] = None) -> CaseResult:
     name, description = next((n, d) for n, d, f in CASES if f is func)
-    ctx: Optional[_Context] = None
+    ctx: Optional[CaseContext] = None
     try:
-        ctx = _Context(factory, corrupter, racers, store_writer)  # a factory that raises fails the case, not the run
+        ctx = CaseContext(factory, corrupter, racers, store_writer)  # a factory that raises fails the case, not the run
         func(ctx)
         return CaseResult(name, description, "pass")
-    except _Limitation as exc:
+    except Limitation as exc:
         return CaseResult(name, description, "limitation", str(exc))
-    except _Skip as exc:
+    except Skip as exc:
         return CaseResult(name, description, "skip", str(exc))
     except ConformanceFailure as exc:
         return CaseResult(name, description, "fail", str(exc))
@@ -469,5 +334,5 @@ def _make_test(name: str):
     return test
 
 
-for _name, _, _ in CASES:
-    setattr(BackendConformanceTests, f"test_{_name}", _make_test(_name))
+for _case in CASES:
+    setattr(BackendConformanceTests, f"test_{_case[0]}", _make_test(_case[0]))

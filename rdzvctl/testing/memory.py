@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Dict, FrozenSet, Iterator, Optional, Tuple
+from typing import Dict, FrozenSet, Iterator, Optional, Set, Tuple
 
 from rdzvctl.backends.base import RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
 from rdzvctl.errors import StateCorruptError
 
-__all__ = ["MemoryBackend"]
+__all__ = ["MemoryBackend", "forget_endpoint"]
 
 _LOCK = threading.Lock()
 _TABLE: Dict[Tuple[str, str], Tuple[bytes, int]] = {}
-_CORRUPT: set = set()
+_CORRUPT: Set[Tuple[str, str]] = set()
 #: Per-round store keys, as torch's handler store would hold them: (endpoint, run id) -> {(round, name): value}.
 _STORE: Dict[Tuple[str, str], Dict[Tuple[int, str], bytes]] = {}
 _VERSIONS = itertools.count(1)
@@ -72,6 +72,17 @@ class MemoryBackend(RendezvousBackend):
         for run, value in rows:
             yield RunEntry(run, value)
 
+    def peek(self) -> Optional[Tuple[bytes, int]]:
+        """The stored value and token as they are, corrupt or not (no contract call)."""
+        with _LOCK:
+            return _TABLE.get(self._key)
+
+    def drop(self) -> None:
+        """Remove the run's value unfenced, as another process deleting the key would."""
+        with _LOCK:
+            _TABLE.pop(self._key, None)
+            _CORRUPT.discard(self._key)
+
     def corrupt(self) -> None:
         """Make the next ``get_state`` fail as a corrupt stored value would."""
         with _LOCK:
@@ -91,3 +102,12 @@ class MemoryBackend(RendezvousBackend):
         """Store a per-round key as torch's handler would (``torch.rendezvous.<run_id>.<round>/<name>``)."""
         with _LOCK:
             _STORE.setdefault(self._key, {})[(round_, name)] = bytes(value)
+
+
+def forget_endpoint(endpoint: str) -> None:
+    """Remove every run and store key of ``endpoint`` (a test's clean-up)."""
+    with _LOCK:
+        for table in (_TABLE, _STORE):
+            for key in [k for k in table if k[0] == endpoint]:
+                del table[key]
+        _CORRUPT.difference_update({k for k in _CORRUPT if k[0] == endpoint})

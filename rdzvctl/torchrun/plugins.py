@@ -95,26 +95,21 @@ def address_from_params(params: "RendezvousParameters", backend: str) -> Address
 
 def create_redis_backend(params: "RendezvousParameters") -> Tuple["TorchRendezvousBackend", "RedisStore"]:
     """torch's (backend, store) pair on the Redis server ``params`` names."""
-    from rdzvctl.backends.redis_backend import RedisBackend, translate_error
+    from rdzvctl.backends.redis import RedisBackend
     from rdzvctl.torchrun.backend import TorchRendezvousBackend, torch_errors
     from rdzvctl.torchrun.stores import RedisStore
 
     address = address_from_params(params, RedisBackend.name)
     with torch_errors():
         backend = RedisBackend.from_address(address)
-        endpoint = backend.describe()
-
-        def translate(exc: BaseException) -> Exception:
-            return translate_error(exc, endpoint, address.timeout, backend.settings.secrets)
-
         store = RedisStore(
             backend.client,
             params.run_id,
-            ttl=backend.settings.ttl,
+            ttl=backend.ttl,
             timeout=timedelta(seconds=address.timeout),
-            endpoint=endpoint,
+            endpoint=backend.describe(),
             prefix=backend.store_prefix,
-            translate=translate,
+            translate=backend.translate_error,
         )
     return TorchRendezvousBackend(backend), store
 

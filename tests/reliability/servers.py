@@ -13,16 +13,17 @@ with an optional :class:`Server` behind it (what a fault test does to it):
 * ``etcd-v2`` / ``etcd-v3`` one etcd member (v2 API on) with a data directory
   that outlives its process.
 
-Servers are stopped by the fixtures that start them (see ``conftest.py``).
+Servers are stopped by the fixtures that start them (see ``conftest.py``).  The
+launchers are the test suite's own (:class:`tests.support.redis_server.RedisServer`,
+:class:`tests.support.etcd_server.EtcdCluster`) on the one harness,
+:mod:`tests.support.harness`; this module adds kill, restart and pause.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from typing import Dict, Iterator, List, Optional
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.backends.registry import open_backend
 from tests.support.etcd_server import EtcdCluster
+from tests.support.redis_server import RedisServer
 
 __all__ = [
     "BACKEND_IDS",
@@ -46,31 +48,10 @@ __all__ = [
     "FileLockHolder",
     "Target",
     "make_target",
-    "free_port",
 ]
 
 #: Every backend the suite runs against, in the order the summary lists them.
 BACKEND_IDS = ("c10d-tcp", "c10d-file", "redis", "etcd-v2", "etcd-v3")
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float, alive: "callable") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"the server on port {port} exited while starting")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
 
 class Server:
     """What a fault test does to a server: SIGKILL, start again, SIGSTOP/SIGCONT."""
@@ -246,61 +227,39 @@ class TcpStoreServer(Server):
 
 # -- redis ------------------------------------------------------------------------------
 class RedisAofServer(Server):
-    """redis-server with an fsync-always append-only file, restartable on its port."""
+    """redis-server with an fsync-always append-only file, restartable on its port.
+
+    The launcher is :class:`tests.support.redis_server.RedisServer`; this adds
+    what a fault test does to it.
+    """
 
     name = "redis-server"
 
     def __init__(self, directory: Path, persistent: bool = True, extra: Optional[List[str]] = None) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._port = free_port()
         self.persistent = persistent
-        self.extra = list(extra or [])
-        self.process: Optional[subprocess.Popen] = None
-        self.start()
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+        self.redis = RedisServer(Path(directory), [*aof, *(extra or [])])
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        return self.redis.process.pid
 
     @property
     def port(self) -> int:
-        return self._port
+        return self.redis.port
 
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.redis.process.poll() is None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.redis.endpoint
 
     def start(self) -> None:
-        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                   "--save", "", *aof, "--loglevel", "warning", *self.extra]
-        log = open(self.directory / "server.log", "ab")
-        try:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            log.close()
-        deadline = time.monotonic() + 15
-        while True:  # ready once it answers PING (the AOF is loaded by then)
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {(self.directory / 'server.log').read_text()[-1000:]}")
-            time.sleep(0.02)
+        self.redis.start()
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        self.redis.stop(signal.SIGKILL)
 
     def stop(self) -> None:
         self.kill()

@@ -39,7 +39,7 @@ from tests.reliability.common import (
 )
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import FileLockHolder, Target
-from tests.support.etcd_server import EtcdCluster, etcd_cluster  # noqa: F401
+from tests.support.etcd_server import EtcdCluster
 
 pytestmark = pytest.mark.slow
 
@@ -415,7 +415,7 @@ def _leader(cluster: EtcdCluster) -> int:
 
 
 @pytest.mark.parametrize("backend", ["etcd-v2", "etcd-v3"])
-def test_etcd_cluster_survives_losing_its_leader(etcd_cluster: EtcdCluster, recorder: Recorder,  # noqa: F811
+def test_etcd_cluster_survives_losing_its_leader(etcd_cluster: EtcdCluster, recorder: Recorder,
                                                  tmp_path: Any, backend: str) -> None:
     target = Target(f"{backend} 3-member", backend, etcd_cluster.endpoint)
     run_id = _run_id("leader")

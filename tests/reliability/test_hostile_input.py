@@ -38,14 +38,11 @@ from tests.reliability.malicious.corpus import EXTENSION_CODE, Payload, build_co
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target
 from tests.support.cli import invoke
-from tests.support.etcd_server import ROOT_PASSWORD, etcd_auth_server, etcd_tls_server  # noqa: F401
-from tests.support.redis_server import (  # noqa: F401
-    ACL_PASSWORD,
+from tests.support.etcd_server import ROOT_PASSWORD
+from tests.support.redis_server import (
     ACL_USER,
     DEFAULT_PASSWORD,
     make_tls_files,
-    redis_server_auth,
-    redis_server_tls,
 )
 
 FUZZ_INPUTS = int(os.environ.get("RDZVCTL_FUZZ_INPUTS", "100000"))
@@ -467,7 +464,7 @@ def _redis_auth_cases(server: Any) -> List[Tuple[str, List[str], dict, int]]:
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_redis_wrong_passwords_are_clear_and_never_printed(redis_server_auth: Any, verbose: bool) -> None:  # noqa: F811
+def test_redis_wrong_passwords_are_clear_and_never_printed(redis_server_auth: Any, verbose: bool) -> None:
     for name, (endpoint, conf), env, code in [(c[0], c[1], c[2], c[3]) for c in _redis_auth_cases(redis_server_auth)]:
         args = ["get", "--rdzv-backend", "redis", "--rdzv-endpoint", endpoint, "--rdzv-id", "j", "--timeout", "3"]
         result = invoke((["-v"] if verbose else []) + args + (["--rdzv-conf", conf] if conf else []), env=env)
@@ -478,7 +475,7 @@ def test_redis_wrong_passwords_are_clear_and_never_printed(redis_server_auth: An
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_etcd_wrong_passwords_are_clear_and_never_printed(etcd_auth_server: Any, verbose: bool) -> None:  # noqa: F811
+def test_etcd_wrong_passwords_are_clear_and_never_printed(etcd_auth_server: Any, verbose: bool) -> None:
     endpoint = etcd_auth_server.endpoint
     cases = [
         ("etcd-v3", f"username=root,password={WRONG_PASSWORD}", {}),
@@ -495,8 +492,8 @@ def test_etcd_wrong_passwords_are_clear_and_never_printed(etcd_auth_server: Any,
             assert "authentication" in assert_one_line_error(result.stderr) or "refused" in result.stderr
 
 
-def test_secrets_never_printed_by_the_real_process_with_verbose(redis_server_auth: Any,  # noqa: F811
-                                                               etcd_auth_server: Any) -> None:  # noqa: F811
+def test_secrets_never_printed_by_the_real_process_with_verbose(redis_server_auth: Any,
+                                                               etcd_auth_server: Any) -> None:
     """The installed entry point (main(), not click's runner), -v and RDZVCTL_VERBOSE: no password anywhere."""
     runs = [
         rdzvctl(["-v", "get", "--rdzv-backend", "redis", "--rdzv-endpoint",
@@ -514,7 +511,7 @@ def test_secrets_never_printed_by_the_real_process_with_verbose(redis_server_aut
     assert "Traceback" in runs[0].stderr  # -v really was verbose
 
 
-def test_bad_tls_material(redis_server_tls: Any, etcd_tls_server: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_bad_tls_material(redis_server_tls: Any, etcd_tls_server: Any, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
     other = make_tls_files(tmp_path / "other-ca")  # a CA that did not sign the servers' certificates

@@ -36,7 +36,7 @@ from rdzvctl.state.codec import encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from tests.reliability.common import REPO_ROOT, assert_one_line_error, cli_env, put_state
 from tests.reliability.servers import Target
-from tests.support.etcd_server import ROOT_PASSWORD, etcd_auth_server  # noqa: F401
+from tests.support.etcd_server import ROOT_PASSWORD
 from tests.support.redis_server import RedisServer
 
 #: Node addresses holding each class of dangerous character (the pid/local id follow as usual).
@@ -309,7 +309,7 @@ def test_redis_password_echoed_by_the_server_is_never_printed(redis_echoing_auth
     assert not list(tmp_path.iterdir())  # nothing was reachable, so nothing was backed up
 
 
-def test_etcd_credentials_in_the_url_are_used_and_never_printed(etcd_auth_server: Any,  # noqa: F811
+def test_etcd_credentials_in_the_url_are_used_and_never_printed(etcd_auth_server: Any,
                                                                 tmp_path: Path) -> None:
     port = etcd_auth_server.endpoint.rpartition(":")[2]
     wrong = f"http://root:{WRONG_PASSWORD}@127.0.0.1:{port}"

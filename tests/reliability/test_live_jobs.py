@@ -33,7 +33,7 @@ from tests.reliability.common import rdzvctl, spawn_rdzvctl
 from tests.reliability.recorder import Recorder
 from tests.reliability.servers import Target
 from tests.support import torch_handlers
-from tests.support.torch_handlers import NodeFactory, node_factory  # noqa: F401
+from tests.support.torch_handlers import NodeFactory
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
@@ -111,7 +111,7 @@ def _after_completion(events: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return events
 
 
-def test_readers_do_not_disturb_a_live_job(target: Target, node_factory: NodeFactory,  # noqa: F811
+def test_readers_do_not_disturb_a_live_job(target: Target, node_factory: NodeFactory,
                                            recorder: Recorder) -> None:
     handlers = _handler_target(target)
     run_id = f"live-{uuid.uuid4().hex[:8]}"
@@ -145,7 +145,7 @@ def test_readers_do_not_disturb_a_live_job(target: Target, node_factory: NodeFac
 
 
 @pytest.mark.parametrize("target", ["c10d-tcp", "redis", "etcd-v3"], indirect=True)
-def test_prune_racing_live_heartbeats(target: Target, node_factory: NodeFactory,  # noqa: F811
+def test_prune_racing_live_heartbeats(target: Target, node_factory: NodeFactory,
                                       recorder: Recorder, tmp_path: Any) -> None:
     handlers = _handler_target(target)
     run_id = f"prune-{uuid.uuid4().hex[:8]}"

@@ -18,7 +18,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 
@@ -185,14 +185,11 @@ def test_a_name_collision_never_overwrites(tmp_path: Path, monkeypatch: pytest.M
     import datetime as _dt
 
     import rdzvctl.backup as backup_module
+    import rdzvctl.clock
 
-    class Frozen(_dt.datetime):
-        @classmethod
-        def now(cls, tz: Optional[_dt.tzinfo] = None) -> "Frozen":
-            return cls(2026, 11, 24, 22, 0, 0, tzinfo=tz)
-
+    frozen = _dt.datetime(2026, 11, 24, 22, 0, 0, tzinfo=_dt.timezone.utc)
     monkeypatch.setattr(backup_module.secrets, "token_hex", lambda n: "c0ffee")
-    monkeypatch.setattr(backup_module._dt, "datetime", Frozen)
+    monkeypatch.setattr(rdzvctl.clock, "now_utc", lambda: frozen)
     first = write_backup(Backup("c10d", "e", "job42", {}, None, "t", "set", b"first"), tmp_path)
     with pytest.raises(UsageError):
         write_backup(Backup("c10d", "e", "job42", {}, None, "t", "set", b"second"), tmp_path)

@@ -7,14 +7,9 @@ list runs nor store keys).  Each test gets its own endpoint so runs never leak b
 tests.  Time is frozen at ``NOW`` so heartbeat ages and rendered output are
 stable.
 
-Import the fixtures a test module needs explicitly (and add
-``# ruff: noqa: F811`` since pytest passes them back as arguments)::
-
-    from tests.support.cli import (  # noqa: F401  (fixtures)
-        cli_env,
-        frozen_now,
-        memory,
-    )
+The fixtures (``cli_env``, ``frozen_now``, ``memory``) are registered for every
+test module by ``pytest_plugins`` in ``tests/conftest.py``: name them as
+arguments, import only the helpers (``invoke``, ``make_state``, ...).
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import datetime as _dt
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,13 +28,14 @@ import pytest
 from click.testing import CliRunner, Result
 
 import rdzvctl.backends.registry
-import rdzvctl.inspect
+import rdzvctl.clock
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.cli.main import cli
 from rdzvctl.state.codec import decode, encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from rdzvctl.testing import memory as memory_module
 from rdzvctl.testing.memory import MemoryBackend
+from tests.support.harness import free_port
 
 __all__ = [
     "NOW",
@@ -70,6 +65,14 @@ ENV = {"NO_COLOR": "1", "COLUMNS": "120", "RDZVCTL_FORCE_RICH": None, "RDZVCTL_V
        "PET_RDZV_ENDPOINT": None, "PET_RDZV_ID": None, "PET_RDZV_CONF": None, "EDITOR": None, "VISUAL": None}
 
 _ENDPOINTS = itertools.count(1)
+
+#: The backends the ``memory`` fixture registers, by ``--rdzv-backend`` name.
+MEMORY_BACKENDS = {
+    "memory": "rdzvctl.testing.memory:MemoryBackend",
+    "memory-racing": "tests.support.cli:RacingMemoryBackend",
+    "memory-broken": "tests.support.cli:BrokenMemoryBackend",
+    "memory-unlisted": "tests.support.cli:UnlistedMemoryBackend",
+}
 
 
 def node(index: int, addr: str = "trainer") -> NodeDesc:
@@ -124,7 +127,7 @@ class Memory:
         """Store ``state`` (a RendezvousState or raw bytes) over whatever is there; returns the token."""
         raw = state if isinstance(state, (bytes, bytearray)) else encode(state)
         backend = self.backend(run_id)
-        current = memory_module._TABLE.get((self.endpoint, run_id))
+        current = backend.peek()
         result = backend.set_state(bytes(raw), None if current is None else current[1])
         assert result is not None and result[2], "the fixture could not write"
         return result[1]
@@ -195,18 +198,14 @@ class BrokenMemoryBackend(MemoryBackend):
     name = "memory-broken"
 
     def set_state(self, state: bytes, token: Any = None) -> Any:
-        with memory_module._LOCK:
-            memory_module._TABLE[self._key] = (bytes(state), next(memory_module._VERSIONS))
-            return (*memory_module._TABLE[self._key], True)
+        self.drop()
+        return super().set_state(state, None)
 
 
 @pytest.fixture
 def frozen_now(monkeypatch: pytest.MonkeyPatch) -> _dt.datetime:
-    """Freeze rdzvctl's clock (``rdzvctl.inspect.now_utc`` and its module-level imports) at :data:`NOW`."""
-    import rdzvctl.cli.change
-
-    monkeypatch.setattr(rdzvctl.inspect, "now_utc", lambda: NOW)
-    monkeypatch.setattr(rdzvctl.cli.change, "now_utc", lambda: NOW)
+    """Freeze rdzvctl's clock (:func:`rdzvctl.clock.now_utc`, the one every caller uses) at :data:`NOW`."""
+    monkeypatch.setattr(rdzvctl.clock, "now_utc", lambda: NOW)
     return NOW
 
 
@@ -226,18 +225,11 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture
 def memory(monkeypatch: pytest.MonkeyPatch, cli_env: Path, frozen_now: _dt.datetime) -> Iterable[Memory]:
     """The memory backends registered, a fresh endpoint, frozen time, a clean environment."""
-    builtin = rdzvctl.backends.registry._BUILTIN
-    monkeypatch.setitem(builtin, "memory", "rdzvctl.testing.memory:MemoryBackend")
-    monkeypatch.setitem(builtin, "memory-racing", "tests.support.cli:RacingMemoryBackend")
-    monkeypatch.setitem(builtin, "memory-broken", "tests.support.cli:BrokenMemoryBackend")
-    monkeypatch.setitem(builtin, "memory-unlisted", "tests.support.cli:UnlistedMemoryBackend")
     monkeypatch.setattr(RacingMemoryBackend, "raced", 0)
     endpoint = f"mem-{os.getpid()}-{next(_ENDPOINTS)}"
-    yield Memory(endpoint)
-    with memory_module._LOCK:
-        for key in [k for k in memory_module._TABLE if k[0] == endpoint]:
-            del memory_module._TABLE[key]
-        memory_module._CORRUPT.difference_update({k for k in memory_module._CORRUPT if k[0] == endpoint})
+    with rdzvctl.backends.registry.register(MEMORY_BACKENDS):
+        yield Memory(endpoint)
+    memory_module.forget_endpoint(endpoint)
 
 
 def invoke(args: Sequence[str], input: Optional[str] = None, env: Optional[Dict[str, Optional[str]]] = None) -> Result:
@@ -264,6 +256,4 @@ def run_rdzvctl(args: Sequence[str], env: Optional[Dict[str, str]] = None, timeo
 
 def closed_port() -> int:
     """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()

@@ -12,16 +12,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 import pytest
+
+from tests.support.harness import free_port, stop_process, wait_ready
 
 __all__ = [
     "EtcdMember",
@@ -39,12 +39,6 @@ __all__ = [
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 ROOT_PASSWORD = "s3cret-Root-pw"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -103,9 +97,7 @@ class EtcdMember:
         return f"http://127.0.0.1:{self.peer_port}"
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_process(self.process, signal.SIGKILL)
 
 
 @dataclass
@@ -173,19 +165,13 @@ class EtcdCluster:
         if self.tls is not None:
             context = ssl.create_default_context(cafile=self.tls.ca_cert)
             context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert member.process is not None
-            if member.process.poll() is not None:
-                raise RuntimeError(f"etcd {member.name} exited: {self.log(member)[-2000:]}")
-            try:
-                with urllib.request.urlopen(member.client_url + "/health", timeout=1, context=context) as r:
-                    if json.load(r).get("health") == "true":
-                        return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"etcd {member.name} not healthy after {timeout} s: {self.log(member)[-2000:]}")
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(member.client_url + "/health", timeout=1, context=context) as answer:
+                return bool(json.load(answer).get("health") == "true")
+
+        wait_ready(healthy, member.process, timeout=timeout, what=f"etcd {member.name}", log=member.log_path,
+                   interval=0.05)
 
     def log(self, member: EtcdMember) -> str:
         try:

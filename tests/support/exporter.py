@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+from tests.support.harness import stop_process
+
 __all__ = ["ExporterProcess", "Page", "parse_page"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +106,13 @@ class ExporterProcess:
     def stderr(self) -> str:
         return "\n".join(self.stderr_lines)
 
+    def wait_stderr(self, text: str, timeout: float = 30.0) -> bool:
+        """Whether ``text`` shows up in what the exporter logged within ``timeout`` (its log is read by a thread)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return text in self.stderr
+
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1].split("/")[0])
@@ -122,13 +131,7 @@ class ExporterProcess:
         return Page(text)
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, signum, timeout)
         return self.process.returncode
 
     def __enter__(self) -> "ExporterProcess":

@@ -5,9 +5,8 @@ user, TLS-only (certificates made at test time with the ``openssl`` CLI), a
 single-node Redis Cluster, and a Sentinel watching a plain server.  Each
 server gets its own temporary directory and is stopped by its fixture.
 
-Import the fixtures you need explicitly::
-
-    from tests.support.redis_server import redis_server, redis_server_tls  # noqa: F401
+The fixtures are registered for every test module by ``pytest_plugins`` in
+``tests/conftest.py``; a test names them as arguments.
 """
 
 from __future__ import annotations
@@ -16,14 +15,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import BinaryIO, Iterator, List, Optional, Sequence
 
 import pytest
+
+from tests.support.harness import free_port, stop_process, wait_ready
 
 __all__ = [
     "RedisServer",
@@ -48,13 +47,6 @@ START_TIMEOUT = 10.0
 DEFAULT_PASSWORD = "s3cret-default-pw"
 ACL_USER = "trainer"
 ACL_PASSWORD = "s3cret-acl-pw"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -96,7 +88,12 @@ def make_tls_files(directory: Path) -> TlsFiles:
 
 
 class RedisServer:
-    """One redis-server (or sentinel) process with its own directory."""
+    """One redis-server (or sentinel) process with its own directory.
+
+    :meth:`start` may be called again after the process died: the server comes
+    back on the same port with the same arguments (and, with an append-only
+    file in ``args``, the same data) -- what the reliability suite's restarts use.
+    """
 
     def __init__(
         self,
@@ -135,25 +132,31 @@ class RedisServer:
         elif config is None:
             command += ["--port", str(self.port)]
         command += list(args)
+        self.command = command
         self.log = directory / "server.log"
-        self._log_file = open(self.log, "wb")
-        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self._log_file: Optional[BinaryIO] = None
+        self.process: subprocess.Popen = None  # type: ignore[assignment]  # set by start()
+        self.start()
+
+    def start(self) -> None:
+        """Start the process (again, after it died) and wait until it accepts connections."""
+        if self._log_file is not None:
+            self._log_file.close()
+        self._log_file = open(self.log, "ab")
+        since = self._log_file.tell()  # a restart is ready when *its* log says so
+        self.process = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            with open(self.log, "rb") as log:
+                log.seek(since)
+                text = log.read().decode(errors="replace")
+            return "Ready to accept connections" in text or (self.sentinel and "+monitor" in text)
+
         try:
-            self._wait_ready()
+            wait_ready(ready, self.process, timeout=START_TIMEOUT, what="redis-server", log=self.log)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited early:\n{self.log.read_text()[-2000:]}")
-            text = self.log.read_text(errors="replace")
-            if "Ready to accept connections" in text or (self.sentinel and "+monitor" in text):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start within {START_TIMEOUT} s")
 
     @property
     def endpoint(self) -> str:
@@ -200,16 +203,12 @@ class RedisServer:
         finally:
             os.kill(self.process.pid, signal.SIGCONT)
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log_file.close()
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop the process (SIGTERM, bounded; SIGKILL: a crash, no SIGCONT first)."""
+        stop_process(self.process, signum, timeout=5)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
 
 @contextlib.contextmanager
@@ -272,11 +271,8 @@ def redis_cluster_node(tmp_path_factory) -> Iterator[RedisServer]:
     ]
     with _running(directory, args) as server:
         server.cli("cluster", "addslotsrange", "0", "16383")
-        deadline = time.monotonic() + START_TIMEOUT
-        while "cluster_state:ok" not in server.cli("cluster", "info"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the one-node cluster did not become ready")
-            time.sleep(0.05)
+        wait_ready(lambda: "cluster_state:ok" in server.cli("cluster", "info"), server.process,
+                   timeout=START_TIMEOUT, what="the one-node cluster", log=server.log, interval=0.05)
         yield server
 
 

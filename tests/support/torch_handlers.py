@@ -5,9 +5,8 @@ that imports torch once and forks a node per :meth:`NodeFactory.spawn`; each nod
 is its own process (its own pid, so its own torch node id) that a test drives
 with commands (``next``, ``waiting``, ``closed``, ``shutdown``) and can kill
 with any signal.  A :class:`Target` says where a rendezvous lives and how both
-torch's handlers and rdzvctl address it.
-
-    from tests.support.torch_handlers import node_factory  # noqa: F401
+torch's handlers and rdzvctl address it.  ``node_factory`` is registered by
+``pytest_plugins`` in ``tests/conftest.py``::
 
     def test_round(node_factory, target):
         with node_factory.group(target, "job42", count=3) as nodes:

@@ -4,9 +4,8 @@ The TCPStore server runs in its own process so that latency measurements of our
 client and torch's do not share a GIL with it.  Each server listens on a free
 loopback port (torch picks it: port 0) and is stopped when its fixture ends.
 
-Import the fixtures explicitly in a test module::
-
-    from tests.support.torch_peer import tcpstore_libuv, tcpstore_legacy  # noqa: F401
+The fixtures (``tcpstore_libuv``, ``tcpstore_legacy``, ``tcpstore_server``,
+``filestore_path``) are registered by ``pytest_plugins`` in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ from datetime import timedelta
 from typing import Callable, Dict, Iterator
 
 import pytest
+
+from tests.support.harness import free_port
 
 __all__ = [
     "TcpStoreServer",
@@ -177,9 +178,7 @@ def filestore_path() -> Iterator[str]:
 # -- peers that are not a working TCPStore (error paths) -----------------------------
 def refused_port() -> int:
     """A loopback port nobody listens on (connecting is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 @contextlib.contextmanager

@@ -12,11 +12,9 @@ Everything is bounded: every wait takes a timeout (and raises
 :class:`JobTimeout` with the agents' logs), and :meth:`TorchrunJob.stop`
 (called by the ``torchrun_jobs`` fixture, or the ``with`` block) SIGKILLs
 every agent's process group and every worker (torch starts workers in
-sessions of their own), whatever happened::
-
-    from tests.support.etcd_server import etcd_server  # noqa: F401  (job_target needs both
-    from tests.support.redis_server import redis_server  # noqa: F401   server fixtures in scope)
-    from tests.support.torchrun_jobs import job_target, torchrun_jobs  # noqa: F401
+sessions of their own), whatever happened.  The fixtures (and the server
+fixtures ``job_target`` asks for) are registered by ``pytest_plugins`` in
+``tests/conftest.py``::
 
     @pytest.mark.parametrize("job_target", ["c10d", "redis", "etcd-v3"], indirect=True)
     def test_job(job_target, torchrun_jobs):

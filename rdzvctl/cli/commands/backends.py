@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict, List
+
 import click
 
+from rdzvctl.backends.base import CAPABILITIES
+from rdzvctl.backends.registry import get_backend_class, missing_modules, registered_backends
 from rdzvctl.cli.app import App, output_option
+from rdzvctl.cli.render import Table, render_tables
+from rdzvctl.errors import RdzvctlError
 
 
 @click.command("backends")
@@ -16,11 +22,7 @@ def command(ctx: click.Context, output: str) -> None:
     Backends come from the `rdzvctl.backends` entry-point group (built-ins
     included); any torch RendezvousBackend can also be used as module:factory.
     """
-    from rdzvctl.backends.base import CAPABILITIES
-    from rdzvctl.backends.registry import get_backend_class, missing_modules, registered_backends
-    from rdzvctl.errors import RdzvctlError
-
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for name, info in registered_backends().items():
         row = {"name": name, "target": info.target, "origin": info.origin, "summary": "", "usable": False,
                "missing": [], "capabilities": [], "strict_fencing": None, "error": None}
@@ -38,7 +40,6 @@ def command(ctx: click.Context, output: str) -> None:
     if output == "json":
         app.json({"schema": "rdzvctl.backends/v1", "backends": rows})
         return
-    from rdzvctl.cli.render import Table, render_tables
 
     def client(row: dict) -> str:
         if row["error"]:

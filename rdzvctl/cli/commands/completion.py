@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, List
 
 import click
+from click.shell_completion import CompletionItem, get_completion_class
+
+from rdzvctl.backends.base import Address
+from rdzvctl.backends.registry import open_backend, registered_backends
 
 SHELLS = ("bash", "zsh", "fish")
 
@@ -21,10 +26,6 @@ SAFE_RUN_ID = re.compile(r"[A-Za-z0-9._:@%+=,/-]{1,256}")
 
 def complete_backend(ctx: click.Context, param: click.Parameter, incomplete: str) -> List[Any]:
     """``--rdzv-backend`` values: every registered backend name."""
-    from click.shell_completion import CompletionItem
-
-    from rdzvctl.backends.registry import registered_backends
-
     return [CompletionItem(name) for name in registered_backends() if name.startswith(incomplete)]
 
 
@@ -35,16 +36,9 @@ def complete_run_id(ctx: click.Context, param: click.Parameter, incomplete: str)
     a completion must never print an error into the user's command line.
     Run ids that a shell would not take literally are never offered.
     """
-    import threading
-
-    from click.shell_completion import CompletionItem
-
     found: List[str] = []
 
     def ask() -> None:
-        from rdzvctl.backends.base import Address
-        from rdzvctl.backends.registry import open_backend
-
         timeout = min(ctx.params.get("timeout") or RUN_ID_TIMEOUT, RUN_ID_TIMEOUT)
         address = Address.from_env(ctx.params.get("rdzv_backend"), ctx.params.get("rdzv_endpoint"), None,
                                    ctx.params.get("rdzv_conf"), timeout)
@@ -71,9 +65,7 @@ def complete_run_id(ctx: click.Context, param: click.Parameter, incomplete: str)
 
 def completion_script(shell: str) -> str:
     """The script click generates for ``shell`` (also what completions/ holds)."""
-    from click.shell_completion import get_completion_class
-
-    from rdzvctl.cli.main import cli
+    from rdzvctl.cli.main import cli  # the root command imports this module lazily
 
     cls = get_completion_class(shell)
     if cls is None:  # pragma: no cover - click ships all three

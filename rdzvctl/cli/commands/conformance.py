@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from rdzvctl.backends.registry import open_backend
 from rdzvctl.cli.app import App, output_option, with_app
+from rdzvctl.cli.render import Table, render_tables
+from rdzvctl.testing.conformance import run_conformance
 
 
 @click.command("conformance")
@@ -22,9 +25,6 @@ def command(app: App, output: str, racers: int) -> None:
     --rdzv-id is not needed.
     Exit 0 when every case passes (declared limitations included), 1 otherwise.
     """
-    from rdzvctl.backends.registry import open_backend
-    from rdzvctl.testing.conformance import run_conformance
-
     address = app.address
 
     def factory(run_id: str):
@@ -39,8 +39,6 @@ def command(app: App, output: str, racers: int) -> None:
         app.json({"schema": "rdzvctl.conformance/v1", "backend": address.backend, "endpoint": endpoint,
                   "cases": [r.__dict__ for r in results], "passed": not failed})
     else:
-        from rdzvctl.cli.render import Table, render_tables
-
         render_tables(app, [("backend", f"{address.backend}  {endpoint}"),
                             ("result", "fail" if failed else "ok")],
                       [Table("Cases", ["case", "outcome", "description", "detail"],

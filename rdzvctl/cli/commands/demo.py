@@ -22,21 +22,24 @@ from typing import Any, Optional
 
 import click
 
+from rdzvctl import clock
+from rdzvctl.backends.base import Address
+from rdzvctl.backends.registry import open_backend
 from rdzvctl.cli.app import App
+from rdzvctl.errors import TokenConflictError
+from rdzvctl.fence import write_fenced
+from rdzvctl.state.codec import decode, encode
+from rdzvctl.state.model import NodeDesc, RendezvousState
 
 RUN_ID = "demo-job"
 
 
 def _dead_node():
-    from rdzvctl.state.model import NodeDesc
-
     return NodeDesc("trainer-3.cluster.local", 4103, 0)
 
 
 def demo_state(now: _dt.datetime):
     """Round 2 complete: three healthy participants, one dead one, nobody waiting (stuck)."""
-    from rdzvctl.state.model import NodeDesc, RendezvousState
-
     alive = [NodeDesc(f"trainer-{i}.cluster.local", 4100 + i, 0) for i in range(3)]
     dead = _dead_node()
     members = sorted(alive + [dead])
@@ -82,12 +85,6 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     agents, so the state stays true while you try the commands in another
     terminal; Ctrl-C stops it and removes the temporary directory.
     """
-    from rdzvctl.backends.base import Address
-    from rdzvctl.backends.registry import open_backend
-    from rdzvctl.fence import write_fenced
-    from rdzvctl.inspect import now_utc
-    from rdzvctl.state.codec import encode
-
     app = App(ctx, None, None, None, None, None)
     directory = path or tempfile.mkdtemp(prefix="rdzvctl-demo-")
     os.makedirs(directory, exist_ok=True)
@@ -98,7 +95,7 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     address = Address("c10d", store, RUN_ID, {"store_type": "file"})
     with open_backend(address) as backend:
         current = backend.get_state()
-        write_fenced(backend, None if current is None else current[1], encode(demo_state(now_utc())))
+        write_fenced(backend, None if current is None else current[1], encode(demo_state(clock.now_utc())))
     env = (f"export PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT={store} PET_RDZV_ID={RUN_ID} "
            f"PET_RDZV_CONF=store_type=file RDZVCTL_BACKUP_DIR={backups}")
     app.out(f"A rendezvous for run {RUN_ID!r} is in the FileStore {store}.\n")
@@ -134,12 +131,6 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
 
 def _run_live(address: Any, interval: float, duration: float) -> None:
     """Heartbeat the healthy nodes until interrupted, SIGTERM or ``duration`` seconds."""
-    from rdzvctl.backends.registry import open_backend
-    from rdzvctl.errors import TokenConflictError
-    from rdzvctl.fence import write_fenced
-    from rdzvctl.inspect import now_utc
-    from rdzvctl.state.codec import decode, encode
-
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -153,7 +144,7 @@ def _run_live(address: Any, interval: float, duration: float) -> None:
                 if current is None:  # cleared by the user: the demo's nodes are gone
                     continue
                 state = decode(current[0])
-                heartbeat(state, now_utc())
+                heartbeat(state, clock.now_utc())
                 try:
                     write_fenced(backend, current[1], encode(state))
                 except TokenConflictError:

@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
+from rdzvctl import clock, inspection
 from rdzvctl.cli.app import App, output_option, with_app
-from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, StateError
-from rdzvctl.state.analysis import SEVERITIES
-
-
-def check_raw(run_id: str, raw: Optional[bytes], error: Optional[BaseException], app: App,
-              now: Any, store_keys: Optional[Dict[str, bytes]] = None,
-              closed_since: Any = None) -> Tuple[Dict[str, Any], Any]:
-    """One run's report (status ok/info/warning/error/corrupt/unsafe/absent, phase, findings) and its state."""
-    from rdzvctl.inspect import assess, problem_for_error
-    from rdzvctl.state.codec import decode
-
-    state = None
-    if error is None and raw is not None:
-        try:
-            state = decode(raw)
-        except StateError as exc:
-            error = exc
-    if error is not None:
-        kind = getattr(error, "kind", "corrupt")
-        err = error if isinstance(error, StateError) else StateError(str(error))
-        return {"run_id": run_id, "status": kind, "phase": None, "problems": [problem_for_error(err)]}, None
-    if raw is None or state is None:
-        return {"run_id": run_id, "status": "absent", "phase": None, "problems": []}, None
-    life, findings = assess(state, now, run_id, app.keep_alive, app.max_nodes, store_keys, closed_since)
-    return {
-        "run_id": run_id,
-        "status": "ok" if not findings else max((f.severity for f in findings), key=SEVERITIES.index),
-        "round": state.round,
-        "phase": life.phase,
-        "lifecycle": life.to_json(),
-        "problems": [f.to_json() for f in findings],
-    }, state
+from rdzvctl.cli.render import Table, render_tables, with_progress
+from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, BackendUnavailableError, RdzvctlError, StateError
+from rdzvctl.inspection import check_run
+from rdzvctl.state.analysis import SEVERITIES, KeepAlive
+from rdzvctl.state.lifecycle import launch_verdict
 
 
 def exit_code(reports: List[Dict[str, Any]], fail_on: str) -> int:
@@ -48,23 +22,6 @@ def exit_code(reports: List[Dict[str, Any]], fail_on: str) -> int:
     if any(SEVERITIES.index(p["severity"]) >= threshold for r in reports for p in r["problems"]):
         return EXIT_PROBLEMS
     return EXIT_OK
-
-
-def _progress(app: App, entries: Iterator[Any]) -> Iterator[Any]:
-    """A progress display on stderr, only on a terminal."""
-    import sys
-
-    if not sys.stderr.isatty():
-        yield from entries
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-
-    with Progress(SpinnerColumn(), TextColumn("checking runs"), BarColumn(), MofNCompleteColumn(),
-                  transient=True, console=app.console(stderr=True)) as progress:
-        task = progress.add_task("runs", total=None)
-        for entry in entries:
-            yield entry
-            progress.advance(task)
 
 
 @click.command("corrupt-detect")
@@ -102,16 +59,14 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
     --fail-on (--for-launch: no), 5 no state (not with --for-launch: no
     state is a yes unless stale keys), 6 a state is corrupt or unsafe.
     """
-    from rdzvctl.inspect import now_utc
-
     if for_launch and all_runs:
         raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
-    now = now_utc()
+    now = clock.now_utc()
     verdict = None
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
-            reports = [check_raw(e.run_id, None if e.state is None else e.state[0], e.error, app, now)[0]
-                       for e in _progress(app, backend.list_runs())]
+            reports = [check_run(e.run_id, None if e.state is None else e.state[0], e.error, now, *_settings(app))[0]
+                       for e in with_progress(app, backend.list_runs())]
         reports = [r for r in reports if r["status"] != "absent"]
     else:
         with app.open() as backend:
@@ -120,14 +75,12 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
                 report, state = _settle(app, backend, now, keys)
             reports = [report]
             if for_launch and report["status"] not in ("corrupt", "unsafe"):
-                from rdzvctl.state.lifecycle import launch_verdict
-
                 ka = app.keep_alive
-                verdict = launch_verdict(state, now_utc(), ka.interval, ka.max_attempt, keys)
+                verdict = launch_verdict(state, clock.now_utc(), ka.interval, ka.max_attempt, keys)
         if reports[0]["status"] == "absent" and verdict is None:
             from rdzvctl.errors import NoStateError
 
-            raise NoStateError(f"no rendezvous state for run {backend.run_id!r} on {backend.describe()}")
+            raise NoStateError.for_run(backend.run_id, backend.describe())
     code = exit_code(reports, fail_on)
     if verdict is not None:
         code = EXIT_OK if verdict.ok else EXIT_PROBLEMS
@@ -150,44 +103,45 @@ def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, O
     """Read one run and its store keys (where the backend lists them) and check it.
 
     A stuck verdict while agents are alive stands only if it lasts
-    (``rdzvctl.inspect.CONFIRM_SECONDS``): stuck means nothing changes.
+    (``rdzvctl.inspection.CONFIRM_SECONDS``): stuck means nothing changes.
     """
-    from rdzvctl import inspect
-    from rdzvctl.errors import RdzvctlError
-
     keys = None
     try:
-        keys = inspect.read_store_keys(backend)
+        keys = inspection.read_store_keys(backend)
+    except BackendUnavailableError:
+        raise  # the state cannot be read either: one line, exit 4, not a note first
     except RdzvctlError as exc:
         app.err(f"note: the run's store keys could not be read ({exc}); MASTER_ADDR not checked")
-    report, state = inspect.reread_while(lambda: _read_one(app, backend, inspect.now_utc(), keys),
-                                         lambda checked: inspect.stays(checked[0]), inspect.CONFIRM_SECONDS,
+    report, state = inspection.reread_while(lambda: _read_one(app, backend, clock.now_utc(), keys),
+                                         lambda checked: inspection.stays(checked[0]), inspection.CONFIRM_SECONDS,
                                          first=_read_one(app, backend, now, keys))
     return report, state, keys
+
+
+def _settings(app: App) -> Tuple[KeepAlive, Optional[int]]:
+    """The --rdzv-conf settings a check uses: torch's keep-alive and max_nodes."""
+    return app.keep_alive, app.max_nodes
 
 
 def _read_one(app: App, backend: Any, now: Any, keys: Any, closed_since: Any = None) -> Tuple[Dict[str, Any], Any]:
     try:
         current = backend.get_state()
     except StateError as exc:
-        return check_raw(backend.run_id, None, exc, app, now)[0], None
-    return check_raw(backend.run_id, None if current is None else current[0], None, app, now, keys, closed_since)
+        return check_run(backend.run_id, None, exc, now, *_settings(app))[0], None
+    return check_run(backend.run_id, None if current is None else current[0], None, now, *_settings(app), keys,
+                     closed_since)
 
 
 def _settle(app: App, backend: Any, first_seen: Any, keys: Any) -> Tuple[Dict[str, Any], Any]:
     """Re-read a closed run until the phase is decided (finished or closed-under-live-agents), bounded."""
-    from rdzvctl import inspect
-
     ka = app.keep_alive
-    return inspect.reread_while(
-        lambda: _read_one(app, backend, inspect.now_utc(), keys, closed_since=first_seen),
+    return inspection.reread_while(
+        lambda: _read_one(app, backend, clock.now_utc(), keys, closed_since=first_seen),
         lambda checked: checked[0].get("phase") == "closing",
         ka.expiry.total_seconds() + ka.interval + 1.0, pause=min(1.0, ka.interval))
 
 
 def _render(app: App, reports: List[Dict[str, Any]], all_runs: bool, verdict: Any = None) -> None:
-    from rdzvctl.cli.render import Table, render_tables
-
     if all_runs:
         rows = [[r["run_id"], r["status"], r.get("phase") or "-", str(len(r["problems"])),
                  ", ".join(sorted({p["code"] for p in r["problems"]}))] for r in reports]

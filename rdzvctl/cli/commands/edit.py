@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from typing import Any, Optional
 
 import click
 
 from rdzvctl.cli.app import App, with_app, write_options
+from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import NoStateError, StateValidationError, UsageError
+from rdzvctl.inspection import take_snapshot
+from rdzvctl.state.codec import encode
+from rdzvctl.state.jsonform import JSONDocumentError, load_json_document, state_from_json, state_to_json
 
 HEADER = (
     "# Edit the rendezvous state of run {run_id!r} ({backend} {endpoint}), token {token}.\n"
@@ -40,18 +46,13 @@ def command(app: App, yes: bool, dry_run: bool, backup_dir: Optional[str]) -> No
     writes the state while you edit, nothing is written and the exit code is
     3: run edit again on the fresh state.
     """
-    from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import take_snapshot
-    from rdzvctl.state.codec import encode
-    from rdzvctl.state.jsonform import state_to_json
-
     with app.open() as backend:
         snap = take_snapshot(backend)
         if snap.error is not None:
             raise snap.error
         if snap.state is None:
-            raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to edit "
-                               "(use `rdzvctl set --create -f FILE` to create one)")
+            raise NoStateError.for_run(
+                snap.run_id, consequence="nothing to edit (use `rdzvctl set --create -f FILE` to create one)")
         if not dry_run:
             app.require_consent_possible(yes)  # before the editor: an edit nobody can confirm would be lost
         header = HEADER.format(run_id=snap.run_id, backend=snap.backend, endpoint=snap.endpoint,
@@ -103,22 +104,17 @@ def _run_editor(text: str) -> Optional[str]:
 
 
 def _parse(body: str) -> Any:
-    from rdzvctl.state.jsonform import state_from_json
-
     try:
-        doc = json.loads(body)
-    except ValueError as exc:
+        doc = load_json_document(body)
+    except JSONDocumentError as exc:
+        if exc.too_deep:
+            raise UsageError("the edited JSON nests too deeply") from None
         raise UsageError(f"the edited text is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise UsageError("the edited JSON nests too deeply") from None
     return state_from_json(doc)
 
 
 def _kept(error: UsageError, body: str, token: str) -> UsageError:
     """``error``, saying nothing was written and where the user's last edit is kept."""
-    import os
-    import tempfile
-
     fd, path = tempfile.mkstemp(prefix="rdzvctl-edit-", suffix=".json")
     with os.fdopen(fd, "w") as out:
         out.write(body)

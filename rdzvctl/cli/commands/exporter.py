@@ -25,8 +25,10 @@ def command(app: App, all_runs: bool, listen: Optional[str], max_runs: Optional[
     The backend is read at each scrape (one batched read where the backend
     can list runs) and only runs whose token changed are decoded.  A backend
     outage is rdzvctl_backend_up 0 and the exporter keeps serving.  Liveness
-    follows --rdzv-conf keep_alive_interval/keep_alive_max_attempt, the stuck
-    rendezvous alert --rdzv-conf join_timeout (torch's default 600 s).
+    follows --rdzv-conf keep_alive_interval/keep_alive_max_attempt, the join
+    timeout alert --rdzv-conf join_timeout (torch's default 600 s).  Each run's
+    lifecycle phase is rdzvctl_phase{phase}; a close is settled by watching it
+    for one keep-alive window, as corrupt-detect --settle does.
 
     \b
     Examples:

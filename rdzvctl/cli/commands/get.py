@@ -6,8 +6,11 @@ from typing import Any, Dict, Tuple
 
 import click
 
+from rdzvctl import inspection
 from rdzvctl.cli.app import App, output_option, with_app
+from rdzvctl.cli.render import render_get
 from rdzvctl.errors import EXIT_CORRUPT, EXIT_NO_STATE, NoStateError, UnsupportedOperationError
+from rdzvctl.inspection import describe, read_store_keys, reread_while, stays, take_snapshot
 
 
 @click.command("get")
@@ -29,15 +32,13 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
       rdzvctl get ... -o json | jq '.nodes[] | select(.alive == false)'
       rdzvctl get ... -o raw > state.pickle
     """
-    from rdzvctl.inspect import CONFIRM_SECONDS, read_store_keys, reread_while, stays, take_snapshot
-
     with app.open() as backend:
         snap = take_snapshot(backend)
         if output == "raw":
             if snap.raw is None:
                 if snap.error is not None:
                     raise snap.error
-                raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
+                raise NoStateError.for_run(snap.run_id, f"{snap.backend} {snap.endpoint}")
             app.raw(snap.raw)
             return
         keys = None
@@ -49,24 +50,20 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
             if keys is None and "store_keys" not in backend.capabilities:
                 app.err(f"note: the {backend.name} backend has no per-round store keys")
         if not snap.exists:
-            raise NoStateError(f"no rendezvous state for run {snap.run_id!r} on {snap.backend} {snap.endpoint}")
-        # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspect.CONFIRM_SECONDS).
+            raise NoStateError.for_run(snap.run_id, f"{snap.backend} {snap.endpoint}")
+        # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspection.CONFIRM_SECONDS).
         snap, doc = reread_while(lambda: _described(app, take_snapshot(backend), keys),
-                                 lambda pair: stays(pair[1]), CONFIRM_SECONDS,
+                                 lambda pair: stays(pair[1]), inspection.CONFIRM_SECONDS,
                                  first=_described(app, snap, keys))
     if output == "json":
         app.json(doc)
     else:
-        from rdzvctl.cli.render import render_get
-
         render_get(app, doc, all_nodes)
     if snap.error is not None:
         app.exit(EXIT_CORRUPT)
-    if not snap.exists:
+    if not snap.exists:  # removed while a stuck verdict was re-checked
         app.exit(EXIT_NO_STATE)
 
 
 def _described(app: App, snap: Any, keys: Any) -> Tuple[Any, Dict[str, Any]]:
-    from rdzvctl.inspect import describe
-
     return snap, describe(snap, app.keep_alive, app.max_nodes, keys)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app
+from rdzvctl.cli.render import Table, render_tables, with_progress
+from rdzvctl.inspection import check_run
 
 
 @click.command("list")
@@ -20,17 +23,14 @@ def command(app: App, output: str) -> None:
     every backend.  Needs a backend that can list runs (not every c10d store
     can).
     """
-    from rdzvctl.cli.commands.detect import _progress, check_raw
-    from rdzvctl.inspect import now_utc
-
-    now = now_utc()
+    now = clock.now_utc()
     rows = []
     with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
-        for entry in _progress(app, backend.list_runs()):
+        for entry in with_progress(app, backend.list_runs()):
             raw = None if entry.state is None else entry.state[0]
             if raw is None and entry.error is None:
                 continue  # e.g. c10d's "no state" sentinel
-            report, state = check_raw(entry.run_id, raw, entry.error, app, now)
+            report, state = check_run(entry.run_id, raw, entry.error, now, app.keep_alive, app.max_nodes)
             row = {"run_id": entry.run_id, "health": report["status"], "phase": report["phase"],
                    "round": None, "complete": None,
                    "participants": None, "waiting": None, "closed": None,
@@ -45,7 +45,6 @@ def command(app: App, output: str) -> None:
     if output == "json":
         app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
         return
-    from rdzvctl.cli.render import Table, render_tables
 
     def show(value: object) -> str:
         return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))

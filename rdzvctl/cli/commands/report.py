@@ -33,8 +33,9 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
       rdzvctl report --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id job42 --output incident.md
       rdzvctl report ... -o json | jq .repairs
     """
+    from rdzvctl.clock import now_utc
     from rdzvctl.doctor import diagnose
-    from rdzvctl.inspect import describe, now_utc
+    from rdzvctl.inspection import describe
     from rdzvctl.report import build_bundle, render_markdown, write_private_file
     from rdzvctl.text import json_text, safe_lines
 

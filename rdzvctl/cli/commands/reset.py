@@ -6,8 +6,14 @@ from typing import Any, Dict, Optional
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app, write_options
+from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import NoStateError, TokenConflictError
+from rdzvctl.inspection import take_snapshot
+from rdzvctl.round_keys import check_reopen, plan_clear
+from rdzvctl.state.analysis import prune_dead_nodes, reopen
+from rdzvctl.state.codec import encode
 
 #: How many dead nodes the prune plan names (the diff or its summary has the rest).
 PRUNE_NAMED = 5
@@ -44,19 +50,13 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     The backup path is printed; `rdzvctl restore PATH` puts a decodable state
     back (the bytes of a corrupt one are kept there for forensics only).
     """
-    from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import now_utc, take_snapshot
-    from rdzvctl.round_keys import check_reopen, plan_clear
-    from rdzvctl.state.analysis import prune_dead_nodes, reopen
-    from rdzvctl.state.codec import encode
-
     attempts = 1 + (retry if mode != "clear" else 0)
     with app.open() as backend:
         for attempt in range(attempts):
             snap = take_snapshot(backend)
             plan = plan_clear(backend, snap) if mode == "clear" else None
             if not snap.exists and plan is None:
-                raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to reset")
+                raise NoStateError.for_run(snap.run_id, consequence="nothing to reset")
             extra: Dict[str, Any] = {}
             notes = []
             if plan is not None:
@@ -74,7 +74,7 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
                     notes = [check_reopen(backend, snap.state)]
                     new_state = reopen(snap.state)
                 else:
-                    new_state, removed = prune_dead_nodes(snap.state, now_utc(), app.keep_alive, app.min_nodes)
+                    new_state, removed = prune_dead_nodes(snap.state, clock.now_utc(), app.keep_alive, app.min_nodes)
                     if not removed:
                         app.err(f"Run {snap.run_id!r} has no dead nodes: nothing to prune.")
                         return

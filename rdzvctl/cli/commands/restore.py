@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import click
 
+from rdzvctl.backends.base import Address, parse_conf
+from rdzvctl.backends.registry import open_backend
+from rdzvctl.backup import read_backup
 from rdzvctl.cli.app import App, output_option, with_app, write_options
+from rdzvctl.cli.change import apply_change
+from rdzvctl.errors import StateError, UsageError
+from rdzvctl.inspection import take_snapshot
+from rdzvctl.state.codec import decode
 
 
 @click.command("restore")
@@ -25,20 +33,10 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
     forensics, but restore never writes bytes torch cannot load: it exits 6
     and writes nothing (`reset --mode clear` starts over instead).
     """
-    from pathlib import Path
-
-    from rdzvctl.backends.base import Address, parse_conf
-    from rdzvctl.backends.registry import open_backend
-    from rdzvctl.backup import read_backup
-    from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import take_snapshot
-
     saved = read_backup(Path(backup_file))
     _check_restorable(backup_file, saved.state)
-    backend_name, endpoint, run_id, conf, timeout = app._flags
+    backend_name, endpoint, run_id, conf, timeout = app.flags
     if endpoint is None and "***" in saved.endpoint:
-        from rdzvctl.errors import UsageError
-
         raise UsageError(f"the backup's endpoint {saved.endpoint} had a password, which backups never keep: "
                          "pass the real one with --rdzv-endpoint")
     merged = dict(saved.conf)
@@ -57,9 +55,6 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
 
 def _check_restorable(backup_file: str, state: Optional[bytes]) -> None:
     """Refuse, before touching the backend, a backup whose bytes torch could not load."""
-    from rdzvctl.errors import StateError
-    from rdzvctl.state.codec import decode
-
     if state is None:
         return
     try:

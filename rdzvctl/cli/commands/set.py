@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from typing import Any, Optional, Tuple
 
 import click
 
+from rdzvctl import clock
 from rdzvctl.cli.app import App, output_option, with_app, write_options
+from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import NoStateError, StateValidationError, TokenConflictError, UsageError
+from rdzvctl.inspection import take_snapshot
+from rdzvctl.state import analysis
+from rdzvctl.state.analysis import remove_node
+from rdzvctl.state.codec import encode
+from rdzvctl.state.invariants import torch_invariant_violations
+from rdzvctl.state.jsonform import JSONDocumentError, load_json_document, state_from_document
+from rdzvctl.state.model import NodeDesc
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 
@@ -17,7 +26,7 @@ def read_document(source: str) -> Any:
     """Read a JSON document from a path or ``-``; errors are one line."""
     try:
         if source == "-":
-            data = click.get_binary_stream("stdin").read(MAX_INPUT_BYTES + 1)
+            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
         else:
             with open(source, "rb") as handle:
                 data = handle.read(MAX_INPUT_BYTES + 1)
@@ -26,11 +35,11 @@ def read_document(source: str) -> Any:
     if len(data) > MAX_INPUT_BYTES:
         raise UsageError(f"{source}: larger than {MAX_INPUT_BYTES} bytes; not a rendezvous state")
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return load_json_document(data)
+    except JSONDocumentError as exc:
+        if exc.too_deep:
+            raise UsageError(f"{source}: the JSON nests too deeply to be a rendezvous state") from None
         raise UsageError(f"{source}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise UsageError(f"{source}: the JSON nests too deeply to be a rendezvous state") from None
 
 
 @click.command("set")
@@ -71,13 +80,6 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
       rdzvctl set ... --no-closed
       rdzvctl set ... --remove-node node3_4711_0 --yes
     """
-    from rdzvctl.cli.change import apply_change
-    from rdzvctl.inspect import take_snapshot
-    from rdzvctl.state.analysis import remove_node
-    from rdzvctl.state.codec import encode
-    from rdzvctl.state.invariants import torch_invariant_violations
-    from rdzvctl.state.jsonform import state_from_document
-
     edits = any(v is not None for v in (closed, complete, round_)) or clear_deadline or remove_nodes or add_waiting
     if source is None and not edits:
         raise click.UsageError("nothing to write: give -f FILE or a field change (see --help)")
@@ -111,20 +113,13 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
                                      "nothing was written")
         if new_state is None:
             if snap.state is None:
-                raise NoStateError(f"no rendezvous state for run {snap.run_id!r}: nothing to change")
-            from rdzvctl.inspect import now_utc
-
+                raise NoStateError.for_run(snap.run_id, consequence="nothing to change")
             new_state = snap.state.copy()
             for node in nodes_out:
                 if node not in new_state.nodes:
                     raise StateValidationError("--remove-node", f"{node} is not in the state")
                 new_state = remove_node(new_state, node, app.min_nodes)
-            now = now_utc()
-            for node in nodes_in:
-                new_state.participants.pop(node, None)
-                new_state.redundancy_list.discard(node)
-                new_state.wait_list.add(node)
-                new_state.last_heartbeats[node] = now
+            new_state = analysis.add_waiting(new_state, nodes_in, clock.now_utc())
             if closed is not None:
                 new_state.closed = closed
             if complete is not None:
@@ -142,8 +137,6 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
 
 
 def _node(text: str, option: str) -> Any:
-    from rdzvctl.state.model import NodeDesc
-
     try:
         return NodeDesc.parse(text)
     except ValueError as exc:

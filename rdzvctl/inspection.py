@@ -1,20 +1,26 @@
 """Read a run once and describe it: the data every command renders.
 
 :func:`take_snapshot` does the I/O (one ``get_state``); :func:`describe`
-turns a snapshot into the documented ``get -o json`` document, which the
-renderers show as text.  No printing here.
+turns a snapshot into the documented ``get -o json`` document and
+:func:`check_run` a stored value into a ``corrupt-detect`` report (also the
+health column of ``list``), which the renderers show as text.  Time comes
+from :func:`rdzvctl.clock.now_utc`.  No printing here.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
-from rdzvctl.backends.base import RendezvousBackend, Token
+from rdzvctl import clock
+from rdzvctl.backends.base import RendezvousBackend, StateAndToken, Token
 from rdzvctl.errors import RdzvctlError, StateError
 from rdzvctl.state.analysis import (
     DEFAULT_KEEP_ALIVE,
+    SEVERITIES,
     Finding,
     KeepAlive,
     NodeStatus,
@@ -22,12 +28,13 @@ from rdzvctl.state.analysis import (
     node_statuses,
 )
 from rdzvctl.state.codec import decode
+from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
 from rdzvctl.state.jsonform import format_time, state_to_json
-from rdzvctl.state.lifecycle import Lifecycle
+from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
 from rdzvctl.state.model import RendezvousState
 
 __all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
-           "reread_while", "CONFIRM_SECONDS", "SCHEMA", "now_utc"]
+           "reread_while", "check_run", "CONFIRM_SECONDS", "SCHEMA"]
 
 #: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
 PROBE_TIMEOUT = 0.5
@@ -35,10 +42,6 @@ PROBE_TIMEOUT = 0.5
 SCHEMA = "rdzvctl.get/v1"
 
 T = TypeVar("T")
-
-
-def now_utc() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Snapshot:
         return self.raw is not None or self.error is not None
 
 
-def snapshot_from(backend: RendezvousBackend, current: Optional[tuple], error: Optional[StateError] = None,
+def snapshot_from(backend: RendezvousBackend, current: Optional[StateAndToken], error: Optional[StateError] = None,
                   run_id: Optional[str] = None) -> Snapshot:
     """Build a snapshot from an already-read ``(bytes, token)`` (or None)."""
     raw, token = current if current is not None else (None, None)
@@ -79,7 +82,7 @@ def snapshot_from(backend: RendezvousBackend, current: Optional[tuple], error: O
         token_text=None if token is None else backend.format_token(token),
         state=state,
         error=error,
-        fetched_at=now_utc(),
+        fetched_at=clock.now_utc(),
     )
 
 
@@ -93,11 +96,11 @@ def take_snapshot(backend: RendezvousBackend) -> Snapshot:
     try:
         current = backend.get_state()
     except StateError as exc:
-        return snapshot_from(backend, _stored_despite(backend, exc), exc)
+        return snapshot_from(backend, _stored_despite(backend), exc)
     return snapshot_from(backend, current)
 
 
-def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[tuple]:
+def _stored_despite(backend: RendezvousBackend) -> Optional[StateAndToken]:
     """The run's raw ``(value, token)`` from ``list_runs`` after ``get_state`` failed, if listed."""
     if "list_runs" not in backend.capabilities:
         return None
@@ -112,8 +115,6 @@ def _stored_despite(backend: RendezvousBackend, error: StateError) -> Optional[t
 
 def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
     """One bounded TCP connect: ``listening``, ``refused`` or ``unreachable`` (timeout, no route, no name)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -140,8 +141,6 @@ def reread_while(read: Callable[[], T], again: Callable[[T], bool], seconds: flo
                  first: Optional[T] = None) -> T:
     """``first`` (else ``read()``), then ``read()`` every ``pause`` s while ``again(result)`` holds,
     for at most ``seconds``."""
-    import time
-
     result = read() if first is None else first
     give_up = time.monotonic() + seconds
     while again(result) and time.monotonic() < give_up:
@@ -168,9 +167,6 @@ def assess(
     probe: bool = True,
 ) -> Tuple[Lifecycle, List[Finding]]:
     """The lifecycle and findings of a state; with store keys, the published rank-0 address is probed."""
-    from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
-    from rdzvctl.state.lifecycle import lifecycle, liveness
-
     life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
     findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
     if store_keys:
@@ -247,19 +243,23 @@ def summarize(state: RendezvousState, statuses: List[NodeStatus], remaining: Opt
     }
 
 
-def problem_for_error(error: StateError) -> Dict[str, Any]:
+def finding_for_error(error: StateError) -> Finding:
     """A state that cannot be decoded, as a finding."""
-    return {
-        "code": f"state-{error.kind}",
-        "severity": "error",
-        "message": str(error),
-        "repair": "rdzvctl reset --mode clear (a backup of the bytes is kept)",
-        "nodes": [],
-        "torch_next": "agents-fail",
-        "outlook": ("every agent unpickles it unchecked at its next sync (`_BackendRendezvousStateHolder.sync`): "
-                    "what it names runs there" if error.kind == "unsafe" else
-                    "every agent's next sync fails to load it (`_BackendRendezvousStateHolder.sync`)"),
-    }
+    return Finding(
+        code=f"state-{error.kind}",
+        severity="error",
+        message=str(error),
+        repair="rdzvctl reset --mode clear (a backup of the bytes is kept)",
+        torch_next="agents-fail",
+        outlook=("every agent unpickles it unchecked at its next sync (`_BackendRendezvousStateHolder.sync`): "
+                 "what it names runs there" if error.kind == "unsafe" else
+                 "every agent's next sync fails to load it (`_BackendRendezvousStateHolder.sync`)"),
+    )
+
+
+def problem_for_error(error: StateError) -> Dict[str, Any]:
+    """:func:`finding_for_error` as a ``problems`` entry of the JSON documents."""
+    return dict(finding_for_error(error).to_json())
 
 
 def stays(doc: Dict[str, Any]) -> bool:
@@ -267,7 +267,42 @@ def stays(doc: Dict[str, Any]) -> bool:
     return (doc.get("lifecycle") or {}).get("torch_next") == "stays"
 
 
-def worst_severity(problems: List[Dict[str, Any]]) -> Optional[str]:
-    order = ["info", "warning", "error"]
-    found = [order.index(p["severity"]) for p in problems]
-    return order[max(found)] if found else None
+
+def check_run(
+    run_id: str,
+    raw: Optional[bytes],
+    error: Optional[BaseException],
+    now: _dt.datetime,
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
+    max_nodes: Optional[int] = None,
+    store_keys: Optional[Dict[str, bytes]] = None,
+    closed_since: Optional[_dt.datetime] = None,
+) -> Tuple[Dict[str, Any], Optional[RendezvousState]]:
+    """One run's ``corrupt-detect`` report and its decoded state (None unless it decodes).
+
+    The report has ``status`` (ok, info, warning, error, corrupt, unsafe or
+    absent), ``phase`` and ``problems``; a readable state adds ``round`` and
+    ``lifecycle``.  ``error`` is why the stored value could not be read, if it
+    could not.
+    """
+    state = None
+    if error is None and raw is not None:
+        try:
+            state = decode(raw)
+        except StateError as exc:
+            error = exc
+    if error is not None:
+        kind = getattr(error, "kind", "corrupt")
+        err = error if isinstance(error, StateError) else StateError(str(error))
+        return {"run_id": run_id, "status": kind, "phase": None, "problems": [problem_for_error(err)]}, None
+    if raw is None or state is None:
+        return {"run_id": run_id, "status": "absent", "phase": None, "problems": []}, None
+    life, findings = assess(state, now, run_id, keep_alive, max_nodes, store_keys, closed_since)
+    return {
+        "run_id": run_id,
+        "status": "ok" if not findings else max((f.severity for f in findings), key=SEVERITIES.index),
+        "round": state.round,
+        "phase": life.phase,
+        "lifecycle": life.to_json(),
+        "problems": [f.to_json() for f in findings],
+    }, state
