@@ -304,6 +304,17 @@ class RendezvousBackend(ABC):
         cannot be listed (no ``store_keys`` capability, or a server too old)."""
         raise UnsupportedOperationError(f"the {self.name} backend has no per-round store keys")
 
+    def server_info(self) -> Dict[str, Any]:
+        """What the server says about itself, for ``rdzvctl doctor`` (optional).
+
+        A JSON-able dict with ``kind`` (``tcpstore``, ``filestore``, ``etcd``,
+        ``redis``, ...), ``endpoints`` (``[{"host", "port"}]`` to resolve and
+        connect to) and the settings that matter for rendezvous; the server's
+        answer failing becomes ``error`` (one line) instead of an exception, so
+        the endpoints are always there to probe.  Read-only.
+        """
+        raise UnsupportedOperationError(f"the {self.name} backend cannot describe its server")
+
     def store_rounds(self) -> FrozenSet[int]:
         """The rounds that have at least one per-round store key (empty: none).
 

@@ -22,7 +22,7 @@ never host a store).
 from __future__ import annotations
 
 import re
-from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
 
 from rdzvctl.backends.base import (
     Address,
@@ -224,6 +224,14 @@ class C10dBackend(RendezvousBackend):
                 if value is not None:
                     out[f"{round_}/{name.decode(errors='replace')}"] = value
         return out
+
+    def server_info(self) -> Dict[str, Any]:
+        """The TCPStore server (protocol, flavour) or the FileStore file (see ``server_info``)."""
+        from rdzvctl.backends.server_info import filestore_info, tcpstore_info
+
+        if isinstance(self.store, FileStore):
+            return filestore_info(self.store.path)
+        return tcpstore_info(self.store)
 
     def store_rounds(self) -> FrozenSet[int]:
         """The rounds with per-round keys, from the key names alone (no values fetched)."""

@@ -301,6 +301,12 @@ class EtcdV2Backend(RendezvousBackend):
         return doc if isinstance(doc, dict) else None
 
     # -- presentation ----------------------------------------------------------------
+    def server_info(self) -> Dict[str, Any]:
+        """Version, health, members, leader and whether v2 is on (see ``server_info``)."""
+        from rdzvctl.backends.server_info import etcd_info
+
+        return etcd_info(self._http)
+
     def describe(self) -> str:
         return self._http.describe()
 

@@ -297,6 +297,12 @@ class EtcdV3Backend(RendezvousBackend):
                     yield current, int(kv["mod_revision"]) + 1
 
     # -- presentation ------------------------------------------------------------------
+    def server_info(self) -> Dict[str, Any]:
+        """Version, health, members, leader and whether v2 is on (see ``server_info``)."""
+        from rdzvctl.backends.server_info import etcd_info
+
+        return etcd_info(self._gw.http, self._gw)
+
     def describe(self) -> str:
         return self._gw.describe()
 

@@ -43,6 +43,7 @@ CHECK = 5
 DELETE_KEY = 8
 MULTI_GET = 10
 PING = 13
+QUEUE_LEN = 16  # libuv server only
 LIST_KEYS = 17
 
 _U64 = struct.Struct("<Q")
@@ -371,6 +372,14 @@ class TcpStoreClient:
         with self._lock:
             deadline = self._send(_KEY_OP.pack(DELETE_KEY, len(key)) + key)
             return _I64.unpack(self._read(8, deadline))[0] > 0
+
+    def queue_len(self, key: Key) -> int:
+        """QUEUE_LEN of ``key`` (read-only; creates nothing).  Only torch's libuv server has it:
+        the legacy one drops the connection (:class:`~rdzvctl.errors.BackendUnavailableError`)."""
+        key = _b(key)
+        with self._lock:
+            deadline = self._send(_KEY_OP.pack(QUEUE_LEN, len(key)) + key)
+            return int(_I64.unpack(self._read(8, deadline))[0])
 
     def list_keys(self) -> List[bytes]:
         """Every wire key on the server (LIST_KEYS); servers without it raise

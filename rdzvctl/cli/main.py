@@ -34,6 +34,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "corrupt-detect": ("rdzvctl.cli.commands.detect", "Check one run or all runs for corruption and stuck states."),
     "reset": ("rdzvctl.cli.commands.reset", "Repair a run: clear, reopen or prune dead nodes (backed up)."),
     "restore": ("rdzvctl.cli.commands.restore", "Write a backup back, fenced, after showing the diff."),
+    "doctor": ("rdzvctl.cli.commands.doctor", "Check the endpoint, the run and its bootstrap: ok / warn / fail."),
+    "report": ("rdzvctl.cli.commands.report", "Write one Markdown incident report (state, findings, doctor, repairs)."),
     "list": ("rdzvctl.cli.commands.list_runs", "List the runs on a backend with their health."),
     "exporter": ("rdzvctl.cli.commands.exporter", "Serve /metrics for Prometheus: one run, several or every run."),
     "backends": ("rdzvctl.cli.commands.backends", "List the registered backends and their capabilities."),

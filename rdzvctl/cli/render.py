@@ -30,6 +30,7 @@ __all__ = [
     "render_event",
     "with_progress",
     "plan_summary",
+    "render_doctor",
     "fmt_age",
     "fmt_seconds",
     "SUMMARY_LIMIT",
@@ -38,7 +39,7 @@ __all__ = [
 #: Above this many nodes, ``get`` summarises unless ``--all-nodes``.
 SUMMARY_LIMIT = 50
 _STYLES = {"error": "bold red", "warning": "yellow", "info": "cyan", "alive": "green", "dead": "bold red",
-           "ok": "green", "corrupt": "bold red", "unsafe": "bold red"}
+           "ok": "green", "corrupt": "bold red", "unsafe": "bold red", "warn": "yellow", "fail": "bold red"}
 
 
 class Table:
@@ -366,3 +367,13 @@ def with_progress(app: "App", entries: Iterable[T], label: str = "checking runs"
         for entry in entries:
             yield entry
             progress.advance(task)
+
+
+def render_doctor(app: Any, doc: Dict[str, Any]) -> None:
+    """The ``doctor`` checklist: one line per check (status, name, finding -> what to do), then a verdict."""
+    rows = [[c["status"], c["name"], c["message"] + (f" -> {c['fix']}" if c.get("fix") else "")]
+            for c in doc["checks"]]
+    counts = doc["counts"]
+    pairs = [("backend", f"{doc['backend']}  {doc['endpoint']}"), ("run id", doc["run_id"] or "-"),
+             ("verdict", f"{doc['status']}  ({counts['ok']} ok, {counts['warn']} warn, {counts['fail']} fail)")]
+    render_tables(app, pairs, [Table("Checks", ["status", "check", "finding"], rows)])

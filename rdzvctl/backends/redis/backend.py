@@ -273,6 +273,12 @@ class RedisBackend(RendezvousBackend):
         """The rounds with per-round keys, from one SCAN of the key names (no values fetched)."""
         return frozenset(round_ for round_, _, _ in self._store_key_names())
 
+    def server_info(self) -> Dict[str, Any]:
+        """Version, role, cluster state and the settings rendezvous depends on (see ``server_info``)."""
+        from rdzvctl.backends.server_info import redis_info
+
+        return redis_info(self)
+
     # -- watch (driven by rdzvctl.backends.watching) ---------------------------------
     def node_client(self) -> Any:
         """A client of the server that owns the key (the cluster node, or the server itself)."""

@@ -1,0 +1,406 @@
+"""``doctor``'s checks: pure functions from data (server facts, a state, probe results) to verdicts.
+
+Each returns :class:`Check` lines: a stable ``name``, a ``status`` (``ok``,
+``warn`` or ``fail``), one line saying what was found and, unless ok, what
+to do.  No I/O here: :mod:`rdzvctl.doctor.run` gathers the data.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from rdzvctl.doctor.probes import Connection, Resolution, is_loopback_name
+from rdzvctl.state.analysis import SUSPICIOUS_RUN_IDS, KeepAlive, find_problems, node_statuses
+from rdzvctl.state.findings import master_addresses
+from rdzvctl.state.model import NodeDesc, RendezvousState
+
+__all__ = [
+    "Check", "STATUSES", "worst", "endpoint_checks", "server_checks", "run_checks", "node_checks",
+    "bootstrap_checks", "NETWORK_FILESYSTEMS", "FUTURE_TOLERANCE", "LOG_SIZE_WARN", "WRITES_PER_SECOND_WARN",
+]
+
+STATUSES = ("ok", "warn", "fail")
+
+#: Filesystems on which ``flock(2)`` is emulated or not coherent between hosts.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "glusterfs",
+                                 "fuse.glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "beegfs", "afs"})
+#: A heartbeat further than this in the future means the node's clock runs ahead of ours.
+FUTURE_TOLERANCE = _dt.timedelta(seconds=2)
+#: A FileStore log above this size slows every reader (torch never compacts it).
+LOG_SIZE_WARN = 64 << 20
+#: Whole-state rewrites per second (nodes / keep_alive_interval) above which contention hurts.
+WRITES_PER_SECOND_WARN = 100.0
+#: Codes of analysis findings that doctor reports as checks of its own.
+_OWN_CODES = frozenset({"heartbeat-in-future", "shared-run-id", "over-max-nodes", "participant-and-waiting"})
+_SHOW = 5
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the checklist."""
+
+    name: str
+    status: str
+    message: str
+    fix: str = ""
+    data: Dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> Dict[str, Any]:
+        doc: Dict[str, Any] = {"name": self.name, "status": self.status, "message": self.message, "fix": self.fix}
+        if self.data:
+            doc["data"] = self.data
+        return doc
+
+
+def worst(checks: Sequence[Check]) -> str:
+    return max((c.status for c in checks), key=STATUSES.index, default="ok")
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _show(items: Sequence[str]) -> str:
+    return ", ".join(items[:_SHOW]) + (f" and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+# -- the endpoint ---------------------------------------------------------------------------
+def endpoint_checks(endpoints: Sequence[Tuple[str, int]], resolved: Mapping[str, Resolution],
+                    connected: Mapping[Tuple[str, int], Connection]) -> List[Check]:
+    """Each endpoint resolves and accepts a TCP connection (with the time it took)."""
+    out: List[Check] = []
+    for host, port in endpoints:
+        where = f"{host}:{port}"
+        res = resolved.get(host)
+        if res is not None and not res.ok:
+            out.append(Check("endpoint.resolve", "fail", f"{host} does not resolve: {res.error}",
+                             "check the host name in --rdzv-endpoint and DNS (/etc/hosts, resolv.conf)"))
+            continue
+        if res is not None:
+            out.append(Check("endpoint.resolve", "ok", f"{host} -> {_show(list(res.addresses))} ({_ms(res.seconds)})"))
+        conn = connected.get((host, port))
+        if conn is None:
+            continue
+        if conn.ok:
+            out.append(Check("endpoint.connect", "ok", f"{where} accepts connections ({_ms(conn.seconds)})",
+                             data={"seconds": conn.seconds}))
+        else:
+            out.append(Check("endpoint.connect", "fail", f"cannot connect to {where}: {conn.error}",
+                             "is the server running and listening on that address? check firewalls and the port"))
+    return out
+
+
+def server_checks(info: Mapping[str, Any], backend: str) -> List[Check]:
+    """The server's identity and the settings that matter, by ``info["kind"]``."""
+    kind = info.get("kind")
+    if info.get("error"):
+        return [Check("endpoint.protocol", "fail", f"the server did not answer like {kind or backend}: {info['error']}",
+                      "check --rdzv-backend and --rdzv-endpoint point at the job's store")]
+    checker = {"tcpstore": _tcpstore, "filestore": _filestore, "etcd": _etcd, "redis": _redis}.get(str(kind))
+    return checker(info, backend) if checker else []
+
+
+def _tcpstore(info: Mapping[str, Any], backend: str) -> List[Check]:
+    out = [Check("endpoint.protocol", "ok", f"speaks torch's TCPStore protocol (PING {_ms(info.get('ping_seconds'))})")]
+    flavour = info.get("flavour")
+    if flavour == "libuv":
+        out.append(Check("tcpstore.flavour", "ok", "libuv server (torch's default since 2.4)"))
+    elif flavour == "legacy":
+        out.append(Check("tcpstore.flavour", "warn",
+                         "legacy (non-libuv) server: slower with many clients, and it does not wake waiters "
+                         "when compare_set creates a key",
+                         "start the store with torch's default (drop USE_LIBUV=0 / use_libuv=False)"))
+    else:
+        out.append(Check("tcpstore.flavour", "warn", "the server flavour could not be told (no answer in time)",
+                         "retry with a longer --timeout"))
+    if info.get("list_keys") is False:
+        out.append(Check("tcpstore.list-keys", "warn",
+                         "the server cannot list keys (torch predates LIST_KEYS): list and store-key checks are blind",
+                         "upgrade torch on the store host"))
+    return out
+
+
+def _filestore(info: Mapping[str, Any], backend: str) -> List[Check]:
+    path = str(info.get("path"))
+    out: List[Check] = []
+    if not info.get("exists"):
+        where = "its directory exists" if info.get("parent_exists") else "its directory does not exist either"
+        out.append(Check("filestore.path", "fail", f"the FileStore file {path} does not exist ({where})",
+                         "the job's store was removed or not created yet; check --rdzv-endpoint"))
+    elif not info.get("regular"):
+        out.append(Check("filestore.path", "fail", f"{path} is not a regular file", "point --rdzv-endpoint at the store file"))
+    else:
+        out.append(Check("filestore.path", "ok", f"{path} exists (mode {info.get('mode')}, uid {info.get('owner_uid')})"))
+        if not info.get("readable"):
+            out.append(Check("filestore.permissions", "fail", f"{path} is not readable by this user",
+                             "run as the job's user or fix the file's permissions"))
+        elif not info.get("writable"):
+            out.append(Check("filestore.permissions", "warn", f"{path} is read-only for this user: repairs will fail",
+                             "run repairs as the job's user"))
+        elif int(str(info.get("mode") or "0"), 8) & 0o002:
+            out.append(Check("filestore.permissions", "warn", f"{path} is writable by every user",
+                             f"chmod o-w {path}"))
+        else:
+            out.append(Check("filestore.permissions", "ok", "readable and writable by this user"))
+        size = int(info.get("size") or 0)
+        if size > LOG_SIZE_WARN:
+            out.append(Check("filestore.size", "warn",
+                             f"the log is {size / (1 << 20):.0f} MiB: torch never compacts it and every reader replays it",
+                             "start the next job on a fresh FileStore path"))
+        else:
+            out.append(Check("filestore.size", "ok", f"the log is {size} bytes"))
+    fstype = info.get("fstype")
+    if fstype is None:
+        out.append(Check("filestore.filesystem", "warn", "the filesystem type could not be read (/proc/mounts)"))
+    elif str(fstype) in NETWORK_FILESYSTEMS or str(fstype).startswith("fuse."):
+        out.append(Check("filestore.filesystem", "warn",
+                         f"{path} is on {fstype} ({info.get('mount')}): flock there may not exclude writers on other "
+                         "hosts, so concurrent writes can interleave",
+                         "keep the FileStore on a local filesystem, or use the TCPStore (store_type=tcp)"))
+    else:
+        out.append(Check("filestore.filesystem", "ok", f"{fstype} ({info.get('mount')})"))
+    return out
+
+
+def _etcd(info: Mapping[str, Any], backend: str) -> List[Check]:
+    out = [Check("endpoint.protocol", "ok", f"etcd {info.get('version')} (cluster version {info.get('cluster_version')})")]
+    if info.get("health") is False:
+        out.append(Check("etcd.health", "fail", "the cluster reports itself unhealthy (/health)",
+                         "etcdctl endpoint health --cluster; check quorum"))
+    elif info.get("health"):
+        out.append(Check("etcd.health", "ok", "healthy"))
+    if info.get("v3_error"):
+        out.append(Check("etcd.members", "warn", f"members and leader unknown: {info['v3_error']}"))
+    elif "members" in info:
+        members = [str(m.get("name") or m.get("id")) for m in info.get("members") or []]
+        if not info.get("leader"):
+            out.append(Check("etcd.members", "fail", f"{len(members)} member(s) ({_show(members)}) and no leader",
+                             "etcdctl endpoint status --cluster; a cluster without quorum cannot write"))
+        else:
+            leader = info.get("leader_name") or info.get("leader")
+            out.append(Check("etcd.members", "ok", f"{len(members)} member(s) ({_show(members)}), leader {leader}"))
+    v2 = info.get("v2_enabled")
+    if backend == "etcd-v2":
+        if v2:
+            out.append(Check("etcd.v2", "ok", "the v2 API is on (torch's etcd-v2 backend needs it)"))
+        else:
+            out.append(Check("etcd.v2", "fail", "the v2 API is off: torch's etcd-v2 backend cannot work",
+                             "start etcd (< 3.6) with --enable-v2=true, or move the job to --rdzv-backend etcd-v3"))
+    else:
+        out.append(Check("etcd.v2", "ok", f"the v2 API is {'on' if v2 else 'off'} (not needed by {backend})"))
+    return out
+
+
+def _redis(info: Mapping[str, Any], backend: str) -> List[Check]:
+    out = [Check("endpoint.protocol", "ok", f"Redis {info.get('version')} ({info.get('mode')}), role {info.get('role')}")]
+    role = str(info.get("role") or "")
+    if role in ("slave", "replica"):
+        out.append(Check("redis.role", "fail", "the endpoint is a read-only replica: every write fails",
+                         "point --rdzv-endpoint at the primary (or use sentinel_master)"))
+    if info.get("cluster_enabled"):
+        state = info.get("cluster_state")
+        if state == "ok":
+            out.append(Check("redis.cluster", "ok", "cluster state ok"))
+        else:
+            out.append(Check("redis.cluster", "fail", f"cluster state is {state or 'unknown'}",
+                             "redis-cli cluster info; fix the failed slots/nodes"))
+    flags = info.get("notify_keyspace_events")
+    if flags is None:
+        out.append(Check("redis.keyspace-events", "warn", "notify-keyspace-events unknown (CONFIG not allowed): "
+                         "watch may have to poll", "allow CONFIG GET, or accept polling"))
+    elif "K" in flags and ("A" in flags or ("g" in flags and "h" in flags)):
+        out.append(Check("redis.keyspace-events", "ok", f"notify-keyspace-events {flags!r}: native watch works"))
+    else:
+        out.append(Check("redis.keyspace-events", "warn",
+                         f"notify-keyspace-events is {flags!r}: no keyspace notifications, so watch polls",
+                         "redis-cli CONFIG SET notify-keyspace-events KA (or add Kgh to the existing flags)"))
+    policy = info.get("maxmemory_policy")
+    limit = info.get("maxmemory")
+    if policy is None:
+        out.append(Check("redis.maxmemory-policy", "warn", "maxmemory-policy unknown (CONFIG not allowed)",
+                         "make sure the server uses noeviction"))
+    elif policy != "noeviction":
+        bound = "no limit set yet" if str(limit) in ("0", "None") else f"maxmemory {limit} bytes"
+        out.append(Check("redis.maxmemory-policy", "fail",
+                         f"maxmemory-policy is {policy} ({bound}): under memory pressure Redis may evict the "
+                         "rendezvous state (its keys have a TTL) and the job restarts from round 0",
+                         "redis-cli CONFIG SET maxmemory-policy noeviction (and in redis.conf)"))
+    else:
+        out.append(Check("redis.maxmemory-policy", "ok", "noeviction: the state is never evicted"))
+    save = info.get("save")
+    aof = info.get("aof_enabled")
+    persisted = bool(save) or bool(aof)
+    out.append(Check("redis.persistence", "ok",
+                     f"RDB save {save!r}, AOF {'on' if aof else 'off'}: " + (
+                         "a restarted server reloads the last saved (possibly stale) state" if persisted
+                         else "a restarted server comes back empty (the agents start over at round 0)")))
+    return out
+
+
+# -- the run --------------------------------------------------------------------------------
+def run_checks(run_id: str, state: Optional[RendezvousState], error: Optional[str],
+               now: _dt.datetime, keep_alive: KeepAlive, max_nodes: Optional[int]) -> List[Check]:
+    """The run id, whether the state decodes, and the analysis findings doctor has no own check for."""
+    out: List[Check] = []
+    if run_id.strip() in SUSPICIOUS_RUN_IDS:
+        out.append(Check("run.id", "warn", f"the run id {run_id!r} is a common default that unrelated jobs share "
+                         "(a new job then fails with RendezvousClosedError)", "give each job a unique --rdzv-id"))
+    else:
+        out.append(Check("run.id", "ok", f"run id {run_id!r}"))
+    if error is not None:
+        out.append(Check("run.state", "fail", f"the state does not decode: {error}",
+                         "rdzvctl corrupt-detect (explains why); then rdzvctl reset --mode clear (backed up)"))
+        return out
+    if state is None:
+        out.append(Check("run.state", "warn",
+                         f"no state for run {run_id!r}: the job has not started yet, or uses another run id or backend",
+                         "compare --rdzv-id/--rdzv-endpoint with the job's torchrun flags; rdzvctl list"))
+        return out
+    participants = len(state.participants)
+    out.append(Check("run.state", "ok", f"round {state.round}, {'complete' if state.complete else 'forming'}"
+                     f"{', closed' if state.closed else ''}, {participants} participant(s), "
+                     f"{len(state.wait_list)} waiting, {len(state.redundancy_list)} redundant"))
+    findings = [f for f in find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id)
+                if f.code not in _OWN_CODES and f.severity != "info"]
+    if findings:
+        status = "fail" if any(f.severity == "error" for f in findings) else "warn"
+        first = findings[0]
+        outlook = getattr(first, "outlook", "")
+        out.append(Check("run.findings", status,
+                         f"{len(findings)} finding(s): {', '.join(f.code for f in findings)}; first: {first.message}"
+                         + (f"; torch next: {outlook}" if outlook else ""),
+                         first.repair or "rdzvctl corrupt-detect", data={"codes": [f.code for f in findings]}))
+    else:
+        out.append(Check("run.findings", "ok", "no warnings or errors in the state"))
+    return out
+
+
+def node_checks(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive, max_nodes: Optional[int],
+                resolved: Mapping[str, Resolution], tolerance: _dt.timedelta = FUTURE_TOLERANCE) -> List[Check]:
+    """Node addresses (resolve, loopback among remote hosts), duplicates, clock skew, keep-alive, max_nodes."""
+    out: List[Check] = []
+    nodes = sorted(state.nodes)
+    addrs = sorted({n.addr for n in nodes})
+    bad = [a for a in addrs if a in resolved and not resolved[a].ok and not resolved[a].timed_out]
+    slow = [a for a in addrs if a in resolved and resolved[a].timed_out]
+    if bad:
+        shown = [f"{a} ({resolved[a].error})" for a in bad]
+        out.append(Check("nodes.resolve", "fail",
+                         f"{len(bad)} of {len(addrs)} node address(es) do not resolve here: {_show(shown)}",
+                         "fix the nodes' host names or DNS, or give torchrun --local-addr a resolvable address",
+                         data={"unresolved": bad}))
+    elif not slow:
+        out.append(Check("nodes.resolve", "ok", f"all {len(addrs)} node address(es) resolve"))
+    if slow:
+        out.append(Check("nodes.resolve", "warn",
+                         f"the resolver did not answer in time for {len(slow)} of {len(addrs)} node address(es): "
+                         f"{_show(slow)}", "retry with a longer --dns-timeout; a slow resolver also delays the "
+                         "nodes' own lookups", data={"timed_out": slow}))
+    arpa = [a for a in addrs if a.rstrip(".").lower().endswith(".arpa")]
+    if arpa:
+        out.append(Check("nodes.reverse-names", "warn", f"reverse-lookup names used as node addresses: {_show(arpa)}",
+                         "set the hosts' names (hostname -f) or pass torchrun --local-addr"))
+    loop = [a for a in addrs if is_loopback_name(a) or (a in resolved and resolved[a].loopback)]
+    remote_hosts = {resolved[a].addresses for a in addrs if a not in loop and a in resolved and resolved[a].ok}
+    if loop and remote_hosts:
+        out.append(Check("nodes.loopback", "fail",
+                         f"loopback address(es) {_show(loop)} among nodes on {len(remote_hosts)} other host(s): "
+                         "peers would connect to themselves",
+                         "give those nodes a routable address (torchrun --local-addr, or fix /etc/hosts)",
+                         data={"loopback": loop}))
+    elif loop:
+        out.append(Check("nodes.loopback", "ok", "every node is on this host's loopback (a single-host run)"))
+    else:
+        out.append(Check("nodes.loopback", "ok", "no loopback addresses"))
+    out.append(_duplicates(state))
+    future = [(s.node.id, -s.age) for s in node_statuses(state, now, keep_alive)
+              if s.age is not None and -s.age > tolerance.total_seconds()]
+    if future:
+        future.sort(key=lambda item: -item[1])
+        shown = [f"{node} (+{ahead:.1f} s)" for node, ahead in future]
+        out.append(Check("nodes.clock", "warn",
+                         f"{len(future)} heartbeat(s) lie more than {tolerance.total_seconds():g} s in the future: "
+                         f"{_show(shown)}; those nodes' clocks (or this machine's) are off, so liveness is misjudged",
+                         "synchronise the clocks (NTP/chrony) on the nodes and here", data={"ahead": dict(future)}))
+    else:
+        out.append(Check("nodes.clock", "ok", f"no heartbeat more than {tolerance.total_seconds():g} s in the future"))
+    out.append(_keep_alive(len(nodes), keep_alive))
+    if max_nodes is not None:
+        count = len(state.participants)
+        if count > max_nodes:
+            out.append(Check("nodes.max-nodes", "fail", f"{count} participants exceed max_nodes={max_nodes}",
+                             "rdzvctl reset --mode prune (dead nodes) or reset --mode clear"))
+        else:
+            out.append(Check("nodes.max-nodes", "ok", f"{count} participant(s) within max_nodes={max_nodes}"))
+    return out
+
+
+def _duplicates(state: RendezvousState) -> Check:
+    lists = {"participants": set(state.participants), "wait list": state.wait_list,
+             "redundancy list": state.redundancy_list}
+    twice = sorted(str(n) for n in state.nodes if sum(n in group for group in lists.values()) > 1)
+    if twice:
+        return Check("nodes.duplicates", "fail", f"node(s) in more than one list: {_show(twice)}",
+                     "rdzvctl set --remove-node NODE, then let it rejoin", data={"nodes": twice})
+    by_process: Dict[Tuple[str, int], List[NodeDesc]] = {}
+    for node in state.participants:
+        by_process.setdefault((node.addr, node.pid), []).append(node)
+    again = sorted(str(n) for group in by_process.values() if len(group) > 1 for n in group)
+    if again:
+        return Check("nodes.duplicates", "warn",
+                     f"one agent process joined the round more than once (same address and pid): {_show(again)}",
+                     "a stale handler in that process? restart that agent", data={"nodes": again})
+    return Check("nodes.duplicates", "ok", "no node appears twice")
+
+
+def _keep_alive(count: int, keep_alive: KeepAlive) -> Check:
+    rate = count / keep_alive.interval if keep_alive.interval else 0.0
+    setting = f"keep_alive_interval={keep_alive.interval:g}s x keep_alive_max_attempt={keep_alive.max_attempt}"
+    if keep_alive.max_attempt < 3:
+        return Check("nodes.keep-alive", "warn",
+                     f"{setting}: one late heartbeat (torch beats about once a second while a round forms) "
+                     "can expire a live node", "use keep_alive_max_attempt >= 3 (the job's and rdzvctl's --rdzv-conf)")
+    if rate > WRITES_PER_SECOND_WARN:
+        suggested = -(-count // int(WRITES_PER_SECOND_WARN))
+        return Check("nodes.keep-alive", "warn",
+                     f"{setting} with {count} nodes: about {rate:.0f} whole-state rewrites a second, each a "
+                     "compare-and-set that conflicts with the others",
+                     f"raise keep_alive_interval to about {suggested} s for this many nodes (torch #145228)")
+    return Check("nodes.keep-alive", "ok", f"{setting}; {count} node(s), about {rate:.1f} state writes a second")
+
+
+# -- the round's bootstrap ----------------------------------------------------------------------
+def bootstrap_checks(state: Optional[RendezvousState], keys: Optional[Mapping[str, bytes]],
+                     resolved: Mapping[str, Resolution], connected: Mapping[Tuple[str, int], Connection],
+                     note: Optional[str] = None) -> List[Check]:
+    """MASTER_ADDR/MASTER_PORT of the latest round that has them: they resolve and something listens."""
+    if keys is None:
+        return [Check("bootstrap.master", "ok", note or "the backend cannot list the round's store keys (not checked)")]
+    found = bootstrap_target(keys, None if state is None else state.round)
+    if found is None:
+        return [Check("bootstrap.master", "ok", "no MASTER_ADDR/MASTER_PORT stored for this run (nothing to check)")]
+    round_, host, port = found
+    current = state is not None and round_ == state.round
+    label = f"round {round_}" + ("" if current else f" (the state is at round {state.round})" if state else "")
+    where = f"{host}:{port}"
+    res = resolved.get(host)
+    if res is not None and not res.ok:
+        return [Check("bootstrap.master", "fail", f"{label}: MASTER_ADDR {host} does not resolve: {res.error}",
+                      "fix DNS for rank 0's host, or give torchrun --local-addr a resolvable address")]
+    conn = connected.get((host, port))
+    if conn is not None and not conn.ok:
+        status = "fail" if current and state is not None and state.complete else "warn"
+        return [Check("bootstrap.master", status,
+                      f"{label}: nothing accepts connections at MASTER_ADDR:MASTER_PORT {where} ({conn.error}); "
+                      "workers of this round cannot reach their store",
+                      "is rank 0's agent alive? if it died, rdzvctl reset --mode prune or --mode clear starts a new round")]
+    took = "" if conn is None else f" ({_ms(conn.seconds)})"
+    return [Check("bootstrap.master", "ok", f"{label}: MASTER_ADDR:MASTER_PORT {where} accepts connections{took}")]
+
+
+def bootstrap_target(keys: Mapping[str, bytes], current_round: Optional[int]) -> Optional[Tuple[int, str, int]]:
+    """``(round, MASTER_ADDR, MASTER_PORT)`` of the latest round (not after the current one) that published both."""
+    published = [p for p in master_addresses(keys) if current_round is None or p[0] <= current_round]
+    return published[-1] if published else None
