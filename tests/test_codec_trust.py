@@ -347,3 +347,16 @@ def test_states_with_more_nodes_than_decoded_are_refused() -> None:
         decode(node_hash_flood(10_000_000))  # about 277,000 nodes
     # a real state at the cap has fewer
     assert len(decode(state_bytes(180_000)).participants) == 180_000
+
+
+def test_the_prescan_run_stops_at_a_failed_opcode_on_this_python() -> None:
+    """Python 3.11.0-3.11.4's possessive quantifiers leave the position advanced after a failed
+    partial opcode (CPython gh-106052): the run must stop at the opcode itself on any 3.11."""
+    from rdzvctl.state import prescan
+
+    for body, stop in [(pickle.INT + b"12345678901234567890\n", 0), (pickle.NONE + pickle.TUPLE1, 1),
+                       (pickle.EMPTY_DICT + pickle.BININT1 + b"\x01" + pickle.BININT1 + b"\x02" + pickle.TUPLE2, 5)]:
+        assert prescan._RUN.match(body).end() == stop  # type: ignore[union-attr]
+    ordinary = pickle.BININT1 + b"\x01" + pickle.POP
+    # one match covers RUN_CHUNK opcodes (two per repetition here); scan() matches again from there
+    assert prescan._RUN.match(ordinary * prescan.RUN_CHUNK).end() == len(ordinary) * prescan.RUN_CHUNK // 2

@@ -11,7 +11,7 @@ The C unpickler is fast but trusts its input in three ways that matter here
   without a guard and overflows the C stack (about 64 bytes per level);
 * cheap opcodes build costly objects: one ``EMPTY_SET`` byte is a 200-byte set.
 
-:func:`scan` walks the opcodes at regular-expression speed (one possessive
+:func:`scan` walks the opcodes at regular-expression speed (one greedy
 match covers every run of ordinary opcodes; Python only looks at the rare
 opcodes whose argument needs a decision) and refuses the first kind.
 :func:`tuple_depth_bound` bounds the nesting with ``bytes.count``: each level
@@ -135,8 +135,12 @@ _NEVER = {"FLOAT", "BINFLOAT", "LONG4", "FROZENSET"}
 _NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
 
 
+#: Opcodes one match of the run covers at most; :func:`scan` matches again until a run is empty.
+RUN_CHUNK = 4096
+
+
 def _build_run() -> "re.Pattern[bytes]":
-    """A possessive run of opcodes that need no decision (STOP and the rare ones excluded)."""
+    """A run of opcodes that need no decision (STOP and the rare ones excluded)."""
     plain: List[str] = []
     fixed: Dict[int, List[str]] = {}
     lines: List[str] = []
@@ -157,8 +161,8 @@ def _build_run() -> "re.Pattern[bytes]":
             counted[widths[op.arg.n]].append(op.code)
     parts = [_cls(plain)]
     parts += [_cls(codes) + b"[\\s\\S]{%d}" % n for n, codes in sorted(fixed.items())]
-    parts.append(_cls(lines) + b"[^\\n]*+\\n")
-    parts.append(b"[ci][^\\n]*+\\n[^\\n]*+\\n")  # GLOBAL, INST: module and name lines
+    parts.append(_cls(lines) + b"[^\\n]*\\n")
+    parts.append(b"[ci][^\\n]*\\n[^\\n]*\\n")  # GLOBAL, INST: module and name lines
     parts.append(b"r[\\s\\S]{2}[\\x00-\\x1f]\\x00")  # LONG_BINPUT up to MAX_MEMO_INDEX
     parts.append(b"p[0-9]{1,6}\\n")  # PUT below a million
     parts.append(b"\\x95[\\s\\S]{3}\\x00{5}")  # FRAME below 16 MiB
@@ -172,7 +176,12 @@ def _build_run() -> "re.Pattern[bytes]":
     parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
                  + frame + b"[Rb]")
     parts += [_cls(codes) + _counted(width) for width, codes in sorted(counted.items())]
-    return re.compile(b"(?:" + b"|".join(parts) + b")*+")
+    # Greedy and bounded, not possessive (``*+``): the possessive quantifiers of Python 3.11.0-3.11.4
+    # can match what the greedy form does not (CPython gh-106052, gh-100061: a failed partial opcode
+    # leaves the position advanced), and Debian 12's python3 is 3.11.2.  Nothing follows the group,
+    # so the greedy match never backtracks into an earlier opcode; the bound keeps the engine's
+    # per-repetition bookkeeping small (an unbounded greedy ``*`` costs ~100 bytes per opcode).
+    return re.compile(b"(?:" + b"|".join(parts) + b"){0,%d}" % RUN_CHUNK)
 
 
 _RUN = _build_run()
@@ -200,7 +209,10 @@ def scan(data: bytes) -> None:
     pos = 0
     match = _RUN.match
     while True:
-        pos = match(data, pos).end()  # type: ignore[union-attr]  # a possessive * always matches
+        after = match(data, pos).end()  # type: ignore[union-attr]  # {0,n} always matches
+        while after != pos:  # a run ends at RUN_CHUNK opcodes or at one that needs a decision
+            pos = after
+            after = match(data, pos).end()  # type: ignore[union-attr]
         if pos >= end:
             return
         op = data[pos]
