@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import pytest
 
@@ -208,7 +208,10 @@ def _watch_events(proc: Any) -> "queue.Queue[Optional[dict]]":
     return events
 
 
-def _next_event(events: "queue.Queue[Optional[dict]]", kind: str, timeout: float = 15) -> Optional[dict]:
+def _next_event(events: "queue.Queue[Optional[dict]]", kind: Union[str, Tuple[str, ...]], timeout: float = 15
+                ) -> Optional[dict]:
+    """The next event of ``kind`` (one kind or several); events of other kinds are skipped."""
+    kinds = (kind,) if isinstance(kind, str) else kind
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -218,7 +221,7 @@ def _next_event(events: "queue.Queue[Optional[dict]]", kind: str, timeout: float
         if event is None:
             events.put(None)
             return None
-        if event["kind"] == kind:
+        if event["kind"] in kinds:
             return event
     return None
 
@@ -270,8 +273,8 @@ def test_kill_mid_watch(server_target: Target, recorder: Recorder) -> None:
             # what it finds there (the new rounds, or the state gone from a restarted TCPStore).
             resumed: List[dict] = []
             while time.monotonic() - killed < timeout + SLACK and proc.poll() is None and not resumed:
-                event = _next_event(events, "round-advanced", timeout=0.3) or _next_event(events, "state-removed",
-                                                                                          timeout=0.01)
+                # one call for both kinds: looking for one would skip (and lose) the other
+                event = _next_event(events, ("round-advanced", "state-removed"), timeout=0.3)
                 if event is not None:
                     resumed.append(event)
             if proc.poll() is None:
