@@ -224,9 +224,49 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
 
 
 def write_private_file(path: str, text: str, force: bool = False) -> None:
-    """Write ``text`` to ``path`` with mode 0600; an existing file only with ``force`` (never via a symlink)."""
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    flags |= os.O_TRUNC if force else os.O_EXCL
+    """Write ``text`` to ``path`` with mode 0600; an existing file only with ``force``.
+
+    A new file is created exclusively (never via a symlink).  With ``force`` an
+    existing *regular* file is replaced atomically: the text goes to a new 0600
+    file in the same directory, is fsynced and renamed over ``path``, so the old
+    inode (its mode, its other links) is never touched.  Anything else at
+    ``path`` (a symlink, a device, a FIFO, a directory, a socket) is refused.
+    """
+    import stat
+    import tempfile
+
+    data = text.encode("utf-8")
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    if existing is not None:
+        if not force:
+            raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written")
+        if not stat.S_ISREG(existing.st_mode):
+            raise UsageError(f"{path} is not a regular file: --force replaces only regular files; nothing was written")
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
@@ -234,11 +274,14 @@ def write_private_file(path: str, text: str, force: bool = False) -> None:
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
     try:
-        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
-        data = memoryview(text.encode("utf-8"))
-        while data:
-            data = data[os.write(fd, data):]
+        _write_all(fd, data)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

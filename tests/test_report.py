@@ -131,6 +131,35 @@ def test_output_file_is_private_and_never_overwritten_without_force(tcpstore_lib
     assert json.loads(fresh.read_text())["schema"] == "rdzvctl.report/v1"
 
 
+def test_force_replaces_only_regular_files_atomically_never_the_old_inode(tcpstore_libuv, cli_env, run_id, tmp_path):
+    put(Address("c10d", tcpstore_libuv.endpoint, run_id), make_state("localhost"))
+    out = tmp_path / "incident.md"
+    out.write_text("old")
+    os.chmod(out, 0o644)
+    other = tmp_path / "hardlink"
+    os.link(out, other)
+    report(*flags(tcpstore_libuv.endpoint, run_id), "--output", str(out), "--force")
+    assert out.read_text().startswith("# Incident report") and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert other.read_text() == "old" and stat.S_IMODE(other.stat().st_mode) == 0o644  # the old inode is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hardlink", "incident.md"]  # no temp file left
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o644)
+    target = tmp_path / "target"
+    target.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for path in (fifo, link, tmp_path, "/dev/null"):
+        before = os.lstat(path)
+        refused = invoke(["report", "--timeout", "5", *flags(tcpstore_libuv.endpoint, run_id), "--output", str(path),
+                          "--force"])
+        assert refused.exit_code == 2, (path, refused.stderr)
+        assert "not a regular file" in refused.stderr or "is a directory" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert target.read_text() == "keep"
+
+
 def test_a_corrupt_state_is_reported_and_doctor_fails(tcpstore_libuv, cli_env, run_id):
     from rdzvctl.backends.tcpstore import TcpStoreClient
 
