@@ -39,13 +39,26 @@ _PER_NODE = 10
 _COMMAND = re.compile(r"^rdzvctl [a-z][a-z-]*(?: (?![(])[^\s(),;]+)*")
 # What Markdown (CommonMark/GFM) could read as inline markup or a cell boundary ('<' and '&' become entities).
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+# The start of a GFM "www." extended autolink (matched case-insensitively here to be safe).
+_AUTOLINK_WWW = re.compile(r"((?i:www))\.")
 
 
 def md(text: Any) -> str:
-    """One untrusted value as inert Markdown text: :func:`safe`, then markup escaped (tables too)."""
+    """One untrusted value as inert Markdown text: :func:`safe`, then markup escaped (tables too).
+
+    GFM's extended autolinks are broken too, so a store value such as
+    ``https://evil.example/login`` or ``www.evil.com`` stays plain text: a
+    backslash before the ``/`` of ``://`` and before the ``.`` of ``www.``
+    (the autolink matcher sees the raw text), and every ``@`` becomes a code
+    span of its own (email autolinks are matched after escapes are resolved, so
+    only a separate inline node breaks them).  The rendered text is unchanged
+    apart from the ``@`` in code font.
+    """
     value = safe("" if text is None else text)
     value = value.replace("&", "&amp;").replace("<", "&lt;")
-    return _MD_SPECIAL.sub(r"\\\1", value)
+    value = _MD_SPECIAL.sub(r"\\\1", value)
+    value = _AUTOLINK_WWW.sub(r"\1\\.", value).replace("://", ":\\/\\/")
+    return value.replace("@", "`@`")
 
 
 def _flags(address: Address) -> List[str]:

@@ -90,6 +90,41 @@ def test_hostile_store_strings_cannot_forge_markdown(tcpstore_libuv, cli_env, ru
     assert "`" * len(fence.group(1)) not in fence.group(2)
 
 
+LINKY = ["https://evil.example/login", "www.evil.com", "WWW.Evil.com/x", "ftp://evil.example",
+         "ops@evil.example", "mailto:ops@evil.example", "xmpp:ops@evil.example/x", "(www.evil.com)"]
+
+
+def _linkable(markdown: str) -> bool:
+    """Whether GFM's extended autolinks (www., scheme://, emails) could match anywhere outside a code span."""
+    text = re.sub(r"`@`", "", markdown)
+    return bool(re.search(r"(?i)www\.|://|@", text))
+
+
+@pytest.mark.parametrize("value", LINKY)
+def test_md_breaks_every_gfm_autolink(value):
+    from rdzvctl.report import md
+
+    assert not _linkable(md(value)), md(value)
+
+
+@pytest.mark.parametrize("value", LINKY)
+def test_gfm_renders_no_link_and_the_same_text(value):
+    from rdzvctl.report import md
+
+    cmarkgfm = pytest.importorskip("cmarkgfm")  # GitHub's reference renderer, when installed
+    out = md(value)
+    html = cmarkgfm.github_flavored_markdown_to_html(f"| a |\n|---|\n| {out} |\n\n{out}\n")
+    assert "<a " not in html and value.replace("&", "&amp;") in re.sub(r"</?code>", "", html), html
+
+
+def test_urls_from_the_store_are_not_links_in_the_report(tcpstore_libuv, cli_env, run_id):
+    put(Address("c10d", tcpstore_libuv.endpoint, run_id), make_state(*LINKY))
+    text = report(*flags(tcpstore_libuv.endpoint, run_id))
+    fence = re.search(r"^(`{3,})bash\n(.*?)^\1$", text, re.MULTILINE | re.DOTALL)
+    prose = text[:fence.start()] + text[fence.end():] if fence else text
+    assert "evil" in prose and not _linkable(prose), prose
+
+
 def test_no_secret_reaches_the_report(redis_server_auth, cli_env, run_id, tmp_path):
     url = f"redis://:{DEFAULT_PASSWORD}@127.0.0.1:{redis_server_auth.port}/0"
     with open_backend(Address("redis", url, run_id)) as backend:
@@ -101,7 +136,7 @@ def test_no_secret_reaches_the_report(redis_server_auth, cli_env, run_id, tmp_pa
     report(*args, "--output", str(out))
     for text in (markdown, bundle, out.read_text()):
         assert DEFAULT_PASSWORD not in text
-        assert "***" in text
+        assert "***" in text or "\\*\\*\\*" in text  # Markdown escapes the mask
     assert "Redis" in markdown  # the server was reached, with the password
 
 
