@@ -148,6 +148,36 @@ def _age(seconds: Optional[float]) -> str:
     return f"{seconds:.1f} s ago" if seconds >= 0 else f"{-seconds:.1f} s in the future"
 
 
+def _legacy_summary(get_doc: Mapping[str, Any]) -> List[str]:
+    """The Summary tables of a legacy etcd run: torch's status and version, keep-alive leases per rank."""
+    summary = get_doc.get("summary") or {}
+    life = get_doc.get("lifecycle") or {}
+    ttl = get_doc.get("ttl")
+    lease = get_doc.get("run_lease_ttl")
+    out = _table(["field", "value"], [
+        ["state format", get_doc.get("state_format")],
+        ["key", get_doc.get("key")],
+        ["status", f"{summary.get('status')} (TTL {'none' if ttl is None else f'{ttl} s left'})"],
+        ["version", summary.get("version") or "-"],
+        ["participants", f"{summary.get('participants')} ({summary.get('confirmed')} confirmed: "
+                         f"{summary.get('alive')} alive, {summary.get('expired')} expired)"],
+        ["waiting", "-" if summary.get("waiting") is None else summary.get("waiting")],
+        ["counter", get_doc.get("version_counter") or "missing"],
+        ["run lease", "none" if lease is None else f"{lease} s left"],
+        *([["phase", life.get("phase")]] if life else []),
+        ["torch next", get_doc.get("next")],
+    ])
+    nodes = sorted(get_doc.get("nodes") or [], key=lambda n: n.get("lease") != "expired")  # expired ones first
+    out += ["", "### Nodes", ""]
+    out += _table(["rank", "keep-alive key", "lease", "ttl"], [
+        [n.get("rank"), n.get("keep_alive") or "-", n.get("lease"), "-" if n.get("ttl") is None else f"{n.get('ttl')} s"]
+        for n in nodes[:NODE_ROWS]
+    ])
+    if len(nodes) > NODE_ROWS:
+        out += ["", f"{len(nodes) - NODE_ROWS} more node(s) not shown (the JSON bundle has them all)."]
+    return out
+
+
 def render_markdown(bundle: Mapping[str, Any]) -> str:
     """The report as Markdown (one document; every value escaped)."""
     get_doc = bundle.get("get") or {}
@@ -171,6 +201,8 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
     elif state is None:
         problems = get_doc.get("problems") or []
         out.append("The state does not decode." if problems else "There is no state for this run.")
+    elif get_doc.get("state_format") is not None:  # torch's legacy etcd JSON (rdzvctl.state.legacy_etcd.describe)
+        out += _legacy_summary(get_doc)
     else:
         summary = get_doc.get("summary") or {}
         ka = get_doc.get("keep_alive") or {}
