@@ -268,14 +268,15 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_private_file(path: str, text: str, force: bool = False) -> None:
+def write_private_file(path: str, text: str, force: bool = False, keep: Sequence[str] = ()) -> None:
     """Write ``text`` to ``path`` with mode 0600; an existing file only with ``force``.
 
     A new file is created exclusively (never via a symlink).  With ``force`` an
     existing *regular* file is replaced atomically: the text goes to a new 0600
     file in the same directory, is fsynced and renamed over ``path``, so the old
     inode (its mode, its other links) is never touched.  Anything else at
-    ``path`` (a symlink, a device, a FIFO, a directory, a socket) is refused.
+    ``path`` (a symlink, a device, a FIFO, a directory, a socket) is refused,
+    and so is a file that is one of ``keep`` (the run's own FileStore).
     """
     import stat
     import tempfile
@@ -292,6 +293,13 @@ def write_private_file(path: str, text: str, force: bool = False) -> None:
             raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written")
         if not stat.S_ISREG(existing.st_mode):
             raise UsageError(f"{path} is not a regular file: --force replaces only regular files; nothing was written")
+        for other in keep:
+            try:
+                same = os.path.samefile(path, other)
+            except OSError:
+                same = False
+            if same:
+                raise UsageError(f"{path} is the run's store file: choose another --output; nothing was written")
         directory = os.path.dirname(os.path.abspath(path))
         try:
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")

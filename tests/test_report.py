@@ -18,7 +18,7 @@ from rdzvctl.backends.registry import open_backend
 from rdzvctl.state.codec import encode
 from tests.support.cli import cli_env, invoke  # noqa: F401
 from tests.support.redis_server import DEFAULT_PASSWORD, redis_server_auth  # noqa: F401
-from tests.support.torch_peer import tcpstore_libuv  # noqa: F401
+from tests.support.torch_peer import filestore_path, tcpstore_libuv  # noqa: F401
 from tests.test_doctor import make_state, put
 
 HOSTILE = "evil|`rm -rf /`\n## Forged heading\x1b[31m<img src=x onerror=alert(1)>*bold*[link](http://x)\u202e"
@@ -193,6 +193,20 @@ def test_force_replaces_only_regular_files_atomically_never_the_old_inode(tcpsto
         after = os.lstat(path)
         assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
     assert target.read_text() == "keep"
+
+
+def test_force_never_replaces_the_runs_own_filestore(filestore_path, cli_env, run_id, tmp_path):
+    put(Address("c10d", filestore_path, run_id, {"store_type": "file"}), make_state("localhost"))
+    before = open(filestore_path, "rb").read()
+    args = ["--rdzv-backend", "c10d", "--rdzv-endpoint", filestore_path, "--rdzv-id", run_id,
+            "--rdzv-conf", "store_type=file"]
+    refused = invoke(["report", "--timeout", "5", *args, "--output", filestore_path, "--force"])
+    assert refused.exit_code == 2 and "store file" in refused.stderr, refused.stderr
+    assert open(filestore_path, "rb").read() == before
+    link = tmp_path / "other-name"
+    os.link(filestore_path, link)  # the same file under another name
+    refused = invoke(["report", "--timeout", "5", *args, "--output", str(link), "--force"])
+    assert refused.exit_code == 2 and open(filestore_path, "rb").read() == before
 
 
 def test_a_corrupt_state_is_reported_and_doctor_fails(tcpstore_libuv, cli_env, run_id):

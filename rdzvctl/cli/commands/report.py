@@ -56,5 +56,6 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
             app.out(render_markdown(bundle).rstrip("\n"))
         return
     text = json_text(bundle, indent=2) + "\n" if fmt == "json" else safe_lines(render_markdown(bundle))
-    write_private_file(output_file, text, force)
+    store_file = (diag.server or {}).get("path")  # a FileStore's file: never overwritten by its own report
+    write_private_file(output_file, text, force, keep=[str(store_file)] if store_file else [])
     app.err(f"report written to {output_file}")
