@@ -37,7 +37,7 @@ from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
 from rdzvctl.state.model import RendezvousState
 
 __all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
-           "reread_while", "check_run", "is_legacy_etcd", "legacy_options", "read_legacy", "CONFIRM_SECONDS",
+           "reread_while", "check_run", "is_legacy_etcd", "legacy_options", "read_legacy", "describe_legacy", "CONFIRM_SECONDS",
            "SCHEMA"]
 
 #: Bound of one TCP connect probe of a published MASTER_ADDR:PORT.
@@ -331,3 +331,12 @@ def read_legacy(backend: Any) -> Tuple[LegacyRun, LegacyReport]:
     """Read a legacy etcd run once (state, counter, keep-alive leases) and analyse it now."""
     run: LegacyRun = backend.read_run()
     return run, analyse_legacy(run, time.time(), **legacy_options(backend))
+
+
+def describe_legacy(backend: Any, run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
+    """The ``get -o json`` document of a legacy etcd run (:func:`rdzvctl.state.legacy_etcd.describe`)."""
+    from rdzvctl.state.legacy_etcd import describe as describe_run
+
+    return describe_run(run, report, backend=backend.address.backend, endpoint=backend.describe(),
+                        token=None if run.token is None else backend.format_token(run.token),
+                        fetched_at=format_time(clock.now_utc()) or "")

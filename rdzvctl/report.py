@@ -39,13 +39,26 @@ _PER_NODE = 10
 _COMMAND = re.compile(r"^rdzvctl [a-z][a-z-]*(?: (?![(])[^\s(),;]+)*")
 # What Markdown (CommonMark/GFM) could read as inline markup or a cell boundary ('<' and '&' become entities).
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+# The start of a GFM "www." extended autolink (matched case-insensitively here to be safe).
+_AUTOLINK_WWW = re.compile(r"((?i:www))\.")
 
 
 def md(text: Any) -> str:
-    """One untrusted value as inert Markdown text: :func:`safe`, then markup escaped (tables too)."""
+    """One untrusted value as inert Markdown text: :func:`safe`, then markup escaped (tables too).
+
+    GFM's extended autolinks are broken too, so a store value such as
+    ``https://evil.example/login`` or ``www.evil.com`` stays plain text: a
+    backslash before the ``/`` of ``://`` and before the ``.`` of ``www.``
+    (the autolink matcher sees the raw text), and every ``@`` becomes a code
+    span of its own (email autolinks are matched after escapes are resolved, so
+    only a separate inline node breaks them).  The rendered text is unchanged
+    apart from the ``@`` in code font.
+    """
     value = safe("" if text is None else text)
     value = value.replace("&", "&amp;").replace("<", "&lt;")
-    return _MD_SPECIAL.sub(r"\\\1", value)
+    value = _MD_SPECIAL.sub(r"\\\1", value)
+    value = _AUTOLINK_WWW.sub(r"\1\\.", value).replace("://", ":\\/\\/")
+    return value.replace("@", "`@`")
 
 
 def _flags(address: Address) -> List[str]:
@@ -135,6 +148,36 @@ def _age(seconds: Optional[float]) -> str:
     return f"{seconds:.1f} s ago" if seconds >= 0 else f"{-seconds:.1f} s in the future"
 
 
+def _legacy_summary(get_doc: Mapping[str, Any]) -> List[str]:
+    """The Summary tables of a legacy etcd run: torch's status and version, keep-alive leases per rank."""
+    summary = get_doc.get("summary") or {}
+    life = get_doc.get("lifecycle") or {}
+    ttl = get_doc.get("ttl")
+    lease = get_doc.get("run_lease_ttl")
+    out = _table(["field", "value"], [
+        ["state format", get_doc.get("state_format")],
+        ["key", get_doc.get("key")],
+        ["status", f"{summary.get('status')} (TTL {'none' if ttl is None else f'{ttl} s left'})"],
+        ["version", summary.get("version") or "-"],
+        ["participants", f"{summary.get('participants')} ({summary.get('confirmed')} confirmed: "
+                         f"{summary.get('alive')} alive, {summary.get('expired')} expired)"],
+        ["waiting", "-" if summary.get("waiting") is None else summary.get("waiting")],
+        ["counter", get_doc.get("version_counter") or "missing"],
+        ["run lease", "none" if lease is None else f"{lease} s left"],
+        *([["phase", life.get("phase")]] if life else []),
+        ["torch next", get_doc.get("next")],
+    ])
+    nodes = sorted(get_doc.get("nodes") or [], key=lambda n: n.get("lease") != "expired")  # expired ones first
+    out += ["", "### Nodes", ""]
+    out += _table(["rank", "keep-alive key", "lease", "ttl"], [
+        [n.get("rank"), n.get("keep_alive") or "-", n.get("lease"), "-" if n.get("ttl") is None else f"{n.get('ttl')} s"]
+        for n in nodes[:NODE_ROWS]
+    ])
+    if len(nodes) > NODE_ROWS:
+        out += ["", f"{len(nodes) - NODE_ROWS} more node(s) not shown (the JSON bundle has them all)."]
+    return out
+
+
 def render_markdown(bundle: Mapping[str, Any]) -> str:
     """The report as Markdown (one document; every value escaped)."""
     get_doc = bundle.get("get") or {}
@@ -158,6 +201,8 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
     elif state is None:
         problems = get_doc.get("problems") or []
         out.append("The state does not decode." if problems else "There is no state for this run.")
+    elif get_doc.get("state_format") is not None:  # torch's legacy etcd JSON (rdzvctl.state.legacy_etcd.describe)
+        out += _legacy_summary(get_doc)
     else:
         summary = get_doc.get("summary") or {}
         ka = get_doc.get("keep_alive") or {}
@@ -223,10 +268,58 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_private_file(path: str, text: str, force: bool = False) -> None:
-    """Write ``text`` to ``path`` with mode 0600; an existing file only with ``force`` (never via a symlink)."""
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    flags |= os.O_TRUNC if force else os.O_EXCL
+def write_private_file(path: str, text: str, force: bool = False, keep: Sequence[str] = ()) -> None:
+    """Write ``text`` to ``path`` with mode 0600; an existing file only with ``force``.
+
+    A new file is created exclusively (never via a symlink).  With ``force`` an
+    existing *regular* file is replaced atomically: the text goes to a new 0600
+    file in the same directory, is fsynced and renamed over ``path``, so the old
+    inode (its mode, its other links) is never touched.  Anything else at
+    ``path`` (a symlink, a device, a FIFO, a directory, a socket) is refused,
+    and so is a file that is one of ``keep`` (the run's own FileStore).
+    """
+    import stat
+    import tempfile
+
+    data = text.encode("utf-8")
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    if existing is not None:
+        if not force:
+            raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written")
+        if not stat.S_ISREG(existing.st_mode):
+            raise UsageError(f"{path} is not a regular file: --force replaces only regular files; nothing was written")
+        for other in keep:
+            try:
+                same = os.path.samefile(path, other)
+            except OSError:
+                same = False
+            if same:
+                raise UsageError(f"{path} is the run's store file: choose another --output; nothing was written")
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
@@ -234,11 +327,14 @@ def write_private_file(path: str, text: str, force: bool = False) -> None:
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
     try:
-        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
-        data = memoryview(text.encode("utf-8"))
-        while data:
-            data = data[os.write(fd, data):]
+        _write_all(fd, data)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

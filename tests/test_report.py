@@ -18,7 +18,7 @@ from rdzvctl.backends.registry import open_backend
 from rdzvctl.state.codec import encode
 from tests.support.cli import cli_env, invoke  # noqa: F401
 from tests.support.redis_server import DEFAULT_PASSWORD, redis_server_auth  # noqa: F401
-from tests.support.torch_peer import tcpstore_libuv  # noqa: F401
+from tests.support.torch_peer import filestore_path, tcpstore_libuv  # noqa: F401
 from tests.test_doctor import make_state, put
 
 HOSTILE = "evil|`rm -rf /`\n## Forged heading\x1b[31m<img src=x onerror=alert(1)>*bold*[link](http://x)\u202e"
@@ -90,6 +90,41 @@ def test_hostile_store_strings_cannot_forge_markdown(tcpstore_libuv, cli_env, ru
     assert "`" * len(fence.group(1)) not in fence.group(2)
 
 
+LINKY = ["https://evil.example/login", "www.evil.com", "WWW.Evil.com/x", "ftp://evil.example",
+         "ops@evil.example", "mailto:ops@evil.example", "xmpp:ops@evil.example/x", "(www.evil.com)"]
+
+
+def _linkable(markdown: str) -> bool:
+    """Whether GFM's extended autolinks (www., scheme://, emails) could match anywhere outside a code span."""
+    text = re.sub(r"`@`", "", markdown)
+    return bool(re.search(r"(?i)www\.|://|@", text))
+
+
+@pytest.mark.parametrize("value", LINKY)
+def test_md_breaks_every_gfm_autolink(value):
+    from rdzvctl.report import md
+
+    assert not _linkable(md(value)), md(value)
+
+
+@pytest.mark.parametrize("value", LINKY)
+def test_gfm_renders_no_link_and_the_same_text(value):
+    from rdzvctl.report import md
+
+    cmarkgfm = pytest.importorskip("cmarkgfm")  # GitHub's reference renderer, when installed
+    out = md(value)
+    html = cmarkgfm.github_flavored_markdown_to_html(f"| a |\n|---|\n| {out} |\n\n{out}\n")
+    assert "<a " not in html and value.replace("&", "&amp;") in re.sub(r"</?code>", "", html), html
+
+
+def test_urls_from_the_store_are_not_links_in_the_report(tcpstore_libuv, cli_env, run_id):
+    put(Address("c10d", tcpstore_libuv.endpoint, run_id), make_state(*LINKY))
+    text = report(*flags(tcpstore_libuv.endpoint, run_id))
+    fence = re.search(r"^(`{3,})bash\n(.*?)^\1$", text, re.MULTILINE | re.DOTALL)
+    prose = text[:fence.start()] + text[fence.end():] if fence else text
+    assert "evil" in prose and not _linkable(prose), prose
+
+
 def test_no_secret_reaches_the_report(redis_server_auth, cli_env, run_id, tmp_path):
     url = f"redis://:{DEFAULT_PASSWORD}@127.0.0.1:{redis_server_auth.port}/0"
     with open_backend(Address("redis", url, run_id)) as backend:
@@ -101,7 +136,7 @@ def test_no_secret_reaches_the_report(redis_server_auth, cli_env, run_id, tmp_pa
     report(*args, "--output", str(out))
     for text in (markdown, bundle, out.read_text()):
         assert DEFAULT_PASSWORD not in text
-        assert "***" in text
+        assert "***" in text or "\\*\\*\\*" in text  # Markdown escapes the mask
     assert "Redis" in markdown  # the server was reached, with the password
 
 
@@ -129,6 +164,49 @@ def test_output_file_is_private_and_never_overwritten_without_force(tcpstore_lib
     report(*flags(tcpstore_libuv.endpoint, run_id), "--output", str(fresh), "-o", "json")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
     assert json.loads(fresh.read_text())["schema"] == "rdzvctl.report/v1"
+
+
+def test_force_replaces_only_regular_files_atomically_never_the_old_inode(tcpstore_libuv, cli_env, run_id, tmp_path):
+    put(Address("c10d", tcpstore_libuv.endpoint, run_id), make_state("localhost"))
+    out = tmp_path / "incident.md"
+    out.write_text("old")
+    os.chmod(out, 0o644)
+    other = tmp_path / "hardlink"
+    os.link(out, other)
+    report(*flags(tcpstore_libuv.endpoint, run_id), "--output", str(out), "--force")
+    assert out.read_text().startswith("# Incident report") and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert other.read_text() == "old" and stat.S_IMODE(other.stat().st_mode) == 0o644  # the old inode is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hardlink", "incident.md"]  # no temp file left
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o644)
+    target = tmp_path / "target"
+    target.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for path in (fifo, link, tmp_path, "/dev/null"):
+        before = os.lstat(path)
+        refused = invoke(["report", "--timeout", "5", *flags(tcpstore_libuv.endpoint, run_id), "--output", str(path),
+                          "--force"])
+        assert refused.exit_code == 2, (path, refused.stderr)
+        assert "not a regular file" in refused.stderr or "is a directory" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert target.read_text() == "keep"
+
+
+def test_force_never_replaces_the_runs_own_filestore(filestore_path, cli_env, run_id, tmp_path):
+    put(Address("c10d", filestore_path, run_id, {"store_type": "file"}), make_state("localhost"))
+    before = open(filestore_path, "rb").read()
+    args = ["--rdzv-backend", "c10d", "--rdzv-endpoint", filestore_path, "--rdzv-id", run_id,
+            "--rdzv-conf", "store_type=file"]
+    refused = invoke(["report", "--timeout", "5", *args, "--output", filestore_path, "--force"])
+    assert refused.exit_code == 2 and "store file" in refused.stderr, refused.stderr
+    assert open(filestore_path, "rb").read() == before
+    link = tmp_path / "other-name"
+    os.link(filestore_path, link)  # the same file under another name
+    refused = invoke(["report", "--timeout", "5", *args, "--output", str(link), "--force"])
+    assert refused.exit_code == 2 and open(filestore_path, "rb").read() == before
 
 
 def test_a_corrupt_state_is_reported_and_doctor_fails(tcpstore_libuv, cli_env, run_id):

@@ -26,13 +26,12 @@ from rdzvctl.errors import (
     TokenConflictError,
     UnsupportedOperationError,
 )
-from rdzvctl.inspection import Snapshot, is_legacy_etcd, read_legacy
+from rdzvctl.inspection import Snapshot, describe_legacy, is_legacy_etcd, read_legacy
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.legacy_etcd import (
     LegacyReport,
     LegacyRun,
     check_json,
-    describe,
     launch_of,
     list_row,
     next_version,
@@ -78,9 +77,7 @@ def refuse(command: str, instead: str = "use reset --mode reopen|clear, or resto
 
 
 def _doc(backend: Any, run: LegacyRun, report: LegacyReport) -> Dict[str, Any]:
-    return describe(run, report, backend=backend.address.backend, endpoint=backend.describe(),
-                    token=None if run.token is None else backend.format_token(run.token),
-                    fetched_at=format_time(clock.now_utc()) or "")
+    return describe_legacy(backend, run, report)
 
 
 def _no_state(run: LegacyRun, report: LegacyReport) -> NoStateError:

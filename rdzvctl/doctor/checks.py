@@ -17,7 +17,7 @@ from rdzvctl.state.findings import master_addresses
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = [
-    "Check", "STATUSES", "worst", "endpoint_checks", "server_checks", "run_checks", "node_checks",
+    "Check", "STATUSES", "worst", "endpoint_checks", "server_checks", "run_checks", "legacy_run_checks", "node_checks",
     "bootstrap_checks", "NETWORK_FILESYSTEMS", "FUTURE_TOLERANCE", "LOG_SIZE_WARN", "WRITES_PER_SECOND_WARN",
 ]
 
@@ -182,11 +182,11 @@ def _etcd(info: Mapping[str, Any], backend: str) -> List[Check]:
             leader = info.get("leader_name") or info.get("leader")
             out.append(Check("etcd.members", "ok", f"{len(members)} member(s) ({_show(members)}), leader {leader}"))
     v2 = info.get("v2_enabled")
-    if backend == "etcd-v2":
+    if backend in ("etcd-v2", "etcd"):  # etcd: torch's legacy handler, also on the v2 keys API
         if v2:
-            out.append(Check("etcd.v2", "ok", "the v2 API is on (torch's etcd-v2 backend needs it)"))
+            out.append(Check("etcd.v2", "ok", f"the v2 API is on (torch's {backend} backend needs it)"))
         else:
-            out.append(Check("etcd.v2", "fail", "the v2 API is off: torch's etcd-v2 backend cannot work",
+            out.append(Check("etcd.v2", "fail", f"the v2 API is off: torch's {backend} backend cannot work",
                              "start etcd (< 3.6) with --enable-v2=true, or move the job to --rdzv-backend etcd-v3"))
     else:
         out.append(Check("etcd.v2", "ok", f"the v2 API is {'on' if v2 else 'off'} (not needed by {backend})"))
@@ -240,15 +240,56 @@ def _redis(info: Mapping[str, Any], backend: str) -> List[Check]:
 
 
 # -- the run --------------------------------------------------------------------------------
+def _run_id_check(run_id: str) -> Check:
+    if run_id.strip() in SUSPICIOUS_RUN_IDS:
+        return Check("run.id", "warn", f"the run id {run_id!r} is a common default that unrelated jobs share "
+                     "(a new job then fails with RendezvousClosedError)", "give each job a unique --rdzv-id")
+    return Check("run.id", "ok", f"run id {run_id!r}")
+
+
+def _findings_check(findings: Sequence[Any]) -> Check:
+    if not findings:
+        return Check("run.findings", "ok", "no warnings or errors in the state")
+    status = "fail" if any(f.severity == "error" for f in findings) else "warn"
+    first = findings[0]
+    outlook = getattr(first, "outlook", "")
+    return Check("run.findings", status,
+                 f"{len(findings)} finding(s): {', '.join(f.code for f in findings)}; first: {first.message}"
+                 + (f"; torch next: {outlook}" if outlook else ""),
+                 first.repair or "rdzvctl corrupt-detect", data={"codes": [f.code for f in findings]})
+
+
+def legacy_run_checks(run: Any, report: Any) -> List[Check]:
+    """:func:`run_checks` for torch's legacy etcd JSON state (a :class:`rdzvctl.state.legacy_etcd.LegacyRun`
+    and its :class:`~rdzvctl.state.legacy_etcd.LegacyReport`): the run id, the state, its findings, and the
+    pickled backends' node and bootstrap checks marked n/a (this handler keeps no heartbeats or addresses)."""
+    out = [_run_id_check(run.run_id)]
+    key = f"{run.run_path}/rdzv/active_version"
+    corrupt = next((f for f in report.findings if f.code == "state-corrupt"), None)
+    if corrupt is not None:
+        out.append(Check("run.state", "fail", f"the legacy etcd state at {key} is unusable: {corrupt.message}; "
+                         f"torch next: {report.next_step}", corrupt.repair or "rdzvctl corrupt-detect"))
+        return out
+    if report.state is None:
+        out.append(Check("run.state", "warn",
+                         f"no state for run {run.run_id!r} ({key}): {report.next_step}",
+                         "compare --rdzv-id/--rdzv-endpoint with the job's torchrun flags; rdzvctl list"))
+        return out
+    state = report.state
+    out.append(Check("run.state", "ok", f"legacy etcd JSON state: version {state.version or '-'}, status "
+                     f"{state.status}, {len(state.participants or ())} participant(s), "
+                     f"{len(state.keep_alives or ())} confirmed"))
+    out.append(_findings_check([f for f in report.findings if f.code != "shared-run-id" and f.severity != "info"]))
+    na = "n/a on this backend: torch's legacy etcd handler keeps no heartbeats or node addresses"
+    out.append(Check("nodes", "ok", f"{na} (the keep-alive leases are judged in run.findings)"))
+    out.append(Check("bootstrap", "ok", f"{na}, and no MASTER_ADDR key of a c10d store"))
+    return out
+
+
 def run_checks(run_id: str, state: Optional[RendezvousState], error: Optional[str],
                now: _dt.datetime, keep_alive: KeepAlive, max_nodes: Optional[int]) -> List[Check]:
     """The run id, whether the state decodes, and the analysis findings doctor has no own check for."""
-    out: List[Check] = []
-    if run_id.strip() in SUSPICIOUS_RUN_IDS:
-        out.append(Check("run.id", "warn", f"the run id {run_id!r} is a common default that unrelated jobs share "
-                         "(a new job then fails with RendezvousClosedError)", "give each job a unique --rdzv-id"))
-    else:
-        out.append(Check("run.id", "ok", f"run id {run_id!r}"))
+    out: List[Check] = [_run_id_check(run_id)]
     if error is not None:
         out.append(Check("run.state", "fail", f"the state does not decode: {error}",
                          "rdzvctl corrupt-detect (explains why); then rdzvctl reset --mode clear (backed up)"))
@@ -264,16 +305,7 @@ def run_checks(run_id: str, state: Optional[RendezvousState], error: Optional[st
                      f"{len(state.wait_list)} waiting, {len(state.redundancy_list)} redundant"))
     findings = [f for f in find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id)
                 if f.code not in _OWN_CODES and f.severity != "info"]
-    if findings:
-        status = "fail" if any(f.severity == "error" for f in findings) else "warn"
-        first = findings[0]
-        outlook = getattr(first, "outlook", "")
-        out.append(Check("run.findings", status,
-                         f"{len(findings)} finding(s): {', '.join(f.code for f in findings)}; first: {first.message}"
-                         + (f"; torch next: {outlook}" if outlook else ""),
-                         first.repair or "rdzvctl corrupt-detect", data={"codes": [f.code for f in findings]}))
-    else:
-        out.append(Check("run.findings", "ok", "no warnings or errors in the state"))
+    out.append(_findings_check(findings))
     return out
 
 

@@ -35,6 +35,9 @@ class Diagnosis:
     checks: List[C.Check] = field(default_factory=list)
     server: Optional[Dict[str, Any]] = None
     snapshot: Any = None  # rdzvctl.inspection.Snapshot, when the run was read
+    #: (LegacyRun, LegacyReport) of rdzvctl.state.legacy_etcd, when the run was read on a backend that keeps
+    #: torch's legacy etcd JSON (then ``snapshot`` is None: there is no pickle to decode)
+    legacy: Optional[Tuple[Any, Any]] = None
     store_keys: Optional[Dict[str, bytes]] = None
 
     @property
@@ -70,7 +73,7 @@ def diagnose(
 ) -> Diagnosis:
     """Check the endpoint, the run and its bootstrap; never raises for what it diagnoses."""
     from rdzvctl.clock import now_utc
-    from rdzvctl.inspection import take_snapshot
+    from rdzvctl.inspection import is_legacy_etcd, read_legacy, take_snapshot
 
     diag = Diagnosis(backend.address.backend, backend.describe(), backend.run_id, now_utc())
     try:
@@ -87,6 +90,14 @@ def diagnose(
                                   "pass --rdzv-id (or PET_RDZV_ID) to check the run too"))
     elif not reachable:
         run_checks.append(C.Check("run.state", "fail", "not read: the server did not answer (see above)"))
+    elif is_legacy_etcd(backend):  # torch's legacy etcd JSON: its own reader and analysis, no pickle checks
+        try:
+            diag.legacy = read_legacy(backend)
+        except RdzvctlError as exc:
+            run_checks.append(C.Check("run.state", "fail", f"cannot read the run: {type(exc).__name__}: {exc}",
+                                      "check the endpoint checks above and --timeout"))
+        else:
+            run_checks += C.legacy_run_checks(*diag.legacy)
     else:
         try:
             snap = take_snapshot(backend)

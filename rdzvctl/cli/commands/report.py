@@ -35,7 +35,7 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
     """
     from rdzvctl.clock import now_utc
     from rdzvctl.doctor import diagnose
-    from rdzvctl.inspection import describe
+    from rdzvctl.inspection import describe, describe_legacy
     from rdzvctl.report import build_bundle, render_markdown, write_private_file
     from rdzvctl.text import json_text, safe_lines
 
@@ -43,9 +43,11 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
     keep_alive, max_nodes = app.keep_alive, app.max_nodes
     with app.open() as backend:
         diag = diagnose(backend, keep_alive, max_nodes, dns_timeout=dns_timeout, connect_timeout=connect_timeout)
-    get_doc = None
-    if diag.snapshot is not None:
-        get_doc = describe(diag.snapshot, keep_alive, max_nodes, diag.store_keys)
+        get_doc = None
+        if diag.legacy is not None:  # torch's legacy etcd JSON: that reader's document, not a pickle's
+            get_doc = describe_legacy(backend, *diag.legacy)
+        elif diag.snapshot is not None:
+            get_doc = describe(diag.snapshot, keep_alive, max_nodes, diag.store_keys)
     bundle = build_bundle(app.address, get_doc, diag.to_json(), now_utc())
     if output_file is None:
         if fmt == "json":
@@ -54,5 +56,6 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
             app.out(render_markdown(bundle).rstrip("\n"))
         return
     text = json_text(bundle, indent=2) + "\n" if fmt == "json" else safe_lines(render_markdown(bundle))
-    write_private_file(output_file, text, force)
+    store_file = (diag.server or {}).get("path")  # a FileStore's file: never overwritten by its own report
+    write_private_file(output_file, text, force, keep=[str(store_file)] if store_file else [])
     app.err(f"report written to {output_file}")
