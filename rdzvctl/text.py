@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from typing import Any, List, Mapping, Optional, Pattern, Sequence, Set
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "register_address_secrets",
     "is_secret_option",
     "format_traceback",
+    "excerpt",
 ]
 
 MASK = "***"
@@ -95,6 +97,20 @@ def visible(text: Any) -> str:
     if s.isprintable():
         return s
     return _compiled()[0].sub(lambda m: "".join(map(_escape, m.group())), s)
+
+
+#: :func:`excerpt`'s cut: strings, numbers and other values to about 40 characters, containers to 6
+#: items, 3 levels deep.
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxstring = _EXCERPT.maxlong = _EXCERPT.maxother = 40
+_EXCERPT.maxlist = _EXCERPT.maxtuple = _EXCERPT.maxdict = _EXCERPT.maxset = 6
+_EXCERPT.maxlevel = 3
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)`` cut to a bounded length (``reprlib``: ``'AAAA...AAAA'``), for quoting an
+    untrusted value in a message; still pass the message through :func:`safe` to print it."""
+    return _EXCERPT.repr(value)
 
 
 def safe(text: Any) -> str:

@@ -63,7 +63,9 @@ class App:
     @property
     def address(self) -> Address:
         if self._address is None:
-            self._address = Address.from_env(*self._flags)
+            address = Address.from_env(*self._flags)
+            address.check_conf()  # raises every time it is asked, not only the first time
+            self._address = address
         return self._address
 
     def require_run_id(self) -> str:
@@ -84,10 +86,10 @@ class App:
     @property
     def keep_alive(self) -> KeepAlive:
         """torch's keep-alive settings from --rdzv-conf (keep_alive_interval, keep_alive_max_attempt)."""
+        # self.address has checked both: positive, finite and bounded (NUMERIC_OPTIONS)
         interval = self.address.get_float("keep_alive_interval", 5.0)
         attempts = self.address.get_int("keep_alive_max_attempt", 3)
-        if interval is None or interval <= 0 or attempts is None or attempts <= 0:
-            raise UsageError("keep_alive_interval and keep_alive_max_attempt must be positive")
+        assert interval is not None and attempts is not None
         return KeepAlive(interval, attempts)
 
     @property
