@@ -87,6 +87,8 @@ _Backend = TypeVar("_Backend", bound="RendezvousBackend")  # from_address builds
 CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
 
 DEFAULT_TIMEOUT = 10.0
+#: The largest RDZVCTL_TIMEOUT (a year, as the CLI's SECONDS options); a larger one overflows.
+MAX_TIMEOUT = 365 * 86_400.0
 
 
 class RunEntry(NamedTuple):
@@ -233,7 +235,10 @@ class Address:
             try:
                 timeout = float(raw) if raw else DEFAULT_TIMEOUT
             except ValueError:
-                raise BackendConfigError(f"RDZVCTL_TIMEOUT: not a number: {raw!r}") from None
+                raise BackendConfigError(f"RDZVCTL_TIMEOUT: not a number: {excerpt(raw)}") from None
+            if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+                raise BackendConfigError(f"RDZVCTL_TIMEOUT: {excerpt(raw)} is not a number of seconds "
+                                         f"above 0 and up to {MAX_TIMEOUT:.0f}")
         return cls(
             backend=backend,
             endpoint=pick(endpoint, "ENDPOINT") or "",
