@@ -99,18 +99,21 @@ def visible(text: Any) -> str:
     return _compiled()[0].sub(lambda m: "".join(map(_escape, m.group())), s)
 
 
-#: :func:`excerpt`'s cut: strings, numbers and other values to about 40 characters, containers to 6
-#: items, 3 levels deep.
+#: :func:`excerpt`'s cut: strings, numbers and other values to about 40 characters, containers to 4
+#: items, 2 levels deep; the whole to :data:`EXCERPT_CHARS`.
 _EXCERPT = reprlib.Repr()
 _EXCERPT.maxstring = _EXCERPT.maxlong = _EXCERPT.maxother = 40
-_EXCERPT.maxlist = _EXCERPT.maxtuple = _EXCERPT.maxdict = _EXCERPT.maxset = 6
-_EXCERPT.maxlevel = 3
+_EXCERPT.maxlist = _EXCERPT.maxtuple = _EXCERPT.maxdict = _EXCERPT.maxset = 4
+_EXCERPT.maxlevel = 2
+EXCERPT_CHARS = 120
 
 
 def excerpt(value: Any) -> str:
-    """``repr(value)`` cut to a bounded length (``reprlib``: ``'AAAA...AAAA'``), for quoting an
-    untrusted value in a message; still pass the message through :func:`safe` to print it."""
-    return _EXCERPT.repr(value)
+    """``repr(value)`` cut to at most :data:`EXCERPT_CHARS` characters (``reprlib``:
+    ``'AAAA...AAAA'``), for quoting an untrusted value in a message; still pass the message
+    through :func:`safe` to print it."""
+    text = _EXCERPT.repr(value)
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 3] + "..."
 
 
 def safe(text: Any) -> str:
