@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from typing import Any, List, Mapping, Optional, Pattern, Sequence, Set
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "register_address_secrets",
     "is_secret_option",
     "format_traceback",
+    "excerpt",
 ]
 
 MASK = "***"
@@ -95,6 +97,23 @@ def visible(text: Any) -> str:
     if s.isprintable():
         return s
     return _compiled()[0].sub(lambda m: "".join(map(_escape, m.group())), s)
+
+
+#: :func:`excerpt`'s cut: strings, numbers and other values to about 40 characters, containers to 4
+#: items, 2 levels deep; the whole to :data:`EXCERPT_CHARS`.
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxstring = _EXCERPT.maxlong = _EXCERPT.maxother = 40
+_EXCERPT.maxlist = _EXCERPT.maxtuple = _EXCERPT.maxdict = _EXCERPT.maxset = 4
+_EXCERPT.maxlevel = 2
+EXCERPT_CHARS = 120
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)`` cut to at most :data:`EXCERPT_CHARS` characters (``reprlib``:
+    ``'AAAA...AAAA'``), for quoting an untrusted value in a message; still pass the message
+    through :func:`safe` to print it."""
+    text = _EXCERPT.repr(value)
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 3] + "..."
 
 
 def safe(text: Any) -> str:

@@ -18,7 +18,7 @@ import rdzvctl.cli.legacy
 from rdzvctl.backends.base import Address
 from rdzvctl.backends.etcd_legacy import EtcdLegacyBackend
 from rdzvctl.state.legacy_etcd import KEEPALIVE_TTL
-from tests.support.cli import invoke, json_out
+from tests.support.cli import invoke, json_out, run_rdzvctl
 from tests.support.legacy_etcd_agent import agents, rendezvous
 
 
@@ -72,6 +72,17 @@ def test_a_corrupt_value_exits_6_with_the_field_named(cli_env, etcd_server):
     assert "participants[1]" in result.stdout
     detect = invoke(["corrupt-detect", *flags(etcd_server, run_id), "-o", "json"])
     assert detect.exit_code == 6 and json_out(detect)["runs"][0]["status"] == "corrupt"
+
+
+def test_process_a_huge_corrupt_value_is_one_bounded_line(cli_env, etcd_server):
+    run_id = new_run_id()
+    backend(etcd_server, run_id).set_state(
+        json.dumps({"status": "joinable", "version": "1", "participants": ["A" * 500_000]}).encode())
+    for command in (["get"], ["corrupt-detect"]):
+        done = run_rdzvctl([*command, *flags(etcd_server, run_id)])
+        assert done.returncode == 6, done.stderr
+        assert "participants[0]" in done.stdout + done.stderr
+        assert max(len(line) for line in (done.stdout + done.stderr).splitlines()) < 400
 
 
 def test_detect_all_and_list_read_every_run_under_the_prefix(cli_env, etcd_server):

@@ -96,6 +96,18 @@ def test_untrusted_json_is_refused_with_the_reason(raw, words):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("raw", [
+    json.dumps({"status": "joinable", "version": "1", "participants": ["A" * 500_000]}).encode(),
+    json.dumps({"status": "S" * 500_000}).encode(),
+    b'{"status": "closed", "' + b"k" * 500_000 + b'": 1, "' + b"k" * 500_000 + b'": 2}',
+    json.dumps({"status": "joinable", "version": "1", "participants": [[["A" * 100] * 100] * 10]}).encode(),
+])
+def test_an_untrusted_value_quoted_in_the_reason_is_cut(raw):
+    with pytest.raises(StateCorruptError) as info:
+        parse_state(raw)
+    assert len(str(info.value)) < 300
+
+
 def test_unknown_fields_are_kept_and_reported():
     state = parse_state(b'{"status": "closed", "owner": "x"}')
     assert state.unknown_fields == ("owner",)

@@ -196,3 +196,27 @@ def test_failing_editor_exits_2_and_writes_nothing(memory, tmp_path):
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("rdzvctl: UsageError: ") and "Editing failed" in line and "nothing was written" in line
     assert memory.token() == token
+
+
+def test_process_every_failure_of_the_editor_step_is_one_line_exit_2_nothing_written(tmp_path):
+    done = run_rdzvctl(["demo", "--no-live", "--path", str(tmp_path / "demo")])
+    assert done.returncode == 0, done.stderr
+    env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(tmp_path / "demo" / "rendezvous.store"),
+           "PET_RDZV_ID": "demo-job", "PET_RDZV_CONF": "store_type=file", "RDZVCTL_BACKUP_DIR": str(tmp_path / "b")}
+    before = run_rdzvctl(["get", "-o", "raw"], env=env, text=False).stdout
+    scripts = {
+        "deletes": "rm -f \"$1\"",
+        "fifo": "rm -f \"$1\"; mkfifo \"$1\"",
+        "symlink": "rm -f \"$1\"; ln -s /etc/hostname \"$1\"",
+        "not utf-8": "printf '\\377\\376' > \"$1\"",
+    }
+    editors = {"unbalanced quote": '"x', "missing": str(tmp_path / "no-such-editor"), "fails": "false"}
+    for i, (what, body) in enumerate(scripts.items()):
+        (tmp_path / f"ed{i}").mkdir()
+        editors[what] = editor(tmp_path / f"ed{i}", body)
+    for what, command in editors.items():
+        edit = run_rdzvctl(["edit", "--yes"], env={**env, "EDITOR": command, "VISUAL": ""}, timeout=30)
+        assert edit.returncode == 2, (what, edit.stderr)
+        (line,) = edit.stderr.splitlines()
+        assert "nothing was written" in line and "internal error" not in line, (what, line)
+    assert run_rdzvctl(["get", "-o", "raw"], env=env, text=False).stdout == before

@@ -195,6 +195,35 @@ def test_process_inspect_prune_restore_on_a_filestore(demo_store):
     assert after.stdout == before.stdout
 
 
+BAD_CONF = [
+    ("keep_alive_interval=nan", "keep_alive_interval", "get"),
+    ("keep_alive_interval=inf", "keep_alive_interval", "doctor"),
+    ("keep_alive_interval=1e309", "keep_alive_interval", "report"),
+    ("keep_alive_interval=86401", "keep_alive_interval", "list"),
+    ("keep_alive_max_attempt=99999999999999999999999", "keep_alive_max_attempt", "corrupt-detect"),
+    ("keep_alive_max_attempt=" + "9" * 5000, "keep_alive_max_attempt", "get"),
+    ("min_nodes=3,max_nodes=2", "min_nodes", "get"),
+    ("join_timeout=abc", "join_timeout", "get"),
+    ("last_call_timeout=abc", "last_call_timeout", "corrupt-detect"),
+    ("close_timeout=abc", "close_timeout", "list"),
+    ("heartbeat_timeout=0", "heartbeat_timeout", "get"),
+    ("read_timeout=abc", "read_timeout", "get"),
+    ("timeout=abc", "timeout", "doctor"),
+]
+
+
+def test_process_bad_numeric_rdzv_conf_is_one_usage_line_naming_the_option(demo_store):
+    for extra, key, command in BAD_CONF:
+        env = {**demo_store, "PET_RDZV_CONF": "store_type=file," + extra}
+        done = run_rdzvctl([command], env=env)
+        assert done.returncode == 2, (extra, command, done.stderr)
+        (line,) = done.stderr.splitlines()
+        assert f"--rdzv-conf {key}" in line and "internal error" not in line and len(line) < 300, line
+    fine = {**demo_store, "PET_RDZV_CONF": "store_type=file,keep_alive_interval=0.5,keep_alive_max_attempt=6,"
+            "min_nodes=2,max_nodes=4,join_timeout=600,last_call_timeout=1.5"}
+    assert run_rdzvctl(["get"], env=fine).returncode == 0
+
+
 def test_process_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path):
     store = tmp_path / "store"
     store.write_bytes(b"")

@@ -14,6 +14,7 @@ from tests.support.cli import (
     invoke,
     make_state,
     node,
+    run_rdzvctl,
 )
 
 FAST = ["--interval", "0.02"]
@@ -201,3 +202,28 @@ def test_watch_of_an_unsafe_state_never_executes_it(memory, tmp_path, watching):
     got = events(result)
     assert got[0]["kind"] == "state-corrupt" and "posix.system" in got[0]["message"]
     assert not (tmp_path / "pwned").exists()
+
+
+NON_FINITE = [
+    (["watch", "--until", "closed", "--for", "nan"], "--for"),
+    (["watch", "--until", "closed", "--for", "inf"], "--for"),
+    (["watch", "--until", "closed", "--interval", "nan"], "--interval"),
+    (["watch", "--until", "closed", "--interval", "1e300"], "--interval"),
+    (["watch", "--until", "closed", "--timeout", "nan"], "--timeout"),
+    (["get", "--timeout", "inf"], "--timeout"),
+    (["doctor", "--dns-timeout", "nan"], "--dns-timeout"),
+    (["report", "--connect-timeout", "inf"], "--connect-timeout"),
+    (["demo", "--no-live", "--duration", "nan"], "--duration"),
+]
+
+
+def test_process_non_finite_seconds_exit_2_naming_the_option(tmp_path):
+    env = {"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": str(tmp_path / "store"), "PET_RDZV_ID": "job",
+           "PET_RDZV_CONF": "store_type=file"}
+    for args, option in NON_FINITE:
+        done = run_rdzvctl(args, env=env, timeout=30)
+        assert done.returncode == 2, (args, done.stderr)
+        (line,) = done.stderr.splitlines()
+        assert option in line and "internal error" not in line, line
+    done = run_rdzvctl(["get"], env={**env, "RDZVCTL_TIMEOUT": "nan"})
+    assert done.returncode == 2 and "RDZVCTL_TIMEOUT" in done.stderr, done.stderr

@@ -42,6 +42,7 @@ library lazily so ``rdzvctl --help`` stays fast.  Shared helpers:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -63,6 +64,7 @@ from typing import (
 
 from rdzvctl.errors import BackendConfigError, UnsupportedOperationError
 from rdzvctl.state.store_keys import round_of_store_key, split_round_key
+from rdzvctl.text import excerpt
 
 __all__ = [
     "round_of_store_key",
@@ -85,6 +87,8 @@ _Backend = TypeVar("_Backend", bound="RendezvousBackend")  # from_address builds
 CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
 
 DEFAULT_TIMEOUT = 10.0
+#: The largest RDZVCTL_TIMEOUT (a year, as the CLI's SECONDS options); a larger one overflows.
+MAX_TIMEOUT = 365 * 86_400.0
 
 
 class RunEntry(NamedTuple):
@@ -145,6 +149,39 @@ def check_conf_keys(backend: str, conf: Mapping[str, str], accepted: Optional[Fr
 
 
 #: The spellings of a boolean ``--rdzv-conf`` value.
+#: torch's numeric ``--rdzv-conf`` options with the largest value rdzvctl accepts (torch reads each
+#: with ``RendezvousParameters.get_as_int``: ``create_handler`` and ``_get_timeout`` in
+#: dynamic_rendezvous.py, ``create_backend`` in c10d_/etcd_rendezvous_backend.py, ``create_rdzv_handler``
+#: in etcd_rendezvous.py).  rdzvctl also takes a fraction of a second; every value must be positive.
+#: The caps only keep the arithmetic finite: a keep-alive interval up to a day, timeouts up to a
+#: year, up to a million keep-alive attempts, node counts up to 2**31 - 1.
+NUMERIC_OPTIONS: Mapping[str, float] = {
+    "keep_alive_interval": 86_400,
+    "keep_alive_max_attempt": 10**6,
+    "join_timeout": 365 * 86_400,
+    "last_call_timeout": 365 * 86_400,
+    "close_timeout": 365 * 86_400,
+    "heartbeat_timeout": 365 * 86_400,
+    "read_timeout": 365 * 86_400,
+    "timeout": 365 * 86_400,
+    "min_nodes": 2**31 - 1,
+    "max_nodes": 2**31 - 1,
+}
+#: Those of :data:`NUMERIC_OPTIONS` that are counts (whole numbers).
+INTEGER_OPTIONS = frozenset({"keep_alive_max_attempt", "min_nodes", "max_nodes"})
+
+
+def _check_range(key: str, value: float, minimum: Optional[float], maximum: Optional[float]) -> None:
+    if minimum is not None and value < minimum:
+        raise BackendConfigError(f"--rdzv-conf {key}: {excerpt(value)} is below {_number(minimum)}")
+    if maximum is not None and value > maximum:
+        raise BackendConfigError(f"--rdzv-conf {key}: {excerpt(value)} is above {_number(maximum)}")
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if bound == int(bound) else f"{bound:g}"
+
+
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 
@@ -198,7 +235,10 @@ class Address:
             try:
                 timeout = float(raw) if raw else DEFAULT_TIMEOUT
             except ValueError:
-                raise BackendConfigError(f"RDZVCTL_TIMEOUT: not a number: {raw!r}") from None
+                raise BackendConfigError(f"RDZVCTL_TIMEOUT: not a number: {excerpt(raw)}") from None
+            if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+                raise BackendConfigError(f"RDZVCTL_TIMEOUT: {excerpt(raw)} is not a number of seconds "
+                                         f"above 0 and up to {MAX_TIMEOUT:.0f}")
         return cls(
             backend=backend,
             endpoint=pick(endpoint, "ENDPOINT") or "",
@@ -214,23 +254,51 @@ class Address:
     def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
         return self.conf.get(key, default)
 
-    def get_int(self, key: str, default: Optional[int] = None) -> Optional[int]:
+    def get_int(self, key: str, default: Optional[int] = None, *, minimum: Optional[int] = None,
+                maximum: Optional[int] = None) -> Optional[int]:
+        """``key`` as an integer, or ``default``; a value that is not one, or is outside
+        ``[minimum, maximum]``, raises :class:`BackendConfigError` naming the option."""
         raw = self.conf.get(key)
         if raw is None or raw == "":
             return default
         try:
-            return int(raw)
-        except ValueError:
-            raise BackendConfigError(f"--rdzv-conf {key}: not an integer: {raw!r}") from None
+            value = int(raw)
+        except ValueError:  # also a string of more digits than int() accepts
+            raise BackendConfigError(f"--rdzv-conf {key}: not an integer: {excerpt(raw)}") from None
+        _check_range(key, value, minimum, maximum)
+        return value
 
-    def get_float(self, key: str, default: Optional[float] = None) -> Optional[float]:
+    def get_float(self, key: str, default: Optional[float] = None, *, minimum: Optional[float] = None,
+                  maximum: Optional[float] = None) -> Optional[float]:
+        """``key`` as a finite number, or ``default``; NaN, infinity or a value outside
+        ``[minimum, maximum]`` raises :class:`BackendConfigError` naming the option."""
         raw = self.conf.get(key)
         if raw is None or raw == "":
             return default
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
-            raise BackendConfigError(f"--rdzv-conf {key}: not a number: {raw!r}") from None
+            raise BackendConfigError(f"--rdzv-conf {key}: not a number: {excerpt(raw)}") from None
+        if not math.isfinite(value):
+            raise BackendConfigError(f"--rdzv-conf {key}: not a finite number: {excerpt(raw)}")
+        _check_range(key, value, minimum, maximum)
+        return value
+
+    def check_conf(self) -> None:
+        """Reject what torch's handler would reject in ``--rdzv-conf`` before anything is read:
+        a non-numeric, non-finite, non-positive or absurd value of one of torch's numeric options
+        (:data:`NUMERIC_OPTIONS`), and ``min_nodes`` above ``max_nodes``
+        (torch's ``RendezvousParameters.__init__``)."""
+        for key, maximum in NUMERIC_OPTIONS.items():
+            if key in INTEGER_OPTIONS:
+                self.get_int(key, minimum=1, maximum=int(maximum))
+            else:
+                value = self.get_float(key, maximum=maximum)
+                if value is not None and value <= 0:
+                    raise BackendConfigError(f"--rdzv-conf {key}: must be positive, got {value:g}")
+        lowest, highest = self.get_int("min_nodes"), self.get_int("max_nodes")
+        if lowest is not None and highest is not None and lowest > highest:
+            raise BackendConfigError(f"--rdzv-conf min_nodes ({lowest}) is greater than max_nodes ({highest})")
 
     def get_bool(self, key: str, default: Optional[bool] = None) -> Optional[bool]:
         raw = self.conf.get(key)

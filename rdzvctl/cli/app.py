@@ -11,13 +11,14 @@ except ``-o raw``, which is the exact bytes and refuses a terminal without
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import click
 
-from rdzvctl.backends.base import Address, RendezvousBackend
+from rdzvctl.backends.base import MAX_TIMEOUT, Address, RendezvousBackend
 from rdzvctl.backends.registry import open_backend
 from rdzvctl.errors import UsageError
 from rdzvctl.state.analysis import KeepAlive
@@ -63,7 +64,9 @@ class App:
     @property
     def address(self) -> Address:
         if self._address is None:
-            self._address = Address.from_env(*self._flags)
+            address = Address.from_env(*self._flags)
+            address.check_conf()  # raises every time it is asked, not only the first time
+            self._address = address
         return self._address
 
     def require_run_id(self) -> str:
@@ -84,10 +87,10 @@ class App:
     @property
     def keep_alive(self) -> KeepAlive:
         """torch's keep-alive settings from --rdzv-conf (keep_alive_interval, keep_alive_max_attempt)."""
+        # self.address has checked both: positive, finite and bounded (NUMERIC_OPTIONS)
         interval = self.address.get_float("keep_alive_interval", 5.0)
         attempts = self.address.get_int("keep_alive_max_attempt", 3)
-        if interval is None or interval <= 0 or attempts is None or attempts <= 0:
-            raise UsageError("keep_alive_interval and keep_alive_max_attempt must be positive")
+        assert interval is not None and attempts is not None
         return KeepAlive(interval, attempts)
 
     @property
@@ -181,6 +184,26 @@ class App:
         self.ctx.exit(code)
 
 
+#: The longest duration any SECONDS option takes (a year): beyond it sleep() and timeouts overflow.
+MAX_SECONDS = MAX_TIMEOUT
+
+
+class Seconds(click.FloatRange):
+    """A SECONDS option: a finite number in ``[min, MAX_SECONDS]`` (click's FloatRange lets NaN and
+    infinity through, and ``--for nan`` would never end)."""
+
+    name = "seconds"
+
+    def __init__(self, min: float = 0.0, min_open: bool = False) -> None:  # noqa: A002 (click's name)
+        super().__init__(min=min, max=MAX_SECONDS, min_open=min_open)
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 def _progress(ctx: click.Context) -> Dict[str, Any]:
     root = ctx.find_root()
     if root.obj is None:
@@ -232,8 +255,8 @@ def with_app(func: Optional[Callable[..., Any]] = None, *, many_run_ids: bool = 
     def wrapper(ctx: click.Context, rdzv_backend: Optional[str], rdzv_endpoint: Optional[str],
                 rdzv_id: Any, rdzv_conf: Optional[str], timeout: Optional[float],
                 *args: Any, **kwargs: Any) -> Any:
-        if timeout is not None and timeout <= 0:
-            raise click.BadParameter("must be positive", param_hint="--timeout")
+        if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_SECONDS):
+            raise click.BadParameter(f"must be positive and finite, at most {MAX_SECONDS:.0f}", param_hint="--timeout")
         run_ids: Tuple[str, ...] = tuple(rdzv_id) if many_run_ids else ()
         run_id = (run_ids[-1] if run_ids else None) if many_run_ids else rdzv_id
         app = App(ctx, rdzv_backend, rdzv_endpoint, run_id, rdzv_conf, timeout)

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 from rdzvctl.errors import StateCorruptError
 from rdzvctl.state.analysis import SEVERITIES, SUSPICIOUS_RUN_IDS, Finding
 from rdzvctl.state.lifecycle import TORCH_NEXT, LaunchVerdict
+from rdzvctl.text import excerpt
 
 __all__ = [
     "STATE_FORMAT",
@@ -136,7 +137,7 @@ def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     seen: Dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise _corrupt(f"field {key!r} appears twice")
+            raise _corrupt(f"field {excerpt(key)} appears twice")
         seen[key] = value
     return seen
 
@@ -190,8 +191,8 @@ def parse_state(raw: bytes) -> LegacyState:
     if "status" not in doc:
         raise _corrupt("no status field (torch's init_phase fails with KeyError and retries until its timeout)")
     if not isinstance(status, str) or status not in STATUSES:
-        shown = status[:40] if isinstance(status, str) else type(status).__name__
-        raise _corrupt(f"status {shown!r} is none of {', '.join(STATUSES)}")
+        shown = excerpt(status) if isinstance(status, str) else type(status).__name__
+        raise _corrupt(f"status {shown} is none of {', '.join(STATUSES)}")
     for name in _REQUIRED[status]:
         if name not in doc:
             raise _corrupt(f"status {status} without the {name} field (torch's handler fails with KeyError)")
@@ -206,7 +207,7 @@ def parse_state(raw: bytes) -> LegacyState:
             raise _corrupt("participants must be a list of ranks")
         for position, rank in enumerate(items):
             if type(rank) is not int or rank != position:
-                raise _corrupt(f"participants[{position}] is {rank!r}: torch appends ranks 0, 1, ... in order")
+                raise _corrupt(f"participants[{position}] is {excerpt(rank)}: torch appends ranks 0, 1, ... in order")
         participants = tuple(items)
     keep_alives: Optional[Tuple[str, ...]] = None
     if "keep_alives" in doc:

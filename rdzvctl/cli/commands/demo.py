@@ -25,7 +25,7 @@ import click
 from rdzvctl import clock
 from rdzvctl.backends.base import Address
 from rdzvctl.backends.registry import open_backend
-from rdzvctl.cli.app import App
+from rdzvctl.cli.app import App, Seconds
 from rdzvctl.errors import TokenConflictError
 from rdzvctl.fence import write_fenced
 from rdzvctl.state.codec import decode, encode
@@ -69,9 +69,9 @@ def heartbeat(state: Any, now: _dt.datetime) -> None:
 @click.option("--live/--no-live", default=True, show_default=True,
               help="Keep the nodes heartbeating until stopped (--no-live: write once and exit; "
                    "the heartbeats then age and every node looks dead after 15 s).")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+@click.option("--interval", type=Seconds(min=0.1), default=2.0, show_default=True,
               help="Seconds between simulated heartbeats.")
-@click.option("--duration", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+@click.option("--duration", type=Seconds(min=0), default=3600.0, show_default=True,
               help="Stop the live demo after this many seconds.")
 @click.pass_context
 def command(ctx: click.Context, path: Optional[str], live: bool, interval: float, duration: float) -> None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import click
 
-from rdzvctl.cli.app import App, output_option, with_app
+from rdzvctl.cli.app import App, Seconds, output_option, with_app
 from rdzvctl.errors import EXIT_OK, EXIT_PROBLEMS
 
 
 @click.command("doctor")
 @with_app
 @output_option("text", "json")
-@click.option("--dns-timeout", type=click.FloatRange(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
+@click.option("--dns-timeout", type=Seconds(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
               help="Bound of each DNS lookup (they run concurrently).")
-@click.option("--connect-timeout", type=click.FloatRange(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
+@click.option("--connect-timeout", type=Seconds(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
               help="Bound of each TCP connect (they run concurrently).")
 def command(app: App, output: str, dns_timeout: float, connect_timeout: float) -> None:
     """Check the endpoint, the run and the round's bootstrap; one line per check.

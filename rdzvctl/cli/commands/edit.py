@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
 from typing import Any, Optional
 
@@ -33,6 +35,8 @@ ERROR_HEADER = (
 
 #: The editor is reopened at most this many times on an invalid edit.
 MAX_ROUNDS = 10
+#: The largest edited file read back (a state's JSON is far smaller).
+MAX_EDIT_BYTES = 64 * 1024 * 1024
 
 
 @click.command("edit")
@@ -100,10 +104,53 @@ def _edit_until_valid(app: App, header: str, body: str, token: str) -> Any:
 
 
 def _run_editor(text: str) -> Optional[str]:
+    """``text`` edited in $VISUAL / $EDITOR (click's choice and command-line split); None when the
+    editor exits without saving.  Every failure of this step (no such editor, an unbalanced quote
+    in $EDITOR, a non-zero exit, the file deleted or replaced by something other than a regular
+    file, bytes that are not UTF-8, over :data:`MAX_EDIT_BYTES`) is one :class:`UsageError`."""
+    fd, path = tempfile.mkstemp(prefix="rdzvctl-edit-", suffix=".json")
     try:
-        return click.edit(text, extension=".json", require_save=True)
-    except click.ClickException as exc:  # the editor is missing or exited non-zero
-        raise UsageError(f"{exc.format_message()} ($EDITOR / $VISUAL); nothing was written") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        # mtime 2 s back, as click does, so a save is seen on a coarse-grained filesystem.
+        before = os.stat(path)
+        os.utime(path, (before.st_atime, before.st_mtime - 2))
+        saved_at = os.stat(path).st_mtime_ns
+        try:
+            click.edit(filename=path)
+        except click.ClickException as exc:  # the editor is missing or exited non-zero
+            raise UsageError(f"{exc.format_message()} ($EDITOR / $VISUAL); nothing was written") from None
+        except ValueError as exc:  # shlex: e.g. an unbalanced quote
+            raise UsageError(f"cannot run the editor: $EDITOR / $VISUAL does not parse ({exc}); "
+                             "nothing was written") from None
+        return _read_edited(path, saved_at)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _read_edited(path: str, saved_at: int) -> Optional[str]:
+    """The edited file's text, or None if unsaved; opened without following a link or blocking on
+    a FIFO, and read only if it is a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"cannot open the edited file ({exc.strerror}): the editor removed or replaced it; "
+                         "nothing was written") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError("the editor replaced the edited file with something other than a regular file; "
+                             "nothing was written")
+        if info.st_mtime_ns == saved_at:
+            return None
+        data = handle.read(MAX_EDIT_BYTES + 1)
+    if len(data) > MAX_EDIT_BYTES:
+        raise UsageError(f"the edited file is over {MAX_EDIT_BYTES >> 20} MiB; nothing was written")
+    try:
+        return data.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError:
+        raise UsageError("the edited file is not UTF-8 text; nothing was written") from None
 
 
 def _parse(body: str) -> Any:

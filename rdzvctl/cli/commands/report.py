@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from rdzvctl.cli.app import App, with_app
+from rdzvctl.cli.app import App, Seconds, with_app
 
 
 @click.command("report")
@@ -16,9 +16,9 @@ from rdzvctl.cli.app import App, with_app
 @click.option("--output", "output_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the report to FILE (mode 0600) instead of stdout; an existing FILE needs --force.")
 @click.option("--force", is_flag=True, help="With --output: overwrite an existing FILE.")
-@click.option("--dns-timeout", type=click.FloatRange(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
+@click.option("--dns-timeout", type=Seconds(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
               help="Bound of each DNS lookup of doctor's checks.")
-@click.option("--connect-timeout", type=click.FloatRange(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
+@click.option("--connect-timeout", type=Seconds(min=0.01), default=2.0, show_default=True, metavar="SECONDS",
               help="Bound of each TCP connect of doctor's checks.")
 def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_timeout: float,
             connect_timeout: float) -> None:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from rdzvctl.cli.app import App, output_option, with_app
+from rdzvctl.cli.app import App, Seconds, output_option, with_app
 from rdzvctl.cli.render import render_event
 from rdzvctl.follow import UNTIL_HELP, follow, parse_until
 
@@ -19,11 +19,11 @@ from rdzvctl.follow import UNTIL_HELP, follow, parse_until
 @click.command("watch")
 @with_app
 @output_option("text", "json")
-@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+@click.option("--interval", type=Seconds(min=0.01), default=1.0, show_default=True,
               help="Polling interval where the backend has no native watch; also how often liveness is checked.")
 @click.option("--until", "until", metavar="CONDITION",
               help="Exit 0 once complete, closed, absent or round>=N holds (with --for: exit 1 if it never does).")
-@click.option("--for", "duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--for", "duration", type=Seconds(min=0, min_open=True), metavar="SECONDS",
               help="Stop after SECONDS; with --until exit 1 if the condition did not hold by then. "
                    "(--timeout bounds each backend operation, as everywhere.)")
 def command(app: App, output: str, interval: float, until: Optional[str], duration: Optional[float]) -> None:
