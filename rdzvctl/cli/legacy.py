@@ -18,7 +18,6 @@ from rdzvctl.backends.registry import get_backend_class
 from rdzvctl.cli.render import with_progress
 from rdzvctl.errors import (
     EXIT_CORRUPT,
-    EXIT_PROBLEMS,
     NoStateError,
     RdzvctlError,
     StateCorruptError,
@@ -157,8 +156,7 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
     keep-alive leases at once: phase ``closing``)."""
     import click
 
-    from rdzvctl.cli.commands.detect import _render, exit_code
-    from rdzvctl.errors import EXIT_OK
+    from rdzvctl.cli.commands.detect import show_reports
 
     if for_launch and all_runs:
         raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
@@ -175,20 +173,8 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
             verdict = launch_of(run, report)
         if reports[0]["status"] == "absent" and verdict is None:
             raise _no_state(run, report)
-    code = exit_code(reports, fail_on)
-    if verdict is not None:
-        code = EXIT_OK if verdict.ok else EXIT_PROBLEMS
-    if output == "json":
-        counts: Dict[str, int] = {}
-        for r in reports:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        doc: Dict[str, Any] = {"schema": "rdzvctl.corrupt-detect/v1", "fail_on": fail_on, "runs": reports,
-                               "summary": {"runs": len(reports), **counts}, "exit_code": code}
-        if verdict is not None:
-            doc["launch"] = {"ok": verdict.ok, "reason": verdict.reason, "round": verdict.round}
-        app.json(doc)
-    else:
-        _render(app, reports, all_runs, verdict)
+    code = show_reports(app, reports, all_runs, verdict, fail_on, output)
+    if output != "json":
         if not all_runs and reports[0]["lifecycle"] is None:
             app.out(f"\nnext: {reports[0]['next']}")
     if code:

@@ -84,6 +84,17 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
             from rdzvctl.errors import NoStateError
 
             raise NoStateError.for_run(backend.run_id, backend.describe())
+    code = show_reports(app, reports, all_runs, verdict, fail_on, output)
+    if code:
+        app.exit(code)
+
+
+def show_reports(app: App, reports: List[Dict[str, Any]], all_runs: bool, verdict: Any, fail_on: str,
+                 output: str) -> int:
+    """Render corrupt-detect's reports (the JSON document or the text) and return the exit code.
+
+    One place for every state format: the legacy etcd backend's reports take the same shape.
+    """
     code = exit_code(reports, fail_on)
     if verdict is not None:
         code = EXIT_OK if verdict.ok else EXIT_PROBLEMS
@@ -98,8 +109,7 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
         app.json(doc)
     else:
         _render(app, reports, all_runs, verdict)
-    if code:
-        app.exit(code)
+    return code
 
 
 def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, Optional[Dict[str, bytes]]]:
