@@ -42,6 +42,7 @@ library lazily so ``rdzvctl --help`` stays fast.  Shared helpers:
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import os
 import threading
@@ -72,6 +73,8 @@ __all__ = [
     "StateAndToken",
     "SetResult",
     "RunEntry",
+    "HistoryVersion",
+    "HistoryWindow",
     "Address",
     "RendezvousBackend",
     "parse_conf",
@@ -84,7 +87,7 @@ StateAndToken = Tuple[bytes, Token]
 SetResult = Tuple[bytes, Token, bool]
 _Backend = TypeVar("_Backend", bound="RendezvousBackend")  # from_address builds the class it is called on
 
-CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys")
+CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys", "history")
 
 DEFAULT_TIMEOUT = 10.0
 #: The largest RDZVCTL_TIMEOUT (a year, as the CLI's SECONDS options); a larger one overflows.
@@ -102,6 +105,36 @@ class RunEntry(NamedTuple):
     run_id: str
     state: Optional[StateAndToken]
     error: Optional[Exception] = None
+
+
+class HistoryVersion(NamedTuple):
+    """One past version of the run's state key, as the backend kept it (see :meth:`RendezvousBackend.history`).
+
+    ``value`` is the raw state (``None``: the key was deleted then);
+    ``written_at`` when the backend says it was written (aware, UTC; ``None``
+    when the backend does not record it: the reader then infers it from the
+    newest heartbeat in the state); ``revision`` the backend's own counter for
+    it (etcd's modification revision or index, the Redis history entry's
+    sequence number, the FileStore record number), increasing.
+    """
+
+    value: Optional[bytes]
+    written_at: Optional[_dt.datetime]
+    revision: Optional[int]
+
+
+class HistoryWindow(NamedTuple):
+    """What a backend still holds of the run's past: the versions, oldest first, and how far back they go.
+
+    ``versions`` is a lazy iterator (a 100,000-version FileStore log is
+    streamed, never held); ``notice`` is one line saying what is missing
+    (``"etcd compacted revisions before 812: older versions are gone"``,
+    ``"etcd v2 keeps the last 1000 events"``), or ``None`` when the window
+    reaches back to the run's first write.
+    """
+
+    versions: Iterator[HistoryVersion]
+    notice: Optional[str]
 
 
 def parse_conf(text: str) -> Dict[str, str]:
@@ -371,6 +404,17 @@ class RendezvousBackend(ABC):
         sorted by round then name; raises ``UnsupportedOperationError`` when the keys
         cannot be listed (no ``store_keys`` capability, or a server too old)."""
         raise UnsupportedOperationError(f"the {self.name} backend has no per-round store keys")
+
+    def history(self) -> HistoryWindow:
+        """The past versions of the run's state that the backend keeps (the ``history`` capability).
+
+        Read-only and streaming.  Backends that keep none (TCPStore) raise
+        ``UnsupportedOperationError``; ``rdzvctl watch --record FILE`` then
+        records a history that ``rdzvctl history --from FILE`` reads.
+        """
+        raise UnsupportedOperationError(
+            f"the {self.name} backend keeps no history of the state; record one with "
+            "'rdzvctl watch --record FILE' and read it with 'rdzvctl history --from FILE'")
 
     def server_info(self) -> Dict[str, Any]:
         """What the server says about itself, for ``rdzvctl doctor`` (optional).
