@@ -266,7 +266,7 @@ def _text(x: float, y: float, content: str, extra: str = "") -> str:
 
 def _tick_label(when: _dt.datetime, step: float) -> str:
     if step >= 86400:
-        return when.strftime("%Y-%m-%d")
+        return when.date().isoformat()
     return when.strftime("%H:%M:%S" if step < 60 else "%H:%M")
 
 
@@ -282,7 +282,7 @@ def _duration(seconds: float) -> str:
 
 
 def _stamp(seconds: float) -> str:
-    return _dt.datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S") + "Z"
+    return _dt.datetime.fromtimestamp(seconds, UTC).isoformat(sep=" ", timespec="seconds")[:19] + "Z"
 
 
 def _ordered_nodes(collector: _Collector) -> List[NodeDesc]:
@@ -317,11 +317,11 @@ def render_svg(entries: Iterable[HistoryEntryLike], *, run_id: str, title: Optio
     def x(t: float) -> float:
         return _LEFT + (t - first) / span * _PLOT
 
-    end = _stamp(last)
-    if end[:10] == _stamp(first)[:10]:
-        end = end[11:]
-    subtitle = (f"run {_label(run_id)} \u00b7 {_stamp(first)} \u2192 {end} "
-                f"({_duration(last - first)}, {collector.entries} entries)")
+    until = _stamp(last)
+    if until[:10] == _stamp(first)[:10]:
+        until = until[11:]
+    subtitle = (f"run {_label(run_id)} \u00b7 {_stamp(first)} \u2192 {until} "
+                f"({_duration(last - first)}, {collector.entries} entr{'ies' if collector.entries != 1 else 'y'})")
     body: List[str] = []
     rows = _ordered_nodes(collector)
     bottom = _ROWS_TOP + max(len(rows), 1) * _ROW
@@ -388,7 +388,7 @@ def render_svg(entries: Iterable[HistoryEntryLike], *, run_id: str, title: Optio
         body.append(f'<line x1="{px:.1f}" y1="{y}" x2="{px:.1f}" y2="{y + 5}" stroke="#343a40"/>')
         body.append(_text(px, y + 18, _tick_label(moment, step), ' font-size="11" text-anchor="middle"'))
         if step < 86400 and moment.date() != day:  # the date under the first tick of each day
-            body.append(_text(px, y + 31, moment.strftime("%Y-%m-%d"), ' font-size="10" text-anchor="middle"'))
+            body.append(_text(px, y + 31, moment.date().isoformat(), ' font-size="10" text-anchor="middle"'))
         day = moment.date()
         tick += step
     body.append(_text(_LEFT + _PLOT, y + 44, "time (UTC)", ' font-size="11" text-anchor="end"'))
