@@ -4,7 +4,7 @@ One row per node with a bar while it is a participant, waiting or redundant
 (a colour per role), the rounds as bands along the time axis (round number and
 participant count, the membership in each band's tooltip), vertical markers
 where a round advanced, completed, the run closed or reopened or the state was
-created or removed, a UTC time axis, and the run id and time span in the title.
+created, removed or found corrupt, a UTC time axis, and the run id and time span in the title.
 
 Hand-built with the standard library.  Everything that came from a store (run
 id, node addresses) is made visible (:func:`rdzvctl.text.safe`: control and
@@ -68,6 +68,7 @@ MARKERS = {
     "closed": ("#e03131", "", "closed"),
     "reopened": ("#ae3ec9", "6,2", "reopened"),
     "state-removed": ("#000000", "1,2", "state removed"),
+    "state-corrupt": ("#d9480f", "1,1", "state corrupt"),
 }
 
 # Layout (pixels).
@@ -91,7 +92,7 @@ class HistoryEntryLike(Protocol):
     """What the picture needs of one history entry (``rdzvctl.state.history.HistoryEntry``)."""
 
     @property
-    def time(self) -> _dt.datetime: ...
+    def time(self) -> Optional[_dt.datetime]: ...  # None: a first version that says nothing about time
 
     @property
     def state(self) -> Optional[RendezvousState]: ...
@@ -161,7 +162,7 @@ class _Collector:
     def add(self, entry: HistoryEntryLike) -> None:
         now = _seconds(getattr(entry, "time", None), self.last)
         if now is None:
-            return  # no usable time before the first entry that has one
+            return  # before the first entry with a time (replay gives none only to a removed or corrupt value)
         self.entries += 1
         if self.first is None:
             self.first = now

@@ -23,7 +23,7 @@ SIZE_BOUND = 2_000_000
 class Entry:
     """The shape of ``rdzvctl.state.history.HistoryEntry`` the picture reads."""
 
-    time: _dt.datetime
+    time: Optional[_dt.datetime]
     state: Optional[RendezvousState]
     events: List[Event] = field(default_factory=list)
 
@@ -117,6 +117,15 @@ def test_reopened_and_removed_are_marked_and_removal_ends_every_bar():
            state(0, [A], complete=True), None]
     root = parse(render_svg(history(run), run_id="job42"))
     assert markers(root)[-2:] == ["reopened", "state-removed"]
+    assert rows(root) == [(str(A), 1)]
+
+
+def test_a_corrupt_version_is_marked_and_a_first_entry_without_time_is_skipped():
+    entries = [Entry(None, None, [Event("state-corrupt", "not a pickle")]),
+               Entry(T0, state(0, [A]), [Event("state-created", "state created (round 0)")]),
+               Entry(T0 + _dt.timedelta(seconds=5), None, [Event("state-corrupt", "truncated pickle")])]
+    root = parse(render_svg(entries, run_id="job42"))
+    assert markers(root) == ["state-created", "state-corrupt"]
     assert rows(root) == [(str(A), 1)]
 
 
