@@ -24,6 +24,7 @@ rank), then its waiting and redundant nodes, then the nodes seen last.
 from __future__ import annotations
 
 import datetime as _dt
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
@@ -235,7 +236,8 @@ class _Collector:
         count = len(state.participants)
         if count > current.participants or (state.complete and not current.complete):
             current.participants = max(count, current.participants)
-            current.sample = sorted(state.participants, key=lambda n: (state.participants[n], n))[:BAND_SAMPLE]
+            ranked = heapq.nsmallest(BAND_SAMPLE, state.participants.items(), key=lambda item: (item[1], item[0]))
+            current.sample = [node for node, _ in ranked]
         current.complete = current.complete or state.complete
 
     def finish(self) -> None:

@@ -8,7 +8,15 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from rdzvctl.history_svg import LABEL_CHARS, MAX_MARKERS, MAX_ROWS, SPANS_PER_NODE, render_svg
+from rdzvctl.history_svg import (
+    LABEL_CHARS,
+    MAX_MARKERS,
+    MAX_ROWS,
+    SPANS_PER_NODE,
+    TRACKED_NODES,
+    _Collector,
+    render_svg,
+)
 from rdzvctl.state.analysis import Event, diff_states
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
@@ -215,6 +223,19 @@ def test_distinct_nodes_beyond_what_is_followed_are_still_counted():
     root = parse(render_svg(history(run(), step=0.5), run_id="job42"))
     assert rows(root)[0][0] == str(A)
     assert f"and {6_000 + 1 - MAX_ROWS} more nodes not shown" in texts(root)
+
+
+def test_what_is_kept_while_reading_stays_bounded():
+    """Memory: nodes followed and bars per node are capped however many distinct nodes come and go."""
+    collector = _Collector()
+    run = (state(0, [A, NodeDesc(f"n{i}", 1, 0)], [B] * (i % 2)) for i in range(20_000))  # B flaps too
+    for i, entry in enumerate(history(run, step=0.1)):
+        collector.add(entry)
+        assert len(collector.nodes) <= TRACKED_NODES + 2
+        if i % 1000 == 0:
+            assert all(len(track.spans) <= SPANS_PER_NODE for track in collector.nodes.values())
+    collector.finish()
+    assert collector.hidden_count({A, B}) == 20_000
 
 
 def test_markers_are_capped_but_all_counted():
