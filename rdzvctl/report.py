@@ -27,7 +27,8 @@ from rdzvctl.backends.base import Address
 from rdzvctl.errors import UsageError
 from rdzvctl.text import safe, scrub
 
-__all__ = ["SCHEMA", "build_bundle", "repair_commands", "render_markdown", "md", "write_private_file", "NODE_ROWS"]
+__all__ = ["SCHEMA", "build_bundle", "repair_commands", "render_markdown", "md", "write_private_file",
+           "open_private_file", "NODE_ROWS"]
 
 SCHEMA = "rdzvctl.report/v1"
 #: At most this many node rows in the Markdown (the JSON bundle has them all).
@@ -278,33 +279,9 @@ def write_private_file(path: str, text: str, force: bool = False, keep: Sequence
     ``path`` (a symlink, a device, a FIFO, a directory, a socket) is refused,
     and so is a file that is one of ``keep`` (the run's own FileStore).
     """
-    import stat
-    import tempfile
-
     data = text.encode("utf-8")
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        existing = None
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
-    if existing is not None:
-        if not force:
-            raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written")
-        if not stat.S_ISREG(existing.st_mode):
-            raise UsageError(f"{path} is not a regular file: --force replaces only regular files; nothing was written")
-        for other in keep:
-            try:
-                same = os.path.samefile(path, other)
-            except OSError:
-                same = False
-            if same:
-                raise UsageError(f"{path} is the run's store file: choose another --output; nothing was written")
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        except OSError as exc:
-            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    if _check_target(path, force, keep):
+        fd, tmp = _temp_beside(path)
         try:
             try:
                 _write_all(fd, data)
@@ -313,25 +290,86 @@ def write_private_file(path: str, text: str, force: bool = False, keep: Sequence
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
             raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
         return
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written") from None
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    fd = _create_exclusive(path)
     try:
         _write_all(fd, data)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def open_private_file(path: str, force: bool = False, keep: Sequence[str] = ()) -> int:
+    """A write fd of a new, empty 0600 file at ``path``, under :func:`write_private_file`'s rules.
+
+    For output written as it comes (``watch --record``): with ``force`` an
+    existing regular file is replaced by a new empty one (renamed over it, the
+    old inode untouched) before anything is written.
+    """
+    if _check_target(path, force, keep):
+        fd, tmp = _temp_beside(path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+        return fd
+    return _create_exclusive(path)
+
+
+def _check_target(path: str, force: bool, keep: Sequence[str]) -> bool:
+    """True when ``path`` is an existing regular file ``force`` may replace; False when it is free."""
+    import stat
+
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    if not force:
+        raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written")
+    if not stat.S_ISREG(existing.st_mode):
+        raise UsageError(f"{path} is not a regular file: --force replaces only regular files; nothing was written")
+    for other in keep:
+        try:
+            same = os.path.samefile(path, other)
+        except OSError:
+            same = False
+        if same:
+            raise UsageError(f"{path} is the run's store file: choose another --output; nothing was written")
+    return True
+
+
+def _temp_beside(path: str) -> "tuple[int, str]":
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        return tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+
+
+def _create_exclusive(path: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
