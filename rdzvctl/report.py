@@ -28,7 +28,7 @@ from rdzvctl.errors import UsageError
 from rdzvctl.text import safe, scrub
 
 __all__ = ["SCHEMA", "build_bundle", "repair_commands", "render_markdown", "md", "write_private_file",
-           "open_private_file", "NODE_ROWS"]
+           "open_private_file", "check_output_file", "NODE_ROWS"]
 
 SCHEMA = "rdzvctl.report/v1"
 #: At most this many node rows in the Markdown (the JSON bundle has them all).
@@ -280,7 +280,7 @@ def write_private_file(path: str, text: str, force: bool = False, keep: Sequence
     and so is a file that is one of ``keep`` (the run's own FileStore).
     """
     data = text.encode("utf-8")
-    if _check_target(path, force, keep):
+    if check_output_file(path, force, keep):
         fd, tmp = _temp_beside(path)
         try:
             try:
@@ -309,7 +309,7 @@ def open_private_file(path: str, force: bool = False, keep: Sequence[str] = ()) 
     existing regular file is replaced by a new empty one (renamed over it, the
     old inode untouched) before anything is written.
     """
-    if _check_target(path, force, keep):
+    if check_output_file(path, force, keep):
         fd, tmp = _temp_beside(path)
         try:
             os.replace(tmp, path)
@@ -321,7 +321,7 @@ def open_private_file(path: str, force: bool = False, keep: Sequence[str] = ()) 
     return _create_exclusive(path)
 
 
-def _check_target(path: str, force: bool, keep: Sequence[str]) -> bool:
+def check_output_file(path: str, force: bool, keep: Sequence[str]) -> bool:
     """True when ``path`` is an existing regular file ``force`` may replace; False when it is free."""
     import stat
 
