@@ -10,9 +10,10 @@ scrubbed of secrets and escaped (:func:`rdzvctl.text.safe`, then Markdown:
 leave the code block of repair commands.  :func:`write_private_file` saves it
 with mode 0600.
 
-The "Last events" section shows ``bundle["events"]`` when given (a list of
-``{"time", "kind", "message"}``); no history is recorded yet, so it is None
-and the section says so.
+The "Last events" section shows ``bundle["events"]``: the newest events of
+the run's history (:func:`rdzvctl.timeline.last_events`, the ``history -o
+json`` event form), or None when the backend keeps no history or it could
+not be read; ``bundle["events_note"]`` says why, or what the history lacks.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def repair_commands(problems: Iterable[Mapping[str, Any]], checks: Iterable[Mapp
 
 
 def build_bundle(address: Address, get_doc: Optional[Dict[str, Any]], doctor_doc: Dict[str, Any],
-                 generated_at: _dt.datetime, events: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+                 generated_at: _dt.datetime, events: Optional[List[Dict[str, Any]]] = None,
+                 events_note: str = "") -> Dict[str, Any]:
     """The report's data: ``report -o json`` prints exactly this."""
     from rdzvctl import __version__
     from rdzvctl.state.jsonform import format_time
@@ -127,6 +129,7 @@ def build_bundle(address: Address, get_doc: Optional[Dict[str, Any]], doctor_doc
         "get": get_doc,
         "doctor": doctor_doc,
         "events": events,
+        "events_note": events_note,
         "repairs": repair_commands(problems, doctor_doc.get("checks") or [], address),
     }
 
@@ -248,12 +251,15 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
                    for c in doctor.get("checks") or []])
     out += ["", "## Last events", ""]
     events = bundle.get("events")
+    note = bundle.get("events_note") or ""
     if events is None:
-        out.append("Not available: rdzvctl does not record a run's history yet.")
+        out.append(f"Not available: {md(note or 'no history was read')}.")
     elif not events:
         out.append("None recorded.")
     else:
         out += _table(["time", "event", "message"], [[e.get("time"), e.get("kind"), e.get("message")] for e in events])
+        if note:
+            out += ["", md(note)]
     out += ["", "## Repair commands", ""]
     repairs = bundle.get("repairs") or []
     if repairs:
