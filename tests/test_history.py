@@ -59,7 +59,8 @@ def test_replay_collapses_heartbeat_only_versions() -> None:
         state(0, [A, B], 21, complete=True),
     )
     entries = list(replay(history))
-    assert kinds(entries) == [["state-created"], ["joined-participants"], ["rank-changed", "completed"]]
+    assert kinds(entries) == [["state-created", "joined-participants"], ["joined-participants"],
+                              ["rank-changed", "completed"]]
     assert [e.collapsed for e in entries] == [2, 3, 0]
     assert [e.revision for e in entries] == [0, 3, 7]
     assert entries[1].events[0].node == str(B)
@@ -75,6 +76,7 @@ def test_time_is_the_backend_write_time_else_the_newest_heartbeat() -> None:
     assert [(e.time, e.time_source) for e in entries] == [(at(40), "heartbeat"), (at(70), "heartbeat"),
                                                           (at(70), "heartbeat")]  # removal: time before it
     assert kinds(entries)[2] == ["state-removed"]
+    assert kinds(entries)[0] == ["state-created", "joined-participants"]
     # inferred time never goes back (the node with the newest heartbeat left)
     entries = list(replay(versions(state(0, [A, B], 0, beats={A: at(10), B: at(90)}),
                                    state(0, [A], 0, beats={A: at(20)}))))
@@ -87,14 +89,15 @@ def test_corrupt_versions_are_reported_once_and_replay_goes_on() -> None:
                HistoryVersion(b"\x80\x04garbage", None, 2), HistoryVersion(None, None, 3),
                HistoryVersion(good, None, 4)]
     entries = list(replay(history))
-    assert kinds(entries) == [["state-created"], ["state-corrupt"], ["state-removed"], ["state-created"]]
+    created = ["state-created", "joined-participants"]  # a new state says who it already holds
+    assert kinds(entries) == [created, ["state-corrupt"], ["state-removed"], created]
     assert entries[1].state is None and entries[1].collapsed == 1
     assert entries[1].time == at(1)
 
 
 def test_a_run_without_state_yet_has_no_entries_until_it_has_one() -> None:
     entries = list(replay(versions(None, None, state(1, [A], 3))))
-    assert kinds(entries) == [["state-created"]] and entries[0].revision == 2
+    assert kinds(entries) == [["state-created", "joined-participants"]] and entries[0].revision == 2
 
 
 def test_replay_streams_in_bounded_memory() -> None:
@@ -123,7 +126,8 @@ def test_event_form_has_follow_keys_and_history_fields() -> None:
     assert events[0] == {"time": "2026-11-24T22:00:00.000000+00:00", "kind": "state-created",
                          "message": "state created (round 0)", "run_id": "job", "round": 0, "revision": 0,
                          "time_source": "backend"}
-    grouped = events[1]
+    assert events[1]["kind"] == "joined-participants" and events[1]["node"] == str(A)
+    grouped = events[2]
     assert grouped["kind"] == "joined-participants" and grouped["count"] == 30 and len(grouped["nodes"]) == 20
 
 
@@ -170,3 +174,10 @@ def test_storm_settings_are_configurable_and_checked() -> None:
 def test_since_hides_earlier_events() -> None:
     events = list(timeline(replay_observations(storm_run(5)), "job", since=at(12)))
     assert events and all(e["time"] >= "2026-11-24T22:00:12" for e in events)
+
+
+def test_a_jump_of_several_rounds_counts_as_that_many_advances() -> None:
+    run = [Observation(state(0, [A], 0, complete=True), True, at(0)),
+           Observation(state(3, [A], 1, complete=True), True, at(1))]
+    storms = [e for e in timeline(replay_observations(run), "job") if e["kind"] == "restart-storm"]
+    assert len(storms) == 1 and "rounds 1, 2, 3" in storms[0]["message"]

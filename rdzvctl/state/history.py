@@ -7,7 +7,9 @@ the previous *semantic* version (:func:`rdzvctl.state.analysis.diff_states`)
 and yields one :class:`HistoryEntry` per semantic change.  Every agent rewrites
 the whole state each keep-alive interval (a 1,000-node job writes ~200
 versions a second), so a version where only ``last_heartbeats`` changed is
-folded into the entry before it (``collapsed`` counts them).  Memory is one
+folded into the entry before it (``collapsed`` counts them).  A state
+appearing (``state-created``) also says who it already holds (``joined-*``,
+``completed``, ...: the changes from an empty state of its round).  Memory is one
 decoded version and one pending entry, whatever the length of the history.
 
 Time of an entry: the backend's write time when it has one
@@ -153,6 +155,8 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
                 events = [Event("state-removed", "state removed (it was corrupt)")]
             else:
                 events = diff_states(previous, state)
+                if previous is None and state is not None:  # who the first version already holds
+                    events += diff_states(RendezvousState(round=state.round), state)
         if when is not None:
             last_time, last_source = when, source
         previous, corrupt = state, obs.error
@@ -194,7 +198,9 @@ DEFAULT_STORM = StormSettings()
 class StormDetector:
     """Feed it each version's (time, state) in order; it returns a ``restart-storm`` finding when one happens.
 
-    Bounded: it keeps at most ``advances`` times.  After a report it starts
+    A round that jumps by N (a polled source, ``watch --record``, missed the
+    versions in between) counts as N advances at that time.  Bounded: it keeps
+    at most ``advances`` times.  After a report it starts
     counting again, so a storm that goes on is reported once per
     ``advances`` further advances.
     """
@@ -217,8 +223,10 @@ class StormDetector:
             if lasted is not None and lasted >= self.settings.stable:
                 self._advances.clear()  # that round made progress: not a storm
                 self._rounds.clear()
-            self._advances.append(when)
-            self._rounds.append(state.round)
+            # A jump of several rounds at once (a polled source missed versions) is that many advances.
+            for round_ in range(max(self._round + 1, state.round - self.settings.advances + 1), state.round + 1):
+                self._advances.append(when)
+                self._rounds.append(round_)
             self._complete_since = None
             window = _dt.timedelta(seconds=self.settings.window)
             if len(self._advances) >= self.settings.advances and when - self._advances[0] <= window:
