@@ -98,7 +98,10 @@ def read_record(path: str) -> Tuple[Dict[str, Any], Iterator[Observation]]:
     try:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise UsageError(f"the record file {path} is not a regular file")
-        header = _parse(path, 1, _read_line(handle, path, 1))
+        first = _read_line(handle, path, 1)
+        if not first.strip():
+            raise UsageError(f"{path} is not a 'watch --record' file (it has no {FORMAT} header)")
+        header = _parse(path, 1, first)
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise UsageError(f"{path} is not a 'watch --record' file (its first line is not a {FORMAT} header)")
     except BaseException:
