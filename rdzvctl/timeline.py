@@ -35,17 +35,18 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class Source(NamedTuple):
-    """Where a history comes from: the run id, a lazy replay, and what the source says is missing."""
+    """Where a history comes from: the run id, a lazy replay, what the source says is missing, and where it is."""
 
     run_id: str
     entries: Iterator[HistoryEntry]
     notice: Optional[str]
+    where: str = ""
 
 
 def from_backend(backend: RendezvousBackend) -> Source:
     """The backend's history replayed (UnsupportedOperationError, exit 2, where it keeps none)."""
     window = backend.history()
-    return Source(backend.run_id, replay(window.versions), window.notice)
+    return Source(backend.run_id, replay(window.versions), window.notice, backend.describe())
 
 
 def from_record(path: str) -> Source:
@@ -54,7 +55,8 @@ def from_record(path: str) -> Source:
 
     header, observations = read_record(path)
     run_id = header.get("run_id")
-    return Source(run_id if isinstance(run_id, str) else "", replay_observations(observations), None)
+    return Source(run_id if isinstance(run_id, str) else "", replay_observations(observations), None,
+                  f"the record file {path}")
 
 
 def entries_since(entries: Iterable[HistoryEntry], since: Optional[_dt.datetime]) -> Iterator[HistoryEntry]:
@@ -65,12 +67,29 @@ def entries_since(entries: Iterable[HistoryEntry], since: Optional[_dt.datetime]
 
 
 def events_of(source: Source, *, storm: Optional[StormSettings] = DEFAULT_STORM,
-              since: Optional[_dt.datetime] = None, last: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-    """The source's events oldest first; with ``last`` only the newest ``last`` (kept in a ring, then yielded)."""
-    events = timeline(source.entries, source.run_id, storm=storm, since=since)
+              since: Optional[_dt.datetime] = None, last: Optional[int] = None,
+              require: bool = False) -> Iterator[Dict[str, Any]]:
+    """The source's events oldest first; with ``last`` only the newest ``last`` (kept in a ring, then yielded).
+
+    With ``require``, a source holding no version of the run raises NoStateError (exit 5) once replayed.
+    """
+    entries = _required(source) if require else source.entries
+    events = timeline(entries, source.run_id, storm=storm, since=since)
     if last is None:
         return events
     return iter(collections.deque(events, maxlen=max(0, last)))
+
+
+def _required(source: Source) -> Iterator[HistoryEntry]:
+    from rdzvctl.errors import NoStateError
+
+    empty = True
+    for entry in source.entries:
+        empty = False
+        yield entry
+    if empty:
+        raise NoStateError(f"no history for run {source.run_id!r} in {source.where}: the state was never "
+                           "written (or the versions kept hold none)")
 
 
 def last_events(backend: RendezvousBackend, count: int = REPORT_EVENTS) -> Tuple[Optional[List[Dict[str, Any]]], str]:

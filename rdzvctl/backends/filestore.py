@@ -264,7 +264,7 @@ class FileStore:
                         raise StateCorruptError(f"the FileStore file {self.path} shrank while being read")
                     return
                 records, used = parse_records(chunk)
-                found = []
+                found: List[Tuple[int, Optional[bytes]]] = []
                 for record_key, value in records:
                     number += 1
                     if record_key == key:

@@ -140,6 +140,7 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
     pending: Optional[HistoryEntry] = None
     folded = 0
     for obs in observations:
+        when: Optional[_dt.datetime]
         if obs.written_at is not None:
             when, source = obs.written_at, obs.time_source
         else:

@@ -49,7 +49,6 @@ def command(app: App, output: str, since: Optional[str], limit: Optional[int], r
     """
     from rdzvctl import timeline
     from rdzvctl.clock import now_utc
-    from rdzvctl.errors import NoStateError
 
     since_time = None
     if since is not None:
@@ -67,32 +66,23 @@ def command(app: App, output: str, since: Optional[str], limit: Optional[int], r
         backend = app.open()
     try:
         def source() -> "timeline.Source":
-            return timeline.from_record(record_file) if backend is None else timeline.from_backend(backend)
+            if backend is not None:
+                return timeline.from_backend(backend)
+            assert record_file is not None
+            return timeline.from_record(record_file)
 
         first = source()
         if first.notice:
             app.err(f"rdzvctl: notice: {first.notice}")
             if output == "json":
                 app.json_line({"kind": "notice", "message": first.notice, "run_id": first.run_id})
-        seen = [False]
-
-        def marked(entries: Any) -> Any:
-            for entry in entries:
-                seen[0] = True
-                yield entry
-
-        first = first._replace(entries=marked(first.entries))
         storms = 0
-        for event in timeline.events_of(first, storm=storm, since=since_time, last=limit):
+        for event in timeline.events_of(first, storm=storm, since=since_time, last=limit, require=True):
             storms += event["kind"] == "restart-storm"
             if output == "json":
                 app.json_line(event)
             else:
                 render_event(app, {**event, "time": event["time"] or "-"})
-        if not seen[0]:
-            where = f"the record file {record_file}" if backend is None else backend.describe()
-            raise NoStateError(f"no history for run {first.run_id!r} in {where}: the state was never written "
-                               "(or the versions kept hold none)")
         if svg_file is not None:
             from rdzvctl.history_svg import render_svg
             from rdzvctl.report import write_private_file
