@@ -378,3 +378,32 @@ def test_history_reads_under_torchs_lock_and_never_holds_it(filestore_path):
     finally:
         os.close(fd)
     assert list(versions) == []
+
+
+def test_history_of_a_long_log_streams_in_bounded_memory(tmp_path, monkeypatch):
+    import datetime as _dt
+    import tracemalloc
+
+    import rdzvctl.backends.filestore as filestore
+    from rdzvctl.backends.filestore import encode_record
+    from rdzvctl.state.codec import encode, encode_base64
+    from rdzvctl.state.history import replay
+    from rdzvctl.state.model import NodeDesc, RendezvousState
+
+    path = str(tmp_path / "store")
+    nodes = [NodeDesc(f"trainer-{i}.cluster.local", 4000 + i, 0) for i in range(64)]
+    states = [encode_base64(encode(RendezvousState(round=1, participants={n: 0 for n in nodes}, last_heartbeats={
+        n: _dt.datetime(2026, 1, 1, 0, 0, k, tzinfo=_dt.timezone.utc) for n in nodes}))) for k in range(2)]
+    with open(path, "wb") as f:
+        for i in range(800):
+            f.write(encode_record(b"/torch.rendezvous.job", states[i % 2]))
+    monkeypatch.setattr(filestore, "_CHUNK", 16 << 10)
+    assert os.path.getsize(path) > 4 * (512 << 10)
+    tracemalloc.start()
+    try:
+        entries = list(replay(backend(path, "job").history().versions))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(entries) == 1 and entries[0].collapsed == 799
+    assert peak < 512 << 10  # a chunk and a version or two, never the log
