@@ -347,7 +347,7 @@ def check_output_file(path: str, force: bool, keep: Sequence[str]) -> bool:
         except OSError:
             same = False
         if same:
-            raise UsageError(f"{path} is the run's store file: choose another --output; nothing was written")
+            raise UsageError(f"{path} is the run's store file: choose another file; nothing was written")
     return True
 
 
