@@ -125,7 +125,7 @@ def test_event_form_has_follow_keys_and_history_fields() -> None:
     events = [e for entry in entries for e in entry_events(entry, "job")]
     assert events[0] == {"time": "2026-11-24T22:00:00.000000+00:00", "kind": "state-created",
                          "message": "state created (round 0)", "run_id": "job", "round": 0, "revision": 0,
-                         "time_source": "backend"}
+                         "time_source": "backend", "collapsed": 0}
     assert events[1]["kind"] == "joined-participants" and events[1]["node"] == str(A)
     grouped = events[2]
     assert grouped["kind"] == "joined-participants" and grouped["count"] == 30 and len(grouped["nodes"]) == 20

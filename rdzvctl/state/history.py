@@ -32,7 +32,8 @@ The JSON event form (:func:`entry_events`, one object per line in ``history -o
 json``) has the keys of :func:`rdzvctl.follow.follow`'s events (``time``,
 ``kind``, ``message``, ``run_id``, ``node`` or ``count``/``nodes``) plus
 ``round`` (the round after the change, None when there is no state),
-``revision`` (the backend's counter of that version) and ``time_source``.
+``revision`` (the backend's counter of that version), ``time_source`` and
+``collapsed`` (the heartbeat-only versions folded into the change).
 """
 
 from __future__ import annotations
@@ -269,9 +270,8 @@ def entry_events(entry: HistoryEntry, run_id: str) -> Iterator[Dict[str, Any]]:
     for kind, message, fields in group_events(entry.events):
         event: Dict[str, Any] = {"time": time, "kind": kind, "message": message, "run_id": run_id}
         event.update(fields)
-        event.update({"round": entry.round, "revision": entry.revision, "time_source": entry.time_source})
-        if entry.collapsed:
-            event["collapsed"] = entry.collapsed
+        event.update({"round": entry.round, "revision": entry.revision, "time_source": entry.time_source,
+                      "collapsed": entry.collapsed})
         yield event
 
 
