@@ -18,8 +18,10 @@ Every event has ``time`` (ISO 8601, UTC), ``kind``, ``message`` and
 (many nodes of one kind at once, see :func:`rdzvctl.state.analysis.group_events`).
 The kinds: ``snapshot`` (first, with ``round``), the changes of
 :func:`rdzvctl.state.analysis.diff_states`, ``heartbeat-stale`` /
-``heartbeat-fresh``, ``state-corrupt`` (watching goes on), ``state-removed``
-and ``until-met`` (last).  A backend error ends the generator by raising it;
+``heartbeat-fresh``, ``state-corrupt`` (watching goes on), ``state-removed``,
+``restart-storm`` (the round advanced K times quickly: see
+:class:`rdzvctl.state.history.StormSettings`, with ``round``, ``severity``
+and ``repair``) and ``until-met`` (last).  A backend error ends the generator by raising it;
 ``until`` not met within ``duration`` raises
 :class:`rdzvctl.errors.ConditionNotMetError`.  Closing the generator (or
 leaving the ``for``) stops the background read; the backend stays open.
@@ -51,6 +53,7 @@ from rdzvctl.errors import ConditionNotMetError, StateError
 from rdzvctl.inspection import is_legacy_etcd, legacy_options
 from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Event, KeepAlive, diff_states, group_events, stale_transitions
 from rdzvctl.state.codec import decode
+from rdzvctl.state.history import DEFAULT_STORM, StormDetector, StormSettings
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.legacy_etcd import LegacyReport, LegacyRun, diff_runs
 from rdzvctl.state.legacy_etcd import analyse as analyse_legacy
@@ -65,6 +68,8 @@ _UNTIL = re.compile(r"^(complete|closed|absent|round>=(\d+))$")
 UNTIL_HELP = "expected complete, closed, absent or round>=N"
 
 Predicate = Callable[[Optional[RendezvousState], bool], bool]
+#: ``on_version(time observed, state or None, token text or None, exists, error or None)``.
+OnVersion = Callable[[_dt.datetime, Optional[RendezvousState], Optional[str], bool, Optional[str]], None]
 
 
 def _until_parts(text: str) -> Tuple[str, int]:
@@ -106,6 +111,8 @@ def follow(
     until: Optional[str] = None,
     duration: Optional[float] = None,
     now: Optional[Callable[[], _dt.datetime]] = None,
+    storm: Optional[StormSettings] = DEFAULT_STORM,
+    on_version: Optional[OnVersion] = None,
 ) -> Generator[Dict[str, Any], None, None]:
     """Yield the run's semantic events as they happen (see the module docstring).
 
@@ -115,7 +122,11 @@ def follow(
     ``round>=N``) the generator ends after an ``until-met`` event once it
     holds; ``duration`` (seconds) ends it, raising ConditionNotMetError if
     ``until`` was given.  ``now`` is the clock (default
-    :func:`rdzvctl.clock.now_utc`).
+    :func:`rdzvctl.clock.now_utc`).  ``storm`` (None: off) sets when round
+    advances make a ``restart-storm`` event (:class:`rdzvctl.state.history.StormDetector`,
+    timed by this clock).  ``on_version(time, state, token text, exists, error)``
+    is called with each version read, before its events (``watch --record``);
+    not on torch's legacy etcd JSON.
     """
     clock_now = now if now is not None else (lambda: clock.now_utc())
     if is_legacy_etcd(backend):
@@ -158,6 +169,7 @@ def follow(
     exists = False
     corrupt: Optional[str] = None  # why the stored value is unusable, while it is
     stale: Set[NodeDesc] = set()
+    detector = None if storm is None else StormDetector(storm)
     try:
         while True:
             wait = interval
@@ -176,6 +188,10 @@ def follow(
                     state = decode(item[0])
                 except StateError as exc:
                     error = exc
+            if on_version is not None and kind in ("state", "corrupt"):
+                token = None if kind != "state" or item is None else backend.format_token(item[1])
+                on_version(clock_now(), state, token, kind == "corrupt" or item is not None,
+                           None if error is None else str(error))
             if error is not None:
                 exists = True
                 if str(error) != corrupt:
@@ -191,6 +207,10 @@ def follow(
                 else:
                     yield from grouped(diff_states(previous, state))
                 previous, first, corrupt = state, False, None
+                found = None if detector is None else detector.observe(clock_now(), state)
+                if found is not None:
+                    yield event(found.code, found.message, {"round": None if state is None else state.round,
+                                                            "severity": found.severity, "repair": found.repair})
             if previous is not None:
                 yield from grouped(stale_transitions(previous, clock_now(), stale, keep_alive))
             if predicate is not None and not first and predicate(previous, exists):

@@ -10,9 +10,10 @@ scrubbed of secrets and escaped (:func:`rdzvctl.text.safe`, then Markdown:
 leave the code block of repair commands.  :func:`write_private_file` saves it
 with mode 0600.
 
-The "Last events" section shows ``bundle["events"]`` when given (a list of
-``{"time", "kind", "message"}``); no history is recorded yet, so it is None
-and the section says so.
+The "Last events" section shows ``bundle["events"]``: the newest events of
+the run's history (:func:`rdzvctl.timeline.last_events`, the ``history -o
+json`` event form), or None when the backend keeps no history or it could
+not be read; ``bundle["events_note"]`` says why, or what the history lacks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from rdzvctl.backends.base import Address
 from rdzvctl.errors import UsageError
 from rdzvctl.text import safe, scrub
 
-__all__ = ["SCHEMA", "build_bundle", "repair_commands", "render_markdown", "md", "write_private_file", "NODE_ROWS"]
+__all__ = ["SCHEMA", "build_bundle", "repair_commands", "render_markdown", "md", "write_private_file",
+           "open_private_file", "check_output_file", "NODE_ROWS"]
 
 SCHEMA = "rdzvctl.report/v1"
 #: At most this many node rows in the Markdown (the JSON bundle has them all).
@@ -110,7 +112,8 @@ def repair_commands(problems: Iterable[Mapping[str, Any]], checks: Iterable[Mapp
 
 
 def build_bundle(address: Address, get_doc: Optional[Dict[str, Any]], doctor_doc: Dict[str, Any],
-                 generated_at: _dt.datetime, events: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+                 generated_at: _dt.datetime, events: Optional[List[Dict[str, Any]]] = None,
+                 events_note: str = "") -> Dict[str, Any]:
     """The report's data: ``report -o json`` prints exactly this."""
     from rdzvctl import __version__
     from rdzvctl.state.jsonform import format_time
@@ -126,6 +129,7 @@ def build_bundle(address: Address, get_doc: Optional[Dict[str, Any]], doctor_doc
         "get": get_doc,
         "doctor": doctor_doc,
         "events": events,
+        "events_note": events_note,
         "repairs": repair_commands(problems, doctor_doc.get("checks") or [], address),
     }
 
@@ -247,12 +251,15 @@ def render_markdown(bundle: Mapping[str, Any]) -> str:
                    for c in doctor.get("checks") or []])
     out += ["", "## Last events", ""]
     events = bundle.get("events")
+    note = bundle.get("events_note") or ""
     if events is None:
-        out.append("Not available: rdzvctl does not record a run's history yet.")
+        out.append(f"Not available: {md(note or 'no history was read')}.")
     elif not events:
         out.append("None recorded.")
     else:
         out += _table(["time", "event", "message"], [[e.get("time"), e.get("kind"), e.get("message")] for e in events])
+        if note:
+            out += ["", md(note)]
     out += ["", "## Repair commands", ""]
     repairs = bundle.get("repairs") or []
     if repairs:
@@ -278,33 +285,9 @@ def write_private_file(path: str, text: str, force: bool = False, keep: Sequence
     ``path`` (a symlink, a device, a FIFO, a directory, a socket) is refused,
     and so is a file that is one of ``keep`` (the run's own FileStore).
     """
-    import stat
-    import tempfile
-
     data = text.encode("utf-8")
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        existing = None
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
-    if existing is not None:
-        if not force:
-            raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written")
-        if not stat.S_ISREG(existing.st_mode):
-            raise UsageError(f"{path} is not a regular file: --force replaces only regular files; nothing was written")
-        for other in keep:
-            try:
-                same = os.path.samefile(path, other)
-            except OSError:
-                same = False
-            if same:
-                raise UsageError(f"{path} is the run's store file: choose another --output; nothing was written")
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        except OSError as exc:
-            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    if check_output_file(path, force, keep):
+        fd, tmp = _temp_beside(path)
         try:
             try:
                 _write_all(fd, data)
@@ -313,25 +296,86 @@ def write_private_file(path: str, text: str, force: bool = False, keep: Sequence
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
             raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
         return
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written") from None
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    fd = _create_exclusive(path)
     try:
         _write_all(fd, data)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def open_private_file(path: str, force: bool = False, keep: Sequence[str] = ()) -> int:
+    """A write fd of a new, empty 0600 file at ``path``, under :func:`write_private_file`'s rules.
+
+    For output written as it comes (``watch --record``): with ``force`` an
+    existing regular file is replaced by a new empty one (renamed over it, the
+    old inode untouched) before anything is written.
+    """
+    if check_output_file(path, force, keep):
+        fd, tmp = _temp_beside(path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+        return fd
+    return _create_exclusive(path)
+
+
+def check_output_file(path: str, force: bool, keep: Sequence[str]) -> bool:
+    """True when ``path`` is an existing regular file ``force`` may replace; False when it is free."""
+    import stat
+
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    if not force:
+        raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written")
+    if not stat.S_ISREG(existing.st_mode):
+        raise UsageError(f"{path} is not a regular file: --force replaces only regular files; nothing was written")
+    for other in keep:
+        try:
+            same = os.path.samefile(path, other)
+        except OSError:
+            same = False
+        if same:
+            raise UsageError(f"{path} is the run's store file: choose another file; nothing was written")
+    return True
+
+
+def _temp_beside(path: str) -> "tuple[int, str]":
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        return tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+
+
+def _create_exclusive(path: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: pass --force to overwrite it; nothing was written") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -318,3 +318,92 @@ def test_keys_longer_than_a_chunk_and_later_appends_match_torch(filestore_path, 
     assert ours.multi_get(["/" + long_key, "/big"]) == [b"second", None]
     assert ours.compare_set("/" + long_key, b"second", b"third") == b"third"
     assert theirs.get(long_key) == b"third"
+
+
+# -- history: the log replayed -------------------------------------------------------------------
+def test_history_replays_every_value_torch_wrote_in_order(filestore_path, monkeypatch):
+    import rdzvctl.backends.filestore as filestore
+
+    theirs = torch_filestore(filestore_path)
+    b = backend(filestore_path)
+    run_key = b.key.decode()[1:]
+    theirs.set(run_key, NULL_SENTINEL)  # torch's constructor: no state yet
+    written = []
+    for i in range(5):
+        value = b.set_state(f"state-{i}".encode(), None if i == 0 else written[-1][1])
+        assert value is not None and value[2]
+        written.append(value)
+        theirs.set("other", "x" * (i * 40))  # other keys are counted, not returned
+    theirs.delete_key(run_key)
+    monkeypatch.setattr(filestore, "_CHUNK", 37)  # records and values straddle chunks
+    versions = list(b.history().versions)
+    assert [v.value for v in versions] == [None] + [f"state-{i}".encode() for i in range(5)] + [None]
+    assert all(v.written_at is None for v in versions)
+    revisions = [v.revision for v in versions]
+    assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+    assert "history" in b.capabilities
+
+
+def test_history_of_a_torn_log_is_corrupt(tmp_path):
+    path = str(tmp_path / "store")
+    store = FileStore(path, create=True)
+    store.set(b"/torch.rendezvous.job", b"eA==")
+    with open(path, "ab") as f:
+        f.write(b"\x05\x00\x00\x00/abc")
+    b = backend(path, "job")
+    with pytest.raises(StateCorruptError):
+        list(b.history().versions)
+
+
+def test_history_of_a_missing_file_is_empty_and_tcpstore_has_none(tmp_path):
+    from rdzvctl.errors import UnsupportedOperationError
+
+    assert list(backend(str(tmp_path / "absent"), "job").history().versions) == []
+    assert not (tmp_path / "absent").exists()
+    tcp = C10dBackend.from_address(Address("c10d", "127.0.0.1:1", "job", {}, TIMEOUT))
+    assert "history" not in tcp.capabilities
+    with pytest.raises(UnsupportedOperationError, match="watch --record"):
+        tcp.history()
+
+
+def test_history_reads_under_torchs_lock_and_never_holds_it(filestore_path):
+    b = backend(filestore_path)
+    b.set_state(b"one")
+    versions = b.history().versions
+    assert next(versions).value == b"one"
+    fd = os.open(filestore_path, os.O_RDWR)
+    try:  # between chunks the lock is free: torch can append
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    assert list(versions) == []
+
+
+def test_history_of_a_long_log_streams_in_bounded_memory(tmp_path, monkeypatch):
+    import datetime as _dt
+    import tracemalloc
+
+    import rdzvctl.backends.filestore as filestore
+    from rdzvctl.backends.filestore import encode_record
+    from rdzvctl.state.codec import encode, encode_base64
+    from rdzvctl.state.history import replay
+    from rdzvctl.state.model import NodeDesc, RendezvousState
+
+    path = str(tmp_path / "store")
+    nodes = [NodeDesc(f"trainer-{i}.cluster.local", 4000 + i, 0) for i in range(64)]
+    states = [encode_base64(encode(RendezvousState(round=1, participants={n: 0 for n in nodes}, last_heartbeats={
+        n: _dt.datetime(2026, 1, 1, 0, 0, k, tzinfo=_dt.timezone.utc) for n in nodes}))) for k in range(2)]
+    with open(path, "wb") as f:
+        for i in range(800):
+            f.write(encode_record(b"/torch.rendezvous.job", states[i % 2]))
+    monkeypatch.setattr(filestore, "_CHUNK", 16 << 10)
+    assert os.path.getsize(path) > 4 * (512 << 10)
+    tracemalloc.start()
+    try:
+        entries = list(replay(backend(path, "job").history().versions))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(entries) == 1 and entries[0].collapsed == 799
+    assert peak < 512 << 10  # a chunk and a version or two, never the log

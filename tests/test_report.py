@@ -61,7 +61,7 @@ def test_the_report_has_its_sections_in_order_and_wellformed_tables(tcpstore_lib
         assert len({len(cells(r)) for r in rows if not r.startswith("|---")}) == 1, block
     assert "dead-participants" in text  # the finding
     assert "bootstrap.master" in text or "nodes.resolve" in text  # doctor's checklist
-    assert "rdzvctl history" not in text and "Not available" in text  # the hook for history
+    assert "Not available" in text and "watch \\-\\-record" not in text and "watch --record" in text  # no history: TCPStore
     fence = re.search(r"^(`{3,})bash\n(.*?)^\1$", text, re.MULTILINE | re.DOTALL)
     assert fence, text
     assert f"rdzvctl reset --mode prune --rdzv-backend c10d --rdzv-endpoint {tcpstore_libuv.endpoint} " \
@@ -222,3 +222,25 @@ def test_a_corrupt_state_is_reported_and_doctor_fails(tcpstore_libuv, cli_env, r
     result = invoke(["doctor", *flags(tcpstore_libuv.endpoint, run_id), "-o", "json"])
     assert result.exit_code == 1
     assert {c["name"]: c["status"] for c in json.loads(result.stdout)["checks"]}["run.state"] == "fail"
+
+
+def test_last_events_come_from_a_filestore_history(tmp_path, cli_env, run_id):
+    from rdzvctl.backends.filestore import FileStore
+
+    path = str(tmp_path / "store")
+    FileStore(path, create=True).set(b"/x", b"")
+    address = Address("c10d", path, run_id, {"store_type": "file"})
+    state = make_state("localhost", "127.0.0.1")
+    put(address, state)
+    later = state.copy()
+    later.round += 1
+    with open_backend(address) as backend:
+        current = backend.get_state()
+        assert current is not None and backend.set_state(encode(later), current[1])[2]
+    args = ["--rdzv-backend", "c10d", "--rdzv-endpoint", path, "--rdzv-id", run_id, "--rdzv-conf", "store_type=file"]
+    doc = json.loads(report(*args, "-o", "json"))
+    kinds = [e["kind"] for e in doc["events"]]
+    assert kinds[0] == "state-created" and "round-advanced" in kinds and doc["events_note"] == ""
+    text = report(*args)
+    section = text.split("## Last events", 1)[1].split("## Repair", 1)[0]
+    assert "round\\-advanced" in section or "round-advanced" in section

@@ -16,7 +16,8 @@ all on purpose:
 
 ``--rdzv-conf`` options are torch's: ``store_type`` (tcp|file) and
 ``read_timeout`` (seconds, lowers ``--timeout``); ``is_host`` is ignored (we
-never host a store).
+never host a store).  A FileStore backend has the ``history`` capability (its
+log holds every value ever written); a TCPStore keeps only the current value.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, U
 
 from rdzvctl.backends.base import (
     Address,
+    HistoryVersion,
+    HistoryWindow,
     RendezvousBackend,
     RunEntry,
     SetResult,
@@ -37,7 +40,7 @@ from rdzvctl.backends.endpoints import EndpointSyntaxError, parse_rendezvous_end
 from rdzvctl.backends.filestore import FileStore
 from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
 from rdzvctl.errors import BackendConfigError, StateCorruptError
-from rdzvctl.state.codec import decode_base64, encode_base64
+from rdzvctl.state.codec import MAX_STATE_BYTES, decode_base64, encode_base64
 
 __all__ = ["C10dBackend", "NULL_SENTINEL", "KEY_PREFIX", "parse_endpoint"]
 
@@ -95,6 +98,8 @@ class C10dBackend(RendezvousBackend):
             if not address.endpoint.strip():
                 raise BackendConfigError("store_type=file needs the FileStore path as the endpoint")
             self.store = FileStore(address.endpoint.strip(), timeout=timeout)
+            # The log keeps every value ever written: this instance has a history.
+            self.capabilities = type(self).capabilities | {"history"}  # type: ignore[misc]
         else:
             raise BackendConfigError(
                 f"--rdzv-conf store_type must be tcp or file, got {self.store_type!r}"
@@ -224,6 +229,32 @@ class C10dBackend(RendezvousBackend):
                 if value is not None:
                     out[f"{round_}/{name.decode(errors='replace')}"] = value
         return out
+
+    def history(self) -> HistoryWindow:
+        """A FileStore's log replayed: every value torch ever wrote to the run's key, oldest first.
+
+        ``revision`` is the record's number in the log, ``written_at`` None (the
+        log keeps no times); torch's "no state" sentinel and a deletion are
+        ``value=None``.  Streamed (:meth:`FileStore.versions`).  A TCPStore keeps
+        only the current value: no history (``watch --record`` records one).
+        """
+        if not isinstance(self.store, FileStore):
+            return super().history()
+        store, key = self.store, self.key
+        limit = 4 * (MAX_STATE_BYTES // 3) + 4  # base64 of the largest state the codec reads
+
+        def versions() -> Iterator[HistoryVersion]:
+            for number, value in store.versions(key, limit):
+                if value is None or value == NULL_SENTINEL:
+                    yield HistoryVersion(None, None, number)
+                    continue
+                try:
+                    raw = decode_base64(value) if len(value) <= limit else value
+                except StateCorruptError:
+                    raw = value  # not base64: the codec says it is not a state
+                yield HistoryVersion(raw, None, number)
+
+        return HistoryWindow(versions(), None)
 
     def server_info(self) -> Dict[str, Any]:
         """The TCPStore server (protocol, flavour) or the FileStore file (see ``server_info``)."""

@@ -17,12 +17,13 @@ memory follows what the command needs, not what anyone appended to the file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
 
@@ -232,6 +233,83 @@ class FileStore:
             return use(fd)
         finally:
             os.close(fd)  # also releases the flock
+
+    def versions(self, key: Key, limit: int) -> Iterator[Tuple[int, Optional[bytes]]]:
+        """Every value ever written to ``key``, oldest first: ``(record number, value)``, ``None`` for a deletion.
+
+        The record number counts every record of the log from 1.  Streamed: the
+        log is read one chunk at a time, each chunk under its own LOCK_SH (so
+        torch's writers wait for one ``pread``, never for the whole replay), up
+        to the size the file had at the first read; nothing is yielded while
+        the lock is held.  Values of other keys are parsed or skipped, never
+        kept; a value of ``key`` longer than ``limit`` comes cut to
+        ``limit + 1`` bytes (so a reader can tell it is too long without
+        reading it all).
+        """
+        key = _b(key)
+        tomb = b"-" + key
+        fd = self._open(write=False)
+        if fd is None:
+            return
+        try:
+            size: Optional[int] = None
+            offset = number = 0
+            while True:
+                with self._shared(fd):
+                    if size is None:
+                        size = os.fstat(fd).st_size
+                    chunk = os.pread(fd, min(_CHUNK, size - offset), offset) if offset < size else b""
+                if not chunk:
+                    if offset < size:
+                        raise StateCorruptError(f"the FileStore file {self.path} shrank while being read")
+                    return
+                records, used = parse_records(chunk)
+                found: List[Tuple[int, Optional[bytes]]] = []
+                for record_key, value in records:
+                    number += 1
+                    if record_key == key:
+                        found.append((number, value[:limit + 1]))
+                    elif record_key == tomb:
+                        found.append((number, None))
+                del records
+                offset += used
+                if not used:  # one record longer than a chunk: its header first, its value only if it is ours
+                    number += 1
+                    offset, big = self._big_record(fd, offset, size, key, tomb, limit)
+                    if big is not None:
+                        found.append((number, big[0]))
+                yield from found
+
+        finally:
+            os.close(fd)
+
+    def _big_record(self, fd: int, offset: int, size: int, key: bytes, tomb: bytes,
+                    limit: int) -> Tuple[int, Optional[Tuple[Optional[bytes]]]]:
+        """The record at ``offset`` that a chunk cannot hold: (offset after it, ``(value,)`` if it is ``key``'s)."""
+        with self._shared(fd):
+            klen = _U32.unpack(os.pread(fd, 4, offset).ljust(4, b"\0"))[0]
+            ours = klen in (len(key), len(tomb))
+            record_key = os.pread(fd, klen, offset + 4) if ours else b""
+            vlen_bytes = os.pread(fd, 4, offset + 4 + klen)
+            end = offset + 8 + klen + (_U32.unpack(vlen_bytes)[0] if len(vlen_bytes) == 4 else size)
+            if end > size:
+                raise StateCorruptError(
+                    f"the FileStore file {self.path} ends with an incomplete record at byte "
+                    f"{offset}; torch cannot read past it either"
+                )
+            if record_key == key:
+                start = offset + 8 + klen
+                return end, (os.pread(fd, min(end - start, limit + 1), start),)
+        return end, ((None,) if record_key == tomb else None)
+
+    @contextlib.contextmanager
+    def _shared(self, fd: int) -> Iterator[None]:
+        """LOCK_SH on ``fd`` for the block (torch's rule for reading)."""
+        self._lock_file(fd, exclusive=False)
+        try:
+            yield
+        finally:
+            _flock().flock(fd, _flock().LOCK_UN)
 
     def _append(self, fd: int, key: bytes, value: bytes) -> None:
         """Append one record at EOF (the caller holds LOCK_EX and just refreshed)."""

@@ -24,7 +24,7 @@ from rdzvctl.errors import UsageError
 from rdzvctl.state.analysis import KeepAlive
 from rdzvctl.text import json_text, safe, safe_lines
 
-__all__ = ["App", "AddressFlags", "with_app", "output_option", "write_options"]
+__all__ = ["App", "AddressFlags", "with_app", "output_option", "write_options", "storm_options"]
 
 
 class AddressFlags(NamedTuple):
@@ -320,3 +320,28 @@ def write_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("-y", "--yes", is_flag=True,
                         help="Write without asking (required when stdin or stderr is not a terminal).")(func)
     return func
+
+
+def storm_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--storm-rounds, --storm-window, --storm-stable and --no-storm, passed as ``storm``
+    (a :class:`rdzvctl.state.history.StormSettings`, or None when off)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, storm_rounds: int, storm_window: float, storm_stable: float, no_storm: bool,
+                **kwargs: Any) -> Any:
+        from rdzvctl.state.history import StormSettings
+
+        storm = None if no_storm else StormSettings(storm_rounds, storm_window, storm_stable)
+        return func(*args, storm=storm, **kwargs)
+
+    wrapper = click.option("--no-storm", is_flag=True, help="Do not look for restart storms.")(wrapper)
+    wrapper = click.option("--storm-stable", type=Seconds(min=0), default=60.0, show_default=True,
+                           metavar="SECONDS",
+                           help="A round complete this long is progress: it ends a restart storm.")(wrapper)
+    wrapper = click.option("--storm-window", type=Seconds(min=0, min_open=True), default=600.0, show_default=True,
+                           metavar="SECONDS", help="Restart storm: the advances happen within this time.")(wrapper)
+    wrapper = click.option("--storm-rounds", type=click.IntRange(min=1, max=1_000_000), default=3,
+                           show_default=True, metavar="K",
+                           help="Restart storm: the round advanced K times (within --storm-window, "
+                                "no round complete for --storm-stable).")(wrapper)
+    return wrapper

@@ -31,6 +31,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "set": ("rdzvctl.cli.commands.set", "Write a state (JSON) or change fields, fenced by the token."),
     "edit": ("rdzvctl.cli.commands.edit", "Edit the state in $EDITOR and write it back, fenced."),
     "watch": ("rdzvctl.cli.commands.watch", "Follow a run live and print what changes."),
+    "history": ("rdzvctl.cli.commands.history", "Show the run's past as a timeline of events (restart storms too)."),
     "corrupt-detect": ("rdzvctl.cli.commands.detect", "Check one run or all runs for corruption and stuck states."),
     "reset": ("rdzvctl.cli.commands.reset", "Repair a run: clear, reopen or prune dead nodes (backed up)."),
     "restore": ("rdzvctl.cli.commands.restore", "Write a backup back, fenced, after showing the diff."),

@@ -340,12 +340,13 @@ def plan_summary(before: Any, after: Any) -> List[str]:
 
 
 def render_event(app: "App", event: Dict[str, Any]) -> None:
-    """One watch event as a line: time, kind, message."""
+    """One watch or history event as a line: time, kind, message."""
     line = safe(f"{event['time']}  {event['kind']:<22} {event['message']}")
     if app.rich:
         from rich.text import Text
 
-        style = "red" if event["kind"] in ("heartbeat-stale", "state-removed", "state-corrupt", "closed") else ""
+        alarming = ("heartbeat-stale", "state-removed", "state-corrupt", "closed", "restart-storm")
+        style = "red" if event["kind"] in alarming else ""
         app.console().print(Text(line, style=style))
     else:
         app.out(line)

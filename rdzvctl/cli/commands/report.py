@@ -22,11 +22,12 @@ from rdzvctl.cli.app import App, Seconds, with_app
               help="Bound of each TCP connect of doctor's checks.")
 def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_timeout: float,
             connect_timeout: float) -> None:
-    """Write one incident report of a run: header, decoded summary, findings, doctor, repair commands.
+    """Write one incident report of a run: header, decoded summary, findings, doctor, last events, repairs.
 
     Secrets are masked and every value from the store is escaped, so the
     report can be pasted into a ticket as it is.  Reading only: nothing is
-    written to the backend.
+    written to the backend.  "Last events" are the newest 20 events of
+    'rdzvctl history' where the backend keeps a history (else it says why).
 
     \b
     Examples:
@@ -38,6 +39,7 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
     from rdzvctl.inspection import describe, describe_legacy
     from rdzvctl.report import build_bundle, render_markdown, write_private_file
     from rdzvctl.text import json_text, safe_lines
+    from rdzvctl.timeline import last_events
 
     app.require_run_id()
     keep_alive, max_nodes = app.keep_alive, app.max_nodes
@@ -48,7 +50,11 @@ def command(app: App, fmt: str, output_file: Optional[str], force: bool, dns_tim
             get_doc = describe_legacy(backend, *diag.legacy)
         elif diag.snapshot is not None:
             get_doc = describe(diag.snapshot, keep_alive, max_nodes, diag.store_keys)
-    bundle = build_bundle(app.address, get_doc, diag.to_json(), now_utc())
+        if diag.legacy is not None:
+            events, events_note = None, "torch's legacy etcd JSON: rdzvctl reads no history of it"
+        else:
+            events, events_note = last_events(backend)
+    bundle = build_bundle(app.address, get_doc, diag.to_json(), now_utc(), events, events_note)
     if output_file is None:
         if fmt == "json":
             app.json(bundle)

@@ -1,0 +1,119 @@
+"""P12: ``rdzvctl history`` over a long history, against a raw replay of the same versions.
+
+The FileStore row: a log of 100,000 versions of one run's state (10,000 with
+``--quick``), as torch's agents write it: mostly heartbeat-only rewrites of an
+8-node state, a membership change every 1,000 versions, other keys' records
+in between.  ``rdzvctl history -o json`` (the CLI, streaming the log) is timed
+against the raw replay baseline: the same process reading the log with the
+record parser and decoding every value with the safe codec, no diffing, no
+output.  Both report versions/s; the peak RSS of ``history`` must stay bounded
+whatever the length (it holds one version at a time).
+
+Other history sources add a row through :data:`SOURCES` (a function of the
+context returning rows): the etcd-v3 row (MVCC revisions) goes there.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import tempfile
+from typing import Callable, List
+
+from bench.context import Context, cpu_ratio, ms
+from bench.measure import Row, median, rdzvctl_argv, time_interleaved
+
+ID = "P12"
+RATIO = 2.0  # history may cost at most this many times the raw replay
+MIB = 128
+NODES = 8
+RUN_ID = "bench-history"
+
+_RAW = """
+import sys
+from rdzvctl.backends.filestore import parse_records
+from rdzvctl.state.codec import decode, decode_base64
+key = b"/torch.rendezvous." + sys.argv[2].encode()
+count = 0
+rest = b""
+with open(sys.argv[1], "rb") as f:
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            break
+        records, used = parse_records(rest + chunk)
+        rest = (rest + chunk)[used:]
+        for k, v in records:
+            if k == key:
+                decode(decode_base64(v))
+                count += 1
+print(count)
+"""
+
+
+def write_log(path: str, versions: int) -> None:
+    """A FileStore log of ``versions`` states of :data:`RUN_ID` (see the module docstring)."""
+    from rdzvctl.backends.filestore import encode_record
+    from rdzvctl.state.codec import encode, encode_base64
+    from rdzvctl.state.model import NodeDesc, RendezvousState
+
+    key = f"/torch.rendezvous.{RUN_ID}".encode()
+    t0 = _dt.datetime(2026, 11, 24, 22, 0, tzinfo=_dt.timezone.utc)
+    nodes = [NodeDesc(f"trainer-{i}.cluster.local", 4100 + i, 0) for i in range(NODES)]
+    state = RendezvousState(round=1, complete=True, participants={n: i for i, n in enumerate(nodes)},
+                            last_heartbeats={n: t0 for n in nodes})
+    spare = NodeDesc("trainer-spare.cluster.local", 5000, 0)
+    with open(path, "wb") as f:
+        for i in range(versions):
+            when = t0 + _dt.timedelta(milliseconds=5 * i)
+            if i % 1000 == 999:  # a membership change: the spare node joins, or leaves
+                if spare in state.wait_list:
+                    state.wait_list.discard(spare)
+                    state.last_heartbeats.pop(spare, None)
+                else:
+                    state.wait_list.add(spare)
+                    state.last_heartbeats[spare] = when
+            else:  # one agent's keep-alive: only its heartbeat changes
+                state.last_heartbeats[nodes[i % NODES]] = when
+            f.write(encode_record(key, encode_base64(encode(state))))
+            if i % 100 == 0:
+                f.write(encode_record(b"/torch.rendezvous.other.1/barrier", b"x" * 16))
+
+
+def _filestore_rows(ctx: Context) -> List[Row]:
+    versions = 10_000 if ctx.settings.quick else 100_000
+    repeats = 1 if ctx.settings.quick else 3
+    with tempfile.TemporaryDirectory(prefix="rdzvctl-p12-") as tmp:
+        path = os.path.join(tmp, "rendezvous.store")
+        ctx.log(f"P12 writing a {versions:,}-version FileStore log")
+        write_log(path, versions)
+        size = os.path.getsize(path) >> 20
+        ours = [*rdzvctl_argv(), "history", "--rdzv-backend", "c10d", "--rdzv-endpoint", path,
+                "--rdzv-id", RUN_ID, "--rdzv-conf", "store_type=file", "-o", "json", "--no-storm"]
+        timed = time_interleaved({"history": ours, "raw": [sys.executable, "-c", _RAW, path, RUN_ID]},
+                                 ctx.env, 1, repeats, timeout=600)
+    out = timed["history"][0].stdout.decode()
+    events = len(out.splitlines())
+    t_ours, t_base = ms(timed["history"]), ms(timed["raw"])
+    rss = median([p.max_rss_kib for p in timed["history"]]) / 1024
+    base_rss = median([p.max_rss_kib for p in timed["raw"]]) / 1024
+    what = f"history, {versions:,}-version FileStore log ({size} MiB)"
+    return [
+        Row(ID, what, "c10d-file", t_ours, t_base, "ms", f"<= {RATIO:g}x raw replay", RATIO,
+            cpu_ratio=cpu_ratio(timed["history"], timed["raw"]),
+            note=f"{versions / (t_ours / 1000):,.0f} vs {versions / (t_base / 1000):,.0f} versions/s; "
+                 f"{events} events"),
+        Row(ID, f"peak RSS, {what}", "c10d-file", rss, base_rss, "MiB", f"<= {MIB} MiB", MIB, check="at_most"),
+    ]
+
+
+#: One function per history source; each returns its rows (a skip row when its server is not up).
+SOURCES: List[Callable[[Context], List[Row]]] = [_filestore_rows]
+
+
+def run(ctx: Context) -> List[Row]:
+    rows: List[Row] = []
+    for source in SOURCES:
+        rows += source(ctx)
+    return rows
