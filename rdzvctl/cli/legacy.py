@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from rdzvctl import clock
 from rdzvctl.backends.registry import get_backend_class
+from rdzvctl.cli.detect_output import show_reports
 from rdzvctl.cli.render import with_progress
 from rdzvctl.errors import (
     EXIT_CORRUPT,
@@ -155,8 +156,6 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
     """corrupt-detect; ``--settle`` has nothing to wait for here (a closed run's agents show as live
     keep-alive leases at once: phase ``closing``)."""
     import click
-
-    from rdzvctl.cli.commands.detect import show_reports
 
     if for_launch and all_runs:
         raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
