@@ -187,6 +187,11 @@ class RendezvousBackend(ABC):
         """Remove the state if ``token`` is current; True if removed."""
         raise UnsupportedOperationError(f"the {self.name} backend cannot clear a state")
 
+    def discard_cleared_run(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Remove what a fenced :meth:`clear` keeps to protect a *reused* run id (optional; this default
+        removes nothing).  Only for a run id that is never used again: the conformance kit calls it
+        on its scratch runs.  Best effort; never removes a state."""
+
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run on the backend with its raw state, sorted by run id, read in as few requests as possible.
 

@@ -178,6 +178,11 @@ class C10dBackend(RendezvousBackend):
             return False
         return self.store.compare_set(self.key, token, NULL_SENTINEL) == NULL_SENTINEL
 
+    def discard_cleared_run(self) -> None:
+        """Delete torch's "no state" sentinel that ``clear`` puts back (torch's backend would recreate it)."""
+        if self.store.get(self.key) == NULL_SENTINEL:
+            self.store.delete_key(self.key)
+
     def list_runs(self) -> Iterator[RunEntry]:
         """Every ``torch.rendezvous.<run_id>`` key with its state (``None`` for the sentinel), sorted by run id.
 

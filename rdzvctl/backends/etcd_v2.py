@@ -161,6 +161,15 @@ class EtcdV2Backend(RendezvousBackend):
         """Compare-and-delete on ``prevIndex``: removes the state only if ``token`` is current."""
         return self._fenced_delete(token)
 
+    def discard_cleared_run(self) -> None:
+        """Delete the directories the run's key created under the key prefix, each only while empty."""
+        directory = self.key.rsplit("/", 1)[0]
+        while directory:
+            status, _, _ = self._call("DELETE", directory, dir="true")
+            if status >= 300:  # not empty (someone else's runs live there) or already gone
+                return
+            directory = directory.rsplit("/", 1)[0]
+
     def _fenced_delete(self, token: Token) -> bool:
         """DELETE the state key on ``prevIndex``; False when ``token`` is not current."""
         if not is_counter_token(token):

@@ -174,6 +174,12 @@ class RedisBackend(RendezvousBackend):
             )
         return removed == 1
 
+    def discard_cleared_run(self) -> None:
+        """Delete the run's version counter, which ``clear`` keeps so a new state never reuses a token."""
+        with self.errors():
+            if not self.client.exists(self.key):
+                self.client.delete(self.counter_key)
+
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run under the key prefix, sorted by run id: found by SCAN, read by pipelined HMGETs.
 
