@@ -13,7 +13,7 @@ import datetime as _dt
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend, StateAndToken, Token
@@ -46,6 +46,7 @@ PROBE_TIMEOUT = 0.5
 SCHEMA = "rdzvctl.get/v1"
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass
@@ -67,16 +68,21 @@ class Snapshot:
         return self.raw is not None or self.error is not None
 
 
+def _decoded(raw: Optional[bytes], error: Optional[E]) -> Tuple[Optional[RendezvousState], Union[E, StateError, None]]:
+    """The state in ``raw`` (None when absent or already unreadable) and why it cannot be read, if so."""
+    if raw is None or error is not None:
+        return None, error
+    try:
+        return decode(raw), None
+    except StateError as exc:
+        return None, exc
+
+
 def snapshot_from(backend: RendezvousBackend, current: Optional[StateAndToken], error: Optional[StateError] = None,
                   run_id: Optional[str] = None) -> Snapshot:
     """Build a snapshot from an already-read ``(bytes, token)`` (or None)."""
     raw, token = current if current is not None else (None, None)
-    state = None
-    if raw is not None and error is None:
-        try:
-            state = decode(raw)
-        except StateError as exc:
-            error = exc
+    state, error = _decoded(raw, error)
     return Snapshot(
         backend=backend.address.backend,
         endpoint=backend.describe(),
@@ -289,12 +295,7 @@ def check_run(
     ``lifecycle``.  ``error`` is why the stored value could not be read, if it
     could not.
     """
-    state = None
-    if error is None and raw is not None:
-        try:
-            state = decode(raw)
-        except StateError as exc:
-            error = exc
+    state, error = _decoded(raw, error)
     if error is not None:
         kind = getattr(error, "kind", "corrupt")
         err = error if isinstance(error, StateError) else StateError(str(error))

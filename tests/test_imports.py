@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import pytest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ast
 
 HEAVY = ["torch", "redis", "etcd3", "etcd3gw", "etcd", "grpc", "google.protobuf", "numpy"]
 
@@ -94,3 +97,71 @@ def test_python_m_rdzvctl_help_works() -> None:
 def test_the_probe_sees_a_heavy_import() -> None:
     """Positive control: the probe would notice a client library being imported."""
     assert "redis" in _probe("import redis")["loaded"]
+
+
+# -- no import cycle ------------------------------------------------------------------------
+def _module_level_imports(tree: "ast.Module") -> List["ast.stmt"]:
+    """The import statements that run when the module is imported (not in functions or TYPE_CHECKING)."""
+    import ast
+
+    found: List[ast.stmt] = []
+    pending: List[ast.stmt] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.ClassDef):
+            pending.extend(node.body)
+        elif isinstance(node, ast.If):
+            if "TYPE_CHECKING" not in ast.unparse(node.test):
+                pending.extend(node.body)
+            pending.extend(node.orelse)
+        elif isinstance(node, (ast.Try, ast.With)):
+            for block in ("body", "orelse", "finalbody"):
+                pending.extend(getattr(node, block, []))
+            pending.extend(s for h in getattr(node, "handlers", []) for s in h.body)
+    return found
+
+
+def test_no_cycle_of_module_level_imports() -> None:
+    """No rdzvctl module imports (at import time) one that imports it back, directly or not."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    modules = {}
+    for path in (root / "rdzvctl").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+
+    def owner(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        package = name if is_package else name.rpartition(".")[0]
+        targets = set()
+        for node in _module_level_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+                continue
+            base = node.module or ""
+            if node.level:
+                prefix = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(prefix + ([base] if base else []))
+            targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+        deps = set()
+        ancestors = {name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1)}
+        for target in filter(None, map(owner, filter(lambda t: t.startswith("rdzvctl"), targets))):
+            deps.add(target)
+            # importing a.b.c first imports a.b: an edge, except to the importer's own packages
+            deps.update(target.rsplit(".", d)[0] for d in range(1, target.count(".") + 1))
+        graph[name] = {d for d in deps if d != name and (d in targets or d not in ancestors) and d in modules}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")

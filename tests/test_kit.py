@@ -264,3 +264,28 @@ def test_only_selects_cases_in_order() -> None:
     results = run_conformance(lambda run_id: MemoryBackend(Address("memory", "kit-only", run_id)),
                               only=["set_creates", "get_none_when_absent"])
     assert [r.name for r in results] == ["get_none_when_absent", "set_creates"]
+
+
+# -- what a case leaves behind ---------------------------------------------------------------
+def _one_case_on(address: Address) -> str:
+    """Write a state on a fresh scratch run, clear it and close the case as the kit does; the run id."""
+    from rdzvctl.testing.context import CaseContext
+
+    context = CaseContext(lambda run_id: open_backend(address.with_run_id(run_id)), None, 1)
+    context.set(b"scratch state")
+    context.close()
+    return context.run_id
+
+
+def test_a_case_leaves_no_key_on_redis(redis_server) -> None:
+    """A fenced clear keeps the run's version counter (tokens never repeat); the scratch run's is removed."""
+    run_id = _one_case_on(Address("redis", redis_server.endpoint))
+    assert [key for key in redis_server.client().scan_iter(match=f"*{run_id}*")] == []
+
+
+def test_a_case_leaves_no_key_on_etcd_v3(etcd_server) -> None:
+    """A cleared etcd v3 state leaves its lease to expire; the scratch run's lease is revoked."""
+    leases_before = set(etcd_server.etcdctl("lease", "list").split()[3:])  # "found N leases", then the ids
+    run_id = _one_case_on(Address("etcd-v3", etcd_server.endpoint))
+    assert run_id not in etcd_server.etcdctl("get", "--prefix", "", "--keys-only")
+    assert set(etcd_server.etcdctl("lease", "list").split()[3:]) <= leases_before

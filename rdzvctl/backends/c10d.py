@@ -34,13 +34,13 @@ from rdzvctl.backends.base import (
     SetResult,
     StateAndToken,
     Token,
-    round_of_store_key,
 )
 from rdzvctl.backends.endpoints import EndpointSyntaxError, parse_rendezvous_endpoint
 from rdzvctl.backends.filestore import FileStore
 from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
 from rdzvctl.errors import BackendConfigError, StateCorruptError
 from rdzvctl.state.codec import MAX_STATE_BYTES, decode_base64, encode_base64
+from rdzvctl.state.store_keys import store_keys_by_round
 
 __all__ = ["C10dBackend", "NULL_SENTINEL", "KEY_PREFIX", "parse_endpoint"]
 
@@ -183,6 +183,11 @@ class C10dBackend(RendezvousBackend):
             return False
         return self.store.compare_set(self.key, token, NULL_SENTINEL) == NULL_SENTINEL
 
+    def discard_cleared_run(self) -> None:
+        """Delete torch's "no state" sentinel that ``clear`` puts back (torch's backend would recreate it)."""
+        if self.store.get(self.key) == NULL_SENTINEL:
+            self.store.delete_key(self.key)
+
     def list_runs(self) -> Iterator[RunEntry]:
         """Every ``torch.rendezvous.<run_id>`` key with its state (``None`` for the sentinel), sorted by run id.
 
@@ -208,14 +213,7 @@ class C10dBackend(RendezvousBackend):
     def _store_key_names(self) -> List[Tuple[int, bytes, bytes]]:
         """``(round, name, wire key)`` of each per-round key of the run, sorted (LIST_KEYS /
         one FileStore replay); the state key ``torch.rendezvous.<run_id>`` itself has no ``/``."""
-        prefix = self.key + b"."
-        found = []
-        for key in self.store.list_keys():
-            parsed = round_of_store_key(key, prefix)
-            if parsed is not None:
-                found.append((parsed[0], parsed[1], key))
-        found.sort()
-        return found
+        return store_keys_by_round(self.store.list_keys(), self.key + b".")
 
     def store_keys(self) -> Dict[str, bytes]:
         """The run's per-round store keys (``torch.rendezvous.<run_id>.<round>/<name>``)

@@ -178,10 +178,18 @@ class EtcdHttp:
                     return
         conn.close()
 
-    def _order(self) -> List[int]:
+    def _members(self, deadline: float) -> Iterator[Tuple[int, Endpoint, float]]:
+        """``(index, endpoint, connect budget)`` of each member in failover order, the last one that
+        answered first, while time is left before ``deadline``.  The budget leaves later members a
+        share of the time if this one black-holes connects."""
         start = self._preferred
         count = len(self.endpoints)
-        return [(start + i) % count for i in range(count)]
+        for position in range(count):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            index = (start + position) % count
+            yield index, self.endpoints[index], remaining / (count - position)
 
     def close(self) -> None:
         with self._lock:
@@ -232,14 +240,7 @@ class EtcdHttp:
         pause = 0.1
         while True:
             answered_5xx: Optional[HttpAnswer] = None
-            order = self._order()
-            for position, index in enumerate(order):
-                endpoint = self.endpoints[index]
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                # Leave later members a share of the time if this one black-holes connects.
-                connect_budget = remaining / (len(order) - position)
+            for index, endpoint, connect_budget in self._members(deadline):
                 try:
                     answer = self._request_one(endpoint, method, path, body, headers, deadline, connect_budget)
                 except TRANSPORT_ERRORS as exc:
@@ -339,14 +340,9 @@ class EtcdHttp:
         if body is not None:
             headers.setdefault("Content-Length", str(len(body)))
         failures: List[Tuple[Endpoint, BaseException]] = []
-        order = self._order()
-        for position, index in enumerate(order):
-            endpoint = self.endpoints[index]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        for index, endpoint, connect_budget in self._members(deadline):
             try:
-                conn = self._connect(endpoint, remaining / (len(order) - position))
+                conn = self._connect(endpoint, connect_budget)
                 assert conn.sock is not None
                 conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 conn.request(method, path, body=body, headers=headers)

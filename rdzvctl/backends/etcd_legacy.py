@@ -31,7 +31,7 @@ from rdzvctl.backends.base import (
     Token,
     is_counter_token,
 )
-from rdzvctl.backends.etcd_v2 import _COMPARE_FAILED, _KEY_NOT_FOUND, _NODE_EXIST, _NOT_A_FILE, EtcdV2Backend
+from rdzvctl.backends.etcd_v2 import _KEY_NOT_FOUND, EtcdV2Backend
 from rdzvctl.errors import StateCorruptError, StateError, TokenConflictError
 from rdzvctl.state.legacy_etcd import STATE_FORMAT, KeyInfo, LegacyRun, normalise_prefix, parse_state, ttl_for
 
@@ -116,27 +116,13 @@ class EtcdLegacyBackend(EtcdV2Backend):
             ttl = None
         if ttl is not None:
             form["ttl"] = ttl  # without one, etcd v2 makes the key permanent, as torch's writes without ttl do
-        if token is None:
-            form["prevExist"] = "false"
-        else:
-            form["prevIndex"] = token
-        status, doc, _ = self._call("PUT", self.key, form)
-        if doc.get("errorCode") in (_KEY_NOT_FOUND, _COMPARE_FAILED, _NODE_EXIST, _NOT_A_FILE):
-            return self._current_refused()
-        self._raise_unexpected(status, doc)
-        return (*self._decode_node(doc["node"]), True)
+        return self._fenced_put(form, token)
 
     # -- removals -----------------------------------------------------------------------
     def reopen(self, token: Token) -> bool:
         """Compare-and-delete ``active_version`` on ``prevIndex``: what ``wait_for_rendezvous_to_free`` does
         (on the value) to a dead version.  torch's next ``init_phase`` then creates version counter+1."""
-        if not is_counter_token(token):
-            return False
-        status, doc, _ = self._call("DELETE", self.key, prevIndex=token)
-        if doc.get("errorCode") in (_KEY_NOT_FOUND, _COMPARE_FAILED, _NOT_A_FILE):
-            return False
-        self._raise_unexpected(status, doc)
-        return True
+        return self._fenced_delete(token)
 
     def clear(self, token: Token) -> bool:
         """Remove the run's directory, as its 7200 s TTL would, fenced by ``token``.

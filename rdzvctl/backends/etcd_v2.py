@@ -133,7 +133,10 @@ class EtcdV2Backend(RendezvousBackend):
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
         if token is not None and not is_counter_token(token):
             return self._current_refused()
-        form: Dict[str, Any] = {"value": encode_base64(state).decode("ascii"), "ttl": self.ttl}
+        return self._fenced_put({"value": encode_base64(state).decode("ascii"), "ttl": self.ttl}, token)
+
+    def _fenced_put(self, form: Dict[str, Any], token: Optional[Token]) -> Optional[SetResult]:
+        """PUT ``form`` on the state key, fenced: ``prevExist=false`` without a token, else ``prevIndex``."""
         if token is None:
             form["prevExist"] = "false"
         else:
@@ -156,6 +159,19 @@ class EtcdV2Backend(RendezvousBackend):
     # -- capabilities ----------------------------------------------------------------
     def clear(self, token: Token) -> bool:
         """Compare-and-delete on ``prevIndex``: removes the state only if ``token`` is current."""
+        return self._fenced_delete(token)
+
+    def discard_cleared_run(self) -> None:
+        """Delete the directories the run's key created under the key prefix, each only while empty."""
+        directory = self.key.rsplit("/", 1)[0]
+        while directory:
+            status, _, _ = self._call("DELETE", directory, dir="true")
+            if status >= 300:  # not empty (someone else's runs live there) or already gone
+                return
+            directory = directory.rsplit("/", 1)[0]
+
+    def _fenced_delete(self, token: Token) -> bool:
+        """DELETE the state key on ``prevIndex``; False when ``token`` is not current."""
         if not is_counter_token(token):
             return False
         status, doc, _ = self._call("DELETE", self.key, prevIndex=token)

@@ -208,6 +208,13 @@ class EtcdV3Backend(RendezvousBackend):
         )
         return bool(txn.get("succeeded"))
 
+    def discard_cleared_run(self) -> None:
+        """Revoke the leases of the run's writes, which ``clear`` leaves to expire (TTL), once no state is left."""
+        if self.get_state() is None:  # revoking a lease deletes the keys on it
+            for lease in list(self._renewed):
+                self._gw.lease_revoke(lease)
+            self._renewed = {}
+
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run under the key prefix, sorted by run id, from one range request.
 

@@ -51,10 +51,13 @@ def _flock():
     return fcntl
 
 
-def parse_records(data: bytes) -> Tuple[List[Tuple[bytes, bytes]], int]:
-    """Complete ``(key, value)`` records in ``data`` and the bytes they span."""
-    records = []
+def iter_records(data: bytes, limit: Optional[int] = None) -> Iterator[Tuple[bytes, int, int]]:
+    """The complete records at the start of ``data``, in order: ``(key, value offset, value length)``,
+    offsets in ``data``.  A value may run past ``data`` up to ``limit`` (default: the end of
+    ``data``), for a caller that knows the file holds it; the walk stops at the first record
+    that is not complete, so a record's value ends where the next record starts."""
     pos, end = 0, len(data)
+    limit = end if limit is None else limit
     unpack = _U32.unpack_from
     while pos + 4 <= end:
         klen = unpack(data, pos)[0]
@@ -62,11 +65,19 @@ def parse_records(data: bytes) -> Tuple[List[Tuple[bytes, bytes]], int]:
         if kend + 4 > end:
             break
         vlen = unpack(data, kend)[0]
-        vend = kend + 4 + vlen
-        if vend > end:
+        vstart = kend + 4
+        if vstart + vlen > limit:
             break
-        records.append((data[pos + 4:kend], data[kend + 4:vend]))
-        pos = vend
+        yield data[pos + 4:kend], vstart, vlen
+        pos = vstart + vlen
+
+
+def parse_records(data: bytes) -> Tuple[List[Tuple[bytes, bytes]], int]:
+    """Complete ``(key, value)`` records in ``data`` and the bytes they span."""
+    records, pos = [], 0
+    for key, vstart, vlen in iter_records(data):
+        pos = vstart + vlen
+        records.append((key, data[vstart:pos]))
     return records, pos
 
 
@@ -75,23 +86,13 @@ def index_records(data: bytes, base: int, size: int, index: Dict[bytes, Span]) -
     ``size``-byte file) to ``index`` as value spans; returns the file offset
     after the last complete record.  A value may run past ``data``: it is
     skipped, not read, when the file holds all of it."""
-    pos, end = 0, len(data)
-    unpack = _U32.unpack_from
-    while pos + 4 <= end:
-        klen = unpack(data, pos)[0]
-        kend = pos + 4 + klen
-        if kend + 4 > end:
-            break
-        vlen = unpack(data, kend)[0]
-        vstart = base + kend + 4
-        if vstart + vlen > size:
-            break
-        key = data[pos + 4:kend]
+    pos = 0
+    for key, vstart, vlen in iter_records(data, size - base):
         if key[:1] == b"-":
             index.pop(key[1:], None)
         else:
-            index[key] = (vstart, vlen)
-        pos = kend + 4 + vlen
+            index[key] = (base + vstart, vlen)
+        pos = vstart + vlen
     return base + pos
 
 

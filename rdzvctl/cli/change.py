@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, TypeVar
 
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
@@ -98,6 +98,22 @@ def apply_change(
     token = None if result is None else backend.format_token(result[1])
     app.err("Written." + (f" New token: {token}" if token else " The state was removed."))
     return {"written": True, "run_id": snap.run_id, "token": token, "backup": str(path)}
+
+
+T = TypeVar("T")
+
+
+def retry_conflicts(app: "App", retries: int, attempt: Callable[[bool], T], yes: bool) -> T:
+    """``attempt(yes)``, a read-plan-write; after a token conflict it runs again on the fresh state, up to
+    ``retries`` more times, confirmed (the operation, not the bytes, was confirmed; each attempt backs up
+    what it replaces).  The last conflict is raised."""
+    for done in range(retries):
+        try:
+            return attempt(yes)
+        except TokenConflictError:
+            app.err(f"Conflict: retrying on the fresh state ({done + 1}/{retries}).")
+            yes = True  # the operation, not the bytes, was confirmed
+    return attempt(yes)
 
 
 def _save_backup(app: "App", backend: RendezvousBackend, snap: Snapshot, command: str, directory: Path) -> Path:

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from rdzvctl import clock
 from rdzvctl.backends.registry import get_backend_class
+from rdzvctl.cli.detect_output import show_reports
 from rdzvctl.cli.render import with_progress
 from rdzvctl.errors import (
     EXIT_CORRUPT,
@@ -57,17 +58,6 @@ def handles_backend(name: Optional[str]) -> bool:
     except RdzvctlError:
         return False
     return is_legacy_etcd(cls)
-
-
-def check_restorable(backup_file: str, state: Optional[bytes]) -> None:
-    """Refuse, before touching the backend, a backup that is not torch's legacy JSON state."""
-    if state is None:
-        return
-    try:
-        parse_state(state)
-    except StateError as exc:
-        raise type(exc)(f"{backup_file} holds no usable legacy etcd state ({exc}): nothing was written; the "
-                        "backup is kept for forensics (for a fresh start: rdzvctl reset --mode reopen)") from None
 
 
 def refuse(command: str, instead: str = "use reset --mode reopen|clear, or restore a backup") -> None:
@@ -155,8 +145,6 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
     """corrupt-detect; ``--settle`` has nothing to wait for here (a closed run's agents show as live
     keep-alive leases at once: phase ``closing``)."""
     import click
-
-    from rdzvctl.cli.commands.detect import show_reports
 
     if for_launch and all_runs:
         raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
@@ -274,18 +262,12 @@ def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[st
         raise UnsupportedOperationError(
             "reset --mode prune does not apply to the etcd backend: its participants are ranks without "
             "heartbeats; a final version with a dead rank is repaired by --mode reopen")
-    attempts = 1 + (retry if mode == "reopen" else 0)
+    from rdzvctl.cli.change import retry_conflicts
+
     with app.open() as backend:
-        for attempt in range(attempts):
-            try:
-                run, result = _reset_once(app, backend, mode, yes, dry_run, backup_dir)
-            except TokenConflictError:
-                if attempt + 1 < attempts:
-                    app.err(f"Conflict: retrying on the fresh state ({attempt + 1}/{retry}).")
-                    yes = True  # the operation, not the bytes, was confirmed
-                    continue
-                raise
-            break
+        run, result = retry_conflicts(app, retry if mode == "reopen" else 0,
+                                      lambda confirmed: _reset_once(app, backend, mode, confirmed, dry_run, backup_dir),
+                                      yes)
     if output == "json":
         app.json(result or {"written": False, "run_id": run.run_id})
 

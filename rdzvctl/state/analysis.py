@@ -11,6 +11,7 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from rdzvctl.errors import StateValidationError
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "reopen",
     "remove_node",
     "add_waiting",
+    "edit_state",
     "Event",
     "diff_states",
     "stale_transitions",
@@ -222,6 +224,39 @@ def add_waiting(state: RendezvousState, nodes: Iterable[NodeDesc], now: _dt.date
         new.redundancy_list.discard(node)
         new.wait_list.add(node)
         new.last_heartbeats[node] = now
+    return new
+
+
+def edit_state(
+    state: RendezvousState,
+    now: _dt.datetime,
+    *,
+    remove: Iterable[NodeDesc] = (),
+    waiting: Iterable[NodeDesc] = (),
+    closed: Optional[bool] = None,
+    complete: Optional[bool] = None,
+    round_: Optional[int] = None,
+    clear_deadline: bool = False,
+    min_nodes: Optional[int] = None,
+) -> RendezvousState:
+    """``set``'s field changes on a copy of ``state``: each node of ``remove`` leaves with torch's
+    bookkeeping (:func:`remove_node`), the ``waiting`` nodes join the wait list (:func:`add_waiting`),
+    then the flags, the round and the deadline change.  A node to remove that is not (or no
+    longer) in the state raises :class:`StateValidationError` naming ``--remove-node``."""
+    new = state.copy()
+    for node in remove:
+        if node not in new.nodes:
+            raise StateValidationError("--remove-node", f"{node} is not in the state")
+        new = remove_node(new, node, min_nodes)
+    new = add_waiting(new, waiting, now)
+    if closed is not None:
+        new.closed = closed
+    if complete is not None:
+        new.complete = complete
+    if round_ is not None:
+        new.round = round_
+    if clear_deadline:
+        new.deadline = None
     return new
 
 

@@ -9,9 +9,9 @@ reads that wire form; backends' ``store_keys()`` give ``"<round>/<name>"``
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
-__all__ = ["MAX_ROUND_DIGITS", "round_of_store_key", "round_key", "split_round_key"]
+__all__ = ["MAX_ROUND_DIGITS", "round_of_store_key", "store_keys_by_round", "round_key", "split_round_key"]
 
 #: Rounds are counters: a store key whose round has more digits than an int64 is not torch's.
 MAX_ROUND_DIGITS = 18
@@ -34,6 +34,17 @@ def round_of_store_key(name: bytes, round_prefix: bytes) -> Optional[Tuple[int, 
     if not sep or not round_.isdigit() or len(round_) > MAX_ROUND_DIGITS:
         return None  # (a longer "round" is no key torch wrote, and int() would refuse it)
     return int(round_), rest
+
+
+def store_keys_by_round(keys: Iterable[bytes], round_prefix: bytes) -> List[Tuple[int, bytes, bytes]]:
+    """``(round, name, key)`` of each of ``keys`` that is a per-round store key under ``round_prefix``
+    (:func:`round_of_store_key`), sorted by round, then name."""
+    found = []
+    for key in keys:
+        parsed = round_of_store_key(key, round_prefix)
+        if parsed is not None:
+            found.append((parsed[0], parsed[1], key))
+    return sorted(found)
 
 
 def round_key(round_: int, name: str) -> str:

@@ -107,35 +107,14 @@ class CaseContext:
 
 
 def discard_scratch_run(backend: RendezvousBackend) -> None:
-    """Remove what a cleared scratch run still leaves on a built-in backend.
+    """Remove what a cleared scratch run still leaves on the backend (:meth:`RendezvousBackend.discard_cleared_run`).
 
     A fenced ``clear`` keeps what protects a *reused* run id: c10d puts torch's
     "no state" sentinel back (torch's own backend would recreate it anyway), Redis
     keeps the run's version counter so a new state never reuses a token, etcd v2
     keeps the directories it created under the key prefix, and etcd v3 leaves the
     state's lease to expire (TTL).  Scratch run ids are never reused, so the kit
-    removes these too (an etcd v2 directory only while it is empty).  Other
-    backends are left as ``clear`` left them.
+    asks the backend to remove these too; a backend without the hook is left as
+    ``clear`` left it.
     """
-    if backend.name == "c10d":
-        from rdzvctl.backends.c10d import NULL_SENTINEL
-
-        store = backend.store  # type: ignore[attr-defined]
-        if store.get(backend.key) == NULL_SENTINEL:  # type: ignore[attr-defined]
-            store.delete_key(backend.key)  # type: ignore[attr-defined]
-    elif backend.name == "redis":
-        counter = getattr(backend, "counter_key", None)
-        if counter and not backend.client.exists(backend.key):  # type: ignore[attr-defined]
-            backend.client.delete(counter)  # type: ignore[attr-defined]
-    elif backend.name == "etcd-v2":
-        directory = backend.key.rsplit("/", 1)[0]  # type: ignore[attr-defined]
-        while directory:
-            status, _, _ = backend._call("DELETE", directory, dir="true")  # type: ignore[attr-defined]
-            if status >= 300:  # not empty (someone else's runs live there) or already gone
-                return
-            directory = directory.rsplit("/", 1)[0]
-    elif backend.name == "etcd-v3":
-        if backend.get_state() is None:  # revoking a lease deletes the keys on it
-            for lease in list(getattr(backend, "_renewed", {})):
-                backend._gw.lease_revoke(lease)  # type: ignore[attr-defined]
-            backend._renewed = {}  # type: ignore[attr-defined]
+    backend.discard_cleared_run()

@@ -51,6 +51,12 @@ class _Follower:
         ctx.check(item is not _END, f"watch() ended before reporting {what}")
         return item  # type: ignore[no-any-return]
 
+    def __enter__(self) -> "_Follower":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish(5.0)
+
     def finish(self, timeout: float) -> Tuple[bool, List[Any]]:
         """Set ``stop``; whether the thread ended within ``timeout`` s, and the items not yet taken."""
         self.stop.set()
@@ -71,22 +77,18 @@ def _writes_change_the_token(ctx: CaseContext) -> None:
 
 def watch_sees_change(ctx: CaseContext) -> None:
     _, token, _ = ctx.set(b"before")
-    follower = _Follower(ctx.open())
-    try:
+    with _Follower(ctx.open()) as follower:
         first = follower.next(ctx, "the current state")
         ctx.check(first is not None and first[0] == b"before", "watch() did not start with the current state")
         _, token2, _ = ctx.set(b"after", token)
         item = follower.next(ctx, "a write")
         ctx.check(item == (b"after", token2), f"watch() reported {item!r} after a write, expected the new state")
-    finally:
-        follower.finish(5.0)
 
 
 def watch_reports_each_token_once(ctx: CaseContext) -> None:
     _writes_change_the_token(ctx)
     _, token, _ = ctx.set(b"v0")
-    follower = _Follower(ctx.open())
-    try:
+    with _Follower(ctx.open()) as follower:
         follower.next(ctx, "the current state")
         written = []
         for i in range(1, 4):
@@ -100,27 +102,21 @@ def watch_reports_each_token_once(ctx: CaseContext) -> None:
         repeats = [a for a, b in zip(seen, seen[1:]) if a == b]
         ctx.check(not repeats, f"watch() reported the same token twice in a row: {repeats[:1]!r}")
         ctx.check(set(seen) <= set(written), "watch() reported a token that no write produced")
-    finally:
-        follower.finish(5.0)
 
 
 def watch_since_skips_the_known_state(ctx: CaseContext) -> None:
     _writes_change_the_token(ctx)
     known = ctx.set(b"known")[:2]
-    follower = _Follower(ctx.open(), since=known)
-    try:
+    with _Follower(ctx.open(), since=known) as follower:
         _, token, _ = ctx.set(b"next", known[1])
         item = follower.next(ctx, "a write after the since state")
         ctx.check(item == (b"next", token), f"watch(since=...) first reported {item!r}, not the next state")
-    finally:
-        follower.finish(5.0)
 
 
 def watch_reports_clear_and_recreate(ctx: CaseContext) -> None:
     _writes_change_the_token(ctx)
     _, token, _ = ctx.set(b"a")
-    follower = _Follower(ctx.open())
-    try:
+    with _Follower(ctx.open()) as follower:
         follower.next(ctx, "the current state")
         if "clear" in ctx.backend.capabilities:
             ctx.check(ctx.backend.clear(token), "clear() with the current token failed")
@@ -130,8 +126,6 @@ def watch_reports_clear_and_recreate(ctx: CaseContext) -> None:
             _, token, _ = ctx.set(b"b", token)
         item = follower.next(ctx, "the recreated state")
         ctx.check(item == (b"b", token), f"watch() reported {item!r}, not the recreated state")
-    finally:
-        follower.finish(5.0)
 
 
 def watch_stops_promptly(ctx: CaseContext) -> None:

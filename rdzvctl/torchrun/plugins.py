@@ -96,39 +96,28 @@ def address_from_params(params: "RendezvousParameters", backend: str) -> Address
 def create_redis_backend(params: "RendezvousParameters") -> Tuple["TorchRendezvousBackend", "RedisStore"]:
     """torch's (backend, store) pair on the Redis server ``params`` names."""
     from rdzvctl.backends.redis import RedisBackend
-    from rdzvctl.torchrun.backend import TorchRendezvousBackend, torch_errors
     from rdzvctl.torchrun.stores import RedisStore
 
-    address = address_from_params(params, RedisBackend.name)
-    with torch_errors():
-        backend = RedisBackend.from_address(address)
-        store = RedisStore(
-            backend.client,
-            params.run_id,
-            ttl=backend.ttl,
-            timeout=timedelta(seconds=address.timeout),
-            endpoint=backend.describe(),
-            prefix=backend.store_prefix,
-            translate=backend.translate_error,
-        )
-    return TorchRendezvousBackend(backend), store
+    return _create_pair(params, RedisBackend, lambda backend, **common: RedisStore(
+        backend.client, translate=backend.translate_error, **common))
 
 
 def create_etcd_v3_backend(params: "RendezvousParameters") -> Tuple["TorchRendezvousBackend", "EtcdV3Store"]:
     """torch's (backend, store) pair on the etcd cluster ``params`` names."""
     from rdzvctl.backends.etcd_v3 import EtcdV3Backend
-    from rdzvctl.torchrun.backend import TorchRendezvousBackend, torch_errors
     from rdzvctl.torchrun.stores import EtcdV3Store
 
-    address = address_from_params(params, EtcdV3Backend.name)
+    return _create_pair(params, EtcdV3Backend, lambda backend, **common: EtcdV3Store(backend.gateway, **common))
+
+
+def _create_pair(params: "RendezvousParameters", backend_class: Any, make_store: Callable[..., Any]) -> Any:
+    """rdzvctl's backend for ``params`` wrapped as torch's, and the run's store on the same server:
+    ``make_store(backend, run_id=, ttl=, timeout=, endpoint=, prefix=)`` (torch errors for both)."""
+    from rdzvctl.torchrun.backend import TorchRendezvousBackend, torch_errors
+
+    address = address_from_params(params, backend_class.name)
     with torch_errors():
-        backend = EtcdV3Backend.from_address(address)
-        store = EtcdV3Store(
-            backend.gateway,
-            params.run_id,
-            ttl=backend.ttl,
-            timeout=timedelta(seconds=address.timeout),
-            endpoint=backend.describe(),
-            prefix=backend.store_prefix,
-        )
+        backend = backend_class.from_address(address)
+        store = make_store(backend, run_id=params.run_id, ttl=backend.ttl, timeout=timedelta(seconds=address.timeout),
+                           endpoint=backend.describe(), prefix=backend.store_prefix)
     return TorchRendezvousBackend(backend), store

@@ -19,7 +19,6 @@ from rdzvctl.backends.base import (
     SetResult,
     StateAndToken,
     Token,
-    round_of_store_key,
 )
 from rdzvctl.backends.redis.errors import redis_errors, translate_error
 from rdzvctl.backends.redis.layout import (
@@ -35,6 +34,7 @@ from rdzvctl.backends.redis.settings import parse_settings
 from rdzvctl.backends.redis.watch import keyspace_changes, notifications_enabled
 from rdzvctl.errors import BackendConfigError, RdzvctlError, StateCorruptError
 from rdzvctl.state.codec import encode_base64
+from rdzvctl.state.store_keys import store_keys_by_round
 
 __all__ = ["RedisBackend"]
 
@@ -174,6 +174,12 @@ class RedisBackend(RendezvousBackend):
             )
         return removed == 1
 
+    def discard_cleared_run(self) -> None:
+        """Delete the run's version counter, which ``clear`` keeps so a new state never reuses a token."""
+        with self.errors():
+            if not self.client.exists(self.key):
+                self.client.delete(self.counter_key)
+
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run under the key prefix, sorted by run id: found by SCAN, read by pipelined HMGETs.
 
@@ -239,15 +245,9 @@ class RedisBackend(RendezvousBackend):
     def _store_key_names(self) -> List[Tuple[int, bytes, bytes]]:
         """``(round, name, key)`` of each per-round key of the run, sorted (SCAN, names only)."""
         text = self.store_prefix + f"torch.rendezvous.{self.run_id}."
-        prefix = text.encode()
-        found: List[Tuple[int, bytes, bytes]] = []
         with self.errors():
-            for key in self.client.scan_iter(match=glob_escape(text) + "*", count=LIST_BATCH):
-                parsed = round_of_store_key(key, prefix)
-                if parsed is not None:
-                    found.append((parsed[0], parsed[1], key))
-        found.sort()
-        return found
+            return store_keys_by_round(self.client.scan_iter(match=glob_escape(text) + "*", count=LIST_BATCH),
+                                       text.encode())
 
     def store_keys(self) -> Dict[str, bytes]:
         """The run's per-round store keys as ``"<round>/<name>"``, sorted by round then name.

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import click
 
 from rdzvctl import clock, inspection
 from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app
-from rdzvctl.cli.render import Table, render_tables, with_progress
-from rdzvctl.errors import EXIT_CORRUPT, EXIT_OK, EXIT_PROBLEMS, BackendUnavailableError, RdzvctlError, StateError
+from rdzvctl.cli.detect_output import show_reports
+from rdzvctl.cli.render import with_progress
+from rdzvctl.errors import BackendUnavailableError, RdzvctlError, StateError
 from rdzvctl.inspection import check_run
 from rdzvctl.state.analysis import SEVERITIES, KeepAlive
 from rdzvctl.state.lifecycle import launch_verdict
-
-
-def exit_code(reports: List[Dict[str, Any]], fail_on: str) -> int:
-    if any(r["status"] in ("corrupt", "unsafe") for r in reports):
-        return EXIT_CORRUPT
-    threshold = SEVERITIES.index(fail_on)
-    if any(SEVERITIES.index(p["severity"]) >= threshold for r in reports for p in r["problems"]):
-        return EXIT_PROBLEMS
-    return EXIT_OK
 
 
 @click.command("corrupt-detect")
@@ -89,29 +81,6 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
         app.exit(code)
 
 
-def show_reports(app: App, reports: List[Dict[str, Any]], all_runs: bool, verdict: Any, fail_on: str,
-                 output: str) -> int:
-    """Render corrupt-detect's reports (the JSON document or the text) and return the exit code.
-
-    One place for every state format: the legacy etcd backend's reports take the same shape.
-    """
-    code = exit_code(reports, fail_on)
-    if verdict is not None:
-        code = EXIT_OK if verdict.ok else EXIT_PROBLEMS
-    if output == "json":
-        counts: Dict[str, int] = {}
-        for r in reports:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        doc: Dict[str, Any] = {"schema": "rdzvctl.corrupt-detect/v1", "fail_on": fail_on, "runs": reports,
-                               "summary": {"runs": len(reports), **counts}, "exit_code": code}
-        if verdict is not None:
-            doc["launch"] = {"ok": verdict.ok, "reason": verdict.reason, "round": verdict.round}
-        app.json(doc)
-    else:
-        _render(app, reports, all_runs, verdict)
-    return code
-
-
 def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, Optional[Dict[str, bytes]]]:
     """Read one run and its store keys (where the backend lists them) and check it.
 
@@ -152,22 +121,3 @@ def _settle(app: App, backend: Any, first_seen: Any, keys: Any) -> Tuple[Dict[st
         lambda: _read_one(app, backend, clock.now_utc(), keys, closed_since=first_seen),
         lambda checked: checked[0].get("phase") == "closing",
         ka.expiry.total_seconds() + ka.interval + 1.0, pause=min(1.0, ka.interval))
-
-
-def _render(app: App, reports: List[Dict[str, Any]], all_runs: bool, verdict: Any = None) -> None:
-    if all_runs:
-        rows = [[r["run_id"], r["status"], r.get("phase") or "-", str(len(r["problems"])),
-                 ", ".join(sorted({p["code"] for p in r["problems"]}))] for r in reports]
-        bad = sum(1 for r in reports if r["status"] != "ok")
-        render_tables(app, [("runs", str(len(reports))), ("with findings", str(bad))],
-                      [Table("Runs", ["run id", "status", "phase", "findings", "codes"], rows)])
-        return
-    report = reports[0]
-    rows = [[p["severity"], p["code"], p["message"], p.get("torch_next") or "-", p.get("repair") or "-"]
-            for p in report["problems"]]
-    pairs = [("run id", report["run_id"]), ("status", report["status"])]
-    if report.get("lifecycle"):
-        pairs += [("phase", report["lifecycle"]["phase"]), ("next", report["lifecycle"]["outlook"])]
-    if verdict is not None:
-        pairs.append(("launch", ("yes: " if verdict.ok else "no: ") + verdict.reason))
-    render_tables(app, pairs, [Table("Findings", ["severity", "code", "message", "torch next", "repair"], rows)])

@@ -9,8 +9,8 @@ import click
 from rdzvctl import clock
 from rdzvctl.cli import legacy
 from rdzvctl.cli.app import App, output_option, with_app, write_options
-from rdzvctl.cli.change import apply_change
-from rdzvctl.errors import NoStateError, TokenConflictError
+from rdzvctl.cli.change import apply_change, retry_conflicts
+from rdzvctl.errors import NoStateError
 from rdzvctl.inspection import take_snapshot
 from rdzvctl.round_keys import check_reopen, plan_clear
 from rdzvctl.state.analysis import prune_dead_nodes, reopen
@@ -53,48 +53,45 @@ def command(app: App, mode: str, retry: int, yes: bool, dry_run: bool, backup_di
     """
     if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
         return legacy.reset(app, mode, yes, dry_run, backup_dir, output, retry)
-    attempts = 1 + (retry if mode != "clear" else 0)
     with app.open() as backend:
-        for attempt in range(attempts):
-            snap = take_snapshot(backend)
-            plan = plan_clear(backend, snap) if mode == "clear" else None
-            if not snap.exists and plan is None:
-                raise NoStateError.for_run(snap.run_id, consequence="nothing to reset")
-            extra: Dict[str, Any] = {}
-            notes = []
-            if plan is not None:
-                notes = plan.notes
-                new = plan.new
-                extra = plan.to_json()
-            else:
-                if snap.error is not None:
-                    raise snap.error  # only clear can repair an undecodable state
-                assert snap.state is not None
-                if mode == "reopen":
-                    if not snap.state.closed:
-                        app.err(f"Run {snap.run_id!r} is not closed: nothing to do.")
-                        return
-                    notes = [check_reopen(backend, snap.state)]
-                    new_state = reopen(snap.state)
-                else:
-                    new_state, removed = prune_dead_nodes(snap.state, clock.now_utc(), app.keep_alive, app.min_nodes)
-                    if not removed:
-                        app.err(f"Run {snap.run_id!r} has no dead nodes: nothing to prune.")
-                        return
-                    shown = ", ".join(map(str, removed[:PRUNE_NAMED]))
-                    more = f" and {len(removed) - PRUNE_NAMED} more" if len(removed) > PRUNE_NAMED else ""
-                    app.err(f"{len(removed)} dead node(s) to prune: {shown}{more}")
-                new = encode(new_state)
-            try:
-                result = apply_change(app, backend, snap, new, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
-                                      command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {snap.run_id!r}",
-                                      notes=notes)
-            except TokenConflictError:
-                if attempt + 1 < attempts:
-                    app.err(f"Conflict: retrying on the fresh state ({attempt + 1}/{retry}).")
-                    yes = True  # the operation, not the bytes, was confirmed
-                    continue
-                raise
-            if output == "json":
-                app.json({**(result or {"written": False, "run_id": snap.run_id}), **extra})
-            return
+        retry_conflicts(app, retry if mode != "clear" else 0,
+                        lambda confirmed: _reset_once(app, backend, mode, confirmed, dry_run, backup_dir, output), yes)
+
+
+def _reset_once(app: App, backend: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[str],
+                output: str) -> None:
+    """Read, plan and write one reset (a conflict raises :class:`TokenConflictError`)."""
+    snap = take_snapshot(backend)
+    plan = plan_clear(backend, snap) if mode == "clear" else None
+    if not snap.exists and plan is None:
+        raise NoStateError.for_run(snap.run_id, consequence="nothing to reset")
+    extra: Dict[str, Any] = {}
+    notes = []
+    if plan is not None:
+        notes = plan.notes
+        new = plan.new
+        extra = plan.to_json()
+    else:
+        if snap.error is not None:
+            raise snap.error  # only clear can repair an undecodable state
+        assert snap.state is not None
+        if mode == "reopen":
+            if not snap.state.closed:
+                app.err(f"Run {snap.run_id!r} is not closed: nothing to do.")
+                return
+            notes = [check_reopen(backend, snap.state)]
+            new_state = reopen(snap.state)
+        else:
+            new_state, removed = prune_dead_nodes(snap.state, clock.now_utc(), app.keep_alive, app.min_nodes)
+            if not removed:
+                app.err(f"Run {snap.run_id!r} has no dead nodes: nothing to prune.")
+                return
+            shown = ", ".join(map(str, removed[:PRUNE_NAMED]))
+            more = f" and {len(removed) - PRUNE_NAMED} more" if len(removed) > PRUNE_NAMED else ""
+            app.err(f"{len(removed)} dead node(s) to prune: {shown}{more}")
+        new = encode(new_state)
+    result = apply_change(app, backend, snap, new, yes=yes, dry_run=dry_run, backup_dir=backup_dir,
+                          command=f"reset --mode {mode}", title=f"Reset ({mode}) of run {snap.run_id!r}",
+                          notes=notes)
+    if output == "json":
+        app.json({**(result or {"written": False, "run_id": snap.run_id}), **extra})

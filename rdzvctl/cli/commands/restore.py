@@ -16,6 +16,7 @@ from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import StateError, UsageError
 from rdzvctl.inspection import take_snapshot
 from rdzvctl.state.codec import decode
+from rdzvctl.state.legacy_etcd import parse_state as parse_legacy
 
 
 @click.command("restore")
@@ -37,7 +38,7 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
     saved = read_backup(Path(backup_file))
     backend_name, endpoint, run_id, conf, timeout = app.flags
     legacy_json = legacy.handles_backend(backend_name or saved.backend)  # torch's legacy etcd JSON
-    (legacy.check_restorable if legacy_json else _check_restorable)(backup_file, saved.state)
+    _check_restorable(backup_file, saved.state, legacy_json)
     if endpoint is None and "***" in saved.endpoint:
         raise UsageError(f"the backup's endpoint {saved.endpoint} had a password, which backups never keep: "
                          "pass the real one with --rdzv-endpoint")
@@ -59,13 +60,18 @@ def command(app: App, backup_file: str, yes: bool, dry_run: bool, backup_dir: Op
         app.json(result or {"written": False, "run_id": run_id})
 
 
-def _check_restorable(backup_file: str, state: Optional[bytes]) -> None:
-    """Refuse, before touching the backend, a backup whose bytes torch could not load."""
+def _check_restorable(backup_file: str, state: Optional[bytes], legacy_json: bool) -> None:
+    """Refuse, before touching the backend, a backup whose bytes torch could not load (on the legacy etcd
+    backend: that is not torch's legacy JSON state)."""
     if state is None:
         return
     try:
-        decode(state)
+        parse_legacy(state) if legacy_json else decode(state)
     except StateError as exc:
-        raise type(exc)(f"{backup_file} holds a {exc.kind} state ({exc}): rdzvctl never writes bytes torch cannot "
-                        "load, so nothing was written; the backup is kept for forensics "
-                        "(for a fresh start: rdzvctl reset --mode clear)") from None
+        if legacy_json:
+            what, fresh = f"holds no usable legacy etcd state ({exc}): nothing was written", "reopen"
+        else:
+            what, fresh = (f"holds a {exc.kind} state ({exc}): rdzvctl never writes bytes torch cannot load, so "
+                           "nothing was written"), "clear"
+        raise type(exc)(f"{backup_file} {what}; the backup is kept for forensics (for a fresh start: "
+                        f"rdzvctl reset --mode {fresh})") from None

@@ -13,8 +13,7 @@ from rdzvctl.cli.app import App, output_option, with_app, write_options
 from rdzvctl.cli.change import apply_change
 from rdzvctl.errors import NoStateError, StateValidationError, TokenConflictError, UsageError
 from rdzvctl.inspection import take_snapshot
-from rdzvctl.state import analysis
-from rdzvctl.state.analysis import remove_node
+from rdzvctl.state.analysis import edit_state
 from rdzvctl.state.codec import encode
 from rdzvctl.state.invariants import torch_invariant_violations
 from rdzvctl.state.jsonform import JSONDocumentError, load_json_document, state_from_document
@@ -117,20 +116,9 @@ def command(app: App, source: Optional[str], token: Optional[str], create: bool,
         if new_state is None:
             if snap.state is None:
                 raise NoStateError.for_run(snap.run_id, consequence="nothing to change")
-            new_state = snap.state.copy()
-            for node in nodes_out:
-                if node not in new_state.nodes:
-                    raise StateValidationError("--remove-node", f"{node} is not in the state")
-                new_state = remove_node(new_state, node, app.min_nodes)
-            new_state = analysis.add_waiting(new_state, nodes_in, clock.now_utc())
-            if closed is not None:
-                new_state.closed = closed
-            if complete is not None:
-                new_state.complete = complete
-            if round_ is not None:
-                new_state.round = round_
-            if clear_deadline:
-                new_state.deadline = None
+            new_state = edit_state(snap.state, clock.now_utc(), remove=nodes_out, waiting=nodes_in, closed=closed,
+                                   complete=complete, round_=round_, clear_deadline=clear_deadline,
+                                   min_nodes=app.min_nodes)
         elif snap.state is not None:
             new_state.naive_datetimes = new_state.naive_datetimes or snap.state.naive_datetimes
         result = apply_change(app, backend, snap, encode(new_state), yes=yes, dry_run=dry_run,
