@@ -111,7 +111,7 @@ def discard_scratch_run(backend: RendezvousBackend) -> None:
 
     A fenced ``clear`` keeps what protects a *reused* run id: c10d puts torch's
     "no state" sentinel back (torch's own backend would recreate it anyway), Redis
-    keeps the run's version counter so a new state never reuses a token, etcd v2
+    keeps the run's version counter so a new state never reuses a token (and its history list), etcd v2
     keeps the directories it created under the key prefix, and etcd v3 leaves the
     state's lease to expire (TTL).  Scratch run ids are never reused, so the kit
     removes these too (an etcd v2 directory only while it is empty).  Other
@@ -124,9 +124,9 @@ def discard_scratch_run(backend: RendezvousBackend) -> None:
         if store.get(backend.key) == NULL_SENTINEL:  # type: ignore[attr-defined]
             store.delete_key(backend.key)  # type: ignore[attr-defined]
     elif backend.name == "redis":
-        counter = getattr(backend, "counter_key", None)
-        if counter and not backend.client.exists(backend.key):  # type: ignore[attr-defined]
-            backend.client.delete(counter)  # type: ignore[attr-defined]
+        side_keys = [key for key in (getattr(backend, "counter_key", None), getattr(backend, "history_key", None)) if key]
+        if side_keys and not backend.client.exists(backend.key):  # type: ignore[attr-defined]
+            backend.client.delete(*side_keys)  # type: ignore[attr-defined]
     elif backend.name == "etcd-v2":
         directory = backend.key.rsplit("/", 1)[0]  # type: ignore[attr-defined]
         while directory:

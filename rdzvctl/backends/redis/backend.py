@@ -14,6 +14,7 @@ from typing import Any, ContextManager, Dict, FrozenSet, Generator, Iterator, Li
 
 from rdzvctl.backends.base import (
     Address,
+    HistoryWindow,
     RendezvousBackend,
     RunEntry,
     SetResult,
@@ -22,6 +23,7 @@ from rdzvctl.backends.base import (
     round_of_store_key,
 )
 from rdzvctl.backends.redis.errors import redis_errors, translate_error
+from rdzvctl.backends.redis.history import history_key, read_history, semantic_digest
 from rdzvctl.backends.redis.layout import (
     CLEAR_SCRIPT,
     LIST_BATCH,
@@ -46,8 +48,8 @@ class RedisBackend(RendezvousBackend):
     summary = "Redis hash per run, fenced by a Lua script (TLS, ACL, Sentinel, Cluster)"
     requires = ("redis",)
     install_hint = "redis"
-    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
-    conf_keys = frozenset({"username", "password", "db", "ttl", "key_prefix", "cluster", "sentinel_master",
+    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys", "history"})
+    conf_keys = frozenset({"username", "password", "db", "ttl", "history", "key_prefix", "cluster", "sentinel_master",
                            "sentinel_username", "sentinel_password", "ssl", "ssl_ca_certs", "ssl_certfile",
                            "ssl_keyfile", "ssl_password", "ssl_cert_reqs", "ssl_check_hostname"})
     strict_fencing = True
@@ -64,6 +66,7 @@ class RedisBackend(RendezvousBackend):
                 )
             counter = self.key + ":version"
         self.counter_key = counter
+        self.history_key = history_key(self.key)
         self._lock = threading.Lock()
         self._client_obj: Any = None
         self._scripts: Dict[str, Any] = {}
@@ -150,11 +153,13 @@ class RedisBackend(RendezvousBackend):
 
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
         encoded = encode_base64(bytes(state))
+        keep = self.settings.history
+        digest = semantic_digest(bytes(state)) if keep else ""
         script = self._script("set", SET_SCRIPT)
         with self.errors():
             reply = script(
-                keys=[self.key, self.counter_key],
-                args=[encoded, token_argument(token), self.settings.ttl],
+                keys=[self.key, self.counter_key, self.history_key],
+                args=[encoded, token_argument(token), self.settings.ttl, digest, keep],
             )
         if reply[0] == 1:
             return bytes(state), int(reply[1]), True
@@ -169,10 +174,19 @@ class RedisBackend(RendezvousBackend):
         script = self._script("clear", CLEAR_SCRIPT)
         with self.errors():
             removed = script(
-                keys=[self.key, self.counter_key],
-                args=[token_argument(token), self.settings.ttl],
+                keys=[self.key, self.counter_key, self.history_key],
+                args=[token_argument(token), self.settings.ttl, self.settings.history],
             )
         return removed == 1
+
+    @property
+    def settings_history(self) -> int:
+        """How many semantic versions this client's writes keep (``--rdzv-conf history``)."""
+        return self.settings.history
+
+    def history(self) -> HistoryWindow:
+        """The last semantic versions the write script kept (see :mod:`.history`), oldest first."""
+        return read_history(self)
 
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run under the key prefix, sorted by run id: found by SCAN, read by pipelined HMGETs.
