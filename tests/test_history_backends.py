@@ -246,3 +246,28 @@ def test_history_of_a_torch_run_with_a_kill_and_a_scale_up(torch_target: Target,
         digests = [semantic_digest(v.value) for v in versions if v.value is not None]
         assert all(a != b_ for a, b_ in zip(digests, digests[1:]))
     b.close()
+
+
+def test_redis_side_keys_under_a_tagged_prefix_are_not_runs(redis_server) -> None:
+    run_id = _run_id()
+    prefix = f"{{t-{run_id}}}.rdzv."
+    b = _redis(redis_server.endpoint, run_id, key_prefix=prefix)
+    _write(b, [_state(1, A), _state(2, A)])
+    assert b.history_key == prefix + run_id + ":history" and redis_server.client().exists(b.history_key)
+    assert [(entry.run_id, entry.error) for entry in b.list_runs()] == [(run_id, None)]
+
+
+def test_torchrun_redis_handler_takes_the_history_option(redis_server) -> None:
+    pytest.importorskip("torch")
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from rdzvctl.torchrun.plugins import create_redis_backend
+
+    params = RendezvousParameters(backend="redis", endpoint=redis_server.endpoint, run_id=_run_id(),
+                                  min_nodes=1, max_nodes=2, history="2")
+    torch_backend, _ = create_redis_backend(params)
+    assert torch_backend.backend.settings.history == 2
+    for round_ in range(1, 5):
+        current = torch_backend.get_state()
+        torch_backend.set_state(_state(round_, A), None if current is None else current[1])
+    assert _rounds(torch_backend.backend.history().versions) == [(3, (A.id,)), (4, (A.id,))]

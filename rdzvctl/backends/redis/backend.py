@@ -41,6 +41,14 @@ from rdzvctl.state.codec import encode_base64
 __all__ = ["RedisBackend"]
 
 
+def _side_key(name: str) -> bool:
+    """True if ``name`` is the version counter or history list of a state key (a prefix with a ``{tag}``
+    puts them under the prefix too)."""
+    base, sep, suffix = name.rpartition(":")
+    return bool(sep) and ((suffix == "version" and counter_key(base) == name)
+                          or (suffix == "history" and history_key(base) == name))
+
+
 class RedisBackend(RendezvousBackend):
     """Strictly fenced: the token is the run's version number, bumped by every write."""
 
@@ -220,8 +228,8 @@ class RedisBackend(RendezvousBackend):
                 name = key.decode("utf-8", "replace")
                 run_id = key[len(prefix):].decode("utf-8", "replace")
                 if isinstance(row, rx.ResponseError):
-                    if b".store/" in key[len(prefix):]:
-                        continue  # a torchrun store key of some run
+                    if b".store/" in key[len(prefix):] or _side_key(name):
+                        continue  # a torchrun store key, a version counter or a history list of some run
                     if "WRONGTYPE" not in str(row).upper():
                         raise self.translate_error(row)
                     entries.append(RunEntry(run_id, None, StateCorruptError(
