@@ -271,3 +271,15 @@ def test_torchrun_redis_handler_takes_the_history_option(redis_server) -> None:
         current = torch_backend.get_state()
         torch_backend.set_state(_state(round_, A), None if current is None else current[1])
     assert _rounds(torch_backend.backend.history().versions) == [(3, (A.id,)), (4, (A.id,))]
+
+
+def test_redis_read_survives_writers_trimming_the_list_under_it(redis_server) -> None:
+    b = _redis(redis_server.endpoint, _run_id(), history="100")
+    token = _write(b, [_state(r, A) for r in range(1, 101)])
+    versions = b.history().versions
+    seen = [next(versions).revision for _ in range(40)]  # two LRANGE batches read
+    for r in range(101, 104):  # three more semantic versions: the head loses seq 1..3
+        token = b.set_state(_state(r, A), token)[1]
+    seen += [v.revision for v in versions]
+    assert seen == list(range(1, 101))  # nothing skipped or repeated; stops at the newest there was
+    assert [v.revision for v in b.history().versions] == list(range(4, 104))
