@@ -16,7 +16,8 @@ canceled at once with ``compact_revision = C`` (the etcd v3 API's
 It stops at M when the key exists (exact), at any event after H (a write
 made since), and, when the key is gone (its last event is a DELETE at an
 unknown revision), once the replay has been quiet for :data:`SETTLE_SECONDS`
-(etcd replays a pending watch in batches every 100 ms).  A broken stream
+after a DELETE (etcd replays a pending watch in batches of 1000 revisions
+every 100 ms; quiet after a PUT means the replay was cut short: it resumes).  A broken stream
 resumes after the last revision seen.  etcd records no write time:
 ``written_at`` is None (the reader infers it from the heartbeats);
 ``revision`` is the event's ``mod_revision``.
@@ -90,13 +91,14 @@ def read_history(backend: Any) -> HistoryWindow:
 
 def _versions(backend: Any, compacted: Optional[int], head: int, end: Optional[int]) -> Iterator[HistoryVersion]:
     gateway, key, timeout = backend.gateway, backend._key, backend.address.timeout
-    start = 1
+    start, removed = 1, True  # removed: the last version seen is a DELETE (or none was seen)
     if compacted is not None:
         start = compacted
         survivor = gateway.range(key, revision=str(compacted)).get("kvs") or []
         if survivor and int(survivor[0]["mod_revision"]) < compacted:  # written before C, still current at C
             revision = int(survivor[0]["mod_revision"])
             yield HistoryVersion(_value(backend, survivor[0]), None, revision)
+            removed = False
             if end is not None and revision >= end:
                 return
     idle = timeout if end is not None else min(SETTLE_SECONDS, timeout)
@@ -114,13 +116,14 @@ def _versions(backend: Any, compacted: Optional[int], head: int, end: Optional[i
                     if revision > head:
                         return  # written after the read began
                     value = None if event.get("type") == "DELETE" else _value(backend, kv)
+                    removed = value is None
                     yield HistoryVersion(value, None, revision)
                     start = revision + 1
                     if end is not None and revision >= end:
                         return
-        if end is None:
-            return  # the key is gone and the replay went quiet: its last DELETE was seen
+        if end is None and removed:
+            return  # the key is gone and the replay went quiet after a DELETE: that was its last one
         resumes += 1
         if resumes > _RESUMES:
-            raise BackendUnavailableError(
-                f"etcd's watch of {backend.key} ended before its history reached revision {end}")
+            target = f"revision {end}" if end is not None else "the key's removal"
+            raise BackendUnavailableError(f"etcd's watch of {backend.key} ended before its history reached {target}")
