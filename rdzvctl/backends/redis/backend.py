@@ -187,11 +187,6 @@ class RedisBackend(RendezvousBackend):
             )
         return removed == 1
 
-    @property
-    def settings_history(self) -> int:
-        """How many semantic versions this client's writes keep (``--rdzv-conf history``)."""
-        return self.settings.history
-
     def history(self) -> HistoryWindow:
         """The last semantic versions the write script kept (see :mod:`.history`), oldest first."""
         return read_history(self)

@@ -128,7 +128,7 @@ def read_history(backend: Any) -> HistoryWindow:
     client, key = backend.client, backend.history_key
     with backend.errors():
         first, last = _seq(client, key, 0), _seq(client, key, -1)
-    limit = backend.settings_history
+    limit = backend.settings.history
     if first is None or last is None:
         notice = (f"no history kept for this run yet: rdzvctl's Redis layout keeps the last {limit} semantic "
                   "versions (--rdzv-conf history=N of the writers; 0 keeps none), from the first write with it on")
