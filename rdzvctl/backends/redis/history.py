@@ -128,10 +128,10 @@ def read_history(backend: Any) -> HistoryWindow:
     client, key = backend.client, backend.history_key
     with backend.errors():
         first, last = _seq(client, key, 0), _seq(client, key, -1)
-    limit = backend.settings.history
     if first is None or last is None:
-        notice = (f"no history kept for this run yet: rdzvctl's Redis layout keeps the last {limit} semantic "
-                  "versions (--rdzv-conf history=N of the writers; 0 keeps none), from the first write with it on")
+        notice = ("no history kept for this run: rdzvctl's Redis layout keeps the last N semantic versions "
+                  f"(--rdzv-conf history=N of the writers, default {DEFAULT_HISTORY}; 0 keeps none) from the first "
+                  "write made with it on")
         return HistoryWindow(iter(()), notice)
     kept = ("rdzvctl's Redis layout keeps only the last N semantic versions (--rdzv-conf history=N of the "
             f"writers, default {DEFAULT_HISTORY}); heartbeat-only writes are not kept")
