@@ -273,7 +273,10 @@ def test_torchrun_redis_handler_takes_the_history_option(redis_server) -> None:
     assert _rounds(torch_backend.backend.history().versions) == [(3, (A.id,)), (4, (A.id,))]
 
 
-def test_redis_read_survives_writers_trimming_the_list_under_it(redis_server) -> None:
+@pytest.mark.parametrize("read_bytes", [None, 1], ids=["default-batch", "one-entry-batches"])
+def test_redis_read_survives_writers_trimming_the_list_under_it(redis_server, monkeypatch, read_bytes) -> None:
+    if read_bytes is not None:  # entries "too large" for more than one per LRANGE
+        monkeypatch.setattr("rdzvctl.backends.redis.history.READ_BYTES", read_bytes)
     b = _redis(redis_server.endpoint, _run_id(), history="100")
     token = _write(b, [_state(r, A) for r in range(1, 101)])
     versions = b.history().versions

@@ -41,8 +41,10 @@ __all__ = [
 DEFAULT_HISTORY = 100
 #: The largest ``history``: each entry is a whole state (a 1,000-node state is ~100 KB of base64).
 MAX_HISTORY = 10_000
-#: Entries per LRANGE while reading (each may be a whole large state).
+#: Entries per LRANGE while reading, at most; fewer when entries are large (see :data:`READ_BYTES`).
 READ_BATCH = 32
+#: About the most bytes one LRANGE brings back (the newest entry's size tells how many fit).
+READ_BYTES = 8 << 20
 #: How many times a read starts over after writers trimmed the list under it.
 _RESTARTS = 8
 
@@ -112,13 +114,15 @@ def parse_entry(raw: Any) -> Optional[Entry]:
     return Entry(int(parts[0]), HistoryVersion(value, written, int(parts[0])))
 
 
-def _seq(client: Any, key: str, index: int) -> Optional[int]:
-    entry = parse_entry(client.lindex(key, index))
-    return None if entry is None else entry.seq
+def _seq(client: Any, key: str, index: int) -> "tuple[Optional[int], int]":
+    """The sequence number of the entry at ``index`` (None: none there, or not an entry) and its size."""
+    raw = client.lindex(key, index)
+    entry = parse_entry(raw)
+    return (None if entry is None else entry.seq), len(raw) if isinstance(raw, bytes) else 0
 
 
 def read_history(backend: Any) -> HistoryWindow:
-    """The run's kept semantic versions, oldest first, streamed ``READ_BATCH`` entries at a time.
+    """The run's kept semantic versions, oldest first, streamed a few entries at a time (bounded memory).
 
     Reads up to the newest entry there was when called.  Writers may append
     (and trim the head) meanwhile: each batch re-reads the entry before it,
@@ -127,7 +131,7 @@ def read_history(backend: Any) -> HistoryWindow:
     """
     client, key = backend.client, backend.history_key
     with backend.errors():
-        first, last = _seq(client, key, 0), _seq(client, key, -1)
+        (first, _), (last, size) = _seq(client, key, 0), _seq(client, key, -1)
     if first is None or last is None:
         notice = ("no history kept for this run: rdzvctl's Redis layout keeps the last N semantic versions "
                   f"(--rdzv-conf history=N of the writers, default {DEFAULT_HISTORY}; 0 keeps none) from the first "
@@ -136,15 +140,16 @@ def read_history(backend: Any) -> HistoryWindow:
     kept = ("rdzvctl's Redis layout keeps only the last N semantic versions (--rdzv-conf history=N of the "
             f"writers, default {DEFAULT_HISTORY}); heartbeat-only writes are not kept")
     notice = f"{kept}; {first - 1} older ones were trimmed" if first > 1 else kept
-    return HistoryWindow(_stream(backend, client, key, last), notice)
+    batch = max(1, min(READ_BATCH, READ_BYTES // max(size, 1)))
+    return HistoryWindow(_stream(backend, client, key, last, batch), notice)
 
 
-def _stream(backend: Any, client: Any, key: str, last: int) -> Iterator[HistoryVersion]:
+def _stream(backend: Any, client: Any, key: str, last: int, batch: int) -> Iterator[HistoryVersion]:
     seen, start, restarts = 0, 0, 0
     while seen < last:
         low = start - 1 if start > 0 else 0
         with backend.errors():
-            rows: List[Any] = client.lrange(key, low, low + READ_BATCH)
+            rows: List[Any] = client.lrange(key, low, low + batch)
         if not rows:
             return
         entries = [entry for entry in map(parse_entry, rows) if entry is not None]
