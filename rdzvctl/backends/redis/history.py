@@ -126,8 +126,9 @@ def read_history(backend: Any) -> HistoryWindow:
 
     Reads up to the newest entry there was when called.  Writers may append
     (and trim the head) meanwhile: each batch re-reads the entry before it,
-    and when that moved the read starts over from the head, skipping what it
-    already yielded, so no kept version is skipped or repeated.
+    and when that moved the read goes back to where the entry now is (or to
+    the head), skipping what it already yielded, so no kept version is
+    skipped or repeated.
     """
     client, key = backend.client, backend.history_key
     with backend.errors():
@@ -154,7 +155,12 @@ def _stream(backend: Any, client: Any, key: str, last: int, batch: int) -> Itera
             return
         entries = [entry for entry in map(parse_entry, rows) if entry is not None]
         if low > 0 and restarts < _RESTARTS and (not entries or entries[0].seq > seen):
-            start, restarts = 0, restarts + 1  # the head was trimmed under us: start over
+            # The head was trimmed under us: entries are numbered one by one, so the one after ``seen``
+            # is ``seen - head + 1`` places from the head; if that guess fails too, start over from it.
+            restarts += 1
+            with backend.errors():
+                head, _ = _seq(client, key, 0)
+            start = seen - head + 1 if restarts == 1 and head is not None and head <= seen else 0
             continue
         for entry in entries:
             if entry.seq <= seen:
