@@ -48,7 +48,7 @@ def test_backends_json_lists_the_builtins_with_capabilities(memory):
         assert row["error"] is None and row["summary"], name
         assert row["origin"].startswith("rdzvctl"), name
     assert rows["c10d"]["usable"] is True and rows["c10d"]["strict_fencing"] is False
-    assert rows["memory"]["capabilities"] == ["clear", "list_runs", "store_keys"]
+    assert rows["memory"]["capabilities"] == ["clear", "list_runs", "store_keys", "history"]
 
 
 def test_backends_text(memory):

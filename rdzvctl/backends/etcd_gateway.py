@@ -23,7 +23,7 @@ from rdzvctl.backends.etcd_errors import failure_reason as _reason  # noqa: F401
 from rdzvctl.backends.etcd_http import WATCH_IDLE_SECONDS, EtcdHttp, HttpAnswer
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError
 
-__all__ = ["EtcdGateway", "b64", "unb64", "prefix_range_end"]
+__all__ = ["EtcdGateway", "RevisionCompactedError", "b64", "unb64", "prefix_range_end"]
 
 
 def b64(data: bytes) -> str:
@@ -51,6 +51,10 @@ _GRPC_PERMISSION_DENIED = 7
 _GRPC_UNAVAILABLE = 14
 _GRPC_DEADLINE = 4
 _GRPC_OUT_OF_RANGE = 11
+
+
+class RevisionCompactedError(BackendUnavailableError):
+    """A read at a revision etcd has compacted away (gRPC OUT_OF_RANGE, "required revision has been compacted")."""
 
 
 class EtcdGateway:
@@ -121,6 +125,8 @@ class EtcdGateway:
         if code in (_GRPC_UNAUTHENTICATED, _GRPC_PERMISSION_DENIED) or "user name is empty" in message:
             user = f" for user {self.username!r}" if self.username else " (no --rdzv-conf username given)"
             return BackendUnavailableError(f"{where} refused /v3/{path}{user}: {message}")
+        if code == _GRPC_OUT_OF_RANGE and "compacted" in message:
+            return RevisionCompactedError(f"{where} no longer holds that revision (/v3/{path}): {message}")
         if code == _GRPC_DEADLINE or answer.status == 504:
             return BackendTimeoutError(f"{where} timed out on /v3/{path}: {message}")
         if code == _GRPC_UNAVAILABLE or answer.status >= 500:
@@ -159,14 +165,15 @@ class EtcdGateway:
 
     # -- watch ------------------------------------------------------------------------
     def watch(self, key: bytes, start_revision: int, stop: threading.Event,
-              idle: float = WATCH_IDLE_SECONDS) -> Generator[Dict[str, Any], None, None]:
+              idle: float = WATCH_IDLE_SECONDS, **options: Any) -> Generator[Dict[str, Any], None, None]:
         """Yield the ``result`` messages of a watch on ``key`` from ``start_revision``.
 
         Ends (without error) when the server closes the stream, it stays idle
         for ``idle`` seconds, or ``stop`` is set: the caller resumes from the
-        last revision it saw.
+        last revision it saw.  ``options`` go into the create request as they
+        are (e.g. ``fragment=True``: etcd splits a large response into several).
         """
-        request = {"create_request": {"key": b64(key), "start_revision": str(start_revision)}}
+        request = {"create_request": {"key": b64(key), "start_revision": str(start_revision), **options}}
         body = json.dumps(request).encode()
         with self.http.stream("POST", "/v3/watch", body, self._headers(), stop, idle) as stream:
             try:

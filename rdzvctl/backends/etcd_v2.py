@@ -23,6 +23,7 @@ from urllib.parse import quote, urlencode
 
 from rdzvctl.backends.base import (
     Address,
+    HistoryWindow,
     RendezvousBackend,
     RunEntry,
     SetResult,
@@ -58,7 +59,7 @@ class EtcdV2Backend(RendezvousBackend):
     summary = "etcd v2 keys API (torch's etcd-v2 layout; etcd <= 3.5 with --enable-v2)"
     requires = ()
     install_hint = ""
-    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
+    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys", "history"})
     conf_keys = frozenset({"protocol", "ca_cert", "ssl_cert", "ssl_cert_key", "ttl", "key_prefix"})
     strict_fencing = True
 
@@ -180,6 +181,12 @@ class EtcdV2Backend(RendezvousBackend):
         self._raise_unexpected(status, doc)
         return True
 
+    def history(self) -> HistoryWindow:
+        """The key's events still in the server's event window (:mod:`rdzvctl.backends.etcd_v2_history`)."""
+        from rdzvctl.backends.etcd_v2_history import read_history
+
+        return read_history(self)
+
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run under the key prefix, sorted by run id, from one recursive GET.
 
@@ -293,15 +300,16 @@ class EtcdV2Backend(RendezvousBackend):
             current = self._decode_node(node)
         yield current, int(node["modifiedIndex"]) + 1
 
-    def _wait(self, index: int, stop: threading.Event) -> Optional[Dict[str, Any]]:
-        """One long-poll for the next change at or after ``index``; None if none came."""
+    def _wait(self, index: int, stop: threading.Event, idle: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """One long-poll for the next change at or after ``index``; None if none came (within ``idle`` s)."""
         import json
 
         from rdzvctl.backends.etcd_errors import TRANSPORT_ERRORS
+        from rdzvctl.backends.etcd_http import WATCH_IDLE_SECONDS
 
         path = self._path(self.key, wait="true", waitIndex=index)
         try:
-            with self._http.stream("GET", path, None, {}, stop) as stream:
+            with self._http.stream("GET", path, None, {}, stop, WATCH_IDLE_SECONDS if idle is None else idle) as stream:
                 response = stream.response()
                 body = response.read()
         except TRANSPORT_ERRORS:

@@ -29,6 +29,7 @@ from typing import Any, Dict, FrozenSet, Generator, Iterator, List, Optional
 
 from rdzvctl.backends.base import (
     Address,
+    HistoryWindow,
     RendezvousBackend,
     RunEntry,
     SetResult,
@@ -62,7 +63,7 @@ class EtcdV3Backend(RendezvousBackend):
     summary = "etcd v3 API through its JSON gateway (torch's key layout, leased)"
     requires = ()
     install_hint = ""
-    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
+    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys", "history"})
     conf_keys = frozenset({"protocol", "ca_cert", "ssl_cert", "ssl_cert_key", "ttl", "key_prefix", "username",
                            "password"})
     strict_fencing = True
@@ -214,6 +215,13 @@ class EtcdV3Backend(RendezvousBackend):
             for lease in list(self._renewed):
                 self._gw.lease_revoke(lease)
             self._renewed = {}
+
+    def history(self) -> HistoryWindow:
+        """The state key's revisions since the last compaction, streamed from a watch
+        (:mod:`rdzvctl.backends.etcd_v3_history`); ``written_at`` is None (etcd records no time)."""
+        from rdzvctl.backends.etcd_v3_history import read_history
+
+        return read_history(self)
 
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run under the key prefix, sorted by run id, from one range request.

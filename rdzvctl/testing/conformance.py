@@ -24,6 +24,7 @@ skipping silently.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import traceback
@@ -256,6 +257,29 @@ def store_rounds_of_the_run(ctx: CaseContext) -> None:
     ctx.check(longer.store_rounds() == frozenset({4}), "store_rounds() of run '<id>1' is not [4]")
 
 
+def history_of_the_run(ctx: CaseContext) -> None:
+    if "history" not in ctx.backend.capabilities:
+        raise Skip("the backend does not declare the history capability")
+    _, token, _ = ctx.set(b"first")
+    _, token, _ = ctx.set(b"second", token)
+    cleared = "clear" in ctx.backend.capabilities
+    if cleared:
+        ctx.check(ctx.backend.clear(token) is True, "clear() with the current token did not remove the state")
+    window = ctx.backend.history()
+    ctx.check(window.notice is None or (isinstance(window.notice, str) and "\n" not in window.notice),
+              f"history() gave a notice that is not one line: {window.notice!r}")
+    versions = list(itertools.islice(window.versions, 10_000))
+    revisions = [v.revision for v in versions if v.revision is not None]
+    ctx.check(all(a < b for a, b in zip(revisions, revisions[1:])), f"history() revisions do not increase: {revisions}")
+    ctx.check(all(v.written_at is None or v.written_at.utcoffset() is not None for v in versions),
+              "history() gave a naive written_at (must be aware UTC)")
+    values = [v.value for v in versions]
+    ctx.check(b"first" in values and b"second" in values[values.index(b"first"):],
+              "history() does not hold the run's two writes in order")
+    if cleared:
+        ctx.check(values[-1] is None, f"history() does not end with the clear (a None value): {values[-1:]!r}")
+
+
 CASES = [
     ("get_none_when_absent", "get_state returns None when no state exists", get_returns_none_when_absent),
     ("get_state_and_token", "get_state returns the state and a non-None token", get_returns_state_and_token),
@@ -273,6 +297,7 @@ CASES = [
     ("list_runs", "list_runs finds the run with its state and token", list_runs_finds_run),
     ("store_rounds", "store_rounds/store_keys list the run's per-round store keys, no other run's",
      store_rounds_of_the_run),
+    ("history", "history holds the run's writes (and its clear) in order, oldest first", history_of_the_run),
     *WATCH_CASES,
 ]
 

@@ -111,7 +111,7 @@ def discard_scratch_run(backend: RendezvousBackend) -> None:
 
     A fenced ``clear`` keeps what protects a *reused* run id: c10d puts torch's
     "no state" sentinel back (torch's own backend would recreate it anyway), Redis
-    keeps the run's version counter so a new state never reuses a token, etcd v2
+    keeps the run's version counter so a new state never reuses a token (and its history list), etcd v2
     keeps the directories it created under the key prefix, and etcd v3 leaves the
     state's lease to expire (TTL).  Scratch run ids are never reused, so the kit
     asks the backend to remove these too; a backend without the hook is left as

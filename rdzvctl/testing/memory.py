@@ -7,11 +7,21 @@ several instances with the same address share a state, like real clients.
 
 from __future__ import annotations
 
+import collections
+import datetime as _dt
 import itertools
 import threading
-from typing import Dict, FrozenSet, Iterator, Optional, Set, Tuple
+from typing import Deque, Dict, FrozenSet, Iterator, Optional, Set, Tuple
 
-from rdzvctl.backends.base import RendezvousBackend, RunEntry, SetResult, StateAndToken, Token
+from rdzvctl.backends.base import (
+    HistoryVersion,
+    HistoryWindow,
+    RendezvousBackend,
+    RunEntry,
+    SetResult,
+    StateAndToken,
+    Token,
+)
 from rdzvctl.errors import StateCorruptError
 
 __all__ = ["MemoryBackend", "forget_endpoint"]
@@ -22,6 +32,15 @@ _CORRUPT: Set[Tuple[str, str]] = set()
 #: Per-round store keys, as torch's handler store would hold them: (endpoint, run id) -> {(round, name): value}.
 _STORE: Dict[Tuple[str, str], Dict[Tuple[int, str], bytes]] = {}
 _VERSIONS = itertools.count(1)
+#: Every write and clear of a run, the last :data:`HISTORY_LENGTH` of them: (endpoint, run id) -> versions.
+_HISTORY: Dict[Tuple[str, str], Deque[HistoryVersion]] = {}
+HISTORY_LENGTH = 1000
+
+
+def _record(key: Tuple[str, str], value: Optional[bytes], revision: int) -> None:
+    """Append a version to the run's history (the caller holds ``_LOCK``)."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    _HISTORY.setdefault(key, collections.deque(maxlen=HISTORY_LENGTH)).append(HistoryVersion(value, now, revision))
 
 
 class MemoryBackend(RendezvousBackend):
@@ -29,7 +48,7 @@ class MemoryBackend(RendezvousBackend):
 
     name = "memory"
     summary = "in-process reference backend (tests only)"
-    capabilities = frozenset({"clear", "list_runs", "store_keys"})
+    capabilities = frozenset({"clear", "list_runs", "store_keys", "history"})
     strict_fencing = True
 
     @property
@@ -51,6 +70,7 @@ class MemoryBackend(RendezvousBackend):
             if valid and (token is not None or current is None):
                 _TABLE[self._key] = (bytes(state), next(_VERSIONS))
                 _CORRUPT.discard(self._key)
+                _record(self._key, *_TABLE[self._key])
                 return (*_TABLE[self._key], True)
             if current is None:
                 return None
@@ -63,7 +83,16 @@ class MemoryBackend(RendezvousBackend):
                 return False
             del _TABLE[self._key]
             _CORRUPT.discard(self._key)
+            _record(self._key, None, next(_VERSIONS))
             return True
+
+    def history(self) -> HistoryWindow:
+        """Every write and clear of the run in this process, the last :data:`HISTORY_LENGTH`."""
+        with _LOCK:
+            versions = list(_HISTORY.get(self._key, ()))
+        held = versions[0].revision if len(versions) == HISTORY_LENGTH else None
+        notice = None if held is None else f"the memory backend keeps the last {HISTORY_LENGTH} versions"
+        return HistoryWindow(iter(versions), notice)
 
     def list_runs(self) -> Iterator[RunEntry]:
         with _LOCK:
@@ -107,7 +136,7 @@ class MemoryBackend(RendezvousBackend):
 def forget_endpoint(endpoint: str) -> None:
     """Remove every run and store key of ``endpoint`` (a test's clean-up)."""
     with _LOCK:
-        for table in (_TABLE, _STORE):
+        for table in (_TABLE, _STORE, _HISTORY):
             for key in [k for k in table if k[0] == endpoint]:
                 del table[key]
         _CORRUPT.difference_update({k for k in _CORRUPT if k[0] == endpoint})

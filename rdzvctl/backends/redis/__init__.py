@@ -3,7 +3,7 @@
 Modules: :mod:`.settings` (endpoint and options, on redis-py's ``parse_url``),
 :mod:`.layout` (key names, the Lua scripts, the hash fields), :mod:`.errors`
 (the one redis-py -> :mod:`rdzvctl.errors` mapping), :mod:`.watch`
-(keyspace notifications or polling) and :mod:`.backend` (:class:`RedisBackend`).
+(keyspace notifications or polling), :mod:`.history` (the kept semantic versions) and :mod:`.backend` (:class:`RedisBackend`).
 
 Layout (see ``docs/redis-layout.md`` for a redis-cli walk-through):
 
@@ -19,6 +19,11 @@ Layout (see ``docs/redis-layout.md`` for a redis-cli walk-through):
   last version handed out for the run.  The hash tag puts it in the same
   cluster slot as the state key, and ``clear`` keeps it, so a token from
   before a clear never becomes valid again.
+
+* History key ``{torch.rendezvous.<run_id>}:history``, a LIST of the last N
+  semantic versions of the state (``--rdzv-conf history=N``, default 100; see
+  :mod:`.history`), appended by the write script when the digest of the
+  state's semantic part (hash field ``digest``) changes; same TTL.
 
 * Store keys of the torchrun plugin's store: STRING keys under
   ``torch.rendezvous.<run_id>.store/`` (:attr:`RedisBackend.store_prefix`);
@@ -36,7 +41,7 @@ Endpoints: ``host[:port]``, ``redis://[user:password@]host[:port][/db]``,
 ``rediss://...`` (TLS), ``unix:///path/to/redis.sock[?db=N]``; with
 ``sentinel_master=<name>`` a list of sentinels ``h1:26379,h2:26379``; with
 ``cluster=true`` one or more cluster nodes.  Options (``--rdzv-conf``):
-``key_prefix``, ``ttl``, ``username``, ``password`` (else the URL's, else
+``key_prefix``, ``ttl``, ``history``, ``username``, ``password`` (else the URL's, else
 ``$REDIS_PASSWORD``), ``db``, ``ssl``, ``ssl_ca_certs``, ``ssl_certfile``,
 ``ssl_keyfile``, ``ssl_password``, ``ssl_cert_reqs`` (none/optional/required),
 ``ssl_check_hostname``, ``sentinel_master``, ``sentinel_username``,

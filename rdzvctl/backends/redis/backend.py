@@ -14,6 +14,7 @@ from typing import Any, ContextManager, Dict, FrozenSet, Generator, Iterator, Li
 
 from rdzvctl.backends.base import (
     Address,
+    HistoryWindow,
     RendezvousBackend,
     RunEntry,
     SetResult,
@@ -21,6 +22,7 @@ from rdzvctl.backends.base import (
     Token,
 )
 from rdzvctl.backends.redis.errors import redis_errors, translate_error
+from rdzvctl.backends.redis.history import history_key, read_history, semantic_digest
 from rdzvctl.backends.redis.layout import (
     CLEAR_SCRIPT,
     LIST_BATCH,
@@ -39,6 +41,14 @@ from rdzvctl.state.store_keys import store_keys_by_round
 __all__ = ["RedisBackend"]
 
 
+def _side_key(name: str) -> bool:
+    """True if ``name`` is the version counter or history list of a state key (a prefix with a ``{tag}``
+    puts them under the prefix too)."""
+    base, sep, suffix = name.rpartition(":")
+    return bool(sep) and ((suffix == "version" and counter_key(base) == name)
+                          or (suffix == "history" and history_key(base) == name))
+
+
 class RedisBackend(RendezvousBackend):
     """Strictly fenced: the token is the run's version number, bumped by every write."""
 
@@ -46,8 +56,8 @@ class RedisBackend(RendezvousBackend):
     summary = "Redis hash per run, fenced by a Lua script (TLS, ACL, Sentinel, Cluster)"
     requires = ("redis",)
     install_hint = "redis"
-    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys"})
-    conf_keys = frozenset({"username", "password", "db", "ttl", "key_prefix", "cluster", "sentinel_master",
+    capabilities = frozenset({"clear", "list_runs", "native_watch", "store_keys", "history"})
+    conf_keys = frozenset({"username", "password", "db", "ttl", "history", "key_prefix", "cluster", "sentinel_master",
                            "sentinel_username", "sentinel_password", "ssl", "ssl_ca_certs", "ssl_certfile",
                            "ssl_keyfile", "ssl_password", "ssl_cert_reqs", "ssl_check_hostname"})
     strict_fencing = True
@@ -64,6 +74,7 @@ class RedisBackend(RendezvousBackend):
                 )
             counter = self.key + ":version"
         self.counter_key = counter
+        self.history_key = history_key(self.key)
         self._lock = threading.Lock()
         self._client_obj: Any = None
         self._scripts: Dict[str, Any] = {}
@@ -150,11 +161,13 @@ class RedisBackend(RendezvousBackend):
 
     def set_state(self, state: bytes, token: Optional[Token] = None) -> Optional[SetResult]:
         encoded = encode_base64(bytes(state))
+        keep = self.settings.history
+        digest = semantic_digest(bytes(state)) if keep else ""
         script = self._script("set", SET_SCRIPT)
         with self.errors():
             reply = script(
-                keys=[self.key, self.counter_key],
-                args=[encoded, token_argument(token), self.settings.ttl],
+                keys=[self.key, self.counter_key, self.history_key],
+                args=[encoded, token_argument(token), self.settings.ttl, digest, keep],
             )
         if reply[0] == 1:
             return bytes(state), int(reply[1]), True
@@ -169,16 +182,21 @@ class RedisBackend(RendezvousBackend):
         script = self._script("clear", CLEAR_SCRIPT)
         with self.errors():
             removed = script(
-                keys=[self.key, self.counter_key],
-                args=[token_argument(token), self.settings.ttl],
+                keys=[self.key, self.counter_key, self.history_key],
+                args=[token_argument(token), self.settings.ttl, self.settings.history],
             )
         return removed == 1
 
     def discard_cleared_run(self) -> None:
-        """Delete the run's version counter, which ``clear`` keeps so a new state never reuses a token."""
+        """Delete the run's version counter and history list, which ``clear`` keeps (a new state never
+        reuses a token; the history explains the incident) until the run's TTL."""
         with self.errors():
             if not self.client.exists(self.key):
-                self.client.delete(self.counter_key)
+                self.client.delete(self.counter_key, self.history_key)
+
+    def history(self) -> HistoryWindow:
+        """The last semantic versions the write script kept (see :mod:`.history`), oldest first."""
+        return read_history(self)
 
     def list_runs(self) -> Iterator[RunEntry]:
         """Every run under the key prefix, sorted by run id: found by SCAN, read by pipelined HMGETs.
@@ -212,8 +230,8 @@ class RedisBackend(RendezvousBackend):
                 name = key.decode("utf-8", "replace")
                 run_id = key[len(prefix):].decode("utf-8", "replace")
                 if isinstance(row, rx.ResponseError):
-                    if b".store/" in key[len(prefix):]:
-                        continue  # a torchrun store key of some run
+                    if b".store/" in key[len(prefix):] or _side_key(name):
+                        continue  # a torchrun store key, a version counter or a history list of some run
                     if "WRONGTYPE" not in str(row).upper():
                         raise self.translate_error(row)
                     entries.append(RunEntry(run_id, None, StateCorruptError(

@@ -31,12 +31,15 @@ DEFAULT_TTL = 7200
 #: Keys per SCAN step and per pipelined batch of reads.
 LIST_BATCH = 1000
 
-# KEYS[1] state hash, KEYS[2] version counter;
-# ARGV[1] new state (base64), ARGV[2] token ("" = none), ARGV[3] ttl seconds (0 = none).
+# KEYS[1] state hash, KEYS[2] version counter, KEYS[3] history list (.history);
+# ARGV[1] new state (base64), ARGV[2] token ("" = none), ARGV[3] ttl seconds (0 = none),
+# ARGV[4] digest of the new state's semantic part, ARGV[5] history entries to keep (0 = none).
 # Returns {1, version} when written, {0, state, version} when refused, {0} when
-# refused and no state exists.
+# refused and no state exists.  The new state is appended to the history only
+# when its digest differs from the stored one (a heartbeat-only write does not
+# change it); a history key of another type is left alone.
 SET_SCRIPT = """
-local cur = redis.call('HMGET', KEYS[1], 'state', 'version')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'version', 'digest')
 local ok
 if cur[1] then
   ok = ARGV[2] ~= '' and ARGV[2] == cur[2]
@@ -53,27 +56,58 @@ local last = math.max(tonumber(redis.call('GET', KEYS[2])) or 0, tonumber(cur[2]
 local version = string.format('%d', math.max(last + 1,
   tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)))
 if not cur[1] then redis.call('DEL', KEYS[1]) end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'version', version)
+local keep = tonumber(ARGV[5]) or 0
+if keep > 0 then
+  local kind = redis.call('TYPE', KEYS[3])['ok']
+  if kind ~= 'list' and kind ~= 'none' then keep = 0 end
+end
+if keep > 0 then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'version', version, 'digest', ARGV[4])
+  if ARGV[4] ~= cur[3] then
+    local prev = redis.call('LINDEX', KEYS[3], -1)
+    local seq = 1
+    if prev then seq = (tonumber(string.match(prev, '^(%d+) ')) or 0) + 1 end
+    redis.call('RPUSH', KEYS[3], string.format('%d %s %d.%06d %s', seq, version,
+      tonumber(now[1]), tonumber(now[2]), ARGV[1]))
+    redis.call('LTRIM', KEYS[3], -keep, -1)
+  end
+else
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'version', version)
+  if cur[3] then redis.call('HDEL', KEYS[1], 'digest') end
+end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('SET', KEYS[2], version, 'EX', ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
 else
   redis.call('SET', KEYS[2], version)
+  redis.call('PERSIST', KEYS[3])
 end
 return {1, version}
 """
 
-# Same KEYS; ARGV[1] token, ARGV[2] ttl.  Deletes the hash if the token is
-# current and keeps the counter (with a fresh TTL).  Returns 1 if removed.
+# Same KEYS; ARGV[1] token, ARGV[2] ttl, ARGV[3] history entries to keep.  Deletes
+# the hash if the token is current and keeps the counter (with a fresh TTL); a
+# removal entry goes to the history.  Returns 1 if removed.
 CLEAR_SCRIPT = """
 local cur = redis.call('HMGET', KEYS[1], 'state', 'version')
 if not cur[1] or not cur[2] or ARGV[1] == '' or ARGV[1] ~= cur[2] then return 0 end
+if redis.replicate_commands then redis.replicate_commands() end
 redis.call('DEL', KEYS[1])
 local last = math.max(tonumber(redis.call('GET', KEYS[2])) or 0, tonumber(cur[2]) or 0)
 local ttl = tonumber(ARGV[2])
+local keep = tonumber(ARGV[3]) or 0
+if keep > 0 and redis.call('TYPE', KEYS[3])['ok'] == 'list' then
+  local now = redis.call('TIME')
+  local prev = redis.call('LINDEX', KEYS[3], -1)
+  local seq = (tonumber(string.match(prev or '', '^(%d+) ')) or 0) + 1
+  redis.call('RPUSH', KEYS[3], string.format('%d %d %d.%06d -', seq, last, tonumber(now[1]), tonumber(now[2])))
+  redis.call('LTRIM', KEYS[3], -keep, -1)
+end
 if ttl > 0 then
   redis.call('SET', KEYS[2], string.format('%d', last), 'EX', ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
 else
   redis.call('SET', KEYS[2], string.format('%d', last))
 end

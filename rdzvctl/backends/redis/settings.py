@@ -19,6 +19,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from rdzvctl.backends.base import Address
 from rdzvctl.backends.endpoints import EndpointSyntaxError, split_host_port
+from rdzvctl.backends.redis.history import DEFAULT_HISTORY, MAX_HISTORY
 from rdzvctl.backends.redis.layout import DEFAULT_KEY_PREFIX, DEFAULT_TTL
 from rdzvctl.backends.tls import check_tls_files, client_context
 from rdzvctl.errors import BackendConfigError
@@ -44,6 +45,7 @@ class RedisSettings:
     key_prefix: str = DEFAULT_KEY_PREFIX
     ttl: int = DEFAULT_TTL
     db: int = 0
+    history: int = DEFAULT_HISTORY
     secrets: Tuple[str, ...] = ()
 
 
@@ -144,6 +146,7 @@ def parse_settings(address: Address) -> RedisSettings:
     if cluster and sentinel_master:
         raise BackendConfigError("redis: cluster=true and sentinel_master cannot be combined")
     ttl = options.get_int("ttl", DEFAULT_TTL)
+    history = options.get_int("history", DEFAULT_HISTORY, minimum=0, maximum=MAX_HISTORY)
     db = options.get_int("db", None)
     tls_files = {name: options.get(name) for name in TLS_FILE_OPTIONS}
     mode = "cluster" if cluster else "sentinel" if sentinel_master else "single"
@@ -202,6 +205,7 @@ def parse_settings(address: Address) -> RedisSettings:
         key_prefix=DEFAULT_KEY_PREFIX if key_prefix is None else key_prefix,
         ttl=max(0, ttl if ttl is not None else DEFAULT_TTL),
         db=db,
+        history=DEFAULT_HISTORY if history is None else history,
         secrets=secrets,
     )
 
