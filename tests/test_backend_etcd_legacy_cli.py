@@ -112,6 +112,11 @@ def test_set_edit_prune_and_the_exporter_are_refused_with_the_alternatives(cli_e
     assert prune.exit_code == 2 and "--mode reopen" in prune.stderr
     exporter = invoke(["exporter", *args])
     assert exporter.exit_code == 2 and "watch" in exporter.stderr
+    # the v2 event window holds torch's JSON values: history says so instead of replaying them as pickles
+    history = invoke(["history", *args])
+    assert history.exit_code == 2 and "legacy etcd JSON" in history.stderr and "watch" in history.stderr
+    record = invoke(["watch", *args, "--record", "/nonexistent-dir/x.history"])
+    assert record.exit_code == 2
 
 
 def test_hostile_strings_in_the_state_are_shown_escaped(cli_env, etcd_server):

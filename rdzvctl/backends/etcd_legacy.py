@@ -24,6 +24,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 from rdzvctl.backends.base import (
     Address,
+    HistoryWindow,
     RendezvousBackend,
     RunEntry,
     SetResult,
@@ -32,7 +33,7 @@ from rdzvctl.backends.base import (
     is_counter_token,
 )
 from rdzvctl.backends.etcd_v2 import _KEY_NOT_FOUND, EtcdV2Backend
-from rdzvctl.errors import StateCorruptError, StateError, TokenConflictError
+from rdzvctl.errors import StateCorruptError, StateError, TokenConflictError, UnsupportedOperationError
 from rdzvctl.state.legacy_etcd import STATE_FORMAT, KeyInfo, LegacyRun, normalise_prefix, parse_state, ttl_for
 
 __all__ = ["EtcdLegacyBackend"]
@@ -231,6 +232,13 @@ class EtcdLegacyBackend(EtcdV2Backend):
                 yield RunEntry(run_id, None if node is None else self._decode_node(node))
             except StateCorruptError as exc:
                 yield RunEntry(run_id, None, exc)
+
+    def history(self) -> HistoryWindow:
+        """None here: the v2 event window holds torch's JSON values, which the history replay (pickled
+        states) does not read; ``watch`` follows this backend's changes live."""
+        raise UnsupportedOperationError(
+            "rdzvctl history does not read torch's legacy etcd JSON state; follow its changes live with "
+            "'rdzvctl watch --rdzv-backend etcd ...'")
 
     def store_keys(self) -> Dict[str, bytes]:
         """Not offered: each version's store lives in its own ``rdzv/v_<version>/kv`` and versions never
