@@ -46,6 +46,7 @@ __all__ = [
     "is_secret_option",
     "format_traceback",
     "excerpt",
+    "cut",
 ]
 
 MASK = "***"
@@ -112,8 +113,12 @@ def excerpt(value: Any) -> str:
     """``repr(value)`` cut to at most :data:`EXCERPT_CHARS` characters (``reprlib``:
     ``'AAAA...AAAA'``), for quoting an untrusted value in a message; still pass the message
     through :func:`safe` to print it."""
-    text = _EXCERPT.repr(value)
-    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 3] + "..."
+    return cut(_EXCERPT.repr(value), EXCERPT_CHARS, "...")
+
+
+def cut(text: str, limit: int, mark: str = "\u2026") -> str:
+    """``text`` if it has at most ``limit`` characters, else its start and ``mark`` in ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit - len(mark)] + mark
 
 
 def safe(text: Any) -> str:

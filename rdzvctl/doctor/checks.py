@@ -18,8 +18,8 @@ from rdzvctl.doctor.server_checks import LOG_SIZE_WARN, NETWORK_FILESYSTEMS, end
 from rdzvctl.doctor.verdicts import STATUSES, Check, worst
 from rdzvctl.doctor.verdicts import ms as _ms
 from rdzvctl.doctor.verdicts import show as _show
-from rdzvctl.state.analysis import SUSPICIOUS_RUN_IDS, KeepAlive, find_problems, node_statuses
-from rdzvctl.state.findings import master_addresses
+from rdzvctl.state.analysis import SUSPICIOUS_RUN_IDS, KeepAlive, node_statuses
+from rdzvctl.state.findings import find_problems, master_addresses
 from rdzvctl.state.model import NodeDesc, RendezvousState
 
 __all__ = [

@@ -1,18 +1,30 @@
-"""Pure analysis of a state: liveness, deadline, findings, repairs, diffs and their grouping.
+"""Pure analysis of a state: semantic diffs between two states and their grouping.
 
-Everything takes ``now`` explicitly so it is deterministic and testable; the
-repairs mirror torch's own bookkeeping in ``dynamic_rendezvous.py``
-(``_sanitize`` and ``_remove_participant_epilogue``).
+Also the one import path of the state's analysis as a whole: liveness
+(:mod:`rdzvctl.state.nodes`), repairs as torch does them
+(:mod:`rdzvctl.state.repairs`) and the findings (:mod:`rdzvctl.state.findings`)
+are re-exported here.  Everything takes ``now`` explicitly so it is
+deterministic and testable.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-from rdzvctl.errors import StateValidationError
+from rdzvctl.state.findings import SEVERITIES, SUSPICIOUS_RUN_IDS, Finding, find_problems
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.nodes import (
+    DEFAULT_KEEP_ALIVE,
+    FUTURE_TOLERANCE,
+    KeepAlive,
+    NodeStatus,
+    dead_nodes,
+    deadline_remaining,
+    node_statuses,
+)
+from rdzvctl.state.repairs import RESTART_NODE, add_waiting, edit_state, prune_dead_nodes, remove_node, reopen
 
 __all__ = [
     "KeepAlive",
@@ -36,228 +48,9 @@ __all__ = [
     "GROUP_NODES",
     "GROUP_NAMED",
     "SUSPICIOUS_RUN_IDS",
+    "RESTART_NODE",
+    "FUTURE_TOLERANCE",
 ]
-
-SEVERITIES = ("info", "warning", "error")
-
-#: Run ids that many unrelated jobs end up sharing (pytorch#82160: "none").
-SUSPICIOUS_RUN_IDS = frozenset({"", "none", "None", "default", "test", "job", "run", "0", "1"})
-
-#: The placeholder node ``set --add-waiting`` puts in the wait list to make live
-#: agents restart a round; it never joins, so torch expires it like any dead node.
-RESTART_NODE = "rdzvctl-restart_0_0"
-
-#: A heartbeat this far in the future is clock skew, not jitter.
-FUTURE_TOLERANCE = _dt.timedelta(seconds=1)
-
-
-class KeepAlive(NamedTuple):
-    """torch's keep-alive settings: a node is dead after ``interval × max_attempt``."""
-
-    interval: float = 5.0
-    max_attempt: int = 3
-
-    @property
-    def expiry(self) -> _dt.timedelta:
-        return _dt.timedelta(seconds=self.interval * self.max_attempt)
-
-
-#: torch's defaults (``RendezvousTimeout.heartbeat`` 5 s, ``keep_alive_max_attempt`` 3).
-DEFAULT_KEEP_ALIVE = KeepAlive()
-
-
-class NodeStatus(NamedTuple):
-    """What the state says about one node at ``now``."""
-
-    node: NodeDesc
-    role: str  # participant | waiting | redundant | orphan (heartbeat only)
-    rank: Optional[int]
-    last_heartbeat: Optional[_dt.datetime]
-    age: Optional[float]  # seconds since the last heartbeat (negative: in the future)
-    alive: Optional[bool]  # None when the node has no heartbeat
-
-
-def _age(now: _dt.datetime, when: Optional[_dt.datetime]) -> Optional[float]:
-    return None if when is None else (now - when).total_seconds()
-
-
-def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE) -> List[NodeStatus]:
-    """Every node with its role, rank and liveness; participants first, by rank."""
-    expire = now - keep_alive.expiry
-    rows: List[NodeStatus] = []
-
-    def add(node: NodeDesc, role: str, rank: Optional[int]) -> None:
-        when = state.last_heartbeats.get(node)
-        alive = None if when is None else not when < expire  # torch: dead iff heartbeat < now - expiry
-        rows.append(NodeStatus(node, role, rank, when, _age(now, when), alive))
-
-    for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0])):
-        add(node, "participant", rank)
-    for node in sorted(state.wait_list - set(state.participants)):
-        add(node, "waiting", None)
-    for node in sorted(state.redundancy_list - set(state.participants) - state.wait_list):
-        add(node, "redundant", None)
-    for node in sorted(set(state.last_heartbeats) - set(state.participants) - state.wait_list - state.redundancy_list):
-        add(node, "orphan", None)
-    return rows
-
-
-def dead_nodes(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE) -> List[NodeDesc]:
-    """Nodes torch's sanitizer would remove: a heartbeat older than the expiry."""
-    expire = now - keep_alive.expiry
-    return sorted(node for node, when in state.last_heartbeats.items() if when < expire)
-
-
-def deadline_remaining(state: RendezvousState, now: _dt.datetime) -> Optional[float]:
-    """Seconds until the last-call deadline (negative once passed), or None."""
-    return None if state.deadline is None else (state.deadline - now).total_seconds()
-
-
-class Finding(NamedTuple):
-    """One problem: a stable code, a severity, one line of explanation and the repair.
-
-    ``torch_next`` says what torch does next about it (a key of
-    :data:`rdzvctl.state.lifecycle.TORCH_NEXT`) and ``outlook`` says it in a
-    sentence; ``repair`` is empty when torch fixes it itself.
-    """
-
-    code: str
-    severity: str
-    message: str
-    repair: str = ""
-    nodes: Tuple[str, ...] = ()
-    torch_next: str = ""
-    outlook: str = ""
-
-    def to_json(self) -> Dict[str, object]:
-        """The finding as documented in ``get -o json`` (``problems``) and ``corrupt-detect -o json``."""
-        return {"code": self.code, "severity": self.severity, "message": self.message, "repair": self.repair,
-                "nodes": list(self.nodes), "torch_next": self.torch_next, "outlook": self.outlook}
-
-    def at_least(self, severity: str) -> bool:
-        return SEVERITIES.index(self.severity) >= SEVERITIES.index(severity)
-
-
-def find_problems(
-    state: RendezvousState,
-    now: _dt.datetime,
-    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
-    max_nodes: Optional[int] = None,
-    run_id: Optional[str] = None,
-    closed_since: Optional[_dt.datetime] = None,
-) -> List["Finding"]:
-    """torch's invariants and the field incidents, most severe first (see :mod:`rdzvctl.state.findings`)."""
-    from rdzvctl.state.findings import find_problems as _find
-
-    return _find(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, closed_since=closed_since)
-
-
-# -- repairs ------------------------------------------------------------------------
-def prune_dead_nodes(
-    state: RendezvousState,
-    now: _dt.datetime,
-    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
-    min_nodes: Optional[int] = None,
-) -> Tuple[RendezvousState, List[NodeDesc]]:
-    """torch's ``_sanitize``: drop dead nodes everywhere, then its epilogue.
-
-    Returns the new state and the removed nodes; ``state`` is not modified.
-    Without ``min_nodes`` an incomplete round keeps its deadline (torch's join
-    re-checks ``min_nodes`` before completing, so that is safe).
-    """
-    new = state.copy()
-    removed = dead_nodes(state, now, keep_alive)
-    participant_removed = False
-    for node in removed:
-        new.last_heartbeats.pop(node, None)
-        if new.participants.pop(node, None) is not None:
-            participant_removed = True
-        new.wait_list.discard(node)
-        new.redundancy_list.discard(node)
-    if participant_removed:
-        _remove_participant_epilogue(new, min_nodes)
-    return new, removed
-
-
-def _remove_participant_epilogue(state: RendezvousState, min_nodes: Optional[int]) -> None:
-    """torch's ``_remove_participant_epilogue``, in place, after participants left.
-
-    A complete round with nobody left is over (incomplete, next round); an
-    incomplete round below ``min_nodes`` loses its last-call deadline.  Without
-    ``min_nodes`` the deadline stays (torch's join re-checks ``min_nodes``).
-    """
-    if state.complete:
-        if not state.participants:
-            state.complete = False
-            state.round += 1
-    elif min_nodes is not None and len(state.participants) < min_nodes:
-        state.deadline = None
-
-
-def reopen(state: RendezvousState) -> RendezvousState:
-    new = state.copy()
-    new.closed = False
-    return new
-
-
-def remove_node(state: RendezvousState, node: NodeDesc, min_nodes: Optional[int] = None) -> RendezvousState:
-    """Remove ``node`` the way torch removes a leaving node (with the same epilogue)."""
-    new = state.copy()
-    was_participant = new.participants.pop(node, None) is not None
-    new.wait_list.discard(node)
-    new.redundancy_list.discard(node)
-    new.last_heartbeats.pop(node, None)
-    if was_participant:
-        _remove_participant_epilogue(new, min_nodes)
-    return new
-
-
-def add_waiting(state: RendezvousState, nodes: Iterable[NodeDesc], now: _dt.datetime) -> RendezvousState:
-    """Put ``nodes`` on the wait list with a heartbeat at ``now`` (out of participants and redundancy).
-
-    torch's agents re-rendezvous when they see a waiting node
-    (``_RendezvousJoinOp``/``should_keep_alive`` in ``dynamic_rendezvous.py``).
-    """
-    new = state.copy()
-    for node in nodes:
-        new.participants.pop(node, None)
-        new.redundancy_list.discard(node)
-        new.wait_list.add(node)
-        new.last_heartbeats[node] = now
-    return new
-
-
-def edit_state(
-    state: RendezvousState,
-    now: _dt.datetime,
-    *,
-    remove: Iterable[NodeDesc] = (),
-    waiting: Iterable[NodeDesc] = (),
-    closed: Optional[bool] = None,
-    complete: Optional[bool] = None,
-    round_: Optional[int] = None,
-    clear_deadline: bool = False,
-    min_nodes: Optional[int] = None,
-) -> RendezvousState:
-    """``set``'s field changes on a copy of ``state``: each node of ``remove`` leaves with torch's
-    bookkeeping (:func:`remove_node`), the ``waiting`` nodes join the wait list (:func:`add_waiting`),
-    then the flags, the round and the deadline change.  A node to remove that is not (or no
-    longer) in the state raises :class:`StateValidationError` naming ``--remove-node``."""
-    new = state.copy()
-    for node in remove:
-        if node not in new.nodes:
-            raise StateValidationError("--remove-node", f"{node} is not in the state")
-        new = remove_node(new, node, min_nodes)
-    new = add_waiting(new, waiting, now)
-    if closed is not None:
-        new.closed = closed
-    if complete is not None:
-        new.complete = complete
-    if round_ is not None:
-        new.round = round_
-    if clear_deadline:
-        new.deadline = None
-    return new
 
 
 # -- semantic diff -------------------------------------------------------------------

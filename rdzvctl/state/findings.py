@@ -11,25 +11,50 @@ progress.  Linear in the number of nodes, whatever the values (ranks included).
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
-from rdzvctl.state.analysis import (
-    DEFAULT_KEEP_ALIVE,
-    FUTURE_TOLERANCE,
-    RESTART_NODE,
-    SEVERITIES,
-    SUSPICIOUS_RUN_IDS,
-    Finding,
-    KeepAlive,
-)
 from rdzvctl.state.lifecycle import Lifecycle, Liveness, _first_missing_ranks, lifecycle, liveness, show_nodes
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.nodes import DEFAULT_KEEP_ALIVE, FUTURE_TOLERANCE, KeepAlive
+from rdzvctl.state.repairs import RESTART_NODE
 from rdzvctl.state.store_keys import split_round_key
 
 #: ``add(code, severity, message, torch_next, outlook, repair="", nodes=())``: record one finding.
 _Add = Callable[..., None]
 
-__all__ = ["find_problems", "master_address_findings", "MAX_RANK", "master_addresses"]
+__all__ = ["Finding", "SEVERITIES", "SUSPICIOUS_RUN_IDS", "find_problems", "master_address_findings", "MAX_RANK",
+           "master_addresses"]
+
+SEVERITIES = ("info", "warning", "error")
+
+#: Run ids that many unrelated jobs end up sharing (pytorch#82160: "none").
+SUSPICIOUS_RUN_IDS = frozenset({"", "none", "None", "default", "test", "job", "run", "0", "1"})
+
+
+class Finding(NamedTuple):
+    """One problem: a stable code, a severity, one line of explanation and the repair.
+
+    ``torch_next`` says what torch does next about it (a key of
+    :data:`rdzvctl.state.lifecycle.TORCH_NEXT`) and ``outlook`` says it in a
+    sentence; ``repair`` is empty when torch fixes it itself.
+    """
+
+    code: str
+    severity: str
+    message: str
+    repair: str = ""
+    nodes: Tuple[str, ...] = ()
+    torch_next: str = ""
+    outlook: str = ""
+
+    def to_json(self) -> Dict[str, object]:
+        """The finding as documented in ``get -o json`` (``problems``) and ``corrupt-detect -o json``."""
+        return {"code": self.code, "severity": self.severity, "message": self.message, "repair": self.repair,
+                "nodes": list(self.nodes), "torch_next": self.torch_next, "outlook": self.outlook}
+
+    def at_least(self, severity: str) -> bool:
+        return SEVERITIES.index(self.severity) >= SEVERITIES.index(severity)
+
 
 #: torch passes ranks and world sizes to c10d as C ``int``: a rank at or above this is never torch's.
 MAX_RANK = 2**31 - 1

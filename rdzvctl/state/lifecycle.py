@@ -33,9 +33,10 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from rdzvctl.state.analysis import KeepAlive, prune_dead_nodes
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.nodes import KeepAlive
+from rdzvctl.state.repairs import prune_dead_nodes
 from rdzvctl.state.store_keys import split_round_key
 
 __all__ = ["PHASES", "TORCH_NEXT", "Lifecycle", "Liveness", "LaunchVerdict", "liveness", "lifecycle", "launch_verdict",
