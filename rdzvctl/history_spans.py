@@ -131,6 +131,7 @@ class Collector:
         self.state: Optional[RendezvousState] = None
         self.first: Optional[float] = None
         self.last: Optional[float] = None
+        self.until: Optional[float] = None  # the newest heartbeat-only version folded into the last entry
         self.entries = 0
         self.merged = False
 
@@ -142,6 +143,7 @@ class Collector:
         if self.first is None:
             self.first = now
         self.last = now
+        self.until = _seconds(getattr(entry, "until", None), None)
         state = getattr(entry, "state", None)
         if not isinstance(state, RendezvousState):
             state = None
@@ -216,6 +218,10 @@ class Collector:
 
     def finish(self) -> None:
         assert self.last is not None
+        if self.until is not None and self.until > self.last:  # the last state held until its newest rewrite
+            self.last = self.until
+            if self.bands and self.state is not None:
+                self.bands[-1].end = self.last
         for node in list(self.roles):
             self._close(node, self.last)
 

@@ -152,8 +152,9 @@ def test_a_backend_notice_goes_to_stderr_and_first_json_line(registered, memory)
     assert "notice: revisions before 7 were compacted away" in result.stderr
 
 
-def test_a_backend_without_history_points_at_watch_record(memory):
-    result = invoke(["history", *memory.flags()])
+def test_a_backend_without_history_points_at_watch_record(cli_env, tcpstore_libuv):
+    flags = ["--rdzv-backend", "c10d", "--rdzv-endpoint", tcpstore_libuv.endpoint, "--rdzv-id", "job42"]
+    result = invoke(["history", *flags])  # a TCPStore holds only the current value
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "watch --record" in result.stderr
 

@@ -126,6 +126,13 @@ def test_demo_creates_a_filestore_rendezvous(memory, tmp_path):
     assert doc["summary"] == {"participants": 4, "alive": 3, "dead": 1, "waiting": 0, "redundant": 0,
                               "deadline_remaining": None}
     assert invoke(["corrupt-detect"], env=env).exit_code == 1
+    # The FileStore log holds the run's past: the scale-up into round 1, the restart into round 2.
+    history = invoke(["history", "-o", "json"], env=env)
+    assert history.exit_code == 0, history.stderr
+    events = [json.loads(line) for line in history.stdout.splitlines()]
+    assert [(e["from"], e["to"]) for e in events if e["kind"] == "round-advanced"] == [(0, 1), (1, 2)]
+    assert [e["node"] for e in events if e["kind"] == "joined-wait-list"] == ["trainer-3.cluster.local_4103_0"]
+    assert [e["time"] for e in events] == sorted(e["time"] for e in events)
     # Running it again on the same path rewrites the state, fenced.
     again = invoke(["demo", "--no-live", "--path", str(tmp_path / "demo")])
     assert again.exit_code == 0

@@ -64,6 +64,8 @@ def test_replay_collapses_heartbeat_only_versions() -> None:
     assert [e.collapsed for e in entries] == [2, 3, 0]
     assert [e.revision for e in entries] == [0, 3, 7]
     assert entries[1].events[0].node == str(B)
+    # the folded versions say how long each state held (what the picture draws up to)
+    assert [e.until for e in entries] == [at(10), at(20), None]
     # every version is an entry without collapsing
     assert len(list(replay(history, collapse=False))) == len(history)
 

@@ -88,6 +88,8 @@ class HistoryEntry:
 
     ``time`` is None only for a first version that says nothing about time
     (a corrupt or removed value the backend kept no write time for).
+    ``until`` is the time of the newest heartbeat-only version folded into
+    it (``None`` when none was): the state held at least until then.
     """
 
     time: Optional[_dt.datetime]
@@ -96,6 +98,7 @@ class HistoryEntry:
     state: Optional[RendezvousState]
     events: List[Event] = field(default_factory=list)
     collapsed: int = 0
+    until: Optional[_dt.datetime] = None
 
     @property
     def round(self) -> Optional[int]:
@@ -140,6 +143,7 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
     last_source = "heartbeat"
     pending: Optional[HistoryEntry] = None
     folded = 0
+    until: Optional[_dt.datetime] = None
     for obs in observations:
         when: Optional[_dt.datetime]
         if obs.written_at is not None:
@@ -164,20 +168,21 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
         previous, corrupt = state, obs.error
         if not events and collapse and pending is not None:
             folded += 1  # heartbeat-only (or an identical rewrite): part of the entry before it
+            until = when
             continue
         if not events and collapse:
             continue  # before the first change (e.g. a run with no state yet)
         if pending is not None:
-            yield _with_collapsed(pending, folded)
-        pending, folded = HistoryEntry(when, source, obs.revision, state, events), 0
+            yield _with_collapsed(pending, folded, until)
+        pending, folded, until = HistoryEntry(when, source, obs.revision, state, events), 0, None
     if pending is not None:
-        yield _with_collapsed(pending, folded)
+        yield _with_collapsed(pending, folded, until)
 
 
-def _with_collapsed(entry: HistoryEntry, folded: int) -> HistoryEntry:
+def _with_collapsed(entry: HistoryEntry, folded: int, until: Optional[_dt.datetime]) -> HistoryEntry:
     if not folded:
         return entry
-    return HistoryEntry(entry.time, entry.time_source, entry.revision, entry.state, entry.events, folded)
+    return HistoryEntry(entry.time, entry.time_source, entry.revision, entry.state, entry.events, folded, until)
 
 
 # -- restart storms -------------------------------------------------------------------

@@ -18,7 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, List, Optional
 
 import click
 
@@ -48,6 +48,42 @@ def demo_state(now: _dt.datetime):
     state.last_heartbeats = {node: now - _dt.timedelta(seconds=1 + i) for i, node in enumerate(alive)}
     state.last_heartbeats[dead] = now - _dt.timedelta(seconds=47)
     return state
+
+
+def demo_story(now: _dt.datetime) -> List[RendezvousState]:
+    """The versions the demo's run went through, oldest first, ending in :func:`demo_state`.
+
+    Three trainers form round 0; trainer-3 arrives ten minutes later, waits,
+    and the scale-up restarts the others into round 1 with four; a worker
+    failure restarts everyone into round 2; then trainer-3 stops heartbeating.
+    The FileStore log keeps every version, so ``rdzvctl history`` tells it.
+    Each version's heartbeats are as old as that moment (history infers a
+    FileStore version's time from its newest heartbeat).
+    """
+    nodes = sorted(NodeDesc(f"trainer-{i}.cluster.local", 4100 + i, 0) for i in range(3))
+    late = _dead_node()
+
+    def version(round_: int, members: List[NodeDesc], ago: float, *, complete: bool,
+                waiting: Iterable[NodeDesc] = ()) -> RendezvousState:
+        state = RendezvousState(round=round_, complete=complete, closed=False)
+        # torch's joins hold rank 0 until the round completes and ranks are handed out in order
+        state.participants = {node: rank if complete else 0 for rank, node in enumerate(sorted(members))}
+        state.wait_list = set(waiting)
+        at = now - _dt.timedelta(seconds=ago)
+        state.last_heartbeats = {node: at for node in [*members, *waiting]}
+        return state
+
+    return [
+        version(0, nodes[:2], 1500, complete=False),
+        version(0, nodes, 1490, complete=False),
+        version(0, nodes, 1480, complete=True),
+        version(0, nodes, 900, complete=True, waiting=[late]),
+        version(1, [late], 890, complete=False),
+        version(1, [*nodes, late], 880, complete=True),
+        version(2, [*nodes, late], 300, complete=False),
+        version(2, [*nodes, late], 290, complete=True),
+        demo_state(now),
+    ]
 
 
 def heartbeat(state: Any, now: _dt.datetime) -> None:
@@ -95,7 +131,12 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     address = Address("c10d", store, RUN_ID, {"store_type": "file"})
     with open_backend(address) as backend:
         current = backend.get_state()
-        write_fenced(backend, None if current is None else current[1], encode(demo_state(clock.now_utc())))
+        token = None if current is None else current[1]
+        now = clock.now_utc()
+        # A new store gets the run's past too (for `rdzvctl history`); an existing one only the stuck state.
+        for state in demo_story(now) if current is None else [demo_state(now)]:
+            written = write_fenced(backend, token, encode(state))
+            token = None if written is None else written[1]
     env = (f"export PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT={store} PET_RDZV_ID={RUN_ID} "
            f"PET_RDZV_CONF=store_type=file RDZVCTL_BACKUP_DIR={backups}")
     app.out(f"A rendezvous for run {RUN_ID!r} is in the FileStore {store}.\n")
@@ -104,13 +145,16 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
     app.out(f"  {env}\n")
     app.out("Then try:")
     for line, why in (
+        ("rdzvctl doctor", "the checklist: store, DNS of the nodes, clock, bootstrap (exit 1)"),
         ("rdzvctl get", "decoded state: ranks, heartbeat ages, a dead participant"),
+        ("rdzvctl history", "how the run got here: joins, a scale-up, restarts (the FileStore log)"),
         ("rdzvctl corrupt-detect", "names the dead node and the repair (exit 1)"),
         ("rdzvctl reset --mode prune --dry-run", "the repair as a diff, nothing written"),
         ("rdzvctl reset --mode prune --yes", "prune it, fenced, with a backup (exit 3: a heartbeat won; rerun)"),
         ("rdzvctl restore BACKUP --yes", "put the exact prior bytes back"),
         ("rdzvctl watch", "follow the heartbeats and nodes joining and leaving live"),
         ("rdzvctl get -o json", "the documented JSON form"),
+        ("rdzvctl report --output incident.md", "everything above as one Markdown report for the ticket"),
     ):
         app.out(f"  {line:<40} # {why}")
     if not live:
@@ -118,7 +162,8 @@ def command(ctx: click.Context, path: Optional[str], live: bool, interval: float
                 f"(`rdzvctl demo` keeps them alive).\nRemove it with: rm -r {directory}")
         return
     removal = "and removes " + directory if path is None else "(" + directory + " is kept)"
-    app.err(f"\nNodes heartbeat every {interval:g}s for up to {duration:g}s; Ctrl-C stops them {removal}.")
+    app.err("")
+    app.err(f"Nodes heartbeat every {interval:g}s for up to {duration:g}s; Ctrl-C stops them {removal}.")
     try:
         _run_live(address, interval, duration)
     finally:
