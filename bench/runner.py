@@ -40,7 +40,7 @@ MODULES = {
     "P11": "bench.p11_exporter",
     "P12": "bench.p12_history",
 }
-NEEDS_SERVERS = {"P1", "P3", "P4", "P5", "P7", "P11"}
+NEEDS_SERVERS = {"P1", "P3", "P4", "P5", "P7", "P11", "P12"}
 COLUMNS = ("id", "what", "backend", "rdzvctl", "baseline", "ratio", "cpu ratio", "target", "verdict")
 
 
