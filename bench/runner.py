@@ -1,6 +1,6 @@
 """Run the selected benchmarks and print one table.
 
-    python -m bench                  # everything (under ~10 minutes)
+    python -m bench                  # everything (15-20 minutes; P8 about 9)
     python -m bench --quick          # smoke run: few repetitions, small sizes
     python -m bench --only P1,P3     # some benchmarks
     python -m bench --backends redis,etcd-v3
