@@ -16,6 +16,8 @@ __all__ = [
     "Settings",
     "Process",
     "run_once",
+    "run_streamed",
+    "Streamed",
     "time_interleaved",
     "median",
     "percentile",
@@ -38,13 +40,14 @@ class Settings:
     large_nodes: int = 4096
     small_nodes: int = 8
     runs: int = 10000
+    many_runs: int = 100_000  # P8
     watch_events: int = 100
     tcp_samples: int = 20000
 
     @classmethod
     def make(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(quick=True, warmup=1, repeats=3, large_nodes=512, runs=1000, watch_events=8,
+            return cls(quick=True, warmup=1, repeats=3, large_nodes=512, runs=1000, many_runs=2000, watch_events=8,
                        tcp_samples=2000)
         return cls()
 
@@ -61,7 +64,9 @@ class Row:
     unit: str  # "ms", "us", "MiB", "runs/s"
     target: str  # shown as is, e.g. "<= 1.3x"
     limit: Optional[float] = None  # see ``check``
-    check: str = "ratio"  # ratio: ours/base <= limit; at_most: ours <= limit; at_least: ours >= limit
+    # ratio: ours/base <= limit; rate: base/ours <= limit (rates: above 1 is slower);
+    # at_most: ours <= limit; at_least: ours >= limit
+    check: str = "ratio"
     verdict: str = ""  # filled by finish() unless set (ref, info, skip ...)
     note: str = ""
     cpu_ratio: Optional[float] = None  # rdzvctl's CPU time / the baseline's (processes only)
@@ -71,7 +76,7 @@ class Row:
         """How many times slower (or bigger) rdzvctl is than the baseline."""
         if not self.ours or not self.base:
             return None
-        return self.base / self.ours if self.check == "at_least" else self.ours / self.base
+        return self.base / self.ours if self.check in ("at_least", "rate") else self.ours / self.base
 
     def finish(self) -> "Row":
         if self.verdict:
@@ -178,6 +183,73 @@ def run_once(argv: Sequence[str], env: Mapping[str, str], timeout: float = 120.0
     if int(code) not in ok_codes:
         raise RuntimeError(f"exit {code}: {' '.join(argv)}\n{err.decode(errors='replace')[-2000:]}")
     return Process(float(seconds), int(rss), int(code), out, err, float(cpu))
+
+
+@dataclass
+class Streamed:
+    """One finished child whose stdout was read as it came: the :class:`Process`, when the first
+    line holding ``marker`` arrived (s after spawn, as seen here), lines holding it, the end."""
+
+    process: Process
+    first: Optional[float]
+    total: float  # spawn to the end of stdout, as seen here (the same clock as ``first``)
+    lines: int
+    tail: bytes
+
+
+def run_streamed(argv: Sequence[str], env: Mapping[str, str], marker: bytes, timeout: float = 600.0,
+                 ok_codes: Tuple[int, ...] = (0,)) -> Streamed:
+    """Run ``argv`` like :func:`run_once`, timestamping its stdout: when the first line holding
+    ``marker`` arrived, how many lines hold it.  Keeps only the last 64 KiB of the output."""
+    import time
+
+    read_end, write_end = os.pipe()
+    first: Optional[float] = None
+    lines = 0
+    tail = b""
+    try:
+        with tempfile.TemporaryFile() as errfile:
+            start = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(write_end), str(timeout), *argv],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errfile, env=dict(env), cwd=REPO,
+                pass_fds=(write_end,),
+            )
+            os.close(write_end)
+            write_end = -1
+            assert proc.stdout is not None
+            pending = b""
+            while True:
+                chunk = proc.stdout.read1(1 << 16)
+                if not chunk:
+                    break
+                pending += chunk
+                cut = pending.rfind(b"\n") + 1
+                if cut:
+                    done, pending = pending[:cut], pending[cut:]
+                    found = done.count(marker)  # one marker per line in the outputs measured
+                    if found and first is None:
+                        first = time.perf_counter() - start
+                    lines += found
+                    tail = (tail + done)[-65536:]
+            total = time.perf_counter() - start
+            tail = (tail + pending)[-65536:]
+            proc.wait(timeout=timeout + 10)
+            report = os.read(read_end, 200).decode()
+            errfile.seek(0)
+            err = errfile.read()
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if not report:
+        raise RuntimeError(f"could not run {' '.join(argv)}: {err.decode(errors='replace')[-2000:]}")
+    seconds, rss, code, cpu = report.split()
+    if int(code) == -signal.SIGKILL:
+        raise RuntimeError(f"timed out after {timeout:g} s: {' '.join(argv)}")
+    if int(code) not in ok_codes:
+        raise RuntimeError(f"exit {code}: {' '.join(argv)}\n{err.decode(errors='replace')[-2000:]}")
+    return Streamed(Process(float(seconds), int(rss), int(code), tail, err, float(cpu)), first, total, lines, tail)
 
 
 def time_interleaved(commands: Mapping[str, Sequence[str]], env: Mapping[str, str], warmup: int, repeats: int,

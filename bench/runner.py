@@ -1,9 +1,10 @@
 """Run the selected benchmarks and print one table.
 
-    python -m bench                  # everything (under ~10 minutes)
+    python -m bench                  # everything (15-20 minutes; P8 about 9)
     python -m bench --quick          # smoke run: few repetitions, small sizes
     python -m bench --only P1,P3     # some benchmarks
     python -m bench --backends redis,etcd-v3
+    python -m bench --only P4,P8 --runs 2000 --many-runs 20000   # smaller fleets
     python -m bench --markdown       # the table as Markdown (docs/performance.md)
 
 Progress goes to stderr, the table to stdout.  Exit 0 when every selected
@@ -27,7 +28,7 @@ from bench.measure import Row, Settings, bench_env
 from bench.servers import BACKENDS, Fleet
 
 #: Benchmark id -> module; the order is the order they run in (P6 imports torch: last).
-ORDER = ("P2", "P1", "P3", "P7", "P5", "P4", "P10", "P11", "P12", "P6")
+ORDER = ("P2", "P1", "P3", "P7", "P5", "P4", "P8", "P10", "P11", "P12", "P6")
 MODULES = {
     "P1": "bench.p1_get",
     "P2": "bench.p2_startup",
@@ -36,11 +37,12 @@ MODULES = {
     "P5": "bench.p5_watch",
     "P6": "bench.p6_tcpstore",
     "P7": "bench.p7_memory",
+    "P8": "bench.p8_runs",
     "P10": "bench.p10_bounded",
     "P11": "bench.p11_exporter",
     "P12": "bench.p12_history",
 }
-NEEDS_SERVERS = {"P1", "P3", "P4", "P5", "P7", "P11", "P12"}
+NEEDS_SERVERS = {"P1", "P3", "P4", "P5", "P7", "P8", "P11", "P12"}
 COLUMNS = ("id", "what", "backend", "rdzvctl", "baseline", "ratio", "cpu ratio", "target", "verdict")
 
 
@@ -49,6 +51,8 @@ def _value(value: Optional[float], unit: str) -> str:
         return "-"
     if unit == "runs/s":
         return f"{value:,.0f}/s"
+    if unit == "s":
+        return f"{value:.2f} s"
     if unit in ("ms", "us") and value >= 100:
         return f"{value:.0f} {unit}"
     return f"{value:.1f} {unit}"
@@ -73,13 +77,15 @@ def format_table(rows: List[Row], markdown: bool = False) -> str:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="rdzvctl's benchmarks (P1-P7, P10-P12).")
+    parser = argparse.ArgumentParser(prog="python -m bench", description="rdzvctl's benchmarks (P1-P8, P10-P12).")
     parser.add_argument("--quick", action="store_true", help="smoke run: few repetitions, small sizes")
     parser.add_argument("--only", default="", help="comma-separated benchmark ids, e.g. P1,P3")
     parser.add_argument("--backends", default="", help=f"comma-separated subset of {', '.join(BACKENDS)}")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--runs", type=int, metavar="N", help="runs on each backend for P4 (default 10,000)")
+    parser.add_argument("--many-runs", type=int, metavar="N", help="runs on each backend for P8 (default 100,000)")
     args = parser.parse_args(argv)
     args.only = [x.strip().upper() for x in args.only.split(",") if x.strip()] or list(MODULES)
     unknown = [x for x in args.only if x not in MODULES]
@@ -97,6 +103,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parse_args(argv)
     settings = Settings.make(args.quick)
+    if args.runs:
+        settings.runs = args.runs
+    if args.many_runs:
+        settings.many_runs = args.many_runs
     selected = [b for b in ORDER if b in args.only]
     started = time.monotonic()
     load_before = os.getloadavg()[0]

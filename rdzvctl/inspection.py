@@ -177,11 +177,12 @@ def assess(
     probe: bool = True,
 ) -> Tuple[Lifecycle, List[Finding]]:
     """The lifecycle and findings of a state; with store keys, the published rank-0 address is probed."""
-    life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
-    findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
+    live = liveness(state, now, keep_alive.expiry)  # once, for the phase and the findings
+    life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since, live=live)
+    findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life, live=live)
     if store_keys:
         probes = {}
-        if probe and not state.closed and liveness(state, now, keep_alive.expiry).live:
+        if probe and not state.closed and live.live:
             probes = {(addr, port): probe_tcp(addr, port) for addr, port in addresses_to_probe(store_keys)}
         findings = master_address_findings(state, now, store_keys, probes, keep_alive) + findings
     return life, findings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 import subprocess
@@ -230,6 +231,29 @@ def test_list_runs_and_store_keys(filestore_path):
     b = backend(filestore_path, run_id)
     assert {e.run_id: e.state for e in b.list_runs()} == {run_id: (b"listed", token)}
     assert b.store_keys() == {"1/MASTER_ADDR": b"node0"}
+
+
+def test_list_runs_reads_values_in_byte_bounded_batches(filestore_path, monkeypatch):
+    """Values are read a few MiB at a time (here 100 bytes); one larger value comes alone, none is lost."""
+    import rdzvctl.backends.c10d as module
+
+    monkeypatch.setattr(module, "_FILE_BATCH_BYTES", 100)
+    store = FileStore(filestore_path)
+    asked = []
+    real = FileStore.multi_get
+
+    def multi_get(self, keys):
+        asked.append(len(keys))
+        return real(self, keys)
+
+    monkeypatch.setattr(FileStore, "multi_get", multi_get)
+    states = {f"run-{i:02d}": (b"x" * (500 if i == 7 else 10)) for i in range(20)}
+    for run_id, state in states.items():
+        store.set(f"/torch.rendezvous.{run_id}", base64.b64encode(state))
+    entries = list(backend(filestore_path).list_runs())
+    assert [e.run_id for e in entries] == sorted(states)
+    assert {e.run_id: e.state[0] for e in entries} == states
+    assert 1 in asked and max(asked) < len(states) and sum(asked) == len(states)
 
 
 _TORCH_INCREMENTER = r"""

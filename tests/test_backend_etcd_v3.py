@@ -189,6 +189,21 @@ def test_list_runs_one_range_with_corrupt_entries_flagged(etcd_server):
     assert runs["broken"].state is None and isinstance(runs["broken"].error, StateCorruptError)
 
 
+def test_list_runs_pages_through_the_range_in_order(etcd_server, monkeypatch):
+    import rdzvctl.backends.etcd_v3 as module
+
+    monkeypatch.setattr(module, "LIST_PAGE", 3)
+    prefix = f"/page-{uuid.uuid4().hex[:8]}"
+    written = {}
+    for i in range(10):
+        b = backend(etcd_server.endpoint, f"run-{i:02d}", key_prefix=prefix)
+        written[b.run_id] = b.set_state(f"state-{i}".encode())[:2]
+    raw(etcd_server, "kv/put", {"key": b64(f"{prefix}x/not-ours".encode()), "value": b64(b"eA==")})
+    entries = list(backend(etcd_server.endpoint, key_prefix=prefix).list_runs())
+    assert [e.run_id for e in entries] == sorted(written)
+    assert {e.run_id: e.state for e in entries} == written
+
+
 @pytest.mark.slow
 def test_list_runs_rate_on_10k_runs(etcd_server):
     """Writes 10,000 runs in batched transactions, then times one list_runs."""

@@ -262,6 +262,21 @@ def test_list_runs_pattern_is_escaped(redis_server):
     assert [entry.run_id for entry in b.list_runs()] == ["x"]
 
 
+def test_list_runs_reads_in_batches_and_stays_sorted(redis_server, monkeypatch):
+    """Names sorted first, states read a batch at a time: the order is the run ids', whatever SCAN's."""
+    import rdzvctl.backends.redis.backend as module
+
+    monkeypatch.setattr(module, "LIST_BATCH", 7)
+    prefix = f"batch-{uuid.uuid4().hex[:6]}:"
+    client = redis_server.client()
+    run_ids = [f"job-{i}" for i in range(60)]
+    for n, run_id in enumerate(run_ids, 1):
+        client.hset(prefix + run_id, mapping={"state": base64.b64encode(run_id.encode()), "version": n})
+    entries = list(backend(redis_server.endpoint, run_id="job-0", key_prefix=prefix).list_runs())
+    assert [e.run_id for e in entries] == sorted(run_ids)
+    assert all(e.state[0] == e.run_id.encode() for e in entries)
+
+
 @pytest.mark.slow
 def test_list_runs_throughput_10000_runs(redis_server):
     prefix = f"bench-{uuid.uuid4().hex[:6]}:"

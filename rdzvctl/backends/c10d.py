@@ -48,6 +48,8 @@ NULL_SENTINEL = b"Y2FuaW1hZGFt"
 KEY_PREFIX = "torch.rendezvous."
 _WIRE_PREFIX = b"/" + KEY_PREFIX.encode()
 _MULTI_GET_BATCH = 256  # values per TCPStore MULTI_GET: bounds memory when states are large
+_FILE_BATCH_BYTES = 4 << 20  # bytes of values per FileStore multi_get (one lock, one replay)
+_SIZE_BATCH = 4096  # keys whose value sizes are looked up at a time (FileStore)
 
 Store = Union[TcpStoreClient, FileStore]
 
@@ -199,8 +201,7 @@ class C10dBackend(RendezvousBackend):
         """
         names = {k[len(_WIRE_PREFIX):] for k in self.store.list_keys() if k.startswith(_WIRE_PREFIX)}
         keys = sorted(_WIRE_PREFIX + name for name in names if not _is_round_key(name, names))
-        for start in range(0, len(keys), self._batch):
-            batch = keys[start:start + self._batch]
+        for batch in self._batches(keys):
             for key, value in zip(batch, self.store.multi_get(batch)):
                 run_id = key[len(_WIRE_PREFIX):].decode("utf-8", "replace")
                 if value is None:
@@ -209,6 +210,28 @@ class C10dBackend(RendezvousBackend):
                     yield RunEntry(run_id, self._decode(value, run_id))
                 except StateCorruptError:
                     yield RunEntry(run_id, (value, value))
+
+    def _batches(self, keys: List[bytes]) -> Iterator[List[bytes]]:
+        """``keys`` in runs for one ``multi_get`` each: ``_MULTI_GET_BATCH`` keys on a TCPStore; on a
+        FileStore, whose reads cost no round trip, as many as ``_FILE_BATCH_BYTES`` of values allow
+        (a larger value alone), since anyone who can write the file can make every value large."""
+        if not isinstance(self.store, FileStore):
+            for start in range(0, len(keys), _MULTI_GET_BATCH):
+                yield keys[start:start + _MULTI_GET_BATCH]
+            return
+        for start in range(0, len(keys), _SIZE_BATCH):
+            part = keys[start:start + _SIZE_BATCH]
+            batch: List[bytes] = []
+            total = 0
+            for key, size in zip(part, self.store.value_sizes(part)):
+                size = size or 0
+                if batch and total + size > _FILE_BATCH_BYTES:
+                    yield batch
+                    batch, total = [], 0
+                batch.append(key)
+                total += size
+            if batch:
+                yield batch
 
     def _store_key_names(self) -> List[Tuple[int, bytes, bytes]]:
         """``(round, name, wire key)`` of each per-round key of the run, sorted (LIST_KEYS /

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import closing
-from typing import Any, Dict, FrozenSet, Generator, Iterator, List, Optional
+from typing import Any, Dict, FrozenSet, Generator, Iterator, Optional
 
 from rdzvctl.backends.base import (
     Address,
@@ -54,6 +54,10 @@ def _stored_state(kv: Dict[str, Any]) -> bytes:
     except (binascii.Error, ValueError) as exc:
         raise StateCorruptError("the gateway sent a value that is not base64") from exc
     return decode_base64(stored)
+
+
+#: Keys per range request of ``list_runs``: bounds memory when there are many runs or large states.
+LIST_PAGE = 500
 
 
 class EtcdV3Backend(RendezvousBackend):
@@ -224,29 +228,35 @@ class EtcdV3Backend(RendezvousBackend):
         return read_history(self)
 
     def list_runs(self) -> Iterator[RunEntry]:
-        """Every run under the key prefix, sorted by run id, from one range request.
+        """Every run under the key prefix, sorted by run id, read in pages of ``LIST_PAGE`` keys.
 
+        etcd returns a range sorted by key; each page starts after the last key
+        of the one before, so memory holds one page of states, not all of them.
         A run whose value is not base64 is listed with its ``error`` set.
         """
         from rdzvctl.backends.etcd_gateway import prefix_range_end
 
         prefix = (self.key_prefix + "/").encode()
-        doc = self._gw.range(prefix, prefix_range_end(prefix))
+        end = prefix_range_end(prefix)
         b64decode = base64.b64decode
         cut = len(prefix)
-        entries: List[RunEntry] = []
-        for kv in doc.get("kvs") or ():
-            run_id = b64decode(kv["key"])[cut:].decode("utf-8", "replace")
-            try:
-                state = _stored_state(kv)
-            except StateCorruptError as exc:
-                error = StateCorruptError(f"the value of etcd key {self.key_prefix}/{run_id} is not base64")
-                error.__cause__ = exc
-                entries.append(RunEntry(run_id, None, error))
-                continue
-            entries.append(RunEntry(run_id, (state, int(kv["mod_revision"]))))
-        entries.sort(key=lambda entry: entry.run_id)
-        yield from entries
+        start = prefix
+        while True:
+            doc = self._gw.range(start, end, limit=LIST_PAGE)
+            kvs = doc.get("kvs") or ()
+            for kv in kvs:
+                run_id = b64decode(kv["key"])[cut:].decode("utf-8", "replace")
+                try:
+                    state = _stored_state(kv)
+                except StateCorruptError as exc:
+                    error = StateCorruptError(f"the value of etcd key {self.key_prefix}/{run_id} is not base64")
+                    error.__cause__ = exc
+                    yield RunEntry(run_id, None, error)
+                    continue
+                yield RunEntry(run_id, (state, int(kv["mod_revision"])))
+            if not kvs or not doc.get("more"):
+                return
+            start = b64decode(kvs[-1]["key"]) + b"\x00"  # the next key after the last one read
 
     @property
     def store_prefix(self) -> str:

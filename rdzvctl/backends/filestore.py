@@ -369,6 +369,13 @@ class FileStore:
         with self._lock:
             return self._read(lambda fd: list(self._index))
 
+    def value_sizes(self, keys: Sequence[Key]) -> List[Optional[int]]:
+        """The length of each key's latest value (None when absent), from one replay (no value read):
+        lets a caller walking many keys ask :meth:`multi_get` for a bounded number of bytes at a time."""
+        with self._lock:
+            return self._read(lambda fd: [None if span is None else span[1]
+                                          for span in map(self._index.get, map(_b, keys))])
+
     def compare_set(self, key: Key, expected: Key, desired: Key) -> bytes:
         """torch's ``compare_set``: the value current after the call.
 

@@ -14,7 +14,7 @@ import functools
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import click
 
@@ -25,6 +25,8 @@ from rdzvctl.state.analysis import KeepAlive
 from rdzvctl.text import json_text, safe, safe_lines
 
 __all__ = ["App", "AddressFlags", "with_app", "output_option", "write_options", "storm_options"]
+
+_END = object()  # the end of an item iterator (items may be None)
 
 
 class AddressFlags(NamedTuple):
@@ -138,6 +140,41 @@ class App:
     def json(self, obj: Any) -> None:
         """Indented for a person on a terminal; compact (C encoder, ~3x faster) for pipes and files."""
         click.echo(json_text(obj, indent=2 if sys.stdout.isatty() else None))
+
+    def json_stream(self, head: Dict[str, Any], key: str, items: Iterable[Any],
+                    tail: Callable[[], Dict[str, Any]]) -> None:
+        """One JSON document written while it is built: ``head``'s fields, then ``key``'s list, one
+        item per line as ``items`` yields it, then ``tail()``'s fields (called after the last item).
+
+        The document equals ``json({**head, key: list(items), **tail()})``, and indented on a
+        terminal the same layout, but memory holds one item at a time.  Nothing is written
+        before the first item is there (or ``items`` is found empty), so an error reading the
+        first one leaves stdout empty.
+        """
+        indent = 2 if sys.stdout.isatty() else None
+        it = iter(items)
+        first = next(it, _END)
+        opening = json_text({**head, key: []}, indent=indent)
+        cut = opening.rfind("[]")  # ``key`` is the last field: its "[]" is the last one
+        write = click.echo
+        if first is _END:
+            closing = json_text({key: [], **tail()}, indent=indent)
+            write(opening[:cut + 2] + closing[closing.find("[]") + 2:])
+            return
+        pad = "\n    " if indent else "\n"
+        chunk = [opening[:cut + 1]]
+        item: Any = first
+        while item is not _END:
+            text = json_text(item, indent=indent)
+            chunk.append(pad + (text.replace("\n", pad) if indent else text))
+            item = next(it, _END)
+            if item is not _END:
+                chunk.append(",")
+            if len(chunk) >= 64 or item is _END:
+                write("".join(chunk), nl=False)
+                chunk = []
+        closing = json_text({key: [], **tail()}, indent=indent)
+        write(("\n  " if indent else "\n") + closing[closing.find("[]") + 1:])
 
     def json_line(self, obj: Any) -> None:
         click.echo(json_text(obj))

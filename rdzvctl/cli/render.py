@@ -355,9 +355,10 @@ def render_event(app: "App", event: Dict[str, Any]) -> None:
 T = TypeVar("T")
 
 
-def with_progress(app: "App", entries: Iterable[T], label: str = "checking runs") -> Iterator[T]:
-    """``entries``, with a progress display on stderr while they are consumed, only on a terminal."""
-    if not sys.stderr.isatty():
+def with_progress(app: "App", entries: Iterable[T], label: str = "checking runs", streamed: bool = False) -> Iterator[T]:
+    """``entries``, with a progress display on stderr while they are consumed, only on a terminal
+    (and not when the output is ``streamed`` to a terminal as the entries come: it is the progress)."""
+    if not sys.stderr.isatty() or (streamed and sys.stdout.isatty()):
         yield from entries
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn

@@ -75,11 +75,16 @@ def find_problems(
     run_id: Optional[str] = None,
     closed_since: Optional[_dt.datetime] = None,
     life: Optional[Lifecycle] = None,
+    live: Optional[Liveness] = None,
 ) -> List[Finding]:
-    """torch's invariants and the field incidents, most severe first, each with torch's next step."""
+    """torch's invariants and the field incidents, most severe first, each with torch's next step.
+
+    ``live`` is ``liveness(state, now, keep_alive.expiry)`` when the caller has it already.
+    """
+    if live is None:
+        live = liveness(state, now, keep_alive.expiry)
     if life is None:
-        life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
-    live = liveness(state, now, keep_alive.expiry)
+        life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since, live=live)
     anyone = bool(live.live)
     # What torch does with something its live agents drop at their next sync (`_sanitize`).
     dropped = ("recovers", "the next sync of a live agent drops it (`_sanitize`)") if anyone else \

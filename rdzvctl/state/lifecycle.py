@@ -113,14 +113,16 @@ def lifecycle(
     max_attempt: int = 3,
     closed_since: Optional[_dt.datetime] = None,
     min_nodes: Optional[int] = None,
+    live: Optional[Liveness] = None,
 ) -> Lifecycle:
     """The phase of ``state`` at ``now`` and what torch's agents do next.
 
     ``closed_since`` is when this state was first seen closed (an earlier
     read); with it a close under live agents can be told from a normal end.
+    ``live`` is ``liveness(state, now, expiry)`` when the caller has it already.
     """
     expiry = _dt.timedelta(seconds=interval * max_attempt)
-    life = liveness(state, now, expiry)
+    life = live if live is not None else liveness(state, now, expiry)
     if state.closed:
         return _closed(state, now, life, expiry, _dt.timedelta(seconds=interval), closed_since)
     if not life.live:

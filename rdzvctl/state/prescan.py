@@ -319,13 +319,37 @@ _STACK_SIZE_LOCK = threading.Lock()
 
 
 def _resident_bytes() -> int:
-    """This process's resident memory now (Linux), else its peak (``ru_maxrss``)."""
+    """This process's resident memory now (Linux), else its peak (``ru_maxrss``).
+
+    ``/proc/self/statm`` stays open: a ``pread`` of it costs a quarter of an
+    ``open`` + ``read`` + ``close``, and a check of many small states reads it a few
+    times per state.  A forked child drops the parent's (the file is the opener's).
+    """
+    global _statm
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
+        if _statm is None:
+            _statm = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return int(os.pread(_statm, 128, 0).split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError, AttributeError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+_statm: Optional[int] = None
+
+
+def _forget_statm() -> None:
+    global _statm
+    if _statm is not None:
+        try:
+            os.close(_statm)
+        except OSError:
+            pass
+        _statm = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_statm)
 
 
 try:
@@ -357,7 +381,8 @@ class MeteredInput:
                 f"memory by {grown >> 20} MiB, over the {self.budget >> 20} MiB budget); refused")
 
     def peek(self, size: int = 0) -> bytes:
-        self._check()
+        if self._pos:  # before the first byte is consumed nothing is built yet: no memory to check
+            self._check()
         return bytes(self._data[self._pos:self._pos + min(max(size, 1), CHUNK)])
 
     def read(self, size: int = -1) -> bytes:

@@ -213,47 +213,45 @@ class RedisBackend(RendezvousBackend):
         prefix = self.settings.key_prefix.encode()
         pattern = glob_escape(self.settings.key_prefix) + "*"
         client = self.client
-        keys = iter(())
-        entries: List[RunEntry] = []
+        cut = len(prefix)
+        # SCAN returns keys in hash order (a key may come twice): sort the names only, then
+        # read the values a batch at a time, so memory holds one batch of states, not all.
         with self.errors():
-            keys = client.scan_iter(match=pattern, count=LIST_BATCH)
-        while True:
+            keys = sorted(set(client.scan_iter(match=pattern, count=LIST_BATCH)),
+                          key=lambda key: key[cut:].decode("utf-8", "replace"))
+        for start in range(0, len(keys), LIST_BATCH):
+            batch = keys[start:start + LIST_BATCH]
             with self.errors():
-                batch = [key for _, key in zip(range(LIST_BATCH), keys)]
-                if not batch:
-                    break
                 pipe = client.pipeline(transaction=False)
                 for key in batch:
                     pipe.hmget(key, ["state", "version"])
                 rows = pipe.execute(raise_on_error=False)
             for key, row in zip(batch, rows):
                 name = key.decode("utf-8", "replace")
-                run_id = key[len(prefix):].decode("utf-8", "replace")
+                run_id = key[cut:].decode("utf-8", "replace")
                 if isinstance(row, rx.ResponseError):
-                    if b".store/" in key[len(prefix):] or _side_key(name):
+                    if b".store/" in key[cut:] or _side_key(name):
                         continue  # a torchrun store key, a version counter or a history list of some run
                     if "WRONGTYPE" not in str(row).upper():
                         raise self.translate_error(row)
-                    entries.append(RunEntry(run_id, None, StateCorruptError(
-                        f"the Redis key {name!r} is a key of another type where a rendezvous hash belongs")))
+                    yield RunEntry(run_id, None, StateCorruptError(
+                        f"the Redis key {name!r} is a key of another type where a rendezvous hash belongs"))
                     continue
                 if isinstance(row, Exception):
                     raise self.translate_error(row)
                 state, version = row
                 if state is None:
-                    entries.append(RunEntry(run_id, None, StateCorruptError(
-                        f"the Redis hash {name!r} has no state field (not a rendezvous hash)")))
+                    yield RunEntry(run_id, None, StateCorruptError(
+                        f"the Redis hash {name!r} has no state field (not a rendezvous hash)"))
                     continue
                 try:
-                    entries.append(RunEntry(run_id, decode_hash(name, state, version)))
+                    yield RunEntry(run_id, decode_hash(name, state, version))
                 except StateCorruptError as exc:
                     text = (version or b"").decode("ascii", "replace")
                     if text.isdigit():
-                        entries.append(RunEntry(run_id, (bytes(state), int(text))))
+                        yield RunEntry(run_id, (bytes(state), int(text)))
                     else:
-                        entries.append(RunEntry(run_id, None, exc))
-        entries.sort(key=lambda entry: entry.run_id)
-        yield from entries
+                        yield RunEntry(run_id, None, exc)
 
     @property
     def store_prefix(self) -> str:

@@ -60,22 +60,25 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
     verdict = None
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
-            reports = [check_run(e.run_id, None if e.state is None else e.state[0], e.error, now, *_settings(app))[0]
-                       for e in with_progress(app, backend.list_runs())]
-        reports = [r for r in reports if r["status"] != "absent"]
-    else:
-        with app.open() as backend:
-            report, state, keys = _check_one(app, backend, now)
-            if settle and report.get("phase") == "closing":
-                report, state = _settle(app, backend, now, keys)
-            reports = [report]
-            if for_launch and report["status"] not in ("corrupt", "unsafe"):
-                ka = app.keep_alive
-                verdict = launch_verdict(state, clock.now_utc(), ka.interval, ka.max_attempt, keys)
-        if reports[0]["status"] == "absent" and verdict is None:
-            from rdzvctl.errors import NoStateError
+            # Streamed: each run is checked and printed (JSON) as the backend yields it.
+            checked = (check_run(e.run_id, None if e.state is None else e.state[0], e.error, now, *_settings(app))[0]
+                       for e in with_progress(app, backend.list_runs(), streamed=output == "json"))
+            code = show_reports(app, (r for r in checked if r["status"] != "absent"), True, None, fail_on, output)
+        if code:
+            app.exit(code)
+        return
+    with app.open() as backend:
+        report, state, keys = _check_one(app, backend, now)
+        if settle and report.get("phase") == "closing":
+            report, state = _settle(app, backend, now, keys)
+        reports = [report]
+        if for_launch and report["status"] not in ("corrupt", "unsafe"):
+            ka = app.keep_alive
+            verdict = launch_verdict(state, clock.now_utc(), ka.interval, ka.max_attempt, keys)
+    if reports[0]["status"] == "absent" and verdict is None:
+        from rdzvctl.errors import NoStateError
 
-            raise NoStateError.for_run(backend.run_id, backend.describe())
+        raise NoStateError.for_run(backend.run_id, backend.describe())
     code = show_reports(app, reports, all_runs, verdict, fail_on, output)
     if code:
         app.exit(code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict, Iterator
+
 import click
 
 from rdzvctl import clock
@@ -27,34 +29,42 @@ def command(app: App, output: str) -> None:
     if legacy.handles(app):  # torch's legacy etcd JSON, not a pickled state
         return legacy.list_runs(app, output)
     now = clock.now_utc()
-    rows = []
     with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
-        for entry in with_progress(app, backend.list_runs()):
-            raw = None if entry.state is None else entry.state[0]
-            if raw is None and entry.error is None:
-                continue  # e.g. c10d's "no state" sentinel
-            report, state = check_run(entry.run_id, raw, entry.error, now, app.keep_alive, app.max_nodes)
-            row = {"run_id": entry.run_id, "health": report["status"], "phase": report["phase"],
-                   "round": None, "complete": None,
-                   "participants": None, "waiting": None, "closed": None,
-                   "token": None if entry.state is None else backend.format_token(entry.state[1]),
-                   "error": None}
-            if state is not None:
-                row.update(round=state.round, complete=state.complete, participants=len(state.participants),
-                           waiting=len(state.wait_list), closed=state.closed)
-            elif report.get("problems"):
-                row["error"] = report["problems"][0]["message"]
-            rows.append(row)
-    if output == "json":
-        app.json({"schema": "rdzvctl.list/v1", "backend": app.address.backend, "runs": rows})
-        return
+        # One run at a time, as the backend yields them (sorted): -o json is streamed.
+        rows = _rows(app, backend, now, output == "json")
+        if output == "json":
+            app.json_stream({"schema": "rdzvctl.list/v1", "backend": app.address.backend}, "runs", rows, dict)
+            return
 
-    def show(value: object) -> str:
-        return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
+        def show(value: object) -> str:
+            return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
 
-    table = Table("", ["run id", "round", "complete", "participants", "waiting", "closed", "phase", "health"],
-                  [[r["run_id"], *(show(r[k]) for k in ("round", "complete", "participants", "waiting", "closed",
-                                                        "phase")), r["health"]] for r in rows])
-    unreadable = [[r["run_id"], r["error"]] for r in rows if r["error"]]
+        cells, unreadable = [], []
+        for r in rows:
+            cells.append([r["run_id"], *(show(r[k]) for k in ("round", "complete", "participants", "waiting",
+                                                               "closed", "phase")), r["health"]])
+            if r["error"]:
+                unreadable.append([r["run_id"], r["error"]])
+    table = Table("", ["run id", "round", "complete", "participants", "waiting", "closed", "phase", "health"], cells)
     tables = [table] + ([Table("Unreadable runs", ["run id", "why"], unreadable)] if unreadable else [])
     render_tables(app, [], tables)
+
+
+def _rows(app: App, backend: Any, now: Any, streamed: bool) -> Iterator[Dict[str, Any]]:
+    """The listing's row of each run the backend lists (not c10d's "no state" sentinel)."""
+    for entry in with_progress(app, backend.list_runs(), streamed=streamed):
+        raw = None if entry.state is None else entry.state[0]
+        if raw is None and entry.error is None:
+            continue  # e.g. c10d's "no state" sentinel
+        report, state = check_run(entry.run_id, raw, entry.error, now, app.keep_alive, app.max_nodes)
+        row = {"run_id": entry.run_id, "health": report["status"], "phase": report["phase"],
+               "round": None, "complete": None,
+               "participants": None, "waiting": None, "closed": None,
+               "token": None if entry.state is None else backend.format_token(entry.state[1]),
+               "error": None}
+        if state is not None:
+            row.update(round=state.round, complete=state.complete, participants=len(state.participants),
+                       waiting=len(state.wait_list), closed=state.closed)
+        elif report.get("problems"):
+            row["error"] = report["problems"][0]["message"]
+        yield row
