@@ -181,6 +181,12 @@ def test_non_base64_value_is_corrupt_and_names_the_run(filestore_path):
     torch_filestore(filestore_path).set(f"torch.rendezvous.{b.run_id}", "not base64!")
     with pytest.raises(StateCorruptError, match=b.run_id):
         b.get_state()
+    # a listing says the same (not a pickle error from decoding the raw bytes), and keeps the raw
+    # value as its token so a fenced clear can still remove it
+    entry = next(e for e in b.list_runs() if e.run_id == b.run_id)
+    assert isinstance(entry.error, StateCorruptError) and "not base64" in str(entry.error)
+    assert entry.state == (b"not base64!", b"not base64!")
+    assert b.clear(entry.state[1]) and b.get_state() is None
 
 
 # -- cross-writes with torch's C10dRendezvousBackend over FileStore ----------------------------------

@@ -100,9 +100,11 @@ CAPABILITIES = ("clear", "list_runs", "native_watch", "store_keys", "history")
 class RunEntry(NamedTuple):
     """One run found by :meth:`RendezvousBackend.list_runs`: its id and raw state.
 
-    ``error`` is set (and ``state`` None) when the stored value of that run
-    cannot even be unwrapped (e.g. bad base64), so one bad run never hides the
-    others.
+    ``error`` is set when the stored value of that run cannot even be
+    unwrapped (e.g. bad base64), so one bad run never hides the others and is
+    reported for what it is; ``state`` is then None, or the raw value and its
+    token where the backend has a token for it (c10d), so a fenced ``clear``
+    can still remove it.
     """
 
     run_id: str

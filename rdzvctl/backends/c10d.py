@@ -195,9 +195,9 @@ class C10dBackend(RendezvousBackend):
 
         A run id may hold ``/``; a key is a round's store key
         (``torch.rendezvous.<run_id>.<round>/<name>``) rather than a run only
-        when that ``<run_id>`` is a run too.  A value that is not base64 is
-        returned raw, as its own token, so decoding it reports the corruption
-        and a fenced ``clear`` can repair it.
+        when that ``<run_id>`` is a run too.  A value that is not base64 comes
+        with its error (what ``get`` says of it) and raw, as its own token, so a
+        fenced ``clear`` can repair it.
         """
         names = {k[len(_WIRE_PREFIX):] for k in self.store.list_keys() if k.startswith(_WIRE_PREFIX)}
         keys = sorted(_WIRE_PREFIX + name for name in names if not _is_round_key(name, names))
@@ -208,8 +208,8 @@ class C10dBackend(RendezvousBackend):
                     continue  # deleted since the listing
                 try:
                     yield RunEntry(run_id, self._decode(value, run_id))
-                except StateCorruptError:
-                    yield RunEntry(run_id, (value, value))
+                except StateCorruptError as exc:
+                    yield RunEntry(run_id, (value, value), exc)
 
     def _batches(self, keys: List[bytes]) -> Iterator[List[bytes]]:
         """``keys`` in runs for one ``multi_get`` each: ``_MULTI_GET_BATCH`` keys on a TCPStore; on a

@@ -245,7 +245,7 @@ class RunReader:
         return result
 
     def _update(self, entry: RunEntry, result: Scrape) -> RunRecord:
-        if entry.state is None:
+        if entry.state is None or entry.error is not None:
             error = entry.error if isinstance(entry.error, StateError) else StateError(str(entry.error))
             key: Any = ("error", type(entry.error).__name__, str(entry.error))
             raw: Optional[bytes] = None
