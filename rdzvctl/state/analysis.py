@@ -11,7 +11,7 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.model import NodeDesc, RendezvousState, node_order
 
 __all__ = [
     "KeepAlive",
@@ -91,11 +91,12 @@ def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAli
 
     for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0])):
         add(node, "participant", rank)
-    for node in sorted(state.wait_list - set(state.participants)):
+    for node in sorted(state.wait_list - state.participants.keys(), key=node_order):
         add(node, "waiting", None)
-    for node in sorted(state.redundancy_list - set(state.participants) - state.wait_list):
+    for node in sorted(state.redundancy_list - state.participants.keys() - state.wait_list, key=node_order):
         add(node, "redundant", None)
-    for node in sorted(set(state.last_heartbeats) - set(state.participants) - state.wait_list - state.redundancy_list):
+    for node in sorted(state.last_heartbeats.keys() - state.participants.keys() - state.wait_list
+                       - state.redundancy_list, key=node_order):
         add(node, "orphan", None)
     return rows
 

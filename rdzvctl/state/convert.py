@@ -26,6 +26,7 @@ NODE_CLASS = "_NodeDesc"
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 _NO_STATE = object()
+_UTC = _dt.timezone.utc
 
 #: Refuse states with more distinct nodes than this before converting them.  A node can
 #: take as little as 36 bytes (one addr, memoised), so 16 MiB could hold 430,000 (2 s of
@@ -170,6 +171,8 @@ class _Converter:
             self.naive.add(True)
             return checked.replace(tzinfo=_dt.timezone.utc)
         self.naive.add(False)
+        if tz is _UTC:  # what torch writes (a zero offset unpickles as the utc singleton)
+            return checked
         try:
             return checked.astimezone(_dt.timezone.utc)
         except (OverflowError, ValueError) as exc:

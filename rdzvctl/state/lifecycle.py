@@ -35,7 +35,7 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Op
 
 from rdzvctl.state.analysis import KeepAlive, prune_dead_nodes
 from rdzvctl.state.jsonform import format_time
-from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.model import NodeDesc, RendezvousState, node_order
 from rdzvctl.state.store_keys import split_round_key
 
 __all__ = ["PHASES", "TORCH_NEXT", "Lifecycle", "Liveness", "LaunchVerdict", "liveness", "lifecycle", "launch_verdict",
@@ -71,11 +71,12 @@ def liveness(state: RendezvousState, now: _dt.datetime, expiry: _dt.timedelta) -
     expire = now - expiry
     live = frozenset(n for n, when in state.last_heartbeats.items() if not when < expire)
     dead = frozenset(state.last_heartbeats) - live
+    participants = sorted(state.participants, key=node_order)
     return Liveness(
         live, dead,
-        tuple(sorted(n for n in state.participants if n in live)),
-        tuple(sorted(n for n in state.participants if n in dead)),
-        tuple(sorted(n for n in state.wait_list if n in live)),
+        tuple(n for n in participants if n in live),
+        tuple(n for n in participants if n in dead),
+        tuple(sorted((n for n in state.wait_list if n in live), key=node_order)),
         max(state.last_heartbeats.values(), default=None),
     )
 
