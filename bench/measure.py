@@ -36,6 +36,8 @@ class Settings:
     warmup: int = 2
     repeats: int = 25
     large_nodes: int = 4096
+    huge_nodes: int = 65536
+    watch_versions: int = 3
     small_nodes: int = 8
     runs: int = 10000
     watch_events: int = 100
@@ -44,8 +46,8 @@ class Settings:
     @classmethod
     def make(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(quick=True, warmup=1, repeats=3, large_nodes=512, runs=1000, watch_events=8,
-                       tcp_samples=2000)
+            return cls(quick=True, warmup=1, repeats=3, large_nodes=512, huge_nodes=2048, watch_versions=2,
+                       runs=1000, watch_events=8, tcp_samples=2000)
         return cls()
 
 
