@@ -30,7 +30,7 @@ from rdzvctl.state.codec import decode
 from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
 from rdzvctl.state.jsonform import format_time, state_to_json
 from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
-from rdzvctl.state.model import RendezvousState
+from rdzvctl.state.model import RendezvousState, collector_paused
 
 if TYPE_CHECKING:  # loaded by the legacy etcd commands only
     from rdzvctl.state.legacy_etcd import LegacyReport, LegacyRun
@@ -189,6 +189,12 @@ def describe(
     store_keys: Optional[Dict[str, bytes]] = None,
 ) -> Dict[str, Any]:
     """The ``get -o json`` document (schema ``rdzvctl.get/v1``)."""
+    with collector_paused():  # a row per node, and nothing cyclic: see collector_paused
+        return _describe(snap, keep_alive, max_nodes, store_keys)
+
+
+def _describe(snap: Snapshot, keep_alive: KeepAlive, max_nodes: Optional[int],
+              store_keys: Optional[Dict[str, bytes]]) -> Dict[str, Any]:
     doc: Dict[str, Any] = {
         "schema": SCHEMA,
         "backend": snap.backend,
