@@ -91,12 +91,15 @@ def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAli
 
     for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0])):
         add(node, "participant", rank)
-    for node in sorted(state.wait_list - state.participants.keys(), key=node_order):
+    # frozenset(a dict) and set operations reuse the stored hashes (no NodeDesc.__hash__ calls,
+    # which run in Python); a dict's keys() view does not.
+    participants = frozenset(state.participants)
+    for node in sorted(state.wait_list - participants, key=node_order):
         add(node, "waiting", None)
-    for node in sorted(state.redundancy_list - state.participants.keys() - state.wait_list, key=node_order):
+    for node in sorted(state.redundancy_list - participants - state.wait_list, key=node_order):
         add(node, "redundant", None)
-    for node in sorted(state.last_heartbeats.keys() - state.participants.keys() - state.wait_list
-                       - state.redundancy_list, key=node_order):
+    orphans = frozenset(state.last_heartbeats) - participants - state.wait_list - state.redundancy_list
+    for node in sorted(orphans, key=node_order):
         add(node, "orphan", None)
     return rows
 

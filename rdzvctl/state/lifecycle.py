@@ -69,15 +69,18 @@ class Liveness(NamedTuple):
 def liveness(state: RendezvousState, now: _dt.datetime, expiry: _dt.timedelta) -> Liveness:
     """torch's rule (``_sanitize``): a node is dead iff its heartbeat is older than ``now - expiry``."""
     expire = now - expiry
-    live = frozenset(n for n, when in state.last_heartbeats.items() if not when < expire)
-    dead = frozenset(state.last_heartbeats) - live
-    participants = sorted(state.participants, key=node_order)
+    # Set operations between sets and dicts reuse the hashes stored with the keys; a lookup
+    # (``n in live``) calls NodeDesc.__hash__, in Python: only the dead nodes are looked up.
+    beats = state.last_heartbeats
+    dead = frozenset(n for n, when in beats.items() if when < expire)
+    live = frozenset(beats) - dead
+    participants = frozenset(state.participants)
     return Liveness(
         live, dead,
-        tuple(n for n in participants if n in live),
-        tuple(n for n in participants if n in dead),
-        tuple(sorted((n for n in state.wait_list if n in live), key=node_order)),
-        max(state.last_heartbeats.values(), default=None),
+        tuple(sorted(live & participants, key=node_order)),
+        tuple(sorted(dead & participants, key=node_order)),
+        tuple(sorted(live & state.wait_list, key=node_order)),
+        max(beats.values(), default=None),
     )
 
 
