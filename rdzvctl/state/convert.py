@@ -262,14 +262,15 @@ def convert(obj: Any) -> Tuple[RendezvousState, List[str]]:
 
     _check_node_count(raw)
     participants: Dict[NodeDesc, int] = {}
+    known = conv.nodes  # a node already converted (by id of the unpickled object) costs no call
     for key, rank in conv.node_map(raw["participants"], "participants").items():
-        node = conv.node(key, "participants")
+        node = known.get(id(key)) or conv.node(key, "participants")
         if type(rank) is not int or not _INT_MIN <= rank <= _INT_MAX:
             _check_int(rank, f"participants: rank of {node}")
         participants[node] = rank
     heartbeats: Dict[NodeDesc, _dt.datetime] = {}
     for key, when in conv.node_map(raw["last_heartbeats"], "last_heartbeats").items():
-        node = conv.node(key, "last_heartbeats")
+        node = known.get(id(key)) or conv.node(key, "last_heartbeats")
         heartbeats[node] = conv.time(when, "last_heartbeats", node)
     state = RendezvousState(
         round=raw["round"],
