@@ -12,6 +12,7 @@ from typing import List
 
 from bench.context import Context, cpu_ratio, ms
 from bench.measure import Row, baseline_argv, rdzvctl_argv, time_interleaved
+from bench.p3_large import FRESH
 from bench.servers import BACKENDS
 from bench.states import state_bytes
 
@@ -34,7 +35,7 @@ def run(ctx: Context) -> List[Row]:
         ctx.log(f"P1 {target.label}")
         target.write(RUN_ID, state)
         commands = {
-            "ours": rdzvctl_argv() + ["get", "-o", "json"] + target.flags(RUN_ID),
+            "ours": rdzvctl_argv() + ["get", "-o", "json"] + target.flags(RUN_ID, FRESH),
             "base": baseline_argv("get", target.label, target.endpoint, RUN_ID),
         }
         envs = {}

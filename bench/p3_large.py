@@ -19,10 +19,15 @@ JSON_LIMIT = 1.3
 TABLE_LIMIT = 1.6
 
 
+#: The state's heartbeats stay fresh however long the benchmark takes (torch's expiry is
+#: interval x max_attempt, 15 s by default): a live job is measured, not one dying midway.
+FRESH = "keep_alive_interval=3600"
+
+
 def commands(target: Target, run_id: str = RUN_ID) -> Dict[str, List[str]]:
     return {
-        "json": rdzvctl_argv() + ["get", "-o", "json"] + target.flags(run_id),
-        "table": rdzvctl_argv() + ["get"] + target.flags(run_id),
+        "json": rdzvctl_argv() + ["get", "-o", "json"] + target.flags(run_id, FRESH),
+        "table": rdzvctl_argv() + ["get"] + target.flags(run_id, FRESH),
         "base": baseline_argv("get", target.label, target.endpoint, run_id),
     }
 

@@ -70,15 +70,18 @@ def liveness(state: RendezvousState, now: _dt.datetime, expiry: _dt.timedelta) -
     """torch's rule (``_sanitize``): a node is dead iff its heartbeat is older than ``now - expiry``."""
     expire = now - expiry
     # Set operations between sets and dicts reuse the hashes stored with the keys; a lookup
-    # (``n in live``) calls NodeDesc.__hash__, in Python: only the dead nodes are looked up.
+    # (``n in live``) calls NodeDesc.__hash__, in Python, so a healthy state is not looked up
+    # node by node. The participants are sorted in their dict's order (torch's, already
+    # sorted: linear), never in a set's (random: ~60 ms for 65,536 nodes).
     beats = state.last_heartbeats
     dead = frozenset(n for n, when in beats.items() if when < expire)
     live = frozenset(beats) - dead
-    participants = frozenset(state.participants)
+    members = frozenset(state.participants)
+    ordered = sorted(state.participants, key=node_order)
     return Liveness(
         live, dead,
-        tuple(sorted(live & participants, key=node_order)),
-        tuple(sorted(dead & participants, key=node_order)),
+        tuple(ordered) if members <= live else tuple(n for n in ordered if n in live),
+        tuple(sorted(dead & members, key=node_order)),  # usually few
         tuple(sorted(live & state.wait_list, key=node_order)),
         max(beats.values(), default=None),
     )
