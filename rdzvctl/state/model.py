@@ -35,7 +35,7 @@ STATE_FIELDS = (
 _INTEGER = re.compile(r"0|-?[1-9][0-9]*")
 
 
-@dataclass(eq=True, order=True, frozen=True)
+@dataclass(eq=True, order=True, frozen=True, init=False)
 class NodeDesc:
     """A node of the rendezvous: torch's ``_NodeDesc``.
 
@@ -47,11 +47,12 @@ class NodeDesc:
     pid: int
     local_id: int
 
-    def __post_init__(self) -> None:
-        # The id and its hash once per node, up front: every node is a dict key or a set
-        # item at least once, and a 65,536-node state is hashed ~10 times per node.
-        node_id = self.__dict__["id"] = f"{self.addr}_{self.pid}_{self.local_id}"
-        self.__dict__["_hash"] = hash(node_id)
+    def __init__(self, addr: str, pid: int, local_id: int) -> None:
+        # One dict update instead of the frozen dataclass's three object.__setattr__ calls, with
+        # the id and its hash computed up front: every node is a dict key or a set item at least
+        # once (decoding builds 65,536 of them for a 65,536-node state).
+        node_id = f"{addr}_{pid}_{local_id}"
+        self.__dict__.update(addr=addr, pid=pid, local_id=local_id, id=node_id, _hash=hash(node_id))
 
     def __reduce__(self) -> Any:
         # Copies and pickles go through __init__: the cached hash is this process's (SipHash key).
