@@ -152,21 +152,17 @@ class _Converter:
         return node
 
     def time(self, value: Any, where: str, node: Optional[NodeDesc] = None) -> _dt.datetime:
-        """A validated aware UTC datetime; ``node`` only labels errors (built lazily: this is hot)."""
-
-        def label() -> str:
-            return where if node is None else f"{where}[{node}]"
-
+        """A validated aware UTC datetime; ``node`` only labels errors (built on error only: this is hot)."""
         if type(value) is not _dt.datetime:
-            raise StateCorruptError(f"{label()}: expected a datetime, found {_kind(value)}")
+            raise StateCorruptError(f"{_label(where, node)}: expected a datetime, found {_kind(value)}")
         tz = value.tzinfo
         if tz is not None and type(tz) is not _dt.timezone:
-            raise StateCorruptError(f"{label()}: a datetime with a {_kind(tz)} time zone")
+            raise StateCorruptError(f"{_label(where, node)}: a datetime with a {_kind(tz)} time zone")
         try:  # a pickled payload skips the constructor's range checks (day 0, hour 25, ...)
             checked = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
                                    value.microsecond, tz, fold=value.fold)
         except (ValueError, OverflowError, TypeError) as exc:
-            raise StateCorruptError(f"{label()}: not a valid datetime: {_reason(exc)}") from None
+            raise StateCorruptError(f"{_label(where, node)}: not a valid datetime: {_reason(exc)}") from None
         if tz is None:
             self.naive.add(True)
             return checked.replace(tzinfo=_dt.timezone.utc)
@@ -176,7 +172,7 @@ class _Converter:
         try:
             return checked.astimezone(_dt.timezone.utc)
         except (OverflowError, ValueError) as exc:
-            raise StateCorruptError(f"{label()}: datetime out of range: {_reason(exc)}") from None
+            raise StateCorruptError(f"{_label(where, node)}: datetime out of range: {_reason(exc)}") from None
 
     def node_set(self, value: Any, where: str) -> Set[NodeDesc]:
         if type(value) is not set:
@@ -188,6 +184,10 @@ class _Converter:
         if type(value) is not dict:
             raise StateCorruptError(f"{where}: expected a dict, found {_kind(value)}")
         return value
+
+
+def _label(where: str, node: Optional[NodeDesc]) -> str:
+    return where if node is None else f"{where}[{node}]"
 
 
 def _kind(value: Any) -> str:
