@@ -38,6 +38,8 @@ class Settings:
     warmup: int = 2
     repeats: int = 25
     large_nodes: int = 4096
+    huge_nodes: int = 65536
+    watch_versions: int = 3
     small_nodes: int = 8
     runs: int = 10000
     many_runs: int = 100_000  # P8
@@ -47,8 +49,8 @@ class Settings:
     @classmethod
     def make(cls, quick: bool) -> "Settings":
         if quick:
-            return cls(quick=True, warmup=1, repeats=3, large_nodes=512, runs=1000, many_runs=2000, watch_events=8,
-                       tcp_samples=2000)
+            return cls(quick=True, warmup=1, repeats=3, large_nodes=512, huge_nodes=2048, watch_versions=2,
+                       runs=1000, many_runs=2000, watch_events=8, tcp_samples=2000)
         return cls()
 
 

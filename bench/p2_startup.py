@@ -9,7 +9,7 @@ from bench.context import Context, cpu_ratio, ms
 from bench.measure import Row, rdzvctl_argv, time_interleaved
 
 ID = "P2"
-LIMIT = 1.5
+LIMIT = 1.2
 
 
 def run(ctx: Context) -> List[Row]:

@@ -14,7 +14,7 @@ from bench.servers import BACKENDS
 from bench.states import state_bytes
 
 ID = "P7"
-LIMIT = 1.5
+LIMIT = 1.3
 
 
 def run(ctx: Context) -> List[Row]:

@@ -28,7 +28,7 @@ from bench.measure import Row, Settings, bench_env
 from bench.servers import BACKENDS, Fleet
 
 #: Benchmark id -> module; the order is the order they run in (P6 imports torch: last).
-ORDER = ("P2", "P1", "P3", "P7", "P5", "P4", "P8", "P10", "P11", "P12", "P6")
+ORDER = ("P2", "P1", "P3", "P7", "P9", "P5", "P4", "P8", "P10", "P11", "P12", "P6")
 MODULES = {
     "P1": "bench.p1_get",
     "P2": "bench.p2_startup",
@@ -38,11 +38,12 @@ MODULES = {
     "P6": "bench.p6_tcpstore",
     "P7": "bench.p7_memory",
     "P8": "bench.p8_runs",
+    "P9": "bench.p9_huge",
     "P10": "bench.p10_bounded",
     "P11": "bench.p11_exporter",
     "P12": "bench.p12_history",
 }
-NEEDS_SERVERS = {"P1", "P3", "P4", "P5", "P7", "P8", "P11", "P12"}
+NEEDS_SERVERS = {"P1", "P3", "P4", "P5", "P7", "P8", "P9", "P11", "P12"}
 COLUMNS = ("id", "what", "backend", "rdzvctl", "baseline", "ratio", "cpu ratio", "target", "verdict")
 
 
@@ -77,7 +78,7 @@ def format_table(rows: List[Row], markdown: bool = False) -> str:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="rdzvctl's benchmarks (P1-P8, P10-P12).")
+    parser = argparse.ArgumentParser(prog="python -m bench", description="rdzvctl's benchmarks (P1-P12).")
     parser.add_argument("--quick", action="store_true", help="smoke run: few repetitions, small sizes")
     parser.add_argument("--only", default="", help="comma-separated benchmark ids, e.g. P1,P3")
     parser.add_argument("--backends", default="", help=f"comma-separated subset of {', '.join(BACKENDS)}")

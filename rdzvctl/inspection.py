@@ -10,10 +10,9 @@ from :func:`rdzvctl.clock.now_utc`.  No printing here.
 from __future__ import annotations
 
 import datetime as _dt
-import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend, StateAndToken, Token
@@ -30,11 +29,11 @@ from rdzvctl.state.analysis import (
 from rdzvctl.state.codec import decode
 from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
 from rdzvctl.state.jsonform import format_time, state_to_json
-from rdzvctl.state.legacy_etcd import STATE_FORMAT as LEGACY_FORMAT
-from rdzvctl.state.legacy_etcd import LegacyReport, LegacyRun
-from rdzvctl.state.legacy_etcd import analyse as analyse_legacy
 from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
-from rdzvctl.state.model import RendezvousState
+from rdzvctl.state.model import RendezvousState, collector_paused
+
+if TYPE_CHECKING:  # loaded by the legacy etcd commands only
+    from rdzvctl.state.legacy_etcd import LegacyReport, LegacyRun
 
 __all__ = ["Snapshot", "take_snapshot", "describe", "summarize", "assess", "probe_tcp", "read_store_keys",
            "reread_while", "check_run", "is_legacy_etcd", "legacy_options", "read_legacy", "describe_legacy", "CONFIRM_SECONDS",
@@ -125,6 +124,8 @@ def _stored_despite(backend: RendezvousBackend) -> Optional[StateAndToken]:
 
 def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
     """One bounded TCP connect: ``listening``, ``refused`` or ``unreachable`` (timeout, no route, no name)."""
+    import socket  # 2 ms of start-up that only a probe needs
+
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -195,6 +196,12 @@ def describe(
     store_keys: Optional[Dict[str, bytes]] = None,
 ) -> Dict[str, Any]:
     """The ``get -o json`` document (schema ``rdzvctl.get/v1``)."""
+    with collector_paused():  # a row per node, and nothing cyclic: see collector_paused
+        return _describe(snap, keep_alive, max_nodes, store_keys)
+
+
+def _describe(snap: Snapshot, keep_alive: KeepAlive, max_nodes: Optional[int],
+              store_keys: Optional[Dict[str, bytes]]) -> Dict[str, Any]:
     doc: Dict[str, Any] = {
         "schema": SCHEMA,
         "backend": snap.backend,
@@ -317,7 +324,12 @@ def check_run(
 # -- torch's legacy etcd rendezvous (a JSON state, not a pickle) ------------------------------------------
 def is_legacy_etcd(backend: Any) -> bool:
     """True when the backend (or its class) keeps torch's legacy etcd JSON (``state_format``), not a pickle."""
-    return getattr(backend, "state_format", None) == LEGACY_FORMAT
+    state_format = getattr(backend, "state_format", None)
+    if state_format is None:  # every pickled backend: no need to load the legacy module
+        return False
+    from rdzvctl.state.legacy_etcd import STATE_FORMAT
+
+    return bool(state_format == STATE_FORMAT)
 
 
 def legacy_options(backend: Any) -> Dict[str, Any]:
@@ -331,6 +343,8 @@ def legacy_options(backend: Any) -> Dict[str, Any]:
 
 def read_legacy(backend: Any) -> Tuple[LegacyRun, LegacyReport]:
     """Read a legacy etcd run once (state, counter, keep-alive leases) and analyse it now."""
+    from rdzvctl.state.legacy_etcd import analyse as analyse_legacy
+
     run: LegacyRun = backend.read_run()
     return run, analyse_legacy(run, time.time(), **legacy_options(backend))
 

@@ -360,3 +360,25 @@ def test_the_prescan_run_stops_at_a_failed_opcode_on_this_python() -> None:
     ordinary = pickle.BININT1 + b"\x01" + pickle.POP
     # one match covers RUN_CHUNK opcodes (two per repetition here); scan() matches again from there
     assert prescan._RUN.match(ordinary * prescan.RUN_CHUNK).end() == len(ordinary) * prescan.RUN_CHUNK // 2
+
+
+_HUGE_PUT = pickle.LONG_BINPUT + b"\xff\xff\xff\x7f"  # a 2^31-entry memo
+
+
+@pytest.mark.parametrize("opcode, width", [
+    (pickle.SHORT_BINUNICODE, 1), (pickle.SHORT_BINBYTES, 1), (pickle.SHORT_BINSTRING, 1),
+    (pickle.BINUNICODE, 4), (pickle.BINBYTES, 4), (pickle.BINUNICODE8, 8),
+])
+@pytest.mark.parametrize("length", [5, 63, 64, 255])  # either side of prescan.RUN_LENGTH
+def test_the_prescan_skips_counted_arguments_in_step(opcode: bytes, width: int, length: int) -> None:
+    """Short arguments are skipped by the run, longer ones (and every 4- and 8-byte length) by scan()
+    itself: either way an opcode hidden in the data is data, and the opcode after it is checked."""
+    from rdzvctl.state import prescan
+
+    data = (_HUGE_PUT * length)[:length]
+    arg = opcode + length.to_bytes(width, "little") + data
+    prescan.scan(_p4(arg + pickle.POP))
+    with pytest.raises(StateCorruptError, match="memo index"):
+        decode(_p4(arg + _HUGE_PUT))
+    with pytest.raises(StateCorruptError, match="claims more bytes"):
+        prescan.scan(b"\x80\x04" + arg[:-1 - length // 2])  # truncated: the length claims more than is left

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, List
 
 import pytest
@@ -30,9 +31,9 @@ sys.stderr.write("\n" + json.dumps({"loaded": loaded, "exit": exit_code}) + "\n"
 """
 
 
-def _probe(code: str) -> dict:
+def _probe(code: str, heavy: List[str] = HEAVY) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RDZVCTL_"))}
-    done = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(HEAVY), code], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(heavy), code], capture_output=True, text=True,
                           timeout=60, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stderr.strip().splitlines()[-1])
@@ -100,6 +101,29 @@ def test_python_m_rdzvctl_help_works() -> None:
     done = subprocess.run([sys.executable, "-m", "rdzvctl", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
+
+
+#: What ``get`` on a FileStore has no use for: each is milliseconds of start-up (P1 in bench/).
+NOT_FOR_A_FILESTORE_GET = HEAVY + ["socket", "rdzvctl.state.legacy_etcd", "rdzvctl.backends.tcpstore", "rich"]
+
+
+def test_get_on_a_filestore_loads_no_socket_legacy_code_or_rich(tmp_path: Path) -> None:
+    from rdzvctl.backends.base import Address
+    from rdzvctl.backends.registry import open_backend
+    from rdzvctl.state.codec import encode
+    from rdzvctl.state.model import NodeDesc, RendezvousState
+
+    store = tmp_path / "filestore"
+    store.write_bytes(b"")
+    state = RendezvousState(round=1, complete=True)
+    state.participants[NodeDesc("node-a", 1, 0)] = 0
+    with open_backend(Address("c10d", str(store), "r", {"store_type": "file"}, 10.0)) as backend:
+        assert backend.set_state(encode(state), None) is not None
+    for output in (["-o", "json"], []):
+        argv = ["rdzvctl", "get", *output, "--rdzv-backend", "c10d", "--rdzv-endpoint", str(store), "--rdzv-id", "r",
+                "--rdzv-conf", "store_type=file"]
+        code = f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_module('rdzvctl', run_name='__main__')\n"
+        assert _probe(code, NOT_FOR_A_FILESTORE_GET) == {"loaded": [], "exit": 0}
 
 
 def test_the_probe_sees_a_heavy_import() -> None:

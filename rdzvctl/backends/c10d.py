@@ -23,7 +23,7 @@ log holds every value ever written); a TCPStore keeps only the current value.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, Union
 
 from rdzvctl.backends.base import (
     Address,
@@ -37,7 +37,6 @@ from rdzvctl.backends.base import (
 )
 from rdzvctl.backends.endpoints import EndpointSyntaxError, parse_rendezvous_endpoint
 from rdzvctl.backends.filestore import FileStore
-from rdzvctl.backends.tcpstore import DEFAULT_PORT, TcpStoreClient
 from rdzvctl.errors import BackendConfigError, StateCorruptError
 from rdzvctl.state.codec import MAX_STATE_BYTES, decode_base64, encode_base64
 from rdzvctl.state.store_keys import store_keys_by_round
@@ -51,11 +50,18 @@ _MULTI_GET_BATCH = 256  # values per TCPStore MULTI_GET: bounds memory when stat
 _FILE_BATCH_BYTES = 4 << 20  # bytes of values per FileStore multi_get (one lock, one replay)
 _SIZE_BATCH = 4096  # keys whose value sizes are looked up at a time (FileStore)
 
-Store = Union[TcpStoreClient, FileStore]
+if TYPE_CHECKING:  # the TCPStore client (and ``socket``, 2 ms of start-up) is loaded for store_type=tcp only
+    from rdzvctl.backends.tcpstore import TcpStoreClient
+
+Store = Union["TcpStoreClient", FileStore]
 
 
-def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
-    """torch's ``parse_rendezvous_endpoint``: ``host[:port]``, ``[v6]:port``, default port."""
+def parse_endpoint(endpoint: str, default_port: Optional[int] = None) -> Tuple[str, int]:
+    """torch's ``parse_rendezvous_endpoint``: ``host[:port]``, ``[v6]:port``, default port (the TCPStore's)."""
+    if default_port is None:
+        from rdzvctl.backends.tcpstore import DEFAULT_PORT
+
+        default_port = DEFAULT_PORT
     try:
         return parse_rendezvous_endpoint(endpoint, default_port)
     except EndpointSyntaxError as exc:
@@ -94,6 +100,8 @@ class C10dBackend(RendezvousBackend):
         # anyone who can write the file can make every value large: one at a time.
         self._batch = 1 if self.store_type == "file" else _MULTI_GET_BATCH
         if self.store_type == "tcp":
+            from rdzvctl.backends.tcpstore import TcpStoreClient
+
             host, port = parse_endpoint(address.endpoint)
             self.store = TcpStoreClient(host, port, timeout=timeout)
         elif self.store_type == "file":

@@ -11,7 +11,7 @@ etcd except through the backend.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from rdzvctl import clock
 from rdzvctl.backends.registry import get_backend_class
@@ -28,15 +28,9 @@ from rdzvctl.errors import (
 )
 from rdzvctl.inspection import Snapshot, describe_legacy, is_legacy_etcd, read_legacy
 from rdzvctl.state.jsonform import format_time
-from rdzvctl.state.legacy_etcd import (
-    LegacyReport,
-    LegacyRun,
-    check_json,
-    launch_of,
-    list_row,
-    next_version,
-    parse_state,
-)
+
+if TYPE_CHECKING:  # rdzvctl.state.legacy_etcd is imported when a command runs on such a backend, not by every get
+    from rdzvctl.state.legacy_etcd import LegacyReport, LegacyRun
 
 __all__ = ["handles", "get", "detect", "list_runs", "reset", "restore", "refuse", "LegacyWrites"]
 
@@ -146,6 +140,8 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
     keep-alive leases at once: phase ``closing``)."""
     import click
 
+    from rdzvctl.state.legacy_etcd import check_json, launch_of
+
     if for_launch and all_runs:
         raise click.UsageError("--for-launch judges one run id: it cannot be combined with --all")
     verdict = None
@@ -170,6 +166,8 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
 
 
 def list_runs(app: Any, output: str) -> None:
+    from rdzvctl.state.legacy_etcd import list_row
+
     rows = []
     with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
         for run, report in _all_runs(app, backend):
@@ -206,6 +204,8 @@ class LegacyWrites:
     def view(raw: Optional[bytes]) -> Any:
         if raw is None:
             return None
+        from rdzvctl.state.legacy_etcd import parse_state
+
         try:
             return parse_state(raw).to_json()
         except StateError as exc:
@@ -214,6 +214,8 @@ class LegacyWrites:
     @staticmethod
     def check(new: bytes) -> None:
         """Write only what torch's handler reads: it ``json.loads`` the value and indexes its fields."""
+        from rdzvctl.state.legacy_etcd import parse_state
+
         try:
             parse_state(new)
         except StateError as exc:
@@ -275,6 +277,7 @@ def reset(app: Any, mode: str, yes: bool, dry_run: bool, backup_dir: Optional[st
 def _reset_once(app: Any, backend: Any, mode: str, yes: bool, dry_run: bool,
                 backup_dir: Optional[str]) -> Tuple[LegacyRun, Optional[Dict[str, Any]]]:
     from rdzvctl.cli.change import apply_change
+    from rdzvctl.state.legacy_etcd import next_version
 
     run, report = read_legacy(backend)
     if run.raw is None and run.active is not None:

@@ -13,7 +13,6 @@ never markup built from data.
 
 from __future__ import annotations
 
-import difflib
 import sys
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
@@ -284,6 +283,8 @@ def render_plan(app: "App", before: Any, after: Any, title: str) -> bool:
     if old == new:
         app.err(f"{title}: no change.")
         return False
+    import difflib
+
     diff = [safe(line) for line in difflib.unified_diff(old, new, "current", "new", lineterm="", n=2)]
     if len(diff) > PLAN_DIFF_LIMIT and not getattr(app, "full_diff", False):
         app.err(f"{title} (a {len(diff)}-line diff, summarised; --full-diff shows it all):")

@@ -35,7 +35,6 @@ import base64
 import binascii
 import copyreg
 import datetime as _dt
-import gc
 import io
 import pickle
 from typing import Any, Dict, Iterable, List, Optional, SupportsIndex, Tuple
@@ -52,7 +51,7 @@ from rdzvctl.state.convert import (
     _StateShell,
     convert,
 )
-from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.model import NodeDesc, RendezvousState, collector_paused
 
 __all__ = [
     "TORCH_MODULE",
@@ -210,15 +209,8 @@ def _decode(data: bytes) -> Tuple[RendezvousState, List[str]]:
     data = bytes(data)
     prescan.scan(data)
     needed = prescan.stack_needed(prescan.tuple_depth_bound(data))
-    # The cyclic GC would walk every container built so far, again and again (a third of
-    # the time of a large state); nothing built here needs it until decoding is over.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return convert(prescan.call_with_stack(lambda: _unpickle(data), needed))
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _unpickle(data: bytes) -> Any:

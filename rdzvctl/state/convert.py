@@ -26,6 +26,7 @@ NODE_CLASS = "_NodeDesc"
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 _NO_STATE = object()
+_UTC = _dt.timezone.utc
 
 #: Refuse states with more distinct nodes than this before converting them.  A node can
 #: take as little as 36 bytes (one addr, memoised), so 16 MiB could hold 430,000 (2 s of
@@ -151,29 +152,27 @@ class _Converter:
         return node
 
     def time(self, value: Any, where: str, node: Optional[NodeDesc] = None) -> _dt.datetime:
-        """A validated aware UTC datetime; ``node`` only labels errors (built lazily: this is hot)."""
-
-        def label() -> str:
-            return where if node is None else f"{where}[{node}]"
-
+        """A validated aware UTC datetime; ``node`` only labels errors (built on error only: this is hot)."""
         if type(value) is not _dt.datetime:
-            raise StateCorruptError(f"{label()}: expected a datetime, found {_kind(value)}")
+            raise StateCorruptError(f"{_label(where, node)}: expected a datetime, found {_kind(value)}")
         tz = value.tzinfo
         if tz is not None and type(tz) is not _dt.timezone:
-            raise StateCorruptError(f"{label()}: a datetime with a {_kind(tz)} time zone")
+            raise StateCorruptError(f"{_label(where, node)}: a datetime with a {_kind(tz)} time zone")
         try:  # a pickled payload skips the constructor's range checks (day 0, hour 25, ...)
             checked = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
                                    value.microsecond, tz, fold=value.fold)
         except (ValueError, OverflowError, TypeError) as exc:
-            raise StateCorruptError(f"{label()}: not a valid datetime: {_reason(exc)}") from None
+            raise StateCorruptError(f"{_label(where, node)}: not a valid datetime: {_reason(exc)}") from None
         if tz is None:
             self.naive.add(True)
             return checked.replace(tzinfo=_dt.timezone.utc)
         self.naive.add(False)
+        if tz is _UTC:  # what torch writes (a zero offset unpickles as the utc singleton)
+            return checked
         try:
             return checked.astimezone(_dt.timezone.utc)
         except (OverflowError, ValueError) as exc:
-            raise StateCorruptError(f"{label()}: datetime out of range: {_reason(exc)}") from None
+            raise StateCorruptError(f"{_label(where, node)}: datetime out of range: {_reason(exc)}") from None
 
     def node_set(self, value: Any, where: str) -> Set[NodeDesc]:
         if type(value) is not set:
@@ -185,6 +184,10 @@ class _Converter:
         if type(value) is not dict:
             raise StateCorruptError(f"{where}: expected a dict, found {_kind(value)}")
         return value
+
+
+def _label(where: str, node: Optional[NodeDesc]) -> str:
+    return where if node is None else f"{where}[{node}]"
 
 
 def _kind(value: Any) -> str:
@@ -259,14 +262,15 @@ def convert(obj: Any) -> Tuple[RendezvousState, List[str]]:
 
     _check_node_count(raw)
     participants: Dict[NodeDesc, int] = {}
+    known = conv.nodes  # a node already converted (by id of the unpickled object) costs no call
     for key, rank in conv.node_map(raw["participants"], "participants").items():
-        node = conv.node(key, "participants")
+        node = known.get(id(key)) or conv.node(key, "participants")
         if type(rank) is not int or not _INT_MIN <= rank <= _INT_MAX:
             _check_int(rank, f"participants: rank of {node}")
         participants[node] = rank
     heartbeats: Dict[NodeDesc, _dt.datetime] = {}
     for key, when in conv.node_map(raw["last_heartbeats"], "last_heartbeats").items():
-        node = conv.node(key, "last_heartbeats")
+        node = known.get(id(key)) or conv.node(key, "last_heartbeats")
         heartbeats[node] = conv.time(when, "last_heartbeats", node)
     state = RendezvousState(
         round=raw["round"],

@@ -27,7 +27,7 @@ import json
 from typing import Any, Dict, Iterable, Mapping, Optional, Set, Union
 
 from rdzvctl.errors import StateValidationError
-from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState
+from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState, node_order
 
 __all__ = [
     "STATE_KEYS",
@@ -65,6 +65,8 @@ def format_time(value: Optional[_dt.datetime]) -> Optional[str]:
     """ISO-8601 in UTC with microseconds; a naive datetime is taken as UTC (never local time)."""
     if value is None:
         return None
+    if value.tzinfo is _UTC:  # every decoded datetime
+        return value.isoformat(timespec="microseconds")
     if value.tzinfo is None:
         value = value.replace(tzinfo=_dt.timezone.utc)
     return value.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
@@ -85,8 +87,11 @@ def parse_time(value: Any, field: str) -> _dt.datetime:
     return parsed.astimezone(_dt.timezone.utc)
 
 
-def _node_id_sort(item: Any) -> Any:
-    return item[0]
+_UTC = _dt.timezone.utc
+
+
+def _node_sort(item: Any) -> Any:
+    return node_order(item[0])
 
 
 def state_to_json(state: RendezvousState) -> Dict[str, Any]:
@@ -97,12 +102,12 @@ def state_to_json(state: RendezvousState) -> Dict[str, Any]:
         "deadline": format_time(state.deadline),
         "closed": state.closed,
         "participants": {
-            str(node): rank for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0]))
+            node.id: rank for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0]))
         },
-        "wait_list": [str(node) for node in sorted(state.wait_list)],
-        "redundancy_list": [str(node) for node in sorted(state.redundancy_list)],
+        "wait_list": [node.id for node in sorted(state.wait_list, key=node_order)],
+        "redundancy_list": [node.id for node in sorted(state.redundancy_list, key=node_order)],
         "last_heartbeats": {
-            str(node): format_time(when) for node, when in sorted(state.last_heartbeats.items(), key=_node_id_sort)
+            node.id: format_time(when) for node, when in sorted(state.last_heartbeats.items(), key=_node_sort)
         },
         "datetime_style": "naive" if state.naive_datetimes else "aware",
     }

@@ -34,7 +34,7 @@ import datetime as _dt
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from rdzvctl.state.jsonform import format_time
-from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.model import NodeDesc, RendezvousState, node_order
 from rdzvctl.state.nodes import KeepAlive
 from rdzvctl.state.repairs import prune_dead_nodes
 from rdzvctl.state.store_keys import split_round_key
@@ -70,14 +70,21 @@ class Liveness(NamedTuple):
 def liveness(state: RendezvousState, now: _dt.datetime, expiry: _dt.timedelta) -> Liveness:
     """torch's rule (``_sanitize``): a node is dead iff its heartbeat is older than ``now - expiry``."""
     expire = now - expiry
-    live = frozenset(n for n, when in state.last_heartbeats.items() if not when < expire)
-    dead = frozenset(state.last_heartbeats) - live
+    # Set operations between sets and dicts reuse the hashes stored with the keys; a lookup
+    # (``n in live``) calls NodeDesc.__hash__, in Python, so a healthy state is not looked up
+    # node by node. The participants are sorted in their dict's order (torch's, already
+    # sorted: linear), never in a set's (random: ~60 ms for 65,536 nodes).
+    beats = state.last_heartbeats
+    dead = frozenset(n for n, when in beats.items() if when < expire)
+    live = frozenset(beats) - dead
+    members = frozenset(state.participants)
+    ordered = sorted(state.participants, key=node_order)
     return Liveness(
         live, dead,
-        tuple(sorted(n for n in state.participants if n in live)),
-        tuple(sorted(n for n in state.participants if n in dead)),
-        tuple(sorted(n for n in state.wait_list if n in live)),
-        max(state.last_heartbeats.values(), default=None),
+        tuple(ordered) if members <= live else tuple(n for n in ordered if n in live),
+        tuple(sorted(dead & members, key=node_order)),  # usually few
+        tuple(sorted(live & state.wait_list, key=node_order)),
+        max(beats.values(), default=None),
     )
 
 
@@ -143,7 +150,7 @@ def lifecycle(
 
 
 def _complete(state: RendezvousState, life: Liveness) -> Lifecycle:
-    participants = sorted(state.participants)
+    participants = sorted(state.participants, key=node_order)
     if life.live_waiting:
         gone = (f"; {show_nodes(life.dead_participants)} stopped heartbeating and the next live sync drops "
                 "them (`_sanitize`)" if life.dead_participants else "")

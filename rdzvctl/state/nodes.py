@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import List, NamedTuple, Optional
 
-from rdzvctl.state.model import NodeDesc, RendezvousState
+from rdzvctl.state.model import NodeDesc, RendezvousState, node_order
 
 __all__ = ["KeepAlive", "DEFAULT_KEEP_ALIVE", "FUTURE_TOLERANCE", "NodeStatus", "node_statuses", "dead_nodes",
            "deadline_remaining"]
@@ -60,11 +60,15 @@ def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAli
 
     for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0])):
         add(node, "participant", rank)
-    for node in sorted(state.wait_list - set(state.participants)):
+    # frozenset(a dict) and set operations reuse the stored hashes (no NodeDesc.__hash__ calls,
+    # which run in Python); a dict's keys() view does not.
+    participants = frozenset(state.participants)
+    for node in sorted(state.wait_list - participants, key=node_order):
         add(node, "waiting", None)
-    for node in sorted(state.redundancy_list - set(state.participants) - state.wait_list):
+    for node in sorted(state.redundancy_list - participants - state.wait_list, key=node_order):
         add(node, "redundant", None)
-    for node in sorted(set(state.last_heartbeats) - set(state.participants) - state.wait_list - state.redundancy_list):
+    orphans = frozenset(state.last_heartbeats) - participants - state.wait_list - state.redundancy_list
+    for node in sorted(orphans, key=node_order):
         add(node, "orphan", None)
     return rows
 

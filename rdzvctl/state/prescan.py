@@ -123,10 +123,18 @@ def _cls(codes: List[str]) -> bytes:
     return b"[" + b"".join(re.escape(c.encode("latin-1")) for c in codes) + b"]"
 
 
-def _counted(width: int) -> bytes:
-    """A length field of ``width`` bytes below 256 and that many bytes of data."""
-    pad = b"\\x00" * (width - 1)
-    return b"(?:" + b"|".join(b"\\x%02x" % n + pad + (b"[\\s\\S]{%d}" % n if n else b"") for n in range(256)) + b")"
+#: Longest one-byte-counted argument (``SHORT_BINUNICODE``, ``SHORT_BINBYTES``, ``SHORT_BINSTRING``)
+#: the run covers; longer ones, and every 4- and 8-byte-counted one (protocol 2-3 strings,
+#: anything of 256 bytes or more), are skipped by :func:`scan` itself.  Compiling the run
+#: costs about 9 us per covered length and width, paid by every process that decodes:
+#: all 256 lengths of all three widths were 10 ms, more than a whole ``get`` spends on
+#: its 8 nodes.  Node addresses (host names) and datetime payloads (10 bytes) fit.
+RUN_LENGTH = 63
+
+
+def _counted() -> bytes:
+    """A one-byte length field up to :data:`RUN_LENGTH` and that many bytes of data."""
+    return b"(?:" + b"|".join(b"\\x%02x" % n + (b"[\\s\\S]{%d}" % n if n else b"") for n in range(RUN_LENGTH + 1)) + b")"
 
 
 #: Opcodes no state has: floats, LONG4 ints (the pickler's form for 256 bytes and more), frozensets.
@@ -175,7 +183,7 @@ def _build_run() -> "re.Pattern[bytes]":
     frame = b"(?:\\x95[\\s\\S]{3}\\x00{5})?"
     parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
                  + frame + b"[Rb]")
-    parts += [_cls(codes) + _counted(width) for width, codes in sorted(counted.items())]
+    parts.append(_cls(counted[1]) + _counted())
     # Greedy and bounded, not possessive (``*+``): the possessive quantifiers of Python 3.11.0-3.11.4
     # can match what the greedy form does not (CPython gh-106052, gh-100061: a failed partial opcode
     # leaves the position advanced), and Debian 12's python3 is 3.11.2.  Nothing follows the group,
@@ -185,7 +193,8 @@ def _build_run() -> "re.Pattern[bytes]":
 
 
 _RUN = _build_run()
-_LENGTHS = {pickle.BINSTRING[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
+_LENGTHS = {pickle.SHORT_BINSTRING[0]: (1, False), pickle.SHORT_BINUNICODE[0]: (1, False),
+            pickle.SHORT_BINBYTES[0]: (1, False), pickle.BINSTRING[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
             pickle.BINBYTES[0]: (4, False), pickle.BINUNICODE8[0]: (8, False), pickle.BINBYTES8[0]: (8, False),
             pickle.BYTEARRAY8[0]: (8, False), pickle.FRAME[0]: (8, False)}
 _EXTENSIONS = {pickle.EXT1[0]: 1, pickle.EXT2[0]: 2, pickle.EXT4[0]: 4}
@@ -216,7 +225,7 @@ def scan(data: bytes) -> None:
         if pos >= end:
             return
         op = data[pos]
-        if op in _LENGTHS:  # a length of 256 or more (shorter ones are in the run)
+        if op in _LENGTHS:  # a length the run does not cover (see RUN_LENGTH)
             width, signed = _LENGTHS[op]
             if pos + 1 + width > end:
                 return
