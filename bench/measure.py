@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "Row",
@@ -177,6 +177,12 @@ def run_once(argv: Sequence[str], env: Mapping[str, str], timeout: float = 120.0
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+    return _process(argv, report, out, err, timeout, ok_codes)
+
+
+def _process(argv: Sequence[str], report: str, out: bytes, err: bytes, timeout: float,
+             ok_codes: Iterable[int]) -> "Process":
+    """The launcher's report (wall seconds, peak RSS, exit code, CPU seconds) as a Process, or why it failed."""
     if not report:
         raise RuntimeError(f"could not run {' '.join(argv)}: {err.decode(errors='replace')[-2000:]}")
     seconds, rss, code, cpu = report.split()
@@ -244,14 +250,7 @@ def run_streamed(argv: Sequence[str], env: Mapping[str, str], marker: bytes, tim
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
-    if not report:
-        raise RuntimeError(f"could not run {' '.join(argv)}: {err.decode(errors='replace')[-2000:]}")
-    seconds, rss, code, cpu = report.split()
-    if int(code) == -signal.SIGKILL:
-        raise RuntimeError(f"timed out after {timeout:g} s: {' '.join(argv)}")
-    if int(code) not in ok_codes:
-        raise RuntimeError(f"exit {code}: {' '.join(argv)}\n{err.decode(errors='replace')[-2000:]}")
-    return Streamed(Process(float(seconds), int(rss), int(code), tail, err, float(cpu)), first, total, lines, tail)
+    return Streamed(_process(argv, report, tail, err, timeout, ok_codes), first, total, lines, tail)
 
 
 def time_interleaved(commands: Mapping[str, Sequence[str]], env: Mapping[str, str], warmup: int, repeats: int,
