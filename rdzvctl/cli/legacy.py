@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from rdzvctl import clock
 from rdzvctl.backends.registry import get_backend_class
-from rdzvctl.cli.detect_output import show_reports
-from rdzvctl.cli.render import with_progress
 from rdzvctl.errors import (
     EXIT_CORRUPT,
     NoStateError,
@@ -128,6 +126,8 @@ def render_get(app: Any, doc: Dict[str, Any], all_nodes: bool = False) -> None:
 
 # -- corrupt-detect and list ------------------------------------------------------------------------
 def _all_runs(app: Any, backend: Any) -> List[Tuple[LegacyRun, LegacyReport]]:
+    from rdzvctl.cli.render import with_progress
+
     found = []
     for entry in with_progress(app, backend.list_runs()):
         with backend.with_run(entry.run_id) as one:
@@ -140,6 +140,7 @@ def detect(app: Any, output: str, all_runs: bool, fail_on: str, for_launch: bool
     keep-alive leases at once: phase ``closing``)."""
     import click
 
+    from rdzvctl.cli.detect_output import show_reports
     from rdzvctl.state.legacy_etcd import check_json, launch_of
 
     if for_launch and all_runs:
