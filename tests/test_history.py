@@ -183,3 +183,30 @@ def test_a_jump_of_several_rounds_counts_as_that_many_advances() -> None:
            Observation(state(3, [A], 1, complete=True), True, at(1))]
     storms = [e for e in timeline(replay_observations(run), "job") if e["kind"] == "restart-storm"]
     assert len(storms) == 1 and "rounds 1, 2, 3" in storms[0]["message"]
+
+
+def test_a_heartbeat_far_ahead_does_not_stamp_later_versions_or_make_a_storm() -> None:
+    # One node's clock years ahead in round 0; then the round advances once an hour.  Carrying
+    # the skewed time on made every later advance "0 s" apart: a storm that never happened.
+    history = [state(0, [A, B], 0, complete=True, beats={A: at(0), B: at(10**8)})]
+    history += [state(r, [A], 3600 * r, complete=True) for r in range(1, 6)]
+    events = list(timeline(replay(versions(*history)), "job"))
+    assert not [e for e in events if e["kind"] == "restart-storm"]
+    advanced = [e for e in events if e["kind"] == "round-advanced"]
+    assert [e["time"][:19] for e in advanced] == [at(3600 * r).isoformat()[:19] for r in range(1, 6)]
+
+
+def test_a_writer_leaving_keeps_the_time_in_order() -> None:
+    # The version where a node leaves lost its heartbeat: its newest one is older, a little.
+    entries = list(replay(versions(state(0, [A, B], 0, beats={A: at(0), B: at(20)}),
+                                   state(0, [A], 0, beats={A: at(5)}))))
+    assert entries[-1].time == at(20)
+
+
+def test_no_storm_from_advances_whose_times_go_backwards() -> None:
+    # A record file out of order (or a clock stepped back): the round advanced hourly, backwards.
+    observations = [Observation(state(r, [A, B], 0, complete=True), True, at(-3600 * r), "recorded")
+                    for r in range(6)]
+    events = list(timeline(replay_observations(observations), "job"))
+    assert [e["kind"] for e in events].count("round-advanced") == 5
+    assert not [e for e in events if e["kind"] == "restart-storm"]

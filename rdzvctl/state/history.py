@@ -16,7 +16,8 @@ Time of an entry: the backend's write time when it has one
 (``time_source="backend"``), else the newest heartbeat in the version
 (``"heartbeat"``: torch's writer stamps its own heartbeat in the state it
 writes, ``_RendezvousStateHolder``/``_keep_alive`` in ``dynamic_rendezvous.py``),
-never earlier than the entry before it; a version with neither (a removal) takes
+never earlier than the entry before it unless it is more than 10 minutes earlier (then the
+entry before it had a clock far ahead); a version with neither (a removal) takes
 the time of the version before it.  ``watch --record`` files carry the time a
 version was observed (``"recorded"``, :func:`replay_observations`).
 
@@ -105,6 +106,11 @@ class HistoryEntry:
         return None if self.state is None else self.state.round
 
 
+#: How much older than the entry before it a version's newest heartbeat may be and still take
+#: that entry's time (see :func:`replay_observations`): torch's default heartbeat timeout is 30 s.
+_CLAMP_LIMIT = _dt.timedelta(minutes=10)
+
+
 def _newest_heartbeat(state: Optional[RendezvousState]) -> Optional[_dt.datetime]:
     if state is None or not state.last_heartbeats:
         return None
@@ -150,7 +156,11 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
             when, source = obs.written_at, obs.time_source
         else:
             when, source = _newest_heartbeat(obs.state), "heartbeat"
-            if when is None or (last_time is not None and when < last_time):
+            # A newest heartbeat a little older than the last time: the node that wrote it left
+            # (its heartbeat went with it).  Much older: the last time came from a clock far ahead
+            # (one node's skew, a hostile write), and carrying it on would stamp every later
+            # version with it (and make advances hours apart look like a storm in 0 s).
+            if when is None or (last_time is not None and last_time - _CLAMP_LIMIT <= when < last_time):
                 when, source = last_time, last_source
         if obs.error is not None:
             events = [] if obs.error == corrupt else [Event("state-corrupt", obs.error)]
@@ -226,6 +236,11 @@ class StormDetector:
             return None
         finding = None
         if self._round is not None and state.round > self._round:
+            if self._advances and when < self._advances[-1]:
+                # The clock went backwards (a record file out of order, a stepped clock): how far
+                # apart these advances are is unknown, so the count starts again.
+                self._advances.clear()
+                self._rounds.clear()
             lasted = None if self._complete_since is None else (when - self._complete_since).total_seconds()
             if lasted is not None and lasted >= self.settings.stable:
                 self._advances.clear()  # that round made progress: not a storm
