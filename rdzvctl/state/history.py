@@ -120,6 +120,10 @@ def _newest_heartbeat(state: Optional[RendezvousState]) -> Optional[_dt.datetime
 def _observe(versions: Iterable[Any]) -> Iterator[Observation]:
     """Backend versions (``value``, ``written_at``, ``revision``) decoded with the safe codec."""
     for version in versions:
+        error = getattr(version, "error", None)
+        if error is not None:
+            yield Observation(None, True, version.written_at, "backend", version.revision, error)
+            continue
         if version.value is None:
             yield Observation(None, False, version.written_at, "backend", version.revision)
             continue
