@@ -210,3 +210,18 @@ def test_no_storm_from_advances_whose_times_go_backwards() -> None:
     events = list(timeline(replay_observations(observations), "job"))
     assert [e["kind"] for e in events].count("round-advanced") == 5
     assert not [e for e in events if e["kind"] == "restart-storm"]
+
+
+def test_a_corrupt_version_between_two_good_ones_is_no_new_start() -> None:
+    # After one corrupt version the next good one was "state created, 2 nodes joined": as if the job
+    # had started again.  It is the same state readable again, and only what changed is an event.
+    good, later = encode(state(0, [A, B], 1, complete=True)), encode(state(1, [A, B], 9, complete=True))
+    history = [HistoryVersion(good, None, 0), HistoryVersion(b"cos\nsystem\n(S'true'\ntR.", None, 1),
+               HistoryVersion(good, None, 2), HistoryVersion(later, None, 3)]
+    entries = list(replay(history))
+    assert kinds(entries)[1:] == [["state-corrupt"], ["state-created"], ["round-advanced"]]
+    assert "readable again" in entries[2].events[0].message
+    removed_between = [HistoryVersion(good, None, 0), HistoryVersion(b"\x80\x04garbage", None, 1),
+                       HistoryVersion(None, None, 2), HistoryVersion(good, None, 3)]
+    assert kinds(list(replay(removed_between)))[-1] == ["state-created", "joined-participants", "joined-participants",
+                                                         "completed"]  # after a removal it is a new state

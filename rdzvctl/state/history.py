@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 from rdzvctl.errors import StateError
-from rdzvctl.state.analysis import Event, Finding, diff_states, group_events
+from rdzvctl.state.analysis import Event, Finding, diff_states, group_events, readable_again
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.model import RendezvousState
@@ -148,6 +148,7 @@ def replay(versions: Iterable[Any], *, collapse: bool = True) -> Iterator[Histor
 def replay_observations(observations: Iterable[Observation], *, collapse: bool = True) -> Iterator[HistoryEntry]:
     """:func:`replay` over already decoded versions (what ``history --from FILE`` reads)."""
     previous: Optional[RendezvousState] = None
+    last_good: Optional[RendezvousState] = None  # the last readable version, across corrupt ones
     corrupt: Optional[str] = None  # the reason the previous version was unusable
     last_time: Optional[_dt.datetime] = None
     last_source = "heartbeat"
@@ -173,6 +174,8 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
             state = obs.state if obs.exists else None
             if corrupt is not None and state is None:
                 events = [Event("state-removed", "state removed (it was corrupt)")]
+            elif corrupt is not None and state is not None and last_good is not None:
+                events = readable_again(last_good, state)
             else:
                 events = diff_states(previous, state)
                 if previous is None and state is not None:  # who the first version already holds
@@ -180,6 +183,8 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
         if when is not None:
             last_time, last_source = when, source
         previous, corrupt = state, obs.error
+        if state is not None or (obs.error is None and not obs.exists):
+            last_good = state  # a removal forgets it: a state after that is a new one
         if not events and collapse and pending is not None:
             folded += 1  # heartbeat-only (or an identical rewrite): part of the entry before it
             until = when
