@@ -213,3 +213,12 @@ def test_a_hostile_record_value_is_one_short_line_and_exit_2(cli_env, tmp_path, 
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and reason in result.stderr, result.stderr
     assert len(result.stderr) < 400 and "internal error" not in result.stderr and "int_max_str" not in result.stderr
+
+
+def test_odd_limits_and_since_times_are_no_internal_error(cli_env, tmp_path):
+    path = good_record(tmp_path)
+    huge = invoke(["history", "--from", str(path), "-o", "json", "--limit", str(10**30)])  # was OverflowError
+    assert huge.exit_code == 0 and len(huge.stdout.splitlines()) == 5, huge.stderr
+    for since in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):  # out of range once in UTC
+        bad = invoke(["history", "--from", str(path), "--since", since])
+        assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "--since" in bad.stderr, bad.stderr
