@@ -51,7 +51,15 @@ from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.errors import ConditionNotMetError, StateError
 from rdzvctl.inspection import is_legacy_etcd, legacy_options
-from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Event, KeepAlive, diff_states, group_events, stale_transitions
+from rdzvctl.state.analysis import (
+    DEFAULT_KEEP_ALIVE,
+    Event,
+    KeepAlive,
+    diff_states,
+    group_events,
+    readable_again,
+    stale_transitions,
+)
 from rdzvctl.state.codec import decode
 from rdzvctl.state.history import DEFAULT_STORM, StormDetector, StormSettings
 from rdzvctl.state.jsonform import format_time
@@ -168,6 +176,7 @@ def follow(
     first = True
     exists = False
     corrupt: Optional[str] = None  # why the stored value is unusable, while it is
+    last_good: Optional[RendezvousState] = None  # the state before it became unusable
     stale: Set[NodeDesc] = set()
     detector = None if storm is None else StormDetector(storm)
     try:
@@ -196,6 +205,7 @@ def follow(
                 exists = True
                 if str(error) != corrupt:
                     yield event("state-corrupt", str(error))
+                last_good = previous if previous is not None else last_good
                 previous, first, corrupt = None, False, str(error)
             elif kind == "state":
                 exists = item is not None
@@ -204,9 +214,11 @@ def follow(
                                 {"round": None if state is None else state.round})
                 elif corrupt is not None and state is None:
                     yield event("state-removed", "state removed (it was corrupt)")
+                elif corrupt is not None and state is not None and last_good is not None:
+                    yield from grouped(readable_again(last_good, state))
                 else:
                     yield from grouped(diff_states(previous, state))
-                previous, first, corrupt = state, False, None
+                previous, first, corrupt, last_good = state, False, None, None
                 found = None if detector is None else detector.observe(clock_now(), state)
                 if found is not None:
                     yield event(found.code, found.message, {"round": None if state is None else state.round,

@@ -37,13 +37,18 @@ from rdzvctl.state.jsonform import (
     state_to_json,
 )
 from rdzvctl.state.model import RendezvousState
-from rdzvctl.text import excerpt, scrub
+from rdzvctl.text import cut, excerpt, scrub
 
 __all__ = ["FORMAT", "MAX_LINE", "Recorder", "read_record"]
 
 FORMAT = "rdzvctl-history/1"
-#: The longest line read back (a 16 MiB pickle is well under it as JSON).
-MAX_LINE = 64 * 1024 * 1024
+#: The longest line written or read back.  A line becomes a state of Python objects ~12x its
+#: size, two or three of them alive at once, so a longer one (a crafted file of a million
+#: nodes) would take gigabytes; 8 MiB is a state of ~50,000 nodes.  ``watch`` records a
+#: larger state as a corrupt version saying so.
+MAX_LINE = 8 * 1024 * 1024
+#: The longest corrupt reason read back.
+_REASON_CHARS = 300
 
 
 def _line(obj: Dict[str, Any]) -> bytes:
@@ -70,12 +75,20 @@ class Recorder:
         elif not exists or state is None:
             self._write({"time": format_time(when), "removed": True})
         else:
-            self._write({"time": format_time(when), "token": token, "state": state_to_json(state)})
+            line = _line({"time": format_time(when), "token": token, "state": state_to_json(state)})
+            if len(line) > MAX_LINE:
+                line = _line({"time": format_time(when), "token": token, "corrupt": (
+                    f"the state is too large to record ({len(line):,} bytes as JSON, over the record "
+                    f"file's {MAX_LINE:,}-byte line limit)")})
+            self._write_line(line)
 
     def _write(self, obj: Dict[str, Any]) -> None:
+        self._write_line(_line(obj))
+
+    def _write_line(self, line: bytes) -> None:
         if self._fd is None:
             return
-        view = memoryview(_line(obj))
+        view = memoryview(line)
         try:
             while view:
                 view = view[os.write(self._fd, view):]
@@ -148,7 +161,9 @@ def _observation(path: str, number: int, doc: Any) -> Observation:
         if doc.get("removed") is True:
             return Observation(None, False, when, "recorded")
         if "corrupt" in doc:
-            return Observation(None, True, when, "recorded", error=excerpt(str(doc["corrupt"])))
+            reason = doc["corrupt"]  # the reason as watch wrote it, cut (not quoted: it is a sentence)
+            return Observation(None, True, when, "recorded",
+                               error=cut(reason, _REASON_CHARS) if isinstance(reason, str) else excerpt(reason))
         if "state" not in doc:
             raise UsageError(f"{where}: expected \"state\", \"removed\" or \"corrupt\"")
         return Observation(state_from_json(doc["state"]), True, when, "recorded")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import re
+import sys
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from rdzvctl.backends.base import RendezvousBackend
@@ -77,7 +78,7 @@ def events_of(source: Source, *, storm: Optional[StormSettings] = DEFAULT_STORM,
     events = timeline(entries, source.run_id, storm=storm, since=since)
     if last is None:
         return events
-    return iter(collections.deque(events, maxlen=max(0, last)))
+    return iter(collections.deque(events, maxlen=max(0, min(last, sys.maxsize))))  # --limit 10**30: all
 
 
 def _required(source: Source) -> Iterator[HistoryEntry]:

@@ -437,3 +437,27 @@ def test_history_of_a_long_log_streams_in_bounded_memory(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert len(entries) == 1 and entries[0].collapsed == 799
     assert peak < 512 << 10  # a chunk and a version or two, never the log
+
+
+def test_history_says_the_real_size_of_a_value_too_large_to_read(tmp_path, monkeypatch):
+    # Only the start of a huge value is read; the event must give the value's size, not the cut's
+    # (a 1 GiB record was "the state is 22,369,625 bytes").
+    import struct
+
+    import rdzvctl.backends.filestore as filestore
+    from rdzvctl.state.history import replay
+
+    path = str(tmp_path / "store")
+    key = b"/torch.rendezvous.job"
+    huge = 32 << 20
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", len(key)) + key + struct.pack("<I", huge))
+        f.seek(huge, os.SEEK_CUR)  # sparse: no 32 MiB written
+        f.write(filestore.encode_record(key, b"x" * 100))  # and in one chunk with others
+    monkeypatch.setattr(filestore, "_CHUNK", 1 << 20)
+    versions = list(backend(path, "job").history().versions)
+    assert versions[0].value is None and f"{huge:,} bytes" in versions[0].error
+    assert versions[1].error is None
+    entries = list(replay(iter(versions)))
+    assert [e.kind for e in entries[0].events] == ["state-corrupt"]
+    assert f"{huge:,} bytes" in entries[0].events[0].message

@@ -187,3 +187,38 @@ def test_watch_record_writes_versions_and_refuses_an_existing_file(memory, tmp_p
     assert forced.exit_code == 0
     replay = invoke(["history", "--from", str(path), "-o", "json"])
     assert replay.exit_code == 0 and json.loads(replay.stdout.splitlines()[0])["kind"] == "state-created"
+
+
+def _state_line(time: str = '"2026-11-24T22:00:00Z"', **replace: str) -> bytes:
+    doc = ('{"round": 0, "complete": false, "deadline": null, "closed": false, "participants": {"a_1_0": 0}, '
+           '"wait_list": [], "redundancy_list": [], "last_heartbeats": {"a_1_0": "2026-11-24T22:00:00Z"}}')
+    for old, new in replace.items():
+        doc = doc.replace(old.replace("__", " "), new)
+    return json.dumps({"format": FORMAT}).encode() + b'\n{"time": %s, "state": %s}\n' % (time.encode(), doc.encode())
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    # past the last datetime once in UTC: was "internal error: OverflowError"
+    (_state_line('"9999-12-31T23:59:59.999999-23:59"'), "out of range in UTC"),
+    (_state_line(**{'"2026-11-24T22:00:00Z"}}': '"9999-12-31T23:59:59-12:00"}}'}), "out of range in UTC"),
+    # a huge number or node id is quoted cut, not whole (nor Python's int-digits advice)
+    (_state_line(**{'"round":__0': '"round": ' + "9" * 4000}), "round"),
+    (_state_line(**{"a_1_0": "a_" + "9" * 5000 + "_0"}), "not a node id"),
+    (_state_line(**{"a_1_0": "x" * 100_000}), "not a node id"),
+])
+def test_a_hostile_record_value_is_one_short_line_and_exit_2(cli_env, tmp_path, content, reason):
+    path = tmp_path / "hostile.history"
+    path.write_bytes(content)
+    result = invoke(["history", "--from", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and reason in result.stderr, result.stderr
+    assert len(result.stderr) < 400 and "internal error" not in result.stderr and "int_max_str" not in result.stderr
+
+
+def test_odd_limits_and_since_times_are_no_internal_error(cli_env, tmp_path):
+    path = good_record(tmp_path)
+    huge = invoke(["history", "--from", str(path), "-o", "json", "--limit", str(10**30)])  # was OverflowError
+    assert huge.exit_code == 0 and len(huge.stdout.splitlines()) == 5, huge.stderr
+    for since in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):  # out of range once in UTC
+        bad = invoke(["history", "--from", str(path), "--since", since])
+        assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "--since" in bad.stderr, bad.stderr

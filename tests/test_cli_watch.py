@@ -106,7 +106,9 @@ def test_created_closed_and_corrupt_as_text(memory, watching):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     kinds = [line.split()[1] for line in lines]
-    assert kinds == ["snapshot", "state-created", "state-corrupt", "state-created", "until-met"]
+    # readable again after the corrupt value: the change from the last readable state is told (closed)
+    assert kinds == ["snapshot", "state-created", "state-corrupt", "state-created", "closed", "until-met"]
+    assert "readable again" in lines[3]
 
     assert lines[0] == "2026-11-24T22:00:00.000000+00:00  snapshot               no state yet"
     assert "not a valid pickle" in lines[2]

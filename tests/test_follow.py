@@ -64,3 +64,15 @@ def test_parse_until_rejects_unknown_conditions() -> None:
     assert parse_until(" absent ")(None, False)
     with pytest.raises(ValueError, match="expected complete, closed, absent or round>=N"):
         parse_until("done")
+
+
+def test_a_good_state_after_a_corrupt_one_is_readable_again_not_new(memory: Memory) -> None:
+    memory.put(make_state(round=2, dead=0))
+    events = follow(memory.backend(), interval=0.01, until="round>=3", duration=30, now=lambda: NOW)
+    assert next(events)["kind"] == "snapshot"
+    memory.put(b"not a pickle")
+    assert next(events)["kind"] == "state-corrupt"
+    memory.put(make_state(round=3, dead=0))
+    rest = list(events)
+    assert rest[0]["kind"] == "state-created" and "readable again" in rest[0]["message"]
+    assert [e["kind"] for e in rest[1:]] == ["round-advanced", "until-met"]  # no one "joined" anew

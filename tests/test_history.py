@@ -183,3 +183,45 @@ def test_a_jump_of_several_rounds_counts_as_that_many_advances() -> None:
            Observation(state(3, [A], 1, complete=True), True, at(1))]
     storms = [e for e in timeline(replay_observations(run), "job") if e["kind"] == "restart-storm"]
     assert len(storms) == 1 and "rounds 1, 2, 3" in storms[0]["message"]
+
+
+def test_a_heartbeat_far_ahead_does_not_stamp_later_versions_or_make_a_storm() -> None:
+    # One node's clock years ahead in round 0; then the round advances once an hour.  Carrying
+    # the skewed time on made every later advance "0 s" apart: a storm that never happened.
+    history = [state(0, [A, B], 0, complete=True, beats={A: at(0), B: at(10**8)})]
+    history += [state(r, [A], 3600 * r, complete=True) for r in range(1, 6)]
+    events = list(timeline(replay(versions(*history)), "job"))
+    assert not [e for e in events if e["kind"] == "restart-storm"]
+    advanced = [e for e in events if e["kind"] == "round-advanced"]
+    assert [e["time"][:19] for e in advanced] == [at(3600 * r).isoformat()[:19] for r in range(1, 6)]
+
+
+def test_a_writer_leaving_keeps_the_time_in_order() -> None:
+    # The version where a node leaves lost its heartbeat: its newest one is older, a little.
+    entries = list(replay(versions(state(0, [A, B], 0, beats={A: at(0), B: at(20)}),
+                                   state(0, [A], 0, beats={A: at(5)}))))
+    assert entries[-1].time == at(20)
+
+
+def test_no_storm_from_advances_whose_times_go_backwards() -> None:
+    # A record file out of order (or a clock stepped back): the round advanced hourly, backwards.
+    observations = [Observation(state(r, [A, B], 0, complete=True), True, at(-3600 * r), "recorded")
+                    for r in range(6)]
+    events = list(timeline(replay_observations(observations), "job"))
+    assert [e["kind"] for e in events].count("round-advanced") == 5
+    assert not [e for e in events if e["kind"] == "restart-storm"]
+
+
+def test_a_corrupt_version_between_two_good_ones_is_no_new_start() -> None:
+    # After one corrupt version the next good one was "state created, 2 nodes joined": as if the job
+    # had started again.  It is the same state readable again, and only what changed is an event.
+    good, later = encode(state(0, [A, B], 1, complete=True)), encode(state(1, [A, B], 9, complete=True))
+    history = [HistoryVersion(good, None, 0), HistoryVersion(b"cos\nsystem\n(S'true'\ntR.", None, 1),
+               HistoryVersion(good, None, 2), HistoryVersion(later, None, 3)]
+    entries = list(replay(history))
+    assert kinds(entries)[1:] == [["state-corrupt"], ["state-created"], ["round-advanced"]]
+    assert "readable again" in entries[2].events[0].message
+    removed_between = [HistoryVersion(good, None, 0), HistoryVersion(b"\x80\x04garbage", None, 1),
+                       HistoryVersion(None, None, 2), HistoryVersion(good, None, 3)]
+    assert kinds(list(replay(removed_between)))[-1] == ["state-created", "joined-participants", "joined-participants",
+                                                         "completed"]  # after a removal it is a new state

@@ -134,6 +134,26 @@ def test_redis_corrupt_and_foreign_entries(redis_server) -> None:
     redis_server.client().set(other.history_key, "someone else's")
     _write(other, [_state(1, A), _state(2, A)])
     assert redis_server.client().get(other.history_key) == b"someone else's"
+    # ... and reading it says which key is foreign (it said the state hash was of another type)
+    from rdzvctl.errors import StateCorruptError
+
+    with pytest.raises(StateCorruptError, match="history key .* holds a string"):
+        other.history()
+
+
+def test_redis_hostile_history_entries_are_skipped_not_fatal(redis_server) -> None:
+    from rdzvctl.state.history import replay
+
+    b = _redis(redis_server.endpoint, _run_id())
+    _write(b, [_state(1, A), _state(2, A, B)])
+    # Anyone who can write the server: a time past year 9999 was "internal error: ValueError";
+    # a newest entry that is no entry hid the whole history ("the state was never written").
+    redis_server.client().rpush(b.history_key, b"3 9 253402300800.000000 -", b"garbage")
+    assert parse_entry(b"3 9 253402300800.000000 -") is None
+    window = b.history()
+    assert "did not write" in window.notice
+    assert _rounds(window.versions) == [(1, (A.id,)), (2, (A.id, B.id))]
+    assert len(list(replay(b.history().versions))) == 2
 
 
 # -- etcd ----------------------------------------------------------------------------------------

@@ -120,12 +120,15 @@ class HistoryVersion(NamedTuple):
     when the backend does not record it: the reader then infers it from the
     newest heartbeat in the state); ``revision`` the backend's own counter for
     it (etcd's modification revision or index, the Redis history entry's
-    sequence number, the FileStore record number), increasing.
+    sequence number, the FileStore record number), increasing.  ``error``:
+    why a value the backend did not hand over whole is unusable (too large to
+    read; ``value`` is then None and the version is a ``state-corrupt`` event).
     """
 
     value: Optional[bytes]
     written_at: Optional[_dt.datetime]
     revision: Optional[int]
+    error: Optional[str] = None
 
 
 class HistoryWindow(NamedTuple):

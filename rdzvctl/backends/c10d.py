@@ -273,12 +273,17 @@ class C10dBackend(RendezvousBackend):
         limit = 4 * (MAX_STATE_BYTES // 3) + 4  # base64 of the largest state the codec reads
 
         def versions() -> Iterator[HistoryVersion]:
-            for number, value in store.versions(key, limit):
+            for number, value, length in store.versions(key, limit):
                 if value is None or value == NULL_SENTINEL:
                     yield HistoryVersion(None, None, number)
                     continue
+                if length > limit:  # only its start was read: say its real size, not the cut's
+                    yield HistoryVersion(None, None, number, error=(
+                        f"the value is {length:,} bytes, over the {limit:,}-byte base64 of the "
+                        f"{MAX_STATE_BYTES >> 20} MiB state limit"))
+                    continue
                 try:
-                    raw = decode_base64(value) if len(value) <= limit else value
+                    raw = decode_base64(value)
                 except StateCorruptError:
                     raw = value  # not base64: the codec says it is not a state
                 yield HistoryVersion(raw, None, number)

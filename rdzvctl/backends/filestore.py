@@ -235,8 +235,9 @@ class FileStore:
         finally:
             os.close(fd)  # also releases the flock
 
-    def versions(self, key: Key, limit: int) -> Iterator[Tuple[int, Optional[bytes]]]:
-        """Every value ever written to ``key``, oldest first: ``(record number, value)``, ``None`` for a deletion.
+    def versions(self, key: Key, limit: int) -> Iterator[Tuple[int, Optional[bytes], int]]:
+        """Every value ever written to ``key``, oldest first: ``(record number, value, its full length)``,
+        value ``None`` for a deletion.
 
         The record number counts every record of the log from 1.  Streamed: the
         log is read one chunk at a time, each chunk under its own LOCK_SH (so
@@ -265,28 +266,29 @@ class FileStore:
                         raise StateCorruptError(f"the FileStore file {self.path} shrank while being read")
                     return
                 records, used = parse_records(chunk)
-                found: List[Tuple[int, Optional[bytes]]] = []
+                found: List[Tuple[int, Optional[bytes], int]] = []
                 for record_key, value in records:
                     number += 1
                     if record_key == key:
-                        found.append((number, value[:limit + 1]))
+                        found.append((number, value[:limit + 1], len(value)))
                     elif record_key == tomb:
-                        found.append((number, None))
+                        found.append((number, None, 0))
                 del records
                 offset += used
                 if not used:  # one record longer than a chunk: its header first, its value only if it is ours
                     number += 1
                     offset, big = self._big_record(fd, offset, size, key, tomb, limit)
                     if big is not None:
-                        found.append((number, big[0]))
+                        found.append((number, *big))
                 yield from found
 
         finally:
             os.close(fd)
 
     def _big_record(self, fd: int, offset: int, size: int, key: bytes, tomb: bytes,
-                    limit: int) -> Tuple[int, Optional[Tuple[Optional[bytes]]]]:
-        """The record at ``offset`` that a chunk cannot hold: (offset after it, ``(value,)`` if it is ``key``'s)."""
+                    limit: int) -> Tuple[int, Optional[Tuple[Optional[bytes], int]]]:
+        """The record at ``offset`` that a chunk cannot hold: (offset after it, ``(value, full length)`` if it is
+        ``key``'s)."""
         with self._shared(fd):
             klen = _U32.unpack(os.pread(fd, 4, offset).ljust(4, b"\0"))[0]
             ours = klen in (len(key), len(tomb))
@@ -300,8 +302,8 @@ class FileStore:
                 )
             if record_key == key:
                 start = offset + 8 + klen
-                return end, (os.pread(fd, min(end - start, limit + 1), start),)
-        return end, ((None,) if record_key == tomb else None)
+                return end, (os.pread(fd, min(end - start, limit + 1), start), end - start)
+        return end, ((None, 0) if record_key == tomb else None)
 
     @contextlib.contextmanager
     def _shared(self, fd: int) -> Iterator[None]:

@@ -27,6 +27,7 @@ from rdzvctl.state.nodes import (
 from rdzvctl.state.repairs import RESTART_NODE, add_waiting, edit_state, prune_dead_nodes, remove_node, reopen
 
 __all__ = [
+    "readable_again",
     "KeepAlive",
     "DEFAULT_KEEP_ALIVE",
     "NodeStatus",
@@ -62,6 +63,14 @@ class Event:
     message: str
     node: Optional[str] = None
     data: Dict[str, object] = field(default_factory=dict, compare=False)
+
+
+def readable_again(last_good: RendezvousState, new: RendezvousState) -> List[Event]:
+    """The events of a readable state after corrupt versions: ``state-created`` saying it is readable
+    again, then how it differs from ``last_good``, the last readable one (not from nothing: its nodes
+    did not all join anew)."""
+    return [Event("state-created", f"state readable again (round {new.round}) after corrupt versions",
+                  data={"round": new.round}), *diff_states(last_good, new)]
 
 
 def diff_states(old: Optional[RendezvousState], new: Optional[RendezvousState]) -> List[Event]:

@@ -16,7 +16,8 @@ Time of an entry: the backend's write time when it has one
 (``time_source="backend"``), else the newest heartbeat in the version
 (``"heartbeat"``: torch's writer stamps its own heartbeat in the state it
 writes, ``_RendezvousStateHolder``/``_keep_alive`` in ``dynamic_rendezvous.py``),
-never earlier than the entry before it; a version with neither (a removal) takes
+never earlier than the entry before it unless it is more than 10 minutes earlier (then the
+entry before it had a clock far ahead); a version with neither (a removal) takes
 the time of the version before it.  ``watch --record`` files carry the time a
 version was observed (``"recorded"``, :func:`replay_observations`).
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 from rdzvctl.errors import StateError
-from rdzvctl.state.analysis import Event, Finding, diff_states, group_events
+from rdzvctl.state.analysis import Event, Finding, diff_states, group_events, readable_again
 from rdzvctl.state.codec import decode
 from rdzvctl.state.jsonform import format_time
 from rdzvctl.state.model import RendezvousState
@@ -105,6 +106,11 @@ class HistoryEntry:
         return None if self.state is None else self.state.round
 
 
+#: How much older than the entry before it a version's newest heartbeat may be and still take
+#: that entry's time (see :func:`replay_observations`): torch's default heartbeat timeout is 30 s.
+_CLAMP_LIMIT = _dt.timedelta(minutes=10)
+
+
 def _newest_heartbeat(state: Optional[RendezvousState]) -> Optional[_dt.datetime]:
     if state is None or not state.last_heartbeats:
         return None
@@ -114,6 +120,10 @@ def _newest_heartbeat(state: Optional[RendezvousState]) -> Optional[_dt.datetime
 def _observe(versions: Iterable[Any]) -> Iterator[Observation]:
     """Backend versions (``value``, ``written_at``, ``revision``) decoded with the safe codec."""
     for version in versions:
+        error = getattr(version, "error", None)
+        if error is not None:
+            yield Observation(None, True, version.written_at, "backend", version.revision, error)
+            continue
         if version.value is None:
             yield Observation(None, False, version.written_at, "backend", version.revision)
             continue
@@ -138,6 +148,7 @@ def replay(versions: Iterable[Any], *, collapse: bool = True) -> Iterator[Histor
 def replay_observations(observations: Iterable[Observation], *, collapse: bool = True) -> Iterator[HistoryEntry]:
     """:func:`replay` over already decoded versions (what ``history --from FILE`` reads)."""
     previous: Optional[RendezvousState] = None
+    last_good: Optional[RendezvousState] = None  # the last readable version, across corrupt ones
     corrupt: Optional[str] = None  # the reason the previous version was unusable
     last_time: Optional[_dt.datetime] = None
     last_source = "heartbeat"
@@ -150,7 +161,11 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
             when, source = obs.written_at, obs.time_source
         else:
             when, source = _newest_heartbeat(obs.state), "heartbeat"
-            if when is None or (last_time is not None and when < last_time):
+            # A newest heartbeat a little older than the last time: the node that wrote it left
+            # (its heartbeat went with it).  Much older: the last time came from a clock far ahead
+            # (one node's skew, a hostile write), and carrying it on would stamp every later
+            # version with it (and make advances hours apart look like a storm in 0 s).
+            if when is None or (last_time is not None and last_time - _CLAMP_LIMIT <= when < last_time):
                 when, source = last_time, last_source
         if obs.error is not None:
             events = [] if obs.error == corrupt else [Event("state-corrupt", obs.error)]
@@ -159,6 +174,8 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
             state = obs.state if obs.exists else None
             if corrupt is not None and state is None:
                 events = [Event("state-removed", "state removed (it was corrupt)")]
+            elif corrupt is not None and state is not None and last_good is not None:
+                events = readable_again(last_good, state)
             else:
                 events = diff_states(previous, state)
                 if previous is None and state is not None:  # who the first version already holds
@@ -166,6 +183,8 @@ def replay_observations(observations: Iterable[Observation], *, collapse: bool =
         if when is not None:
             last_time, last_source = when, source
         previous, corrupt = state, obs.error
+        if state is not None or (obs.error is None and not obs.exists):
+            last_good = state  # a removal forgets it: a state after that is a new one
         if not events and collapse and pending is not None:
             folded += 1  # heartbeat-only (or an identical rewrite): part of the entry before it
             until = when
@@ -226,6 +245,11 @@ class StormDetector:
             return None
         finding = None
         if self._round is not None and state.round > self._round:
+            if self._advances and when < self._advances[-1]:
+                # The clock went backwards (a record file out of order, a stepped clock): how far
+                # apart these advances are is unknown, so the count starts again.
+                self._advances.clear()
+                self._rounds.clear()
             lasted = None if self._complete_since is None else (when - self._complete_since).total_seconds()
             if lasted is not None and lasted >= self.settings.stable:
                 self._advances.clear()  # that round made progress: not a storm

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Set, Union
 
 from rdzvctl.errors import StateValidationError
 from rdzvctl.state.model import STATE_FIELDS, NodeDesc, RendezvousState, node_order
+from rdzvctl.text import excerpt
 
 __all__ = [
     "STATE_KEYS",
@@ -81,10 +82,13 @@ def parse_time(value: Any, field: str) -> _dt.datetime:
     try:
         parsed = _dt.datetime.fromisoformat(text)
     except ValueError:
-        raise StateValidationError(field, f"not an ISO-8601 datetime: {value!r}") from None
+        raise StateValidationError(field, f"not an ISO-8601 datetime: {excerpt(value)}") from None
     if parsed.tzinfo is None:
-        raise StateValidationError(field, f"datetime {value!r} has no UTC offset (write e.g. ...+00:00 or ...Z)")
-    return parsed.astimezone(_dt.timezone.utc)
+        raise StateValidationError(field, f"datetime {excerpt(value)} has no UTC offset (write e.g. ...+00:00 or ...Z)")
+    try:
+        return parsed.astimezone(_dt.timezone.utc)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-23:59 is past the last datetime in UTC
+        raise StateValidationError(field, f"datetime {excerpt(value)} is out of range in UTC") from None
 
 
 _UTC = _dt.timezone.utc
@@ -186,21 +190,21 @@ def state_from_json(doc: Any) -> RendezvousState:
     _check_keys(doc, STATE_KEYS, "", [k for k in STATE_KEYS if k != "datetime_style"])
     rnd = doc["round"]
     if type(rnd) is not int or not 0 <= rnd <= _INT_MAX:
-        raise StateValidationError("round", f"expected a non-negative integer, got {rnd!r}")
+        raise StateValidationError("round", f"expected a non-negative integer, got {excerpt(rnd)}")
     deadline = None if doc["deadline"] is None else parse_time(doc["deadline"], "deadline")
     participants: Dict[NodeDesc, int] = {}
     for key, rank in _object(doc, "participants").items():
-        node = _node(key, f"participants[{key!r}]")
+        node = _node(key, f"participants[{excerpt(key)}]")
         if type(rank) is not int or not 0 <= rank <= _INT_MAX:
-            raise StateValidationError(f"participants[{key!r}]", f"rank must be a non-negative integer, got {rank!r}")
+            raise StateValidationError(f"participants[{excerpt(key)}]", f"rank must be a non-negative integer, got {excerpt(rank)}")
         participants[node] = rank
     heartbeats = {
-        _node(key, f"last_heartbeats[{key!r}]"): parse_time(when, f"last_heartbeats[{key!r}]")
+        _node(key, f"last_heartbeats[{excerpt(key)}]"): parse_time(when, f"last_heartbeats[{excerpt(key)}]")
         for key, when in _object(doc, "last_heartbeats").items()
     }
     style = doc.get("datetime_style", "aware")
     if style not in ("aware", "naive"):
-        raise StateValidationError("datetime_style", f"expected \"aware\" or \"naive\", got {style!r}")
+        raise StateValidationError("datetime_style", f"expected \"aware\" or \"naive\", got {excerpt(style)}")
     return RendezvousState(
         round=rnd,
         complete=_bool(doc, "complete"),

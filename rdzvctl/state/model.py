@@ -17,6 +17,8 @@ from functools import cached_property
 from operator import attrgetter
 from typing import Any, Callable, Dict, Iterator, Optional, Set
 
+from rdzvctl.text import excerpt
+
 __all__ = ["NodeDesc", "RendezvousState", "STATE_FIELDS", "node_order", "collector_paused"]
 
 #: torch's ``_RendezvousState`` attributes, in torch's order (pickle, JSON and model agree on these).
@@ -32,7 +34,7 @@ STATE_FIELDS = (
 )
 
 # How str() writes an int: ASCII digits, no leading zeros, "-" only.
-_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
+_INTEGER = re.compile(r"0|-?[1-9][0-9]{0,19}")  # at most 20 digits: 64 bits, and int() takes it
 
 
 @dataclass(eq=True, order=True, frozen=True, init=False)
@@ -86,7 +88,7 @@ class NodeDesc:
         """
         parts = node_id.rsplit("_", 2)
         if len(parts) != 3 or not all(_INTEGER.fullmatch(p) for p in parts[1:]):
-            raise ValueError(f"not a node id (addr_pid_localid): {node_id!r}")
+            raise ValueError(f"not a node id (addr_pid_localid): {excerpt(node_id)}")
         addr, pid, local_id = parts
         return cls(addr, int(pid), int(local_id))
 

@@ -45,6 +45,8 @@ MAX_HISTORY = 10_000
 READ_BATCH = 32
 #: About the most bytes one LRANGE brings back (the newest entry's size tells how many fit).
 READ_BYTES = 8 << 20
+#: The ``last`` of a read that goes to the end of the list (its newest entry is not the script's).
+_NO_END = 1 << 63
 #: How many times a read starts over after writers trimmed the list under it.
 _RESTARTS = 8
 
@@ -102,7 +104,10 @@ def parse_entry(raw: Any) -> Optional[Entry]:
     seconds, _, micros = parts[2].partition(b".")
     if not (seconds.isdigit() and micros.isdigit() and len(seconds) <= 12 and len(micros) <= 6):
         return None
-    written = _dt.datetime.fromtimestamp(int(seconds), _dt.timezone.utc) + _dt.timedelta(microseconds=int(micros))
+    try:
+        written = _dt.datetime.fromtimestamp(int(seconds), _dt.timezone.utc) + _dt.timedelta(microseconds=int(micros))
+    except (ValueError, OverflowError, OSError):  # past year 9999: no TIME of a Redis server wrote that
+        return None
     value: Optional[bytes]
     if parts[3] == b"-":
         value = None
@@ -132,14 +137,26 @@ def read_history(backend: Any) -> HistoryWindow:
     """
     client, key = backend.client, backend.history_key
     with backend.errors():
+        kind = client.type(key)
+        if kind not in (b"list", b"none", "list", "none"):
+            from rdzvctl.errors import StateCorruptError
+
+            raise StateCorruptError(f"the run's history key {key!r} holds a {kind.decode() if isinstance(kind, bytes) else kind} "
+                                    "where rdzvctl keeps a list: it is no history rdzvctl wrote (the write script "
+                                    "leaves it alone); delete it to keep a history again")
         (first, _), (last, size) = _seq(client, key, 0), _seq(client, key, -1)
+        length = client.llen(key) if first is None or last is None else 1
+    kept = ("rdzvctl's Redis layout keeps only the last N semantic versions (--rdzv-conf history=N of the "
+            f"writers, default {DEFAULT_HISTORY}); heartbeat-only writes are not kept")
+    if (first is None or last is None) and length:
+        # Its first or newest entry is not one the write script wrote: read what parses, to the end.
+        notice = f"{kept}; the list also holds entries the write script did not write (skipped)"
+        return HistoryWindow(_stream(backend, client, key, _NO_END, READ_BATCH), notice)
     if first is None or last is None:
         notice = ("no history kept for this run: rdzvctl's Redis layout keeps the last N semantic versions "
                   f"(--rdzv-conf history=N of the writers, default {DEFAULT_HISTORY}; 0 keeps none) from the first "
                   "write made with it on")
         return HistoryWindow(iter(()), notice)
-    kept = ("rdzvctl's Redis layout keeps only the last N semantic versions (--rdzv-conf history=N of the "
-            f"writers, default {DEFAULT_HISTORY}); heartbeat-only writes are not kept")
     notice = f"{kept}; {first - 1} older ones were trimmed" if first > 1 else kept
     batch = max(1, min(READ_BATCH, READ_BYTES // max(size, 1)))
     return HistoryWindow(_stream(backend, client, key, last, batch), notice)
@@ -151,8 +168,8 @@ def _stream(backend: Any, client: Any, key: str, last: int, batch: int) -> Itera
         low = start - 1 if start > 0 else 0
         with backend.errors():
             rows: List[Any] = client.lrange(key, low, low + batch)
-        if not rows:
-            return
+        if not rows or (last == _NO_END and low == start - 1 and len(rows) == 1):
+            return  # nothing after the row read last: the end of the list
         entries = [entry for entry in map(parse_entry, rows) if entry is not None]
         if low > 0 and restarts < _RESTARTS and (not entries or entries[0].seq > seen):
             # The head was trimmed under us: entries are numbered one by one, so the one after ``seen``
