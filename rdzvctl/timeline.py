@@ -96,7 +96,7 @@ def _required(source: Source) -> Iterator[HistoryEntry]:
 def last_events(backend: RendezvousBackend, count: int = REPORT_EVENTS) -> Tuple[Optional[List[Dict[str, Any]]], str]:
     """The newest ``count`` events of the backend's history for ``report``, or (None, why not).
 
-    Never raises an rdzvctl error: a report must not fail because history did.
+    Never raises: a report must not fail because history did (a bug included: it becomes the note).
     """
     from rdzvctl.errors import RdzvctlError, UnsupportedOperationError
 
@@ -110,6 +110,8 @@ def last_events(backend: RendezvousBackend, count: int = REPORT_EVENTS) -> Tuple
         return None, str(exc)
     except RdzvctlError as exc:
         return None, f"the history could not be read: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a report is written during an incident: a bug here must not stop it
+        return None, f"the history could not be read (internal error: {type(exc).__name__}: {exc})"
     note = "" if source.notice is None else source.notice
     return events, note
 

@@ -217,9 +217,10 @@ def test_a_restart_storm_of_real_handlers_is_reported(
     (torch advances it, ``_remove_participant_epilogue``) and forms the next at once."""
     node = node_factory.spawn(target, run_id, min_nodes=1, max_nodes=1)
     try:
-        rounds = [node.call("next", "round", 45)["round"] for _ in range(4)]
-        assert rounds == [0, 1, 2, 3]
-        history.wait_for_state(lambda s: s["round"] == 3 and s["complete"], "round 3 complete")
+        for expected in range(4):
+            assert node.call("next", "round", 45)["round"] == expected
+            # each complete round is seen before the next restart (a polled record could skip one)
+            history.wait_for_state(lambda s: s["round"] == expected and s["complete"], f"round {expected} complete")
     finally:
         node.kill()
         node.close()

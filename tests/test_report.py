@@ -244,3 +244,17 @@ def test_last_events_come_from_a_filestore_history(tmp_path, cli_env, run_id):
     text = report(*args)
     section = text.split("## Last events", 1)[1].split("## Repair", 1)[0]
     assert "round\\-advanced" in section or "round-advanced" in section
+
+
+def test_last_events_never_fail_the_report_even_on_a_bug() -> None:
+    """A report is written during an incident: a history that breaks in an unforeseen way becomes the note."""
+    from rdzvctl.testing.memory import MemoryBackend
+    from rdzvctl.timeline import last_events
+
+    class Broken(MemoryBackend):
+        def history(self):  # type: ignore[override]
+            raise RuntimeError("boom \x1b[31m")
+
+    backend = Broken(Address("memory", "memory://report", "job42", {}))
+    events, note = last_events(backend)
+    assert events is None and "internal error: RuntimeError" in note and "boom" in note
