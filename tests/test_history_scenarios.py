@@ -220,7 +220,7 @@ def test_a_restart_storm_of_real_handlers_is_reported(
         for expected in range(4):
             assert node.call("next", "round", 45)["round"] == expected
             # each complete round is seen before the next restart (a polled record could skip one)
-            history.wait_for_state(lambda s: s["round"] == expected and s["complete"], f"round {expected} complete")
+            history.wait_for_state(lambda s, r=expected: s["round"] == r and s["complete"], f"round {expected} complete")
     finally:
         node.kill()
         node.close()
