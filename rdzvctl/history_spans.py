@@ -55,6 +55,7 @@ ROLES = ("participant", "waiting", "redundant")
 MARKED_KINDS = {
     "state-created": "state created",
     "round-advanced": "round advanced",
+    "round-went-back": "round went back",
     "completed": "round completed",
     "closed": "closed",
     "reopened": "reopened",

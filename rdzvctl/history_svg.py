@@ -51,6 +51,7 @@ ROLE_COLOURS = dict(zip(ROLES, ("#2f9e44", "#f08c00", "#868e96")))
 _MARKER_STYLES = {
     "state-created": ("#495057", "2,2"),
     "round-advanced": ("#1c7ed6", "4,3"),
+    "round-went-back": ("#f76707", "4,3"),
     "completed": ("#2b8a3e", ""),
     "closed": ("#e03131", ""),
     "reopened": ("#ae3ec9", "6,2"),

@@ -370,6 +370,7 @@ def test_diff_heartbeats_alone_are_not_events() -> None:
 
 @pytest.mark.parametrize("change, kinds, node", [
     (lambda s: setattr(s, "round", 3), ["round-advanced"], None),
+    (lambda s: setattr(s, "round", 0), ["round-went-back"], None),
     (lambda s: s.participants.update({C: 2}), ["joined-participants"], C),
     (lambda s: s.participants.pop(B), ["left-participants"], B),
     (lambda s: s.wait_list.add(C), ["joined-wait-list"], C),
@@ -391,7 +392,8 @@ def test_diff_events(change: Any, kinds: List[str], node: Optional[NodeDesc]) ->
     back = _kinds(diff_states(new, old))
     opposite = {"joined-participants": "left-participants", "left-participants": "joined-participants",
                 "joined-wait-list": "left-wait-list", "joined-redundancy-list": "left-redundancy-list",
-                "incomplete": "completed", "closed": "reopened", "deadline-set": "deadline-cleared"}
+                "incomplete": "completed", "closed": "reopened", "deadline-set": "deadline-cleared",
+                "round-advanced": "round-went-back", "round-went-back": "round-advanced"}
     assert back == [opposite.get(k, k) for k in kinds]
 
 

@@ -83,9 +83,12 @@ def diff_states(old: Optional[RendezvousState], new: Optional[RendezvousState]) 
     if new is None:
         return [Event("state-removed", "state removed")]
     events: List[Event] = []
-    if new.round != old.round:
+    if new.round > old.round:
         events.append(Event("round-advanced", f"round {old.round} -> {new.round}",
                             data={"from": old.round, "to": new.round}))
+    elif new.round < old.round:  # torch only counts up: someone wrote an older or a fresh state over the run
+        events.append(Event("round-went-back", f"round {old.round} -> {new.round}: went back (a state written "
+                            "over the run, not by torch's agents)", data={"from": old.round, "to": new.round}))
     for label, before, after in (
         ("participants", set(old.participants), set(new.participants)),
         ("wait_list", old.wait_list, new.wait_list),
