@@ -102,9 +102,10 @@ def run(ctx: Context) -> List[Row]:
             if label in ctx.fleet.skipped:
                 rows.append(skip_row(ID, f"exporter scrape, {count:,} runs", label, ctx.fleet.skipped[label]))
             continue
-        target = p4_detect._target_for(ctx, label)
+        target = p4_detect.target_for(ctx, label, "filestore-p11")
         ctx.log(f"P11 {label}: writing {count:,} runs")
-        p4_detect._populate(target, count)
+        items = list(p4_detect.runs(count))
+        p4_detect.populate(target, items)
         base_cpu: List[float] = []
         raw = _raw_read(target, base_cpu)
         exporter = ExporterProcess(["--all", "--max-runs", str(count * 5), *target.flags(None)], env=ctx.env,
@@ -133,6 +134,7 @@ def run(ctx: Context) -> List[Row]:
         finally:
             exporter.stop()
             raw.backend.close()  # type: ignore[attr-defined]
+            p4_detect.remove(target, items, p4_detect.PREFIX)  # later benchmarks list only their own runs
         raw_s, raw_cpu = median(base), median(base_cpu)
         rows.append(Row(ID, f"exporter scrape, {count:,} runs unchanged", label, median(unchanged) * 1000,
                         raw_s * 1000, "ms", "-", cpu_ratio=median(unchanged_cpu) / raw_cpu if raw_cpu else None,
