@@ -37,7 +37,7 @@ RUN_ID = "bench-history"
 
 _RAW = """
 import sys
-from rdzvctl.backends.filestore import parse_records
+from rdzvctl.backends.filestore_log import parse_records
 from rdzvctl.state.codec import decode, decode_base64
 key = b"/torch.rendezvous." + sys.argv[2].encode()
 count = 0
@@ -106,7 +106,7 @@ def _versions(versions: int) -> Iterator[bytes]:
 
 def write_log(path: str, versions: int) -> None:
     """A FileStore log of ``versions`` states of :data:`RUN_ID` (see the module docstring)."""
-    from rdzvctl.backends.filestore import encode_record
+    from rdzvctl.backends.filestore_log import encode_record
     from rdzvctl.state.codec import encode_base64
 
     key = f"/torch.rendezvous.{RUN_ID}".encode()

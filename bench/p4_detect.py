@@ -146,7 +146,7 @@ def _remove_tcpstore(target: Target, items: List[Tuple[str, bytes]]) -> None:
 
 
 def _populate_filestore(path: str, items: List[Tuple[str, bytes]]) -> None:
-    from rdzvctl.backends.filestore import encode_record
+    from rdzvctl.backends.filestore_log import encode_record
 
     with open(path, "wb") as f:
         f.write(b"".join(encode_record(f"/torch.rendezvous.{run_id}".encode(), value) for run_id, value in items))

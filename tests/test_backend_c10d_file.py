@@ -14,7 +14,8 @@ import pytest
 
 from rdzvctl.backends.base import Address
 from rdzvctl.backends.c10d import NULL_SENTINEL, C10dBackend
-from rdzvctl.backends.filestore import FileStore, parse_records
+from rdzvctl.backends.filestore import FileStore
+from rdzvctl.backends.filestore_log import parse_records
 from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
 from rdzvctl.testing.conformance import BackendConformanceTests, run_conformance
 from tests.support.torch_peer import (
@@ -415,7 +416,7 @@ def test_history_of_a_long_log_streams_in_bounded_memory(tmp_path, monkeypatch):
     import tracemalloc
 
     import rdzvctl.backends.filestore as filestore
-    from rdzvctl.backends.filestore import encode_record
+    from rdzvctl.backends.filestore_log import encode_record
     from rdzvctl.state.codec import encode, encode_base64
     from rdzvctl.state.history import replay
     from rdzvctl.state.model import NodeDesc, RendezvousState

@@ -1,12 +1,11 @@
-"""torch's c10d ``FileStore`` log format, read and appended with torch's locking.
+"""torch's c10d ``FileStore`` file, read and appended with torch's locking.
 
-The file is an append-only log without header: each record is a u32 LE key
-length, the key, a u32 LE value length and the value.  The last record of a key
-wins; a record whose key starts with ``-`` (``-/k``) deletes ``/k``.  User keys
-are stored as ``/key``; ``refcount/`` and ``cleanup/`` are torch's bookkeeping.
+The records (:mod:`rdzvctl.backends.filestore_log`) form an append-only log;
+the last record of a key wins.  User keys are stored as ``/key``;
+``refcount/`` and ``cleanup/`` are torch's bookkeeping.
 
-Rules kept here so live torch processes are never disturbed (see
-``shared/facts/c10d-stores.md``): ``flock`` LOCK_SH to read and LOCK_EX to
+Rules kept here so live torch processes are never disturbed (as torch's
+``FileStore.cpp`` does): ``flock`` LOCK_SH to read and LOCK_EX to
 append at EOF; the file is never truncated, compacted or replaced; existing
 files are opened without ``O_CREAT`` (a store torch deleted stays deleted); and
 ``refcount/``/``cleanup/`` are never written.  Reads replay only what was
@@ -20,22 +19,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import struct
 import threading
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
+from rdzvctl.backends.filestore_log import _U32, Span, encode_record, index_records, parse_records
 from rdzvctl.errors import BackendConfigError, BackendTimeoutError, BackendUnavailableError, StateCorruptError
 
 __all__ = ["FileStore"]
 
-_U32 = struct.Struct("<I")
 _INTERNAL = (b"refcount/", b"cleanup/")
 _HEAD = 64  # bytes remembered to notice a file replaced under the same inode
 _CHUNK = 1 << 20  # bytes read at a time; a replay skips a larger value without reading it
 
 Key = Union[bytes, str]
-Span = Tuple[int, int]  # (offset, length) of a value in the file
 T = TypeVar("T")
 
 
@@ -49,55 +46,6 @@ def _flock():
     except ImportError:  # pragma: no cover - Windows
         raise BackendConfigError("the FileStore needs flock(2), which this system lacks") from None
     return fcntl
-
-
-def iter_records(data: bytes, limit: Optional[int] = None) -> Iterator[Tuple[bytes, int, int]]:
-    """The complete records at the start of ``data``, in order: ``(key, value offset, value length)``,
-    offsets in ``data``.  A value may run past ``data`` up to ``limit`` (default: the end of
-    ``data``), for a caller that knows the file holds it; the walk stops at the first record
-    that is not complete, so a record's value ends where the next record starts."""
-    pos, end = 0, len(data)
-    limit = end if limit is None else limit
-    unpack = _U32.unpack_from
-    while pos + 4 <= end:
-        klen = unpack(data, pos)[0]
-        kend = pos + 4 + klen
-        if kend + 4 > end:
-            break
-        vlen = unpack(data, kend)[0]
-        vstart = kend + 4
-        if vstart + vlen > limit:
-            break
-        yield data[pos + 4:kend], vstart, vlen
-        pos = vstart + vlen
-
-
-def parse_records(data: bytes) -> Tuple[List[Tuple[bytes, bytes]], int]:
-    """Complete ``(key, value)`` records in ``data`` and the bytes they span."""
-    records, pos = [], 0
-    for key, vstart, vlen in iter_records(data):
-        pos = vstart + vlen
-        records.append((key, data[vstart:pos]))
-    return records, pos
-
-
-def index_records(data: bytes, base: int, size: int, index: Dict[bytes, Span]) -> int:
-    """Apply the records starting in ``data`` (read at file offset ``base`` of a
-    ``size``-byte file) to ``index`` as value spans; returns the file offset
-    after the last complete record.  A value may run past ``data``: it is
-    skipped, not read, when the file holds all of it."""
-    pos = 0
-    for key, vstart, vlen in iter_records(data, size - base):
-        if key[:1] == b"-":
-            index.pop(key[1:], None)
-        else:
-            index[key] = (base + vstart, vlen)
-        pos = vstart + vlen
-    return base + pos
-
-
-def encode_record(key: bytes, value: bytes) -> bytes:
-    return b"".join((_U32.pack(len(key)), key, _U32.pack(len(value)), value))
 
 
 class FileStore:

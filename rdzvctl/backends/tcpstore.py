@@ -7,9 +7,9 @@ waits past ``timeout``.  Reading never writes, and :meth:`TcpStoreClient.get`
 checks a key exists before fetching it: a raw GET on a missing key makes the
 legacy server drop the connection and the libuv one answer empty bytes.
 
-Protocol facts (opcodes, framing, the handshake) are in
-``shared/facts/c10d-stores.md``; both the libuv server and the legacy one
-(``use_libuv=False``) are supported.
+The protocol (opcodes, framing, the handshake) is torch's, from
+``torch/csrc/distributed/c10d/TCPStore.cpp`` and ``TCPStoreLibUvBackend.cpp``;
+both the libuv server and the legacy one (``use_libuv=False``) are supported.
 """
 
 from __future__ import annotations
