@@ -100,10 +100,7 @@ def last_events(backend: RendezvousBackend, count: int = REPORT_EVENTS) -> Tuple
     """
     from rdzvctl.errors import RdzvctlError, UnsupportedOperationError
 
-    if "history" not in backend.capabilities:
-        return None, (f"the {backend.name} backend keeps no history of the state (record one with "
-                      "'rdzvctl watch --record FILE', read it with 'rdzvctl history --from FILE')")
-    try:
+    try:  # a backend without the capability says why in its history() (the base class's message)
         source = from_backend(backend)
         events = list(events_of(source, last=count))
     except UnsupportedOperationError as exc:

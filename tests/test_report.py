@@ -258,3 +258,12 @@ def test_last_events_never_fail_the_report_even_on_a_bug() -> None:
     backend = Broken(Address("memory", "memory://report", "job42", {}))
     events, note = last_events(backend)
     assert events is None and "internal error: RuntimeError" in note and "boom" in note
+
+
+def test_last_events_on_a_tcpstore_say_how_to_record_one(tcpstore_libuv) -> None:
+    """No history kept: the note is the backend's own reason, with what to do instead."""
+    from rdzvctl.timeline import last_events
+
+    with open_backend(Address("c10d", tcpstore_libuv.endpoint, "job42", {})) as backend:
+        events, note = last_events(backend)
+    assert events is None and "keeps no history" in note and "watch --record" in note
