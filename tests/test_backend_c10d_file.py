@@ -462,3 +462,24 @@ def test_history_says_the_real_size_of_a_value_too_large_to_read(tmp_path, monke
     entries = list(replay(iter(versions)))
     assert [e.kind for e in entries[0].events] == ["state-corrupt"]
     assert f"{huge:,} bytes" in entries[0].events[0].message
+
+
+def test_history_names_a_value_that_is_not_base64_as_get_does(tmp_path):
+    """A version torch could never have written: history says what get says of it ("not base64"),
+    not the codec's "not a valid pickle" of the raw bytes, and the states around it read on."""
+    from rdzvctl.state.codec import encode, encode_base64
+    from rdzvctl.state.history import replay
+    from rdzvctl.state.model import RendezvousState
+
+    path = str(tmp_path / "store")
+    store = FileStore(path, create=True)
+    b = backend(path, "job")
+    good = encode(RendezvousState(round=1))
+    for value in (encode_base64(good), b"%%% not base64 %%%", encode_base64(good)):
+        store.set(b"/torch.rendezvous.job", value)
+    versions = list(b.history().versions)
+    assert versions[1].value is None and "is not base64" in (versions[1].error or "")
+    kinds = [e.kind for entry in replay(versions) for e in entry.events]
+    assert kinds[:2] == ["state-created", "state-corrupt"] and "state-created" in kinds[2:]
+    corrupt = next(e for entry in replay(versions) for e in entry.events if e.kind == "state-corrupt")
+    assert "not base64" in corrupt.message and "pickle" not in corrupt.message

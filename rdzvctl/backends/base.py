@@ -48,6 +48,7 @@ import threading
 from abc import ABC, abstractmethod
 from typing import (
     Any,
+    Callable,
     ClassVar,
     Dict,
     FrozenSet,
@@ -68,7 +69,7 @@ from rdzvctl.backends.address import (  # re-exported: callers import Address wi
     check_conf_keys,
     parse_conf,
 )
-from rdzvctl.errors import UnsupportedOperationError
+from rdzvctl.errors import StateCorruptError, UnsupportedOperationError
 from rdzvctl.state.store_keys import round_of_store_key, split_round_key
 
 __all__ = [
@@ -121,14 +122,29 @@ class HistoryVersion(NamedTuple):
     newest heartbeat in the state); ``revision`` the backend's own counter for
     it (etcd's modification revision or index, the Redis history entry's
     sequence number, the FileStore record number), increasing.  ``error``:
-    why a value the backend did not hand over whole is unusable (too large to
-    read; ``value`` is then None and the version is a ``state-corrupt`` event).
+    why a value the backend could not hand over is unusable (too large to
+    read, not base64; ``value`` is then None and the version is a
+    ``state-corrupt`` event saying so).
     """
 
     value: Optional[bytes]
     written_at: Optional[_dt.datetime]
     revision: Optional[int]
     error: Optional[str] = None
+
+    @classmethod
+    def unwrapped(cls, unwrap: Callable[[Any], bytes], stored: Any, written_at: Optional[_dt.datetime],
+                  revision: Optional[int]) -> "HistoryVersion":
+        """The version whose ``stored`` form ``unwrap(stored)`` turns into the state's bytes (base64 and the like).
+
+        A stored value it cannot unwrap (``StateCorruptError``) keeps the
+        backend's reason, what ``get`` says of that value, instead of handing
+        the raw bytes to the codec, which would call them a bad pickle.
+        """
+        try:
+            return cls(unwrap(stored), written_at, revision)
+        except StateCorruptError as exc:
+            return cls(None, written_at, revision, str(exc))
 
 
 class HistoryWindow(NamedTuple):

@@ -123,6 +123,12 @@ class C10dBackend(RendezvousBackend):
             raise BackendConfigError("the c10d backend needs a run id (--rdzv-id)")
         return _WIRE_PREFIX + self.run_id.encode()
 
+    def _state_bytes(self, value: bytes) -> bytes:
+        """A stored value (not the sentinel) as state bytes; not base64 raises what ``get`` says of it."""
+        current = self._decode(value)
+        assert current is not None  # the sentinel is told apart before
+        return current[0]
+
     def _decode(self, value: bytes, run_id: Optional[str] = None) -> Optional[StateAndToken]:
         """torch's ``_decode_state``: ``None`` for the sentinel, else ``(state, token)``."""
         if value == NULL_SENTINEL:
@@ -282,11 +288,7 @@ class C10dBackend(RendezvousBackend):
                         f"the value is {length:,} bytes, over the {limit:,}-byte base64 of the "
                         f"{MAX_STATE_BYTES >> 20} MiB state limit"))
                     continue
-                try:
-                    raw = decode_base64(value)
-                except StateCorruptError:
-                    raw = value  # not base64: the codec says it is not a state
-                yield HistoryVersion(raw, None, number)
+                yield HistoryVersion.unwrapped(self._state_bytes, value, None, number)
 
         return HistoryWindow(versions(), None)
 

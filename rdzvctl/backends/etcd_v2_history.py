@@ -23,7 +23,7 @@ import threading
 from typing import Any, Dict, Iterator, Optional
 
 from rdzvctl.backends.base import HistoryVersion, HistoryWindow
-from rdzvctl.errors import BackendUnavailableError, StateCorruptError
+from rdzvctl.errors import BackendUnavailableError
 
 __all__ = ["read_history", "SETTLE_SECONDS", "WINDOW_EVENTS"]
 
@@ -78,13 +78,10 @@ def _versions(backend: Any, first: Optional[Dict[str, Any]], start: int, head: i
         index = int(node.get("modifiedIndex", 0))
         if index > head or index < start:
             return
-        value: Optional[bytes] = None
         if event.get("action") not in _REMOVED and "value" in node:
-            try:
-                value = backend._decode_node(node)[0]
-            except StateCorruptError:
-                value = str(node.get("value", "")).encode("utf-8", "replace")  # the reader reports it corrupt
-        yield HistoryVersion(value, None, index)
+            yield HistoryVersion.unwrapped(lambda n: backend._decode_node(n)[0], node, None, index)
+        else:
+            yield HistoryVersion(None, None, index)
         if end is not None and index >= end:
             return
         start, event = index + 1, None

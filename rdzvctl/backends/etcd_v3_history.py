@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import threading
 from contextlib import closing
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from rdzvctl.backends.base import HistoryVersion, HistoryWindow
-from rdzvctl.errors import BackendUnavailableError, StateCorruptError
+from rdzvctl.backends.etcd_v3 import _stored_state
+from rdzvctl.errors import BackendUnavailableError
 
 __all__ = ["read_history", "SETTLE_SECONDS"]
 
@@ -38,22 +39,6 @@ __all__ = ["read_history", "SETTLE_SECONDS"]
 SETTLE_SECONDS = 1.0
 #: Re-opened watches (after a broken stream) before giving up.
 _RESUMES = 3
-
-
-def _value(backend: Any, kv: Dict[str, Any]) -> bytes:
-    """The state bytes of ``kv``; a value that is not base64 is handed on as stored (the reader reports it)."""
-    import base64
-    import binascii
-
-    from rdzvctl.backends.etcd_v3 import _stored_state
-
-    try:
-        return _stored_state(kv)
-    except StateCorruptError:
-        try:
-            return base64.b64decode(kv.get("value", ""))
-        except (binascii.Error, ValueError):
-            return str(kv.get("value", "")).encode("ascii", "replace")
 
 
 def _compact_revision(gateway: Any, key: bytes, timeout: float) -> Optional[int]:
@@ -97,7 +82,7 @@ def _versions(backend: Any, compacted: Optional[int], head: int, end: Optional[i
         survivor = gateway.range(key, revision=str(compacted)).get("kvs") or []
         if survivor and int(survivor[0]["mod_revision"]) < compacted:  # written before C, still current at C
             revision = int(survivor[0]["mod_revision"])
-            yield HistoryVersion(_value(backend, survivor[0]), None, revision)
+            yield HistoryVersion.unwrapped(_stored_state, survivor[0], None, revision)
             removed = False
             if end is not None and revision >= end:
                 return
@@ -115,9 +100,9 @@ def _versions(backend: Any, compacted: Optional[int], head: int, end: Optional[i
                     revision = int(kv["mod_revision"])
                     if revision > head:
                         return  # written after the read began
-                    value = None if event.get("type") == "DELETE" else _value(backend, kv)
-                    removed = value is None
-                    yield HistoryVersion(value, None, revision)
+                    removed = event.get("type") == "DELETE"
+                    yield (HistoryVersion(None, None, revision) if removed else
+                           HistoryVersion.unwrapped(_stored_state, kv, None, revision))
                     start = revision + 1
                     if end is not None and revision >= end:
                         return

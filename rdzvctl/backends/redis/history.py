@@ -93,7 +93,6 @@ class Entry(NamedTuple):
 
 def parse_entry(raw: Any) -> Optional[Entry]:
     """A list entry as a version, or ``None`` when it is not one of the script's entries (untrusted)."""
-    from rdzvctl.errors import StateCorruptError
     from rdzvctl.state.codec import decode_base64
 
     if not isinstance(raw, bytes):
@@ -108,15 +107,10 @@ def parse_entry(raw: Any) -> Optional[Entry]:
         written = _dt.datetime.fromtimestamp(int(seconds), _dt.timezone.utc) + _dt.timedelta(microseconds=int(micros))
     except (ValueError, OverflowError, OSError):  # past year 9999: no TIME of a Redis server wrote that
         return None
-    value: Optional[bytes]
+    seq = int(parts[0])
     if parts[3] == b"-":
-        value = None
-    else:
-        try:
-            value = decode_base64(parts[3])
-        except StateCorruptError:
-            value = parts[3]  # not base64: handed on as it is, the reader reports it corrupt
-    return Entry(int(parts[0]), HistoryVersion(value, written, int(parts[0])))
+        return Entry(seq, HistoryVersion(None, written, seq))
+    return Entry(seq, HistoryVersion.unwrapped(decode_base64, parts[3], written, seq))
 
 
 def _seq(client: Any, key: str, index: int) -> "tuple[Optional[int], int]":
