@@ -37,7 +37,7 @@ from rdzvctl.history_spans import (
 from rdzvctl.history_spans import Collector as _Collector
 from rdzvctl.text import cut, safe
 
-__all__ = ["HistoryEntryLike", "render_svg", "MAX_ROWS", "TRACKED_NODES", "SPANS_PER_NODE", "MAX_MARKERS",
+__all__ = ["HistoryEntryLike", "render_svg", "draw_svg", "MAX_ROWS", "TRACKED_NODES", "SPANS_PER_NODE", "MAX_MARKERS",
            "MAX_BANDS", "LABEL_CHARS"]
 
 #: Characters of a node label or the run id in the picture (after escaping control characters).
@@ -113,6 +113,12 @@ def render_svg(entries: Iterable[HistoryEntryLike], *, run_id: str, title: Optio
     collector = _Collector()
     for entry in entries:
         collector.add(entry)
+    return draw_svg(collector, run_id=run_id, title=title)
+
+
+def draw_svg(collector: _Collector, *, run_id: str, title: Optional[str] = None) -> str:
+    """The SVG document of what ``collector`` gathered (fed by :func:`render_svg`, or by a caller
+    that shows the same entries another way as they come, so one replay serves both)."""
     heading = _label(title, 80) if title else f"rendezvous history of run {_label(run_id)}"
     if collector.first is None or collector.last is None:
         return _document(heading, f"run {_label(run_id)}: no history", [], 120)

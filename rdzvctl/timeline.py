@@ -12,7 +12,7 @@ import collections
 import datetime as _dt
 import re
 import sys
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from rdzvctl.backends.base import RendezvousBackend
 from rdzvctl.state.history import (
@@ -24,7 +24,7 @@ from rdzvctl.state.history import (
     timeline,
 )
 
-__all__ = ["Source", "from_backend", "from_record", "events_of", "entries_since", "last_events", "parse_since",
+__all__ = ["Source", "from_backend", "from_record", "events_of", "handing_on", "last_events", "parse_since",
            "SINCE_HELP", "REPORT_EVENTS"]
 
 #: How many of the newest events ``report`` shows.
@@ -60,11 +60,16 @@ def from_record(path: str) -> Source:
                   f"the record file {path}")
 
 
-def entries_since(entries: Iterable[HistoryEntry], since: Optional[_dt.datetime]) -> Iterator[HistoryEntry]:
-    """The entries at or after ``since`` (all when None)."""
-    for entry in entries:
-        if since is None or (entry.time is not None and entry.time >= since):
+def handing_on(source: Source, add: Callable[[HistoryEntry], None], since: Optional[_dt.datetime]) -> Source:
+    """``source`` whose entries, as they are replayed, are also handed to ``add`` (those at or after
+    ``since``): ``history --svg`` draws the very versions it printed, from one replay."""
+    def entries() -> Iterator[HistoryEntry]:
+        for entry in source.entries:
+            if since is None or (entry.time is not None and entry.time >= since):
+                add(entry)
             yield entry
+
+    return source._replace(entries=entries())
 
 
 def events_of(source: Source, *, storm: Optional[StormSettings] = DEFAULT_STORM,

@@ -136,6 +136,9 @@ def test_svg_is_written_and_never_overwritten_without_force(cli_env, tmp_path):
     result = invoke(["history", "--from", str(path), "--svg", str(svg)])
     assert result.exit_code == 0, result.output
     assert ET.fromstring(svg.read_text()).tag.endswith("svg")
+    assert "3 entries" in svg.read_text()  # the replay the events came from: heartbeat-only folded
+    since = invoke(["history", "--from", str(path), "--since", at(2).isoformat(), "--svg", str(svg), "--force"])
+    assert since.exit_code == 0 and "2 entries" in svg.read_text()  # what --since shows, no more
     again = invoke(["history", "--from", str(path), "--svg", str(svg)])
     assert again.exit_code == 2 and "--force" in again.stderr and again.stdout == ""  # refused before replaying
     assert invoke(["history", "--from", str(path), "--svg", str(svg), "--force"]).exit_code == 0

@@ -65,13 +65,17 @@ def command(app: App, output: str, since: Optional[str], limit: Optional[int], r
         app.require_run_id()
         backend = app.open()
     try:
-        def source() -> "timeline.Source":
-            if backend is not None:
-                return timeline.from_backend(backend)
+        if backend is not None:
+            first = timeline.from_backend(backend)
+        else:
             assert record_file is not None
-            return timeline.from_record(record_file)
+            first = timeline.from_record(record_file)
+        collector = None
+        if svg_file is not None:  # drawn from the same replay as the events printed
+            from rdzvctl.history_spans import Collector
 
-        first = source()
+            collector = Collector()
+            first = timeline.handing_on(first, collector.add, since_time)
         if first.notice:
             app.err(f"rdzvctl: notice: {first.notice}")
             if output == "json":
@@ -83,13 +87,11 @@ def command(app: App, output: str, since: Optional[str], limit: Optional[int], r
                 app.json_line(event)
             else:
                 render_event(app, {**event, "time": event["time"] or "-"})
-        if svg_file is not None:
-            from rdzvctl.history_svg import render_svg
+        if svg_file is not None and collector is not None:
+            from rdzvctl.history_svg import draw_svg
             from rdzvctl.report import write_private_file
 
-            again = source()
-            svg = render_svg(timeline.entries_since(again.entries, since_time), run_id=again.run_id)
-            write_private_file(svg_file, svg, force)
+            write_private_file(svg_file, draw_svg(collector, run_id=first.run_id), force)
             app.err(f"history drawn in {svg_file}")
         if storms:
             app.exit(1)
