@@ -1,3 +1,3 @@
-from rdzvctl.cli.main import main
+from rdzvctl.cli.entry import main
 
 main()

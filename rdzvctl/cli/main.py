@@ -13,6 +13,7 @@ was written.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -46,6 +47,19 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
 }
 
 
+#: Set by :mod:`rdzvctl.cli.entry` when it paused the cyclic collector for start-up.
+resume_collector_after_start = False
+
+
+def _started() -> None:
+    """The command's modules are loaded: resume the collector :mod:`rdzvctl.cli.entry` paused."""
+    global resume_collector_after_start
+    if resume_collector_after_start:
+        resume_collector_after_start = False
+        gc.freeze()
+        gc.enable()
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported on first use."""
 
@@ -57,6 +71,7 @@ class LazyGroup(click.Group):
         if entry is None:
             return None
         module = importlib.import_module(entry[0])
+        _started()
         return module.command  # type: ignore[no-any-return]
 
     def resolve_command(
