@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from rdzvctl import clock
 from rdzvctl.backends.base import RendezvousBackend, StateAndToken, Token
@@ -48,9 +47,8 @@ T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
 
 
-@dataclass
-class Snapshot:
-    """One read of a run: raw bytes and token, and the decoded state or why not."""
+class Snapshot(NamedTuple):
+    """One read of a run: raw bytes and token, and the decoded state or why not (immutable)."""
 
     backend: str
     endpoint: str

@@ -126,7 +126,7 @@ def test_values_equal_what_get_json_reports() -> None:
     page = store.scrape()
     backend = store.backend("job42")
     snap = snapshot_from(backend, backend.get_state())
-    snap.fetched_at = NOW
+    snap = snap._replace(fetched_at=NOW)
     doc = describe(snap, KeepAlive(5.0, 3))
     labels = {"run_id": "job42"}
     summary = doc["summary"]
@@ -172,7 +172,7 @@ def test_one_phase_series_per_run_as_get_json_reports(state: Any, phase: str, fi
     page = store.scrape()
     backend = store.backend("job42")
     snap = snapshot_from(backend, backend.get_state())
-    snap.fetched_at = NOW
+    snap = snap._replace(fetched_at=NOW)
     doc = describe(snap, KeepAlive(5.0, 3))
     assert store.phase(page, "job42") == [phase] == [doc["lifecycle"]["phase"]]
     found = store.findings(page, "job42")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Mapping, Optional
+from typing import Dict, FrozenSet, Mapping, NamedTuple, Optional
 
 from rdzvctl.errors import BackendConfigError
 from rdzvctl.text import excerpt
@@ -115,26 +114,35 @@ TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
-@dataclass(frozen=True)
-class Address:
+class _AddressFields(NamedTuple):
+    backend: str
+    endpoint: str
+    run_id: str
+    conf: Mapping[str, str]
+    timeout: float
+
+
+class Address(_AddressFields):
     """Where a rendezvous lives, the torchrun way.
 
     ``backend``/``endpoint``/``run_id``/``conf`` are torchrun's
     ``--rdzv-backend``/``--rdzv-endpoint``/``--rdzv-id``/``--rdzv-conf``;
     ``timeout`` bounds every network operation (seconds).
+
+    Immutable. A named tuple rather than a dataclass: every command builds one, and a
+    dataclass costs the compilation of its generated methods at import.
     """
 
-    backend: str
-    endpoint: str = ""
-    run_id: str = ""
-    conf: Mapping[str, str] = field(default_factory=dict)
-    timeout: float = DEFAULT_TIMEOUT
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
+    def __new__(cls, backend: str, endpoint: str = "", run_id: str = "", conf: Optional[Mapping[str, str]] = None,
+                timeout: float = DEFAULT_TIMEOUT) -> "Address":
+        self = super().__new__(cls, backend, endpoint, run_id, {} if conf is None else conf, timeout)
         # The passwords of this invocation, so nothing rdzvctl prints can show them (rdzvctl.text.scrub).
         from rdzvctl.text import register_address_secrets
 
-        register_address_secrets(self.endpoint, self.conf, os.environ)
+        register_address_secrets(endpoint, self.conf, os.environ)
+        return self
 
     @classmethod
     def from_env(

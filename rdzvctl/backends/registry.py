@@ -18,8 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Type
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Type
 
 from rdzvctl.backends.base import Address, RendezvousBackend
 from rdzvctl.backends.loading import load_target
@@ -47,8 +46,7 @@ _BUILTIN = {
 }
 
 
-@dataclass(frozen=True)
-class BackendInfo:
+class BackendInfo(NamedTuple):
     """A registered backend: its name, ``module:attr`` target and distribution."""
 
     name: str

@@ -10,8 +10,7 @@ deterministic and testable.
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from rdzvctl.state.findings import SEVERITIES, SUSPICIOUS_RUN_IDS, Finding, find_problems
 from rdzvctl.state.model import NodeDesc, RendezvousState
@@ -55,14 +54,31 @@ __all__ = [
 
 
 # -- semantic diff -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Event:
-    """A semantic change between two states (what ``watch`` prints)."""
+class Event(NamedTuple):
+    """A semantic change between two states (what ``watch`` prints).
+
+    Events are equal when their kind, message and node are; ``data`` (the details
+    ``-o json`` prints) is left out, and is never changed once the event is made.
+    A named tuple, not a dataclass: this module is on every command's start-up path,
+    and a dataclass costs its generated methods' compilation at import.
+    """
 
     kind: str
     message: str
     node: Optional[str] = None
-    data: Dict[str, object] = field(default_factory=dict, compare=False)
+    data: Dict[str, object] = {}  # shared by events made without data: read-only by contract
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return self[:3] == other[:3]
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self[:3])
 
 
 def readable_again(last_good: RendezvousState, new: RendezvousState) -> List[Event]:
