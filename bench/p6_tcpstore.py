@@ -57,12 +57,17 @@ def measure(use_libuv: bool, samples: int, size: int = 1500, rounds: int = 10) -
 
         _timed(torch_get, 500)
         _timed(our_get, 500)
+        # Short blocks, in alternating order: a burst of other work on the machine lands on
+        # both clients alike (blocks of 2,000 once let one burst skew a whole row).
+        rounds = max(rounds, samples // 100)
         per = max(1, samples // rounds)
         t_torch: List[float] = []
         t_ours: List[float] = []
-        for _ in range(rounds):
-            t_torch += _timed(torch_get, per)
-            t_ours += _timed(our_get, per)
+        for i in range(rounds):
+            first, second = (torch_get, our_get) if i % 2 else (our_get, torch_get)
+            a, b = _timed(first, per), _timed(second, per)
+            t_torch += a if first is torch_get else b
+            t_ours += b if first is torch_get else a
         ours.close()
         return statistics.median(t_ours) * 1e6, statistics.median(t_torch) * 1e6
     finally:
