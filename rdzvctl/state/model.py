@@ -8,12 +8,10 @@ vocabulary is the one torch users already know.  Nothing here does I/O.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import re
-from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, total_ordering
 from operator import attrgetter
 from typing import Any, Callable, Dict, Iterator, Optional, Set
 
@@ -37,12 +35,18 @@ STATE_FIELDS = (
 _INTEGER = re.compile(r"0|-?[1-9][0-9]{0,19}")  # at most 20 digits: 64 bits, and int() takes it
 
 
-@dataclass(eq=True, order=True, frozen=True, init=False)
+@total_ordering
 class NodeDesc:
-    """A node of the rendezvous: torch's ``_NodeDesc``.
+    """A node of the rendezvous: torch's ``_NodeDesc``.  Immutable.
 
     Ordering is (addr, pid, local_id), which is how torch assigns ranks when a
     round completes.  ``str(node)`` is torch's ``repr``: ``addr_pid_localid``.
+
+    Written out rather than a ``dataclass(frozen=True, order=True)``: every command
+    imports this module at start-up, and a dataclass compiles its generated methods
+    there (a fifth of what rdzvctl adds to a ``get``'s start-up with the other
+    dataclasses of that path).  The methods are the dataclass's: equality and order
+    on (addr, pid, local_id) between nodes only, and no attribute can be set.
     """
 
     addr: str
@@ -55,6 +59,28 @@ class NodeDesc:
         # once (decoding builds 65,536 of them for a 65,536-node state).
         node_id = f"{addr}_{pid}_{local_id}"
         self.__dict__.update(addr=addr, pid=pid, local_id=local_id, id=node_id, _hash=hash(node_id))
+
+    def _key(self) -> Any:
+        return (self.addr, self.pid, self.local_id)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return bool(self._key() == other._key())
+
+    def __lt__(self, other: "NodeDesc") -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return bool(self._key() < other._key())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: a NodeDesc is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: a NodeDesc is immutable")
+
+    def __repr__(self) -> str:
+        return f"NodeDesc(addr={self.addr!r}, pid={self.pid!r}, local_id={self.local_id!r})"
 
     def __reduce__(self) -> Any:
         # Copies and pickles go through __init__: the cached hash is this process's (SipHash key).
@@ -116,33 +142,77 @@ def collector_paused() -> Iterator[None]:
 node_order: Callable[[NodeDesc], Any] = attrgetter("addr", "pid", "local_id")
 
 
-@dataclass
 class RendezvousState:
     """torch's ``_RendezvousState``; datetimes are always timezone-aware UTC here.
 
     ``naive_datetimes`` records that the state was read from a torch older than
     ~2.6, which wrote naive UTC datetimes: :func:`rdzvctl.state.codec.encode`
     writes such a state back naive, because torch cannot compare the two kinds.
+
+    Written out rather than a ``dataclass``, for the start-up reason given on
+    :class:`NodeDesc`; the methods are the dataclass's (equality on torch's fields,
+    ``naive_datetimes`` left out; unhashable; the same ``repr``).
     """
 
-    round: int = 0
-    complete: bool = False
-    deadline: Optional[datetime] = None
-    closed: bool = False
-    participants: Dict[NodeDesc, int] = field(default_factory=dict)
-    wait_list: Set[NodeDesc] = field(default_factory=set)
-    redundancy_list: Set[NodeDesc] = field(default_factory=set)
-    last_heartbeats: Dict[NodeDesc, datetime] = field(default_factory=dict)
-    naive_datetimes: bool = field(default=False, compare=False)
+    round: int
+    complete: bool
+    deadline: Optional[datetime]
+    closed: bool
+    participants: Dict[NodeDesc, int]
+    wait_list: Set[NodeDesc]
+    redundancy_list: Set[NodeDesc]
+    last_heartbeats: Dict[NodeDesc, datetime]
+    naive_datetimes: bool
+
+    def __init__(
+        self,
+        round: int = 0,
+        complete: bool = False,
+        deadline: Optional[datetime] = None,
+        closed: bool = False,
+        participants: Optional[Dict[NodeDesc, int]] = None,
+        wait_list: Optional[Set[NodeDesc]] = None,
+        redundancy_list: Optional[Set[NodeDesc]] = None,
+        last_heartbeats: Optional[Dict[NodeDesc, datetime]] = None,
+        naive_datetimes: bool = False,
+    ) -> None:
+        self.round = round
+        self.complete = complete
+        self.deadline = deadline
+        self.closed = closed
+        self.participants = {} if participants is None else participants
+        self.wait_list = set() if wait_list is None else wait_list
+        self.redundancy_list = set() if redundancy_list is None else redundancy_list
+        self.last_heartbeats = {} if last_heartbeats is None else last_heartbeats
+        self.naive_datetimes = naive_datetimes
+
+    def _fields(self) -> Any:
+        return (self.round, self.complete, self.deadline, self.closed, self.participants, self.wait_list,
+                self.redundancy_list, self.last_heartbeats)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return bool(self._fields() == other._fields())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in (*STATE_FIELDS, "naive_datetimes"))
+        return f"RendezvousState({shown})"
 
     def copy(self) -> "RendezvousState":
         """A deep-enough copy: containers are new, nodes and datetimes are immutable."""
-        return dataclasses.replace(
-            self,
-            participants=dict(self.participants),
-            wait_list=set(self.wait_list),
-            redundancy_list=set(self.redundancy_list),
-            last_heartbeats=dict(self.last_heartbeats),
+        return RendezvousState(
+            self.round,
+            self.complete,
+            self.deadline,
+            self.closed,
+            dict(self.participants),
+            set(self.wait_list),
+            set(self.redundancy_list),
+            dict(self.last_heartbeats),
+            self.naive_datetimes,
         )
 
     @property
