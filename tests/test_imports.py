@@ -129,6 +129,45 @@ def test_get_on_a_filestore_loads_no_socket_legacy_code_rich_or_dataclasses(tmp_
         assert _probe(code, NOT_FOR_A_FILESTORE_GET) == {"loaded": [], "exit": 0}
 
 
+#: Runs ``rdzvctl.cli.entry.main`` in one process as a host program would (runpy, an embedding
+#: tool), printing whether the collector is on after each call and while the command ran.
+_COLLECTOR_PROBE = """
+import gc, json, sys
+import rdzvctl.cli.main as cli_main
+from rdzvctl.cli import entry
+
+during = []
+get_command = cli_main.LazyGroup.get_command
+def spy(self, ctx, name):
+    command = get_command(self, ctx, name)
+    if command is not None:
+        during.append(gc.isenabled())  # what the command runs with
+    return command
+cli_main.LazyGroup.get_command = spy
+after = {}
+for argv in (["--version"], ["--help"], [], ["no-such-command"], ["backends", "-o", "json"]):
+    try:
+        entry.main(argv)
+    except SystemExit:
+        pass
+    after[" ".join(argv)] = gc.isenabled()
+sys.stderr.write(json.dumps({"after": after, "during": during, "frozen": gc.get_freeze_count() > 0}) + "\\n")
+"""
+
+
+def test_the_entry_point_gives_the_collector_back_whatever_the_command_line() -> None:
+    """The collector paused for start-up is on again once the command's module is in, and also when no
+    command loads (--help, --version, a usage error): a host calling the entry point twice does not
+    run the second command, or the rest of its life, without the cyclic collector."""
+    done = subprocess.run([sys.executable, "-c", _COLLECTOR_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stderr.strip().splitlines()[-1])
+    assert seen["after"] == {"--version": True, "--help": True, "": True, "no-such-command": True,
+                             "backends -o json": True}
+    assert seen["during"] == [True]  # the command itself (a watch, an exporter) runs with the collector on
+    assert seen["frozen"]  # the start-up objects are out of its way
+
+
 def test_the_probe_sees_a_heavy_import() -> None:
     """Positive control: the probe would notice a client library being imported."""
     assert "redis" in _probe("import redis")["loaded"]
