@@ -109,6 +109,20 @@ def test_address_registers_its_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         assert secret not in scrub(f"echo {secret} echo"), secret
 
 
+def test_an_address_made_from_another_registers_its_secrets_too() -> None:
+    """Address is a named tuple: its own ``_replace`` and ``_make`` (the way to derive one now that
+    ``dataclasses.replace`` does not apply) go through the constructor that registers the secrets."""
+    from rdzvctl.backends.base import Address
+
+    base = Address("redis", "h:1", "job", {})
+    derived = [base._replace(conf={"password": "replaced-secret"}), base._replace(endpoint="redis://u:url-secret@h:1"),
+               Address._make(["redis", "h:1", "job", {"ssl_password": "made-secret"}, 5.0])]
+    assert all(type(address) is Address for address in derived)
+    for secret in ("replaced-secret", "url-secret", "made-secret"):
+        assert secret not in scrub(f"echo {secret} echo"), secret
+    assert derived[0] == Address("redis", "h:1", "job", {"password": "replaced-secret"})
+
+
 def test_traceback_is_scrubbed_and_one_line_per_exception() -> None:
     register_secret("hunter22")
     try:

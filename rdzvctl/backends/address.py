@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, FrozenSet, Mapping, NamedTuple, Optional
+from typing import Any, Dict, FrozenSet, Iterable, Mapping, NamedTuple, Optional
 
 from rdzvctl.errors import BackendConfigError
 from rdzvctl.text import excerpt
@@ -143,6 +143,12 @@ class Address(_AddressFields):
 
         register_address_secrets(endpoint, self.conf, os.environ)
         return self
+
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> "Address":  # type: ignore[override]  # mypy's is generic
+        # The named tuple's own builds the tuple directly; through __new__, the secrets of an
+        # address made by _make or _replace (which calls _make) are registered too.
+        return cls(*iterable)
 
     @classmethod
     def from_env(
