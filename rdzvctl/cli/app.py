@@ -14,7 +14,7 @@ import functools
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import click
 
@@ -147,8 +147,7 @@ class App:
             if sys.stdout.isatty():
                 click.echo(json_text(obj, indent=2))
                 return
-            pending: List[str] = []
-            size = 0
+            pending, size = [""], 0
             for piece in json_pieces(obj):
                 pending.append(piece)
                 size += len(piece)
