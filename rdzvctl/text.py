@@ -167,7 +167,7 @@ def json_text(obj: Any, indent: Optional[int] = None) -> str:
 
 
 #: :func:`json_pieces` writes a list or an object of more members than this in slices of them.
-JSON_SLICE = 2048
+JSON_SLICE = 1024
 
 
 def json_pieces(obj: Any) -> Iterator[str]:

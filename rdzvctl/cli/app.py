@@ -27,7 +27,7 @@ from rdzvctl.text import json_pieces, json_text, safe, safe_lines
 __all__ = ["App", "AddressFlags", "with_app", "output_option", "write_options", "storm_options"]
 
 _END = object()  # the end of an item iterator (items may be None)
-_WRITE_SIZE = 1 << 20  # App.json writes pieces of about this many characters
+_WRITE_SIZE = 1 << 18  # App.json writes pieces of about this many characters
 
 
 class AddressFlags(NamedTuple):
@@ -140,7 +140,7 @@ class App:
 
     def json(self, obj: Any) -> None:
         """Indented for a person on a terminal; compact (C encoder, ~3x faster) for pipes and files,
-        written about a MiB at a time (a large document is never whole in memory as text)."""
+        written a quarter MiB at a time (a large document is never whole in memory as text)."""
         from rdzvctl.state.model import collector_paused
 
         with collector_paused():  # a third of encoding a 65,536-node document otherwise
