@@ -251,11 +251,11 @@ def printable(value: bytes) -> str:
 
 def summarize(state: RendezvousState, statuses: List[NodeStatus], remaining: Optional[float]) -> Dict[str, Any]:
     """The ``summary`` of ``get -o json``: participant, liveness and list counts (also the exporter's gauges)."""
-    participants = [s for s in statuses if s.role == "participant"]
+    alive = [s.alive for s in statuses if s.role == "participant"]  # True, False or None (no heartbeat)
     return {
-        "participants": len(participants),
-        "alive": sum(1 for s in participants if s.alive),
-        "dead": sum(1 for s in participants if s.alive is False),
+        "participants": len(alive),
+        "alive": alive.count(True),
+        "dead": alive.count(False),
         "waiting": len(state.wait_list),
         "redundant": len(state.redundancy_list),
         "deadline_remaining": None if remaining is None else round(remaining, 3),

@@ -31,6 +31,7 @@ settings; nothing here does I/O.
 from __future__ import annotations
 
 import datetime as _dt
+from itertools import compress
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from rdzvctl.state.jsonform import format_time
@@ -75,7 +76,7 @@ def liveness(state: RendezvousState, now: _dt.datetime, expiry: _dt.timedelta) -
     # node by node. The participants are sorted in their dict's order (torch's, already
     # sorted: linear), never in a set's (random: ~60 ms for 65,536 nodes).
     beats = state.last_heartbeats
-    dead = frozenset(n for n, when in beats.items() if when < expire)
+    dead = frozenset(compress(beats, map(expire.__gt__, beats.values())))  # when < expire, compared in C
     live = frozenset(beats) - dead
     members = frozenset(state.participants)
     ordered = sorted(state.participants, key=node_order)

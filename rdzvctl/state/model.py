@@ -51,13 +51,12 @@ class NodeDesc:
 
     def __init__(self, addr: str, pid: int, local_id: int) -> None:
         # One dict update instead of the frozen dataclass's three object.__setattr__ calls, with
-        # the id and its hash computed up front: every node is a dict key or a set item at least
-        # once (decoding builds 65,536 of them for a 65,536-node state).
-        node_id = f"{addr}_{pid}_{local_id}"
-        self.__dict__.update(addr=addr, pid=pid, local_id=local_id, id=node_id, _hash=hash(node_id))
+        # the id computed up front: every node is a dict key or a set item at least once (decoding
+        # builds 65,536 of them for a 65,536-node state).  The id string keeps its own hash.
+        self.__dict__.update(addr=addr, pid=pid, local_id=local_id, id=f"{addr}_{pid}_{local_id}")
 
     def __reduce__(self) -> Any:
-        # Copies and pickles go through __init__: the cached hash is this process's (SipHash key).
+        # Copies and pickles go through __init__ (the id's hash is this process's: SipHash key).
         return (type(self), (self.addr, self.pid, self.local_id))
 
     def __str__(self) -> str:
@@ -67,11 +66,8 @@ class NodeDesc:
         # Not the dataclass's hash((addr, pid, local_id)): its int lanes let a state hold
         # thousands of same-addr nodes with one hash whatever the str hash key is (a set of
         # them costs O(n^2)); the id string hashes with the per-process SipHash key, and
-        # equal nodes have equal ids.
-        cached = self.__dict__.get("_hash")
-        if cached is None:  # a node made without __init__
-            cached = self.__dict__["_hash"] = hash(self.id)
-        return cached
+        # equal nodes have equal ids.  A str computes its hash once and keeps it.
+        return hash(self.id)
 
     @cached_property
     def id(self) -> str:
