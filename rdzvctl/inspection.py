@@ -219,16 +219,17 @@ def _describe(snap: Snapshot, keep_alive: KeepAlive, max_nodes: Optional[int],
     beats = doc["state"]["last_heartbeats"]  # formatted once, reused per node below
     remaining = deadline_remaining(state, now)
     doc["summary"] = summarize(state, statuses, remaining)
+    formatted = beats.get
     doc["nodes"] = [
         {
-            "node": s.node.id,
-            "role": s.role,
-            "rank": s.rank,
-            "last_heartbeat": beats.get(s.node.id),
-            "age": None if s.age is None else round(s.age, 3),
-            "alive": s.alive,
+            "node": node.id,
+            "role": role,
+            "rank": rank,
+            "last_heartbeat": formatted(node.id),
+            "age": None if age is None else round(age, 3),
+            "alive": alive,
         }
-        for s in statuses
+        for node, role, rank, _, age, alive in statuses
     ]
     life, findings = assess(state, now, snap.run_id, keep_alive, max_nodes, store_keys)
     doc["lifecycle"] = life.to_json()
@@ -248,11 +249,11 @@ def printable(value: bytes) -> str:
 
 def summarize(state: RendezvousState, statuses: List[NodeStatus], remaining: Optional[float]) -> Dict[str, Any]:
     """The ``summary`` of ``get -o json``: participant, liveness and list counts (also the exporter's gauges)."""
-    participants = [s for s in statuses if s.role == "participant"]
+    alive = [s.alive for s in statuses if s.role == "participant"]  # True, False or None (no heartbeat)
     return {
-        "participants": len(participants),
-        "alive": sum(1 for s in participants if s.alive),
-        "dead": sum(1 for s in participants if s.alive is False),
+        "participants": len(alive),
+        "alive": alive.count(True),
+        "dead": alive.count(False),
         "waiting": len(state.wait_list),
         "redundant": len(state.redundancy_list),
         "deadline_remaining": None if remaining is None else round(remaining, 3),

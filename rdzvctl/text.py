@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from typing import Any, List, Mapping, Optional, Pattern, Sequence, Set
+from itertools import islice
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Pattern, Sequence, Set
 
 __all__ = [
     "MASK",
@@ -40,6 +41,7 @@ __all__ = [
     "safe",
     "safe_lines",
     "json_text",
+    "json_pieces",
     "scrub",
     "register_secret",
     "register_address_secrets",
@@ -162,6 +164,59 @@ def json_text(obj: Any, indent: Optional[int] = None) -> str:
     if text.isascii():
         return text.replace("\x7f", "\\u007f") if "\x7f" in text else text
     return _compiled()[1].sub(lambda m: "".join(map(_json_escape, m.group())), text)
+
+
+#: :func:`json_pieces` writes a list or an object of more members than this in slices of them.
+JSON_SLICE = 1024
+
+
+def json_pieces(obj: Any) -> Iterator[str]:
+    """:func:`json_text` of ``obj`` (compact) in pieces whose concatenation is exactly that text.
+
+    Large lists and objects come a slice of :data:`JSON_SLICE` members at a time, so a
+    document of 65,536 nodes is never one 20 MB string (nor the encoder's chunks of it).
+    Each piece is :func:`json_text` of a part: its escapes and masks act within one string
+    of the document (the patterns never cross a ``"``), so they are the same.  With secrets
+    registered the tree is masked first as a whole (a masked key may merge two): one piece.
+    """
+    if _ordered:
+        yield json_text(obj)
+        return
+    yield from _pieces(obj)
+
+
+def _pieces(value: Any) -> Iterator[str]:
+    kind = type(value)
+    if kind is list and len(value) > JSON_SLICE:
+        yield "["
+        for start in range(0, len(value), JSON_SLICE):
+            yield ("," if start else "") + json_text(value[start:start + JSON_SLICE])[1:-1]
+        yield "]"
+    elif kind is dict and len(value) > JSON_SLICE:
+        items = iter(value.items())
+        yield "{"
+        for start in range(0, len(value), JSON_SLICE):
+            yield ("," if start else "") + json_text(dict(islice(items, JSON_SLICE)))[1:-1]
+        yield "}"
+    elif kind is dict and value:  # a document's few fields: the large ones in slices, the rest together
+        yield "{"
+        comma = ""
+        small: Dict[Any, Any] = {}
+        for key, member in value.items():
+            if type(member) in (list, dict) and len(member) > JSON_SLICE:
+                if small:
+                    yield comma + json_text(small)[1:-1]
+                    small, comma = {}, ","
+                yield comma + json_text({key: None})[1:-5]  # '"key":'
+                comma = ","
+                yield from _pieces(member)
+            else:
+                small[key] = member
+        if small:
+            yield comma + json_text(small)[1:-1]
+        yield "}"
+    else:
+        yield json_text(value)
 
 
 def scrub(text: str, extra: Sequence[str] = ()) -> str:

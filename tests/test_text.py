@@ -61,6 +61,29 @@ def test_json_text_round_trips_and_holds_no_raw_control(value: str) -> None:
         assert all(ch.isprintable() or ch in "\n " for ch in encoded)
 
 
+_JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(),
+                      st.sampled_from(["p://user:pw@host", "password=zz", "\x7f", "\u202e", "\u2028", ""]))
+_JSON_VALUE = st.recursive(_JSON_LEAF, lambda inner: st.one_of(
+    st.lists(inner, max_size=9), st.dictionaries(st.one_of(st.text(max_size=4), st.integers()), inner, max_size=9)),
+    max_leaves=40)
+
+
+@given(_JSON_VALUE)
+def test_json_pieces_concatenate_to_json_text(value: object) -> None:
+    """App.json writes a large document in pieces: together they are exactly json_text's text,
+    escapes and masks included (lists and objects cut into slices of 3 members here)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text, "JSON_SLICE", 3)
+        assert "".join(text.json_pieces(value)) == json_text(value)
+
+
+def test_json_pieces_with_secrets_registered_are_one_text() -> None:
+    register_secret("s3cr3t-value")
+    doc = {"nodes": [{"node": f"s3cr3t-value-{i}"} for i in range(5000)], "a": "s3cr3t-value"}
+    assert list(text.json_pieces(doc)) == [json_text(doc)]
+    assert "s3cr3t" not in json_text(doc)
+
+
 def test_json_text_keeps_readable_unicode() -> None:
     assert json_text({"node": "ノード\u202e"}) == '{"node":"ノード\\u202e"}'
 

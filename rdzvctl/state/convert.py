@@ -158,14 +158,17 @@ class _Converter:
         tz = value.tzinfo
         if tz is not None and type(tz) is not _dt.timezone:
             raise StateCorruptError(f"{_label(where, node)}: a datetime with a {_kind(tz)} time zone")
-        try:  # a pickled payload skips the constructor's range checks (day 0, hour 25, ...)
-            checked = _dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
-                                   value.microsecond, tz, fold=value.fold)
+        # A pickled payload skips the constructor's range checks (day 0, hour 25, ...); replace()
+        # builds the datetime again from its fields through the constructor (CPython's
+        # datetime_replace calls datetime_new with year..tzinfo and sets fold after), so it makes
+        # exactly the constructor's checks, with its messages, in one C call.
+        try:
+            checked = value.replace(tzinfo=_UTC) if tz is None else value.replace()
         except (ValueError, OverflowError, TypeError) as exc:
             raise StateCorruptError(f"{_label(where, node)}: not a valid datetime: {_reason(exc)}") from None
         if tz is None:
             self.naive.add(True)
-            return checked.replace(tzinfo=_dt.timezone.utc)
+            return checked
         self.naive.add(False)
         if tz is _UTC:  # what torch writes (a zero offset unpickles as the utc singleton)
             return checked

@@ -12,12 +12,12 @@ import gc
 import re
 from datetime import datetime
 from functools import cached_property, total_ordering
-from operator import attrgetter
-from typing import Any, Callable, Dict, Iterator, Optional, Set
+from operator import attrgetter, itemgetter
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, TypeVar
 
 from rdzvctl.text import excerpt
 
-__all__ = ["NodeDesc", "RendezvousState", "STATE_FIELDS", "node_order", "collector_paused"]
+__all__ = ["NodeDesc", "RendezvousState", "STATE_FIELDS", "node_order", "by_rank", "in_node_order", "collector_paused"]
 
 #: torch's ``_RendezvousState`` attributes, in torch's order (pickle, JSON and model agree on these).
 STATE_FIELDS = (
@@ -54,11 +54,10 @@ class NodeDesc:
     local_id: int
 
     def __init__(self, addr: str, pid: int, local_id: int) -> None:
-        # One dict update instead of the frozen dataclass's three object.__setattr__ calls, with
-        # the id and its hash computed up front: every node is a dict key or a set item at least
-        # once (decoding builds 65,536 of them for a 65,536-node state).
-        node_id = f"{addr}_{pid}_{local_id}"
-        self.__dict__.update(addr=addr, pid=pid, local_id=local_id, id=node_id, _hash=hash(node_id))
+        # One dict update (assignment is refused, and three object.__setattr__ calls cost more), with
+        # the id computed up front: every node is a dict key or a set item at least once (decoding
+        # builds 65,536 of them for a 65,536-node state).  The id string keeps its own hash.
+        self.__dict__.update(addr=addr, pid=pid, local_id=local_id, id=f"{addr}_{pid}_{local_id}")
 
     def _key(self) -> Any:
         return (self.addr, self.pid, self.local_id)
@@ -83,7 +82,7 @@ class NodeDesc:
         return f"NodeDesc(addr={self.addr!r}, pid={self.pid!r}, local_id={self.local_id!r})"
 
     def __reduce__(self) -> Any:
-        # Copies and pickles go through __init__: the cached hash is this process's (SipHash key).
+        # Copies and pickles go through __init__ (the id's hash is this process's: SipHash key).
         return (type(self), (self.addr, self.pid, self.local_id))
 
     def __str__(self) -> str:
@@ -93,11 +92,8 @@ class NodeDesc:
         # Not the dataclass's hash((addr, pid, local_id)): its int lanes let a state hold
         # thousands of same-addr nodes with one hash whatever the str hash key is (a set of
         # them costs O(n^2)); the id string hashes with the per-process SipHash key, and
-        # equal nodes have equal ids.
-        cached = self.__dict__.get("_hash")
-        if cached is None:  # a node made without __init__
-            cached = self.__dict__["_hash"] = hash(self.id)
-        return cached
+        # equal nodes have equal ids.  A str computes its hash once and keeps it.
+        return hash(self.id)
 
     @cached_property
     def id(self) -> str:
@@ -138,8 +134,25 @@ def collector_paused() -> Iterator[None]:
 
 
 #: ``sorted(nodes, key=node_order)`` is ``sorted(nodes)`` (torch's rank order), compared in C:
-#: the dataclass's ``__lt__`` builds two tuples per comparison (a third of sorting 65,536 nodes).
+#: ``NodeDesc.__lt__`` builds two tuples per comparison (a third of sorting 65,536 nodes).
 node_order: Callable[[NodeDesc], Any] = attrgetter("addr", "pid", "local_id")
+
+V = TypeVar("V")
+
+
+def by_rank(participants: Mapping[NodeDesc, int]) -> List[Tuple[NodeDesc, int]]:
+    """The participants' items by rank, equal ranks by node: ``sorted(items, key=(rank, node))``,
+    compared in C (a key function in Python costs more than the sort of 65,536 of them)."""
+    items = sorted(participants.items(), key=itemgetter(1))  # stable, so only equal ranks need more
+    if len(set(participants.values())) != len(items):  # equal ranks (never in torch's own states)
+        items.sort(key=lambda item: (item[1], node_order(item[0])))
+    return items
+
+
+def in_node_order(mapping: Mapping[NodeDesc, V]) -> List[Tuple[NodeDesc, V]]:
+    """``mapping``'s items sorted by node (``sorted(items)`` by key), compared in C: distinct nodes
+    have distinct ``node_order`` keys, so the values are never compared."""
+    return list(map(itemgetter(1), sorted(zip(map(node_order, mapping), mapping.items()))))
 
 
 class RendezvousState:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import List, NamedTuple, Optional
 
-from rdzvctl.state.model import NodeDesc, RendezvousState, node_order
+from rdzvctl.state.model import NodeDesc, RendezvousState, by_rank, node_order
 
 __all__ = ["KeepAlive", "DEFAULT_KEEP_ALIVE", "FUTURE_TOLERANCE", "NodeStatus", "node_statuses", "dead_nodes",
            "deadline_remaining"]
@@ -44,32 +44,31 @@ class NodeStatus(NamedTuple):
     alive: Optional[bool]  # None when the node has no heartbeat
 
 
-def _age(now: _dt.datetime, when: Optional[_dt.datetime]) -> Optional[float]:
-    return None if when is None else (now - when).total_seconds()
-
-
 def node_statuses(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE) -> List[NodeStatus]:
     """Every node with its role, rank and liveness; participants first, by rank."""
     expire = now - keep_alive.expiry
-    rows: List[NodeStatus] = []
-
-    def add(node: NodeDesc, role: str, rank: Optional[int]) -> None:
-        when = state.last_heartbeats.get(node)
-        alive = None if when is None else not when < expire  # torch: dead iff heartbeat < now - expiry
-        rows.append(NodeStatus(node, role, rank, when, _age(now, when), alive))
-
-    for node, rank in sorted(state.participants.items(), key=lambda kv: (kv[1], kv[0])):
-        add(node, "participant", rank)
     # frozenset(a dict) and set operations reuse the stored hashes (no NodeDesc.__hash__ calls,
     # which run in Python); a dict's keys() view does not.
     participants = frozenset(state.participants)
-    for node in sorted(state.wait_list - participants, key=node_order):
-        add(node, "waiting", None)
-    for node in sorted(state.redundancy_list - participants - state.wait_list, key=node_order):
-        add(node, "redundant", None)
-    orphans = frozenset(state.last_heartbeats) - participants - state.wait_list - state.redundancy_list
-    for node in sorted(orphans, key=node_order):
-        add(node, "orphan", None)
+    groups = (
+        ("participant", by_rank(state.participants)),
+        ("waiting", [(n, None) for n in sorted(state.wait_list - participants, key=node_order)]),
+        ("redundant", [(n, None) for n in sorted(state.redundancy_list - participants - state.wait_list,
+                                                 key=node_order)]),
+        ("orphan", [(n, None) for n in sorted(frozenset(state.last_heartbeats) - participants - state.wait_list
+                                              - state.redundancy_list, key=node_order)]),
+    )
+    heartbeat = state.last_heartbeats.get
+    row = tuple.__new__  # NodeStatus's own __new__ is a Python function: a call per node saved
+    rows: List[NodeStatus] = []
+    append = rows.append
+    for role, members in groups:
+        for node, rank in members:
+            when = heartbeat(node)
+            if when is None:
+                append(row(NodeStatus, (node, role, rank, None, None, None)))
+            else:  # torch: dead iff heartbeat < now - expiry
+                append(row(NodeStatus, (node, role, rank, when, (now - when).total_seconds(), not when < expire)))
     return rows
 
 
