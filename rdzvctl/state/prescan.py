@@ -15,8 +15,10 @@ The C unpickler is fast but trusts its input in three ways that matter here
 match covers every run of ordinary opcodes; Python only looks at the rare
 opcodes whose argument needs a decision) and refuses the first kind.
 :func:`tuple_depth_bound` bounds the nesting with ``bytes.count``: each level
-needs its own tuple opcode.  :func:`call_with_stack` runs the unpickler on a
-thread whose stack is sized for that bound when the current one is too small
+needs its own tuple opcode.  :func:`call_sized` runs the unpickler on the
+current thread when its stack holds as many levels as the input has bytes
+(the bound is then not needed), else :func:`call_with_stack` runs it on a
+thread whose stack is sized for the bound when the current one is too small
 (the stack limit is read from ``RLIMIT_STACK`` or ``threading.stack_size()``).
 :class:`MeteredInput` is the file the unpickler reads from: every 16 KiB it
 consumes, the memory grown since the start is compared with a budget derived
@@ -74,7 +76,7 @@ import copyreg
 import pickle
 import pickletools
 import re
-from typing import Dict, List
+from typing import Callable, Dict, List, TypeVar
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state.unpickle_limits import (  # the limits the unpickler runs under, re-exported
@@ -96,6 +98,7 @@ __all__ = [
     "stack_needed",
     "stack_available",
     "call_with_stack",
+    "call_sized",
 ]
 
 #: Highest memo index accepted (a memo table of this size is 32 MiB).  Real
@@ -248,3 +251,18 @@ def tuple_depth_bound(data: bytes) -> int:
     (a ``TUPLE`` also its own ``MARK``).  Counts bytes, so it errs high, never low."""
     bound = data.count(pickle.TUPLE1) + data.count(pickle.TUPLE2) + data.count(pickle.TUPLE3)
     return bound + min(data.count(pickle.TUPLE), data.count(pickle.MARK))
+
+
+T = TypeVar("T")
+
+
+def call_sized(func: Callable[[], T], data: bytes) -> T:
+    """``func()`` on a stack that holds the deepest tuple nesting ``data`` can build.
+
+    :func:`tuple_depth_bound` is at most ``len(data)`` (it counts bytes of four distinct
+    values), so when a stack for ``len(data)`` levels fits the current thread the tighter
+    bound fits too and is not counted: the decision :func:`call_with_stack` makes with it.
+    """
+    if stack_needed(len(data)) <= stack_available():
+        return func()
+    return call_with_stack(func, stack_needed(tuple_depth_bound(data)))
