@@ -150,7 +150,7 @@ def lifecycle(
 
 
 def _complete(state: RendezvousState, life: Liveness) -> Lifecycle:
-    participants = sorted(state.participants, key=node_order)
+    participants = state.participants  # (named through _ids, which sorts them)
     if life.live_waiting:
         gone = (f"; {show_nodes(life.dead_participants)} stopped heartbeating and the next live sync drops "
                 "them (`_sanitize`)" if life.dead_participants else "")
@@ -228,9 +228,12 @@ def _closed(state: RendezvousState, now: _dt.datetime, life: Liveness, expiry: _
 
 def _first_missing_ranks(ranks: Iterable[int], limit: int) -> List[int]:
     """The lowest ``limit`` ranks missing from 0..max(ranks): linear in the ranks, not their values."""
+    distinct = set(ranks)
+    if not distinct or (min(distinct) >= 0 and max(distinct) == len(distinct) - 1):
+        return []  # n distinct ranks in 0..n-1: none is free (a complete round's usual ranks)
     missing: List[int] = []
     expected = 0
-    for rank in sorted(set(ranks)):
+    for rank in sorted(distinct):
         while expected < rank and len(missing) < limit:
             missing.append(expected)
             expected += 1
