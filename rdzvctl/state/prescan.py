@@ -132,7 +132,8 @@ _NEVER = {"FLOAT", "BINFLOAT", "LONG4", "FROZENSET"}
 _NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
 
 
-#: Opcodes one match of the run covers at most; :func:`scan` matches again until a run is empty.
+#: Opcodes with an argument one match of the run covers at most (with the runs of opcodes
+#: without one between them); :func:`scan` matches again until a run is empty.
 RUN_CHUNK = 4096
 
 
@@ -156,8 +157,16 @@ def _build_run() -> "re.Pattern[bytes]":
             lines.append(op.code)
         else:
             counted[widths[op.arg.n]].append(op.code)
-    parts = [_cls(plain)]
+    # The opcodes a state holds most (after the plain ones): short strings and bytes, then one-byte
+    # arguments (BINGET, BININT1).  The alternatives start with distinct opcodes, so their order
+    # changes what is tried first, never what matches.
+    parts = [_cls(counted[1]) + _counted()]
     parts += [_cls(codes) + b"[\\s\\S]{%d}" % n for n, codes in sorted(fixed.items())]
+    # A tuple goes straight to REDUCE or BUILD (memoised or not; a FRAME may start between,
+    # which torch's C pickler never writes there): it only ever holds a call's arguments.
+    frame = b"(?:\\x95[\\s\\S]{3}\\x00{5})?"
+    parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
+                 + frame + b"[Rb]")
     parts.append(_cls(lines) + b"[^\\n]*\\n")
     parts.append(b"[ci][^\\n]*\\n[^\\n]*\\n")  # GLOBAL, INST: module and name lines
     parts.append(b"r[\\s\\S]{2}[\\x00-\\x1f]\\x00")  # LONG_BINPUT up to MAX_MEMO_INDEX
@@ -167,18 +176,18 @@ def _build_run() -> "re.Pattern[bytes]":
     parts.append(b"\\x8a(?:" + b"|".join(b"\\x%02x[\\s\\S]{%d}" % (n, n) for n in range(9)) + b")")  # LONG1
     parts.append(b"I[-+]?[0-9]{1,19}\\n")  # INT
     parts.append(b"L[-+]?[0-9]{1,19}L?\\n")  # LONG
-    # A tuple goes straight to REDUCE or BUILD (memoised or not; a FRAME may start between,
-    # which torch's C pickler never writes there): it only ever holds a call's arguments.
-    frame = b"(?:\\x95[\\s\\S]{3}\\x00{5})?"
-    parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
-                 + frame + b"[Rb]")
-    parts.append(_cls(counted[1]) + _counted())
-    # Greedy and bounded, not possessive (``*+``): the possessive quantifiers of Python 3.11.0-3.11.4
-    # can match what the greedy form does not (CPython gh-106052, gh-100061: a failed partial opcode
-    # leaves the position advanced), and Debian 12's python3 is 3.11.2.  Nothing follows the group,
-    # so the greedy match never backtracks into an earlier opcode; the bound keeps the engine's
-    # per-repetition bookkeeping small (an unbounded greedy ``*`` costs ~100 bytes per opcode).
-    return re.compile(b"(?:" + b"|".join(parts) + b"){0,%d}" % RUN_CHUNK)
+    # Opcodes without an argument (half of a state's) are matched a run at a time by a character
+    # class (the engine's fast single-character loop), the others one per repetition, each
+    # followed by such a run: ``P*(?:A P*){0,n}``.  Every alternative starts with an opcode the
+    # class does not hold, so a run never gives back a byte: no backtracking, the same greedy
+    # walk as one repetition per opcode.  Greedy and bounded, not possessive (``*+``): the
+    # possessive quantifiers of Python 3.11.0-3.11.4 can match what the greedy form does not
+    # (CPython gh-106052, gh-100061: a failed partial opcode leaves the position advanced), and
+    # Debian 12's python3 is 3.11.2.  Nothing follows the group, so the greedy match never
+    # backtracks into an earlier opcode; the bound keeps the engine's per-repetition bookkeeping
+    # small (an unbounded greedy ``*`` costs ~100 bytes per repetition).
+    run = _cls(plain) + b"*"
+    return re.compile(run + b"(?:(?:" + b"|".join(parts) + b")" + run + b"){0,%d}" % RUN_CHUNK)
 
 
 _RUN = _build_run()
