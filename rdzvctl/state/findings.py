@@ -64,7 +64,7 @@ _REPAIR_RESTART = (f"rdzvctl set --add-waiting {RESTART_NODE} (a waiting node ma
 
 
 def _ids(nodes: Iterable[NodeDesc]) -> Tuple[str, ...]:
-    return tuple(sorted(str(n) for n in nodes))
+    return tuple(sorted([n.id for n in nodes]))  # n.id is str(n), without a call of NodeDesc.__str__
 
 
 def find_problems(
