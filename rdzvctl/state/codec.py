@@ -236,6 +236,8 @@ def _unpickle(data: bytes) -> Any:
 def decode_base64(text: bytes) -> bytes:
     """Strict standard base64 (what torch's c10d and etcd backends store)."""
     try:
+        if type(text) is bytes:  # what b64decode(text, validate=True) calls for bytes, without its wrapper
+            return binascii.a2b_base64(text, strict_mode=True)
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise StateCorruptError(f"the stored value is not valid base64: {_reason(exc)}") from exc
