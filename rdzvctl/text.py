@@ -146,6 +146,11 @@ def _json_escape(ch: str) -> str:
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
+#: The encoders of :func:`json_text` by indent (``None``: compact, one line).
+_ENCODERS: Dict[Optional[int], json.JSONEncoder] = {
+    None: json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))}
+
+
 def json_text(obj: Any, indent: Optional[int] = None) -> str:
     """``obj`` as JSON text: UTF-8 kept readable, but non-printable characters as ``\\u`` escapes.
 
@@ -156,11 +161,10 @@ def json_text(obj: Any, indent: Optional[int] = None) -> str:
     """
     if _ordered:
         obj = _scrub_tree(obj)
-    if indent:
-        text = json.dumps(obj, indent=indent, ensure_ascii=False)
-    else:
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    text = _scrub_patterns(text)
+    encoder = _ENCODERS.get(indent or None)
+    if encoder is None:  # what json.dumps(obj, ...) builds at every call, made once per layout
+        encoder = _ENCODERS[indent] = json.JSONEncoder(indent=indent, ensure_ascii=False)
+    text = _scrub_patterns(encoder.encode(obj))
     if text.isascii():
         return text.replace("\x7f", "\\u007f") if "\x7f" in text else text
     return _compiled()[1].sub(lambda m: "".join(map(_json_escape, m.group())), text)

@@ -358,8 +358,13 @@ def test_the_prescan_run_stops_at_a_failed_opcode_on_this_python() -> None:
                        (pickle.EMPTY_DICT + pickle.BININT1 + b"\x01" + pickle.BININT1 + b"\x02" + pickle.TUPLE2, 5)]:
         assert prescan._RUN.match(body).end() == stop  # type: ignore[union-attr]
     ordinary = pickle.BININT1 + b"\x01" + pickle.POP
-    # one match covers RUN_CHUNK opcodes (two per repetition here); scan() matches again from there
-    assert prescan._RUN.match(ordinary * prescan.RUN_CHUNK).end() == len(ordinary) * prescan.RUN_CHUNK // 2
+    # one match covers RUN_CHUNK opcodes with an argument (a repetition: one of them and the opcodes
+    # without one after it); scan() matches again from there
+    assert prescan._RUN.match(ordinary * 2 * prescan.RUN_CHUNK).end() == len(ordinary) * prescan.RUN_CHUNK
+    plain = pickle.NONE + pickle.POP + pickle.MEMOIZE
+    assert prescan._RUN.match(plain * prescan.RUN_CHUNK).end() == len(plain) * prescan.RUN_CHUNK
+    assert prescan._RUN.match(plain + ordinary * (prescan.RUN_CHUNK + 1)).end() == \
+        len(plain + ordinary * prescan.RUN_CHUNK)
 
 
 _HUGE_PUT = pickle.LONG_BINPUT + b"\xff\xff\xff\x7f"  # a 2^31-entry memo

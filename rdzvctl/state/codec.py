@@ -127,10 +127,13 @@ class _Offset(_Narrow):
     _name = "datetime.timedelta"
 
     def __call__(self, *args: Any) -> _dt.timedelta:
-        if (len(args) != 3 or any(type(a) is not int for a in args) or args[0] not in (-1, 0)
-                or not 0 <= args[1] < 86400 or not 0 <= args[2] < 1_000_000):
+        if len(args) != 3:
             raise self._refuse()
-        return _dt.timedelta(*args)
+        days, seconds, microseconds = args
+        if (type(days) is not int or type(seconds) is not int or type(microseconds) is not int
+                or days not in (-1, 0) or not 0 <= seconds < 86400 or not 0 <= microseconds < 1_000_000):
+            raise self._refuse()
+        return _dt.timedelta(days, seconds, microseconds)
 
 
 class _NodeSet(_Narrow):
@@ -208,9 +211,8 @@ def _decode(data: bytes) -> Tuple[RendezvousState, List[str]]:
         raise StateCorruptError("the state is empty")
     data = bytes(data)
     prescan.scan(data)
-    needed = prescan.stack_needed(prescan.tuple_depth_bound(data))
     with collector_paused():
-        return convert(prescan.call_with_stack(lambda: _unpickle(data), needed))
+        return convert(prescan.call_sized(lambda: _unpickle(data), data))
 
 
 def _unpickle(data: bytes) -> Any:
@@ -234,6 +236,8 @@ def _unpickle(data: bytes) -> Any:
 def decode_base64(text: bytes) -> bytes:
     """Strict standard base64 (what torch's c10d and etcd backends store)."""
     try:
+        if type(text) is bytes:  # what b64decode(text, validate=True) calls for bytes, without its wrapper
+            return binascii.a2b_base64(text, strict_mode=True)
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise StateCorruptError(f"the stored value is not valid base64: {_reason(exc)}") from exc

@@ -64,7 +64,7 @@ _REPAIR_RESTART = (f"rdzvctl set --add-waiting {RESTART_NODE} (a waiting node ma
 
 
 def _ids(nodes: Iterable[NodeDesc]) -> Tuple[str, ...]:
-    return tuple(sorted(str(n) for n in nodes))
+    return tuple(sorted([n.id for n in nodes]))  # n.id is str(n), without a call of NodeDesc.__str__
 
 
 def find_problems(
@@ -95,7 +95,12 @@ def find_problems(
             nodes: Tuple[str, ...] = ()) -> None:
         out.append(Finding(code, severity, message, repair, nodes, torch_next, outlook))
 
+    # Sets built from the state's dicts and sets reuse the hashes stored with their keys (no
+    # NodeDesc.__hash__ call); each check below builds its node ids only when it has nodes.
     participants = set(state.participants)
+    beats = state.last_heartbeats
+    beating = set(beats)
+    wait_list, redundancy_list = state.wait_list, state.redundancy_list
     if state.complete:
         _complete_round(state, max_nodes, life, live, add)
     elif live.dead_participants:
@@ -103,28 +108,30 @@ def find_problems(
         add("dead-participants", "warning" if not anyone else "info",
             f"{len(dead)} participant(s) of the forming round {state.round} stopped heartbeating: "
             f"{show_nodes(dead)}", *dropped, nodes=dead)
-    for label, group in (("participant", participants), ("waiting node", state.wait_list),
-                         ("redundant node", state.redundancy_list)):
-        missing = _ids(group - set(state.last_heartbeats))
-        if missing:
+    for label, group in (("participant", participants), ("waiting node", wait_list),
+                         ("redundant node", redundancy_list)):
+        unbeating = group - beating
+        if unbeating:
+            missing = _ids(unbeating)
             add("missing-heartbeat", "error",
                 f"{len(missing)} {label}(s) without a heartbeat: {show_nodes(missing)}",
                 "stays", "torch never drops a node without a heartbeat (`_sanitize` looks only at heartbeats) "
                 "and its agent never heartbeats again (`_should_keep_alive`)",
                 "rdzvctl set --remove-node NODE", missing)
-    both = _ids(participants & state.wait_list)
-    if both:
+    if wait_list and not participants.isdisjoint(wait_list):
+        both = _ids(participants & wait_list)
         add("participant-and-waiting", "error", f"node(s) both participating and waiting: {show_nodes(both)}",
             "stays", "the wait list counts them (`num_nodes_waiting`), so the agents keep restarting their "
             "workers; torch removes a node from the wait list only when it joins (`_add_to_participants`)",
             "rdzvctl set --remove-node NODE, then let it rejoin", both)
-    dead_others = _ids(live.dead - participants)
-    if dead_others:
+    if live.dead and not live.dead <= participants:
+        dead_others = _ids(live.dead - participants)
         add("dead-nodes", "info",
             f"{len(dead_others)} waiting/redundant node(s) stopped heartbeating: {show_nodes(dead_others)}",
             *dropped, nodes=dead_others)
-    future = _ids(n for n, when in state.last_heartbeats.items() if when - now > FUTURE_TOLERANCE)
-    if future:
+    # No heartbeat is later than the newest one (``live.newest``): the nodes are looked at only when it is.
+    if live.newest is not None and live.newest - now > FUTURE_TOLERANCE:
+        future = _ids(n for n, when in beats.items() if when - now > FUTURE_TOLERANCE)
         add("heartbeat-in-future", "warning",
             f"{len(future)} heartbeat(s) lie in the future (clock skew between nodes and this machine?): "
             f"{show_nodes(future)}", "stays",
@@ -152,8 +159,12 @@ def find_problems(
             "recovers" if live.live_participants else dropped[0],
             "the next sync of a live participant completes the round (`_RendezvousJoinOp`)"
             if live.live_participants else "no live participant is left to complete the round")
-    orphans = _ids(set(state.last_heartbeats) - participants - state.wait_list - state.redundancy_list)
-    if orphans:
+    unlisted = beating - participants
+    if unlisted:
+        unlisted -= wait_list
+        unlisted -= redundancy_list
+    if unlisted:
+        orphans = _ids(unlisted)
         add("orphan-heartbeats", "info", f"{len(orphans)} heartbeat(s) of nodes in no list: {show_nodes(orphans)}",
             "recovers" if anyone else "next-join-fixes",
             "a live agent's sync drops them once they expire (`_sanitize`)", nodes=orphans)
@@ -161,8 +172,12 @@ def find_problems(
         add("naive-datetimes", "info",
             "datetimes are naive UTC (written by torch older than ~2.6); rdzvctl writes them back the same way",
             "unaffected", "torch of the same version reads and writes them unchanged")
-    order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
-    return sorted(out, key=lambda f: order[f.severity])
+    if len(out) > 1:
+        out.sort(key=lambda f: _MOST_SEVERE_FIRST[f.severity])  # stable: same severity, order found
+    return out
+
+
+_MOST_SEVERE_FIRST = {s: i for i, s in enumerate(reversed(SEVERITIES))}
 
 
 def _complete_round(state: RendezvousState, max_nodes: Optional[int], life: Lifecycle, live: Liveness,
@@ -170,8 +185,10 @@ def _complete_round(state: RendezvousState, max_nodes: Optional[int], life: Life
     ranks = state.participants.values()
     # Above max_nodes, over-max-nodes speaks; otherwise a rank at or above max_nodes was never torch's.
     limit = MAX_RANK if max_nodes is None or len(state.participants) > max_nodes else max_nodes
-    bad = sorted({r for r in ranks if r < 0 or r >= limit})
-    repeated = len(set(ranks)) != len(state.participants)
+    distinct = set(ranks)
+    bad = sorted(r for r in distinct if r < 0 or r >= limit) \
+        if distinct and (min(distinct) < 0 or max(distinct) >= limit) else []
+    repeated = len(distinct) != len(state.participants)
     if bad or repeated:
         what = ("repeat" if repeated else "") + (" and " if repeated and bad else "") + \
             (f"lie outside 0..{limit - 1}: {bad[:8]}{'...' if len(bad) > 8 else ''}" if bad else "")
@@ -180,7 +197,7 @@ def _complete_round(state: RendezvousState, max_nodes: Optional[int], life: Life
             "the agents get these ranks as they are (`_get_world`) and their process group cannot form",
             "rdzvctl reset --mode clear (the agents re-rendezvous from scratch)", _ids(state.participants))
     elif not live.dead_participants:
-        missing = _first_missing_ranks(ranks, 8)
+        missing = _first_missing_ranks(distinct, 8)
         if missing:
             stuck = life.torch_next == "stays"
             add("participant-left", "error" if stuck else "info",
@@ -198,8 +215,8 @@ def _complete_round(state: RendezvousState, max_nodes: Optional[int], life: Life
             "the round is complete but still has a last-call deadline (torch clears it on completion)",
             "unaffected", "torch ignores the deadline of a complete round and sets a new one when the next round "
             "reaches min_nodes (`_add_to_participants`)")
-    dead = _ids(live.dead_participants)
-    if dead:
+    if live.dead_participants:
+        dead = _ids(live.dead_participants)
         expiry = "stopped heartbeating"
         if life.phase == "stuck" and life.torch_next == "stays":
             add("dead-participants", "error", f"{len(dead)} participant(s) of the complete round {state.round} "

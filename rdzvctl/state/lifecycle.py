@@ -151,7 +151,7 @@ def lifecycle(
 
 
 def _complete(state: RendezvousState, life: Liveness) -> Lifecycle:
-    participants = sorted(state.participants, key=node_order)
+    participants = state.participants  # (named through _ids, which sorts them)
     if life.live_waiting:
         gone = (f"; {show_nodes(life.dead_participants)} stopped heartbeating and the next live sync drops "
                 "them (`_sanitize`)" if life.dead_participants else "")

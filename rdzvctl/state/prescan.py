@@ -15,8 +15,10 @@ The C unpickler is fast but trusts its input in three ways that matter here
 match covers every run of ordinary opcodes; Python only looks at the rare
 opcodes whose argument needs a decision) and refuses the first kind.
 :func:`tuple_depth_bound` bounds the nesting with ``bytes.count``: each level
-needs its own tuple opcode.  :func:`call_with_stack` runs the unpickler on a
-thread whose stack is sized for that bound when the current one is too small
+needs its own tuple opcode.  :func:`call_sized` runs the unpickler on the
+current thread when its stack holds as many levels as the input has bytes
+(the bound is then not needed), else :func:`call_with_stack` runs it on a
+thread whose stack is sized for the bound when the current one is too small
 (the stack limit is read from ``RLIMIT_STACK`` or ``threading.stack_size()``).
 :class:`MeteredInput` is the file the unpickler reads from: every 16 KiB it
 consumes, the memory grown since the start is compared with a budget derived
@@ -74,7 +76,7 @@ import copyreg
 import pickle
 import pickletools
 import re
-from typing import Dict, List
+from typing import Callable, Dict, List, TypeVar
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state.unpickle_limits import (  # the limits the unpickler runs under, re-exported
@@ -96,6 +98,7 @@ __all__ = [
     "stack_needed",
     "stack_available",
     "call_with_stack",
+    "call_sized",
 ]
 
 #: Highest memo index accepted (a memo table of this size is 32 MiB).  Real
@@ -129,7 +132,8 @@ _NEVER = {"FLOAT", "BINFLOAT", "LONG4", "FROZENSET"}
 _NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
 
 
-#: Opcodes one match of the run covers at most; :func:`scan` matches again until a run is empty.
+#: Opcodes with an argument one match of the run covers at most (with the runs of opcodes
+#: without one between them); :func:`scan` matches again until a run is empty.
 RUN_CHUNK = 4096
 
 
@@ -153,8 +157,16 @@ def _build_run() -> "re.Pattern[bytes]":
             lines.append(op.code)
         else:
             counted[widths[op.arg.n]].append(op.code)
-    parts = [_cls(plain)]
+    # The opcodes a state holds most (after the plain ones): short strings and bytes, then one-byte
+    # arguments (BINGET, BININT1).  The alternatives start with distinct opcodes, so their order
+    # changes what is tried first, never what matches.
+    parts = [_cls(counted[1]) + _counted()]
     parts += [_cls(codes) + b"[\\s\\S]{%d}" % n for n, codes in sorted(fixed.items())]
+    # A tuple goes straight to REDUCE or BUILD (memoised or not; a FRAME may start between,
+    # which torch's C pickler never writes there): it only ever holds a call's arguments.
+    frame = b"(?:\\x95[\\s\\S]{3}\\x00{5})?"
+    parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
+                 + frame + b"[Rb]")
     parts.append(_cls(lines) + b"[^\\n]*\\n")
     parts.append(b"[ci][^\\n]*\\n[^\\n]*\\n")  # GLOBAL, INST: module and name lines
     parts.append(b"r[\\s\\S]{2}[\\x00-\\x1f]\\x00")  # LONG_BINPUT up to MAX_MEMO_INDEX
@@ -164,18 +176,18 @@ def _build_run() -> "re.Pattern[bytes]":
     parts.append(b"\\x8a(?:" + b"|".join(b"\\x%02x[\\s\\S]{%d}" % (n, n) for n in range(9)) + b")")  # LONG1
     parts.append(b"I[-+]?[0-9]{1,19}\\n")  # INT
     parts.append(b"L[-+]?[0-9]{1,19}L?\\n")  # LONG
-    # A tuple goes straight to REDUCE or BUILD (memoised or not; a FRAME may start between,
-    # which torch's C pickler never writes there): it only ever holds a call's arguments.
-    frame = b"(?:\\x95[\\s\\S]{3}\\x00{5})?"
-    parts.append(b"[\\x85\\x86\\x87t]" + frame + b"(?:\\x94|q[\\s\\S]|r[\\s\\S]{2}[\\x00-\\x1f]\\x00|p[0-9]{1,6}\\n)?"
-                 + frame + b"[Rb]")
-    parts.append(_cls(counted[1]) + _counted())
-    # Greedy and bounded, not possessive (``*+``): the possessive quantifiers of Python 3.11.0-3.11.4
-    # can match what the greedy form does not (CPython gh-106052, gh-100061: a failed partial opcode
-    # leaves the position advanced), and Debian 12's python3 is 3.11.2.  Nothing follows the group,
-    # so the greedy match never backtracks into an earlier opcode; the bound keeps the engine's
-    # per-repetition bookkeeping small (an unbounded greedy ``*`` costs ~100 bytes per opcode).
-    return re.compile(b"(?:" + b"|".join(parts) + b"){0,%d}" % RUN_CHUNK)
+    # Opcodes without an argument (half of a state's) are matched a run at a time by a character
+    # class (the engine's fast single-character loop), the others one per repetition, each
+    # followed by such a run: ``P*(?:A P*){0,n}``.  Every alternative starts with an opcode the
+    # class does not hold, so a run never gives back a byte: no backtracking, the same greedy
+    # walk as one repetition per opcode.  Greedy and bounded, not possessive (``*+``): the
+    # possessive quantifiers of Python 3.11.0-3.11.4 can match what the greedy form does not
+    # (CPython gh-106052, gh-100061: a failed partial opcode leaves the position advanced), and
+    # Debian 12's python3 is 3.11.2.  Nothing follows the group, so the greedy match never
+    # backtracks into an earlier opcode; the bound keeps the engine's per-repetition bookkeeping
+    # small (an unbounded greedy ``*`` costs ~100 bytes per repetition).
+    run = _cls(plain) + b"*"
+    return re.compile(run + b"(?:(?:" + b"|".join(parts) + b")" + run + b"){0,%d}" % RUN_CHUNK)
 
 
 _RUN = _build_run()
@@ -248,3 +260,18 @@ def tuple_depth_bound(data: bytes) -> int:
     (a ``TUPLE`` also its own ``MARK``).  Counts bytes, so it errs high, never low."""
     bound = data.count(pickle.TUPLE1) + data.count(pickle.TUPLE2) + data.count(pickle.TUPLE3)
     return bound + min(data.count(pickle.TUPLE), data.count(pickle.MARK))
+
+
+T = TypeVar("T")
+
+
+def call_sized(func: Callable[[], T], data: bytes) -> T:
+    """``func()`` on a stack that holds the deepest tuple nesting ``data`` can build.
+
+    :func:`tuple_depth_bound` is at most ``len(data)`` (it counts bytes of four distinct
+    values), so when a stack for ``len(data)`` levels fits the current thread the tighter
+    bound fits too and is not counted: the decision :func:`call_with_stack` makes with it.
+    """
+    if stack_needed(len(data)) <= stack_available():
+        return func()
+    return call_with_stack(func, stack_needed(tuple_depth_bound(data)))

@@ -150,12 +150,15 @@ class MeteredInput:
 
     The unpickler prefetches with ``peek`` and consumes with ``read``; every
     call compares the memory grown since the start with ``budget`` and
-    refuses (the exception ends the unpickling) once it is exceeded.
+    refuses (the exception ends the unpickling) once it is exceeded.  A piece
+    is a slice of the input (the whole input, when asked for, is the input
+    itself: no copy).
     """
+
+    __slots__ = ("_raw", "_pos", "budget", "_start")
 
     def __init__(self, data: bytes, budget: Optional[int] = None) -> None:
         self._raw = data
-        self._data = memoryview(data)
         self._pos = 0
         self.budget = MEMORY_FLOOR + MEMORY_PER_BYTE * len(data) if budget is None else budget
         self._start = _resident_bytes()
@@ -164,25 +167,26 @@ class MeteredInput:
         grown = _resident_bytes() - self._start
         if grown > self.budget:
             raise StateCorruptError(
-                f"the pickle builds more than a state of {len(self._data):,} bytes can hold (unpickling grew "
+                f"the pickle builds more than a state of {len(self._raw):,} bytes can hold (unpickling grew "
                 f"memory by {grown >> 20} MiB, over the {self.budget >> 20} MiB budget); refused")
 
     def peek(self, size: int = 0) -> bytes:
-        if self._pos:  # before the first byte is consumed nothing is built yet: no memory to check
+        pos = self._pos
+        if pos:  # before the first byte is consumed nothing is built yet: no memory to check
             self._check()
-        return bytes(self._data[self._pos:self._pos + min(max(size, 1), CHUNK)])
+        return self._raw[pos:pos + min(max(size, 1), CHUNK)]
 
     def read(self, size: int = -1) -> bytes:
         self._check()
-        stop = len(self._data) if size is None or size < 0 else self._pos + size
-        piece = bytes(self._data[self._pos:stop])
-        self._pos += len(piece)
+        pos = self._pos
+        piece = self._raw[pos:] if size is None or size < 0 else self._raw[pos:pos + size]
+        self._pos = pos + len(piece)
         return piece
 
     def readinto(self, buffer: Any) -> int:
         self._check()
         view = memoryview(buffer).cast("B")
-        piece = self._data[self._pos:self._pos + len(view)]
+        piece = memoryview(self._raw)[self._pos:self._pos + len(view)]
         view[:len(piece)] = piece
         self._pos += len(piece)
         return len(piece)
@@ -191,6 +195,6 @@ class MeteredInput:
         self._check()
         end = self._raw.find(b"\n", self._pos)
         stop = len(self._raw) if end < 0 else end + 1
-        piece = bytes(self._data[self._pos:stop])
+        piece = self._raw[self._pos:stop]
         self._pos = stop
         return piece

@@ -61,7 +61,8 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
             # Streamed: each run is checked and printed (JSON) as the backend yields it.
-            checked = (check_run(e.run_id, None if e.state is None else e.state[0], e.error, now, *_settings(app))[0]
+            settings = _settings(app)  # parsed from --rdzv-conf once, not per run
+            checked = (check_run(e.run_id, None if e.state is None else e.state[0], e.error, now, *settings)[0]
                        for e in with_progress(app, backend.list_runs(), streamed=output == "json"))
             code = show_reports(app, (r for r in checked if r["status"] != "absent"), True, None, fail_on, output)
         if code:

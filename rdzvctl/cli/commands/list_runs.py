@@ -52,11 +52,12 @@ def command(app: App, output: str) -> None:
 
 def _rows(app: App, backend: Any, now: Any, streamed: bool) -> Iterator[Dict[str, Any]]:
     """The listing's row of each run the backend lists (not c10d's "no state" sentinel)."""
+    keep_alive, max_nodes = app.keep_alive, app.max_nodes  # parsed from --rdzv-conf once, not per run
     for entry in with_progress(app, backend.list_runs(), streamed=streamed):
         raw = None if entry.state is None else entry.state[0]
         if raw is None and entry.error is None:
             continue  # e.g. c10d's "no state" sentinel
-        report, state = check_run(entry.run_id, raw, entry.error, now, app.keep_alive, app.max_nodes)
+        report, state = check_run(entry.run_id, raw, entry.error, now, keep_alive, max_nodes)
         row = {"run_id": entry.run_id, "health": report["status"], "phase": report["phase"],
                "round": None, "complete": None,
                "participants": None, "waiting": None, "closed": None,
