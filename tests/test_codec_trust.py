@@ -387,3 +387,30 @@ def test_the_prescan_skips_counted_arguments_in_step(opcode: bytes, width: int, 
         decode(_p4(arg + _HUGE_PUT))
     with pytest.raises(StateCorruptError, match="claims more bytes"):
         prescan.scan(b"\x80\x04" + arg[:-1 - length // 2])  # truncated: the length claims more than is left
+
+
+def test_the_prescan_opcode_table_is_pickletools_own() -> None:
+    """prescan's written-out table of opcodes by argument (so it need not import pickletools) is
+    exactly what ``pickletools.opcodes`` says, for every opcode of this Python's pickle."""
+    import pickletools
+
+    from rdzvctl.state import prescan
+
+    widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
+              pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
+    expected: dict = {}
+    for op in pickletools.opcodes:
+        assert getattr(pickle, op.name) == op.code.encode("latin-1")
+        if op.arg is None:
+            kind: object = ("fixed", 0)
+        elif op.arg.n >= 0:
+            kind = ("fixed", op.arg.n)
+        elif op.arg.n == pickletools.UP_TO_NEWLINE:
+            kind = "line"
+        else:
+            kind = ("counted", widths[op.arg.n])
+        expected.setdefault(kind, set()).add(op.name)
+    table = {("fixed", n): set(names) for n, names in prescan.FIXED_WIDTH.items()}
+    table["line"] = set(prescan.TO_NEWLINE)
+    table.update({("counted", n): set(names) for n, names in prescan.COUNTED.items()})
+    assert table == expected

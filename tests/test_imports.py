@@ -105,9 +105,9 @@ def test_python_m_rdzvctl_help_works() -> None:
 
 #: What ``get`` on a FileStore has no use for: each is milliseconds of start-up (P1 in bench/).
 #: ``dataclasses``: the classes on get's path are written out (bench P1: a dataclass compiles
-#: its generated methods at import).
+#: its generated methods at import); ``pickletools``: the prescan's opcode table is written out.
 NOT_FOR_A_FILESTORE_GET = HEAVY + ["socket", "rdzvctl.state.legacy_etcd", "rdzvctl.backends.tcpstore", "rich",
-                                   "dataclasses"]
+                                   "dataclasses", "pickletools"]
 
 
 def test_get_on_a_filestore_loads_no_socket_legacy_code_rich_or_dataclasses(tmp_path: Path) -> None:

@@ -74,9 +74,8 @@ from __future__ import annotations
 
 import copyreg
 import pickle
-import pickletools
 import re
-from typing import Callable, Dict, List, TypeVar
+from typing import Callable, Dict, List, Set, Tuple, TypeVar
 
 from rdzvctl.errors import StateCorruptError, StateUnsafeError
 from rdzvctl.state.unpickle_limits import (  # the limits the unpickler runs under, re-exported
@@ -137,26 +136,39 @@ _NARROW = {"LONG1", "INT", "LONG", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
 RUN_CHUNK = 4096
 
 
+#: pickle's opcodes (protocols 0-5) by their argument, as ``pickletools.opcodes`` describes them: a
+#: fixed width in bytes (0: none), a line, or a length field of 1, 4 or 8 bytes and that many bytes.
+#: Written out rather than read from pickletools at import (a millisecond of every process that
+#: decodes); tests/test_codec_trust.py checks it against pickletools.
+FIXED_WIDTH: Dict[int, Tuple[str, ...]] = {
+    0: ("NEXT_BUFFER", "READONLY_BUFFER", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_LIST", "APPEND", "APPENDS", "LIST",
+        "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS",
+        "EMPTY_SET", "ADDITEMS", "FROZENSET", "POP", "DUP", "MARK", "POP_MARK", "MEMOIZE", "STACK_GLOBAL",
+        "REDUCE", "BUILD", "OBJ", "NEWOBJ", "NEWOBJ_EX", "STOP", "BINPERSID"),
+    1: ("BININT1", "BINGET", "BINPUT", "EXT1", "PROTO"),
+    2: ("BININT2", "EXT2"),
+    4: ("BININT", "LONG_BINGET", "LONG_BINPUT", "EXT4"),
+    8: ("BINFLOAT", "FRAME"),
+}
+TO_NEWLINE = ("INT", "LONG", "STRING", "UNICODE", "FLOAT", "GET", "PUT", "GLOBAL", "INST", "PERSID")
+COUNTED: Dict[int, Tuple[str, ...]] = {
+    1: ("LONG1", "SHORT_BINSTRING", "SHORT_BINBYTES", "SHORT_BINUNICODE"),
+    4: ("LONG4", "BINSTRING", "BINBYTES", "BINUNICODE"),
+    8: ("BINBYTES8", "BYTEARRAY8", "BINUNICODE8"),
+}
+
+
+def _codes(names: Tuple[str, ...], special: Set[str]) -> List[str]:
+    return [getattr(pickle, name).decode("latin-1") for name in names if name not in special]
+
+
 def _build_run() -> "re.Pattern[bytes]":
     """A run of opcodes that need no decision (STOP and the rare ones excluded)."""
-    plain: List[str] = []
-    fixed: Dict[int, List[str]] = {}
-    lines: List[str] = []
-    counted: Dict[int, List[str]] = {1: [], 4: [], 8: []}
     special = {"STOP", "LONG_BINPUT", "PUT", "FRAME", "EXT1", "EXT2", "EXT4", "GLOBAL", "INST"} | _NEVER | _NARROW
-    widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
-              pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
-    for op in pickletools.opcodes:
-        if op.name in special:
-            continue
-        if op.arg is None:
-            plain.append(op.code)
-        elif op.arg.n >= 0:
-            fixed.setdefault(op.arg.n, []).append(op.code)
-        elif op.arg.n == pickletools.UP_TO_NEWLINE:
-            lines.append(op.code)
-        else:
-            counted[widths[op.arg.n]].append(op.code)
+    plain = _codes(FIXED_WIDTH[0], special)
+    fixed = {n: codes for n, names in FIXED_WIDTH.items() if n and (codes := _codes(names, special))}
+    lines = _codes(TO_NEWLINE, special)
+    counted = {n: _codes(names, special) for n, names in COUNTED.items()}
     # The opcodes a state holds most (after the plain ones): short strings and bytes, then one-byte
     # arguments (BINGET, BININT1).  The alternatives start with distinct opcodes, so their order
     # changes what is tried first, never what matches.
