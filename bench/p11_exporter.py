@@ -108,8 +108,8 @@ def run(ctx: Context) -> List[Row]:
         p4_detect.populate(target, items)
         base_cpu: List[float] = []
         raw = _raw_read(target, base_cpu)
-        exporter = ExporterProcess(["--all", "--max-runs", str(count * 5), *target.flags(None)], env=ctx.env,
-                                   start_timeout=120)
+        flags = target.flags(None, p4_detect.KEEP_ALIVE)
+        exporter = ExporterProcess(["--all", "--max-runs", str(count * 5), *flags], env=ctx.env, start_timeout=120)
         try:
             ctx.log(f"P11 {label}: first scrape")
             pid = exporter.process.pid

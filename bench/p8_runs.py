@@ -70,7 +70,7 @@ def run(ctx: Context) -> List[Row]:
                     if name == "base":
                         base.append(run_once(baseline_argv("list", label, target.endpoint), ctx.env, timeout=900))
                     else:
-                        argv = rdzvctl_argv() + COMMANDS[name] + target.flags(None)
+                        argv = rdzvctl_argv() + COMMANDS[name] + target.flags(None, p4_detect.KEEP_ALIVE)
                         streamed[name].append(run_streamed(argv, ctx.env, MARKER, timeout=900, ok_codes=(0, 1, 6)))
         finally:
             p4_detect.remove(target, items, PREFIX)
