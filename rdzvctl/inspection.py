@@ -27,7 +27,7 @@ from rdzvctl.state.analysis import (
 )
 from rdzvctl.state.codec import decode
 from rdzvctl.state.findings import addresses_to_probe, find_problems, master_address_findings
-from rdzvctl.state.jsonform import format_time, state_to_json
+from rdzvctl.state.jsonform import format_time, state_header, state_to_json
 from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
 from rdzvctl.state.model import RendezvousState, collector_paused
 
@@ -192,14 +192,21 @@ def describe(
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE,
     max_nodes: Optional[int] = None,
     store_keys: Optional[Dict[str, bytes]] = None,
+    *,
+    heartbeats: bool = True,
 ) -> Dict[str, Any]:
-    """The ``get -o json`` document (schema ``rdzvctl.get/v1``)."""
+    """The ``get -o json`` document (schema ``rdzvctl.get/v1``).
+
+    ``heartbeats=False`` leaves out what only the document prints, for ``get``'s table (which
+    shows ranks, ages and liveness): the state's node lists and every heartbeat's time, in
+    ``state`` and in each row of ``nodes`` (None there).  A third of describing a large state.
+    """
     with collector_paused():  # a row per node, and nothing cyclic: see collector_paused
-        return _describe(snap, keep_alive, max_nodes, store_keys)
+        return _describe(snap, keep_alive, max_nodes, store_keys, heartbeats)
 
 
 def _describe(snap: Snapshot, keep_alive: KeepAlive, max_nodes: Optional[int],
-              store_keys: Optional[Dict[str, bytes]]) -> Dict[str, Any]:
+              store_keys: Optional[Dict[str, bytes]], heartbeats: bool = True) -> Dict[str, Any]:
     doc: Dict[str, Any] = {
         "schema": SCHEMA,
         "backend": snap.backend,
@@ -215,11 +222,11 @@ def _describe(snap: Snapshot, keep_alive: KeepAlive, max_nodes: Optional[int],
         return doc
     state, now = snap.state, snap.fetched_at
     statuses = node_statuses(state, now, keep_alive)
-    doc["state"] = state_to_json(state)
-    beats = doc["state"]["last_heartbeats"]  # formatted once, reused per node below
+    doc["state"] = state_to_json(state) if heartbeats else state_header(state)
+    # The heartbeats are formatted once, for the state, and reused per node below.
+    formatted = doc["state"]["last_heartbeats"].get if heartbeats else {}.get
     remaining = deadline_remaining(state, now)
     doc["summary"] = summarize(state, statuses, remaining)
-    formatted = beats.get
     doc["nodes"] = [
         {
             "node": node.id,

@@ -354,3 +354,46 @@ def test_encode_is_what_the_fixture_stores(memory):
     state = _snapshot_state()
     memory.put(state)
     assert memory.raw() == encode(state)
+
+
+def test_the_table_is_described_without_heartbeat_times_and_shows_the_same() -> None:
+    """get's table asks describe() to skip the heartbeat times (only the JSON document prints
+    them): the document differs only there, and the table drawn from either is the same."""
+    from rdzvctl import inspection
+    from rdzvctl.cli.render import render_get
+    from rdzvctl.state.model import NodeDesc, RendezvousState
+    from rdzvctl.state.nodes import KeepAlive
+
+    now = _dt.datetime(2026, 12, 1, 12, tzinfo=_dt.timezone.utc)
+    state = RendezvousState(round=2, complete=True, deadline=now + _dt.timedelta(seconds=9))
+    for i in range(60):
+        node = NodeDesc(f"host-{i}", 10 + i, 0)
+        state.participants[node] = i
+        state.last_heartbeats[node] = now - _dt.timedelta(seconds=99 if i < 3 else 1)
+    state.wait_list.add(NodeDesc("late", 1, 0))
+    state.redundancy_list.add(NodeDesc("spare", 1, 0))
+    state.last_heartbeats[NodeDesc("gone", 1, 0)] = now
+    snap = inspection.Snapshot("c10d", "store", "job", b"raw", b"t", "t", state, None, now)
+    full = inspection.describe(snap, KeepAlive(5.0, 3))
+    lean = inspection.describe(snap, KeepAlive(5.0, 3), heartbeats=False)
+    assert lean["state"] == {k: full["state"][k] for k in ("round", "complete", "deadline", "closed")}
+    assert lean["nodes"] == [{**row, "last_heartbeat": None} for row in full["nodes"]]
+    assert {k: v for k, v in lean.items() if k not in ("state", "nodes")} == \
+        {k: v for k, v in full.items() if k not in ("state", "nodes")}
+
+    class PlainApp:  # what render_get asks of the App off a terminal
+        rich = False
+
+        def __init__(self) -> None:
+            self.printed = io.StringIO()
+
+        def out(self, text: str = "") -> None:
+            self.printed.write(f"{text}\n")
+
+    def table(doc: dict, all_nodes: bool) -> str:
+        app = PlainApp()
+        render_get(app, doc, all_nodes)  # type: ignore[arg-type]
+        return app.printed.getvalue()
+
+    for all_nodes in (False, True):
+        assert table(lean, all_nodes) == table(full, all_nodes) != ""

@@ -35,6 +35,7 @@ __all__ = [
     "STATE_KEYS",
     "DOCUMENT_KEYS",
     "state_to_json",
+    "state_header",
     "state_from_json",
     "state_from_document",
     "format_time",
@@ -103,6 +104,12 @@ def _ids(nodes: Iterable[NodeDesc]) -> List[str]:
     return list(map(_ID, sorted(nodes, key=node_order)))
 
 
+def state_header(state: RendezvousState) -> Dict[str, Any]:
+    """The first fields of :func:`state_to_json`, those that do not list nodes."""
+    return {"round": state.round, "complete": state.complete, "deadline": format_time(state.deadline),
+            "closed": state.closed}
+
+
 def state_to_json(state: RendezvousState) -> Dict[str, Any]:
     """The JSON form of ``state`` (plain dicts/lists/str/int/bool/None).
 
@@ -112,10 +119,7 @@ def state_to_json(state: RendezvousState) -> Dict[str, Any]:
     ranked = by_rank(state.participants)
     beats = in_node_order(state.last_heartbeats)
     return {
-        "round": state.round,
-        "complete": state.complete,
-        "deadline": format_time(state.deadline),
-        "closed": state.closed,
+        **state_header(state),
         "participants": dict(zip(map(_ID, map(_FIRST, ranked)), map(_SECOND, ranked))),
         "wait_list": _ids(state.wait_list),
         "redundancy_list": _ids(state.redundancy_list),

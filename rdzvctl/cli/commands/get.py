@@ -55,9 +55,10 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         if not snap.exists:
             raise NoStateError.for_run(snap.run_id, f"{snap.backend} {snap.endpoint}")
         # A stuck verdict while agents live stands only if it lasts (see rdzvctl.inspection.CONFIRM_SECONDS).
-        snap, doc = reread_while(lambda: _described(app, take_snapshot(backend), keys),
+        table = output != "json"  # the table shows no heartbeat times: describe() skips them
+        snap, doc = reread_while(lambda: _described(app, take_snapshot(backend), keys, table),
                                  lambda pair: stays(pair[1]), inspection.CONFIRM_SECONDS,
-                                 first=_described(app, snap, keys))
+                                 first=_described(app, snap, keys, table))
     if output == "json":
         app.json(doc)
     else:
@@ -68,5 +69,5 @@ def command(app: App, output: str, all_nodes: bool, show_keys: bool) -> None:
         app.exit(EXIT_NO_STATE)
 
 
-def _described(app: App, snap: Any, keys: Any) -> Tuple[Any, Dict[str, Any]]:
-    return snap, describe(snap, app.keep_alive, app.max_nodes, keys)
+def _described(app: App, snap: Any, keys: Any, table: bool) -> Tuple[Any, Dict[str, Any]]:
+    return snap, describe(snap, app.keep_alive, app.max_nodes, keys, heartbeats=not table)
