@@ -90,15 +90,16 @@ def _tcpstore(endpoint):
     sock = socket.create_connection(_host_port(endpoint), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(struct.pack("<BIBI", 0, 0x3C85F7CE, 13, 1))  # VALIDATE, PING
-    buf = [b""]
+    buf = bytearray()
 
-    def read(n):
-        while len(buf[0]) < n:
-            chunk = sock.recv(65536)
+    def read(n):  # linear in n (appending to a bytearray, one copy out)
+        while len(buf) < n:
+            chunk = sock.recv(max(65536, n - len(buf)))
             if not chunk:
                 raise ConnectionError("closed")
-            buf[0] += chunk
-        data, buf[0] = buf[0][:n], buf[0][n:]
+            buf.extend(chunk)
+        data = bytes(buf[:n])
+        del buf[:n]
         return data
 
     read(4)
