@@ -347,6 +347,17 @@ def output_option(*choices: str, default: str = "text") -> Callable[..., Any]:
     return decorate
 
 
+def jobs_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--jobs for the commands that check every run (``rdzvctl.workers``): 0 is one per CPU, at most 4."""
+    from rdzvctl.workers import MAX_JOBS, SERIAL_FIRST
+
+    return click.option(
+        "--jobs", "-j", type=click.IntRange(0, 64), default=0, show_default=True, metavar="N",
+        help=f"Check the runs in N processes (0: one per CPU, at most {MAX_JOBS}; 1: in this process only). "
+             f"The first {SERIAL_FIRST:,} runs are always checked here; output and order are the same.",
+    )(func)
+
+
 def _remember_full_diff(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     ctx.meta["rdzvctl.full_diff"] = value
 

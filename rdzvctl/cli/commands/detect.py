@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 import click
 
 from rdzvctl import clock, inspection
 from rdzvctl.cli import legacy
-from rdzvctl.cli.app import App, output_option, with_app
+from rdzvctl.cli.app import App, jobs_option, output_option, with_app
 from rdzvctl.cli.detect_output import show_reports
 from rdzvctl.cli.render import with_progress
 from rdzvctl.errors import BackendUnavailableError, RdzvctlError, StateError
 from rdzvctl.inspection import check_run
 from rdzvctl.state.analysis import SEVERITIES, KeepAlive
 from rdzvctl.state.lifecycle import launch_verdict
+from rdzvctl.workers import Ready, default_jobs, ordered_map
 
 
 @click.command("corrupt-detect")
@@ -28,7 +31,8 @@ from rdzvctl.state.lifecycle import launch_verdict
 @click.option("--settle", is_flag=True,
               help="A run closed while agents still heartbeat: re-read until a normal end can be told from a "
                    "close under live agents (at most one keep-alive window).")
-def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: bool, settle: bool) -> None:
+@jobs_option
+def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: bool, settle: bool, jobs: int) -> None:
     """Check a run (or --all runs): corruption, torch's invariants, and what torch does next.
 
     Checks that the state decodes (base64, pickle, allow-list) with the right
@@ -60,10 +64,13 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
     verdict = None
     if all_runs:
         with app.open(run_id=app.address.run_id or "", need_run_id=False) as backend:
-            # Streamed: each run is checked and printed (JSON) as the backend yields it.
+            # Streamed: each run is checked and printed (JSON) as the backend yields it, in order,
+            # the checks of a large fleet shared with worker processes (rdzvctl.workers).
             settings = _settings(app)  # parsed from --rdzv-conf once, not per run
-            checked = (check_run(e.run_id, None if e.state is None else e.state[0], e.error, now, *settings)[0]
-                       for e in with_progress(app, backend.list_runs(), streamed=output == "json"))
+            runs = ((e.run_id, e.state[0]) if e.error is None and e.state is not None
+                    else Ready(check_run(e.run_id, None, e.error, now, *settings)[0])
+                    for e in with_progress(app, backend.list_runs(), streamed=output == "json"))
+            checked = ordered_map(partial(_report, now, *settings), runs, jobs or default_jobs())
             code = show_reports(app, (r for r in checked if r["status"] != "absent"), True, None, fail_on, output)
         if code:
             app.exit(code)
@@ -102,6 +109,11 @@ def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, O
                                          lambda checked: inspection.stays(checked[0]), inspection.CONFIRM_SECONDS,
                                          first=_read_one(app, backend, now, keys))
     return report, state, keys
+
+
+def _report(now: _dt.datetime, keep_alive: KeepAlive, max_nodes: Optional[int], run: Tuple[str, bytes]) -> Dict[str, Any]:
+    """The report of one listed run (``run_id``, stored bytes): what a worker process computes."""
+    return check_run(run[0], run[1], None, now, keep_alive, max_nodes)[0]
 
 
 def _settings(app: App) -> Tuple[KeepAlive, Optional[int]]:
