@@ -22,7 +22,7 @@ from rdzvctl.backends.filestore import FileStore
 from rdzvctl.state.codec import encode
 from rdzvctl.state.model import NodeDesc, RendezvousState
 from rdzvctl.workers import Ready, ordered_map
-from tests.support.cli import NOW, invoke
+from tests.support.cli import NOW, invoke, run_rdzvctl
 
 PARENT = os.getpid()
 
@@ -95,12 +95,12 @@ def test_default_jobs_is_the_cpus_this_process_may_use():
 
 
 # -- the commands --------------------------------------------------------------------------------------
-def _state(nodes: int, dead: int) -> bytes:
+def _state(nodes: int, dead: int, now: _dt.datetime = NOW) -> bytes:
     state = RendezvousState(round=nodes, complete=True, closed=False)
     for rank in range(nodes):
         node = NodeDesc(f"node{rank}", 100 + rank, 0)
         state.participants[node] = rank
-        state.last_heartbeats[node] = NOW - _dt.timedelta(seconds=3600 if rank < dead else 1)
+        state.last_heartbeats[node] = now - _dt.timedelta(seconds=3600 if rank < dead else 1)
     return encode(state)
 
 
@@ -128,3 +128,22 @@ def test_commands_print_the_same_with_workers(fleet, monkeypatch, frozen_now, co
     assert shared.stderr == alone.stderr
     assert alone.stdout.count("job-") >= 40
     assert multiprocessing.active_children() == []
+
+
+def test_a_real_process_prints_each_run_once_through_a_pipe(tmp_path):
+    """Past SERIAL_FIRST in a fresh process: the workers are forked with the opening of the document
+    already written; nothing is printed twice, nothing on stderr, the same bytes as without workers."""
+    path = str(tmp_path / "store")
+    files = FileStore(path, create=True)
+    fresh = base64.b64encode(_state(2, dead=0, now=_dt.datetime.now(_dt.timezone.utc)))  # alive for 3 days
+    for i in range(workers.SERIAL_FIRST + 3 * workers.CHUNK):
+        files.set(f"/torch.rendezvous.run-{i:05d}", b"not base64!" if i % 1000 == 999 else fresh)
+    address = ["--rdzv-backend", "c10d", "--rdzv-endpoint", path, "--rdzv-conf",
+               "store_type=file,keep_alive_interval=86400"]
+    for command in (["list", "-o", "json"], ["corrupt-detect", "--all", "-o", "json"]):
+        alone = run_rdzvctl([*command, "-j", "1", *address], text=False)
+        shared = run_rdzvctl([*command, "-j", "2", *address], text=False)
+        assert shared.returncode == alone.returncode == (6 if command[0] == "corrupt-detect" else 0)
+        assert shared.stderr == alone.stderr == b""
+        assert shared.stdout == alone.stdout
+        assert alone.stdout.count(b'"run_id"') == workers.SERIAL_FIRST + 3 * workers.CHUNK
