@@ -7,17 +7,22 @@ others idle, so past :data:`SERIAL_FIRST` runs the checks go to worker processes
 chunk of runs at a time, while this process keeps reading and printing.
 
 What stays the same whatever the number of workers: the order (results come back in
-the order the runs were read), the bounded memory (at most ``2 x jobs`` chunks are in
-flight: the listing still streams), and the results (each is the same pure function of
+the order the runs were read), the bounded memory (at most ``2 x jobs`` chunks of at most
+1 MiB are in flight: the listing still streams; a large state is decoded here, one at a
+time, as without workers), and the results (each is the same pure function of
 its run; the clock was read once by the caller and is an argument).  Reading the
 backend and every write to the terminal stay in this process.
 
-``concurrent.futures.ProcessPoolExecutor`` does the work; what it lacks, a bounded
-window over an unbounded iterator (its ``map`` submits every item at once), is the loop
-below.  Workers are forked (Linux only: elsewhere, or with ``jobs`` 1, everything runs
-here), ignore SIGINT (Ctrl-C stops this process, which stops them), and are gone when
-the map ends, is abandoned, or fails; if one is killed (the OOM killer, say), the runs it
-had, and every run after them, are checked here.
+Written here rather than on ``concurrent.futures.ProcessPoolExecutor``: its ``map``
+submits every item at once (unbounded memory over a 100,000-run listing), its feeder and
+manager threads are running when later workers fork, its shutdown can wait for ever after
+an item fails to pickle, and its workers outlive a parent killed with SIGKILL.  Here a
+worker is forked with only its own two pipes (so it ends at end of file when this process
+closes them or is gone), is sent a chunk only when it waits for one (so neither side
+blocks writing to the other), and ignores SIGINT (Ctrl-C stops this process, which closes
+the pipes).  Linux only: elsewhere, or with ``jobs`` 1, everything runs here.  If a worker
+is killed (the OOM killer, say), the runs it had, and every run after them, are checked
+here.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import sys
 from collections import deque
 from typing import Any, Callable, Deque, Iterable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar
 
-__all__ = ["Ready", "default_jobs", "ordered_map", "SERIAL_FIRST", "CHUNK", "MAX_JOBS"]
+__all__ = ["Ready", "default_jobs", "ordered_map", "SERIAL_FIRST", "CHUNK", "CHUNK_BYTES", "LARGE", "MAX_JOBS"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,6 +43,10 @@ R = TypeVar("R")
 SERIAL_FIRST = 2000
 #: Runs per task handed to a worker (a few milliseconds of work, a few hundred KiB of state).
 CHUNK = 500
+#: The most bytes of items in one chunk; an item over LARGE is worked out here (decoding a
+#: large state takes memory in proportion: one at a time, as without workers).
+CHUNK_BYTES = 1 << 20
+LARGE = 64 << 10
 #: The most workers ``default_jobs`` picks: past this, reading and printing here is the limit.
 MAX_JOBS = 4
 
@@ -57,56 +66,158 @@ def default_jobs() -> int:
     return max(1, min(cpus, MAX_JOBS))
 
 
-def _quiet_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts the pool down
-
-
 def _apply(fn: Callable[[Any], Any], chunk: List[Any]) -> List[Any]:
     return [item.value if type(item) is Ready else fn(item) for item in chunk]
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, serial_first: Optional[int] = None,
-                chunk: Optional[int] = None) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Optional[Callable[[Any], int]] = None,
+                serial_first: Optional[int] = None, chunk: Optional[int] = None) -> Iterator[R]:
     """``fn`` of each item (a :class:`Ready` item gives its value), in order, lazily.
 
-    ``fn`` and the items must pickle (a module-level function or a ``functools.partial``
-    of one; plain data) once the workers start; the first ``serial_first`` items, and
-    every item when ``jobs`` is 1 or fork is unavailable, are worked out here
-    (``serial_first`` and ``chunk`` default to :data:`SERIAL_FIRST` and :data:`CHUNK`).
+    The first ``serial_first`` items, and every item when ``jobs`` is 1 or fork is
+    unavailable, are worked out here (``serial_first`` and ``chunk`` default to
+    :data:`SERIAL_FIRST` and :data:`CHUNK`).  The rest go to ``jobs`` forked workers, a
+    chunk each in turn; ``fn`` is the workers' own copy, the items and results must
+    pickle.  ``size`` gives an item's bytes: a chunk holds at most :data:`CHUNK_BYTES` of
+    them, and an item over :data:`LARGE` is worked out here as it is read (an error ``fn``
+    raises for it is raised then), so that what is in flight, and what a worker holds,
+    stays small whatever the store holds.  An error ``fn`` raises in a worker is raised
+    here, in its place in the order.
     """
     serial_first = SERIAL_FIRST if serial_first is None else serial_first
-    chunk = CHUNK if chunk is None else chunk
     it = iter(items)
     yield from _apply_each(fn, itertools.islice(it, serial_first))
-    if jobs <= 1 or not sys.platform.startswith("linux"):
+    if jobs <= 1 or not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         yield from _apply_each(fn, it)
         return
-    batch = list(itertools.islice(it, chunk))
-    if not batch:
+    chunks = _chunks(fn, it, CHUNK if chunk is None else chunk, size)
+    first = [batch for batch in itertools.islice(chunks, jobs)]
+    if not first:
         return
-    import multiprocessing
-    from concurrent.futures import Future, ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_quiet_worker)
-    pending: Deque[Tuple["Future[List[Any]]", List[Any]]] = deque()
+    pool = _Pool(fn, len(first))
     try:
-        while batch or pending:
-            while batch and len(pending) < 2 * jobs:
-                pending.append((pool.submit(_apply, fn, batch), batch))
-                batch = list(itertools.islice(it, chunk))
-            future, sent = pending.popleft()
+        sent: Deque[Tuple[_Worker, List[Any]]] = deque()
+        for worker, batch in zip(pool.workers, first):
+            worker.send(batch)
+            sent.append((worker, batch))
+        while sent:
+            worker, batch = sent.popleft()
             try:
-                done = future.result()
-            except BrokenProcessPool:  # a worker was killed (the OOM killer, a signal): finish here
-                yield from _apply_each(fn, itertools.chain(sent, *(b for _, b in pending), batch, it))
-                pending.clear()
+                done = worker.receive()
+            except (EOFError, OSError):  # the worker was killed (the OOM killer, a signal): finish here
+                rest = itertools.chain(batch, *(b for _, b in sent), *chunks)
+                sent.clear()
+                pool.close()
+                yield from _apply_each(fn, rest)
                 return
+            following = next(chunks, None)  # the worker's next chunk before this one's results are used
+            if following is not None:
+                worker.send(following)
+                sent.append((worker, following))
             yield from done
     finally:
-        for future, _ in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
+
+
+class _Worker:
+    """One forked worker: chunks in, results out, over a pipe each way (pickles, in order)."""
+
+    def __init__(self, pid: int, requests: Any, results: Any) -> None:
+        self.pid, self.requests, self.results = pid, requests, results
+
+    def send(self, batch: List[Any]) -> None:
+        self.requests.send(batch)  # the worker is waiting for it: nothing it sends is left unread
+
+    def receive(self) -> List[Any]:
+        kind, value = self.results.recv()
+        if kind == "error":
+            raise value
+        return list(value)
+
+
+class _Pool:
+    """``count`` forked workers of ``fn``: no thread here, so none can be caught mid-lock by a fork,
+    and each worker holds only its own pipes' ends, so it ends (end of file) when this process
+    closes them or is gone, however it went."""
+
+    def __init__(self, fn: Callable[[Any], Any], count: int) -> None:
+        from multiprocessing.connection import Pipe
+
+        self.workers: List[_Worker] = []
+        for _ in range(count):
+            requests_out, requests_in = Pipe(duplex=False)[::-1]
+            results_in, results_out = Pipe(duplex=False)
+            for stream in (sys.stdout, sys.stderr):  # nothing buffered here is inherited to be written twice
+                try:
+                    stream.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the caller's code
+                code = 1
+                try:
+                    for other in self.workers:
+                        other.requests.close()
+                        other.results.close()
+                    requests_out.close()
+                    results_in.close()
+                    _serve(fn, requests_in, results_out)
+                    code = 0
+                finally:
+                    os._exit(code)
+            requests_in.close()
+            results_out.close()
+            self.workers.append(_Worker(pid, requests_out, results_in))
+
+    def close(self) -> None:
+        for worker in self.workers:
+            for end in (worker.requests, worker.results):
+                end.close()
+        for worker in self.workers:
+            try:
+                os.waitpid(worker.pid, 0)
+            except ChildProcessError:
+                pass
+        self.workers = []
+
+
+def _serve(fn: Callable[[Any], Any], requests: Any, results: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the pipes
+    while True:
+        try:
+            batch = requests.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: Tuple[str, Any] = ("done", _apply(fn, batch))
+        except Exception as exc:  # noqa: BLE001 - raised in the parent, in order
+            reply = ("error", exc)
+        try:
+            results.send(reply)
+        except (BrokenPipeError, OSError):
+            return
+        except Exception as exc:  # noqa: BLE001 - a result or an error that does not pickle
+            results.send(("error", RuntimeError(f"a worker's result cannot be sent back: {exc}")))
+
+
+def _chunks(fn: Callable[[Any], Any], items: Iterator[Any], count: int,
+            size: Optional[Callable[[Any], int]]) -> Iterator[List[Any]]:
+    """``items`` in lists of at most ``count`` items and CHUNK_BYTES, large items already worked out."""
+    batch: List[Any] = []
+    held = 0
+    for item in items:
+        if size is not None and type(item) is not Ready:
+            bytes_ = size(item)
+            if bytes_ > LARGE:
+                item = Ready(fn(item))
+            else:
+                held += bytes_
+        batch.append(item)
+        if len(batch) >= count or held >= CHUNK_BYTES:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
 
 
 def _apply_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:

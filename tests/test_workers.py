@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import itertools
-import multiprocessing
 import os
 import signal
 from typing import Iterator, List
@@ -25,6 +24,15 @@ from rdzvctl.workers import Ready, ordered_map
 from tests.support.cli import NOW, invoke, run_rdzvctl
 
 PARENT = os.getpid()
+
+
+def _children() -> set:
+    """This process's child processes (a worker left behind would be one)."""
+    with open(f"/proc/{PARENT}/task/{PARENT}/children") as f:
+        return set(f.read().split())
+
+
+CHILDREN = _children()  # what this process had before these tests (servers of other modules' fixtures)
 
 
 def square(x: int) -> int:
@@ -76,18 +84,18 @@ def test_reads_a_bounded_window_ahead():
     # the serial items, then at most 2 x jobs chunks in flight and the next chunk read
     assert len(read) <= 30 + 2 * 2 * 4 + 4
     results.close()
-    assert multiprocessing.active_children() == []
+    assert _children() == CHILDREN
 
 
 def test_an_error_in_a_worker_is_raised_here():
     with pytest.raises(ValueError, match="bad item 30"):
         list(ordered_map(fails_at_30, range(100), 2, serial_first=5, chunk=4))
-    assert multiprocessing.active_children() == []
+    assert _children() == CHILDREN
 
 
 def test_a_killed_worker_leaves_its_items_to_this_process():
     assert list(ordered_map(dies_in_a_worker, range(60), 2, serial_first=5, chunk=4)) == [-x for x in range(60)]
-    assert multiprocessing.active_children() == []
+    assert _children() == CHILDREN
 
 
 def test_default_jobs_is_the_cpus_this_process_may_use():
@@ -127,7 +135,7 @@ def test_commands_print_the_same_with_workers(fleet, monkeypatch, frozen_now, co
     assert shared.stdout == alone.stdout
     assert shared.stderr == alone.stderr
     assert alone.stdout.count("job-") >= 40
-    assert multiprocessing.active_children() == []
+    assert _children() == CHILDREN
 
 
 def test_a_real_process_prints_each_run_once_through_a_pipe(tmp_path):
@@ -147,3 +155,55 @@ def test_a_real_process_prints_each_run_once_through_a_pipe(tmp_path):
         assert shared.stderr == alone.stderr == b""
         assert shared.stdout == alone.stdout
         assert alone.stdout.count(b'"run_id"') == workers.SERIAL_FIRST + 3 * workers.CHUNK
+
+
+def test_large_items_are_worked_out_here_and_chunks_stay_small(monkeypatch):
+    monkeypatch.setattr(workers, "LARGE", 100)
+    monkeypatch.setattr(workers, "CHUNK_BYTES", 250)
+    items = [("x" * (150 if i % 7 == 0 else 60), i) for i in range(60)]
+    seen = list(ordered_map(where_of_item, items, 2, size=lambda item: len(item[0]), serial_first=0, chunk=50))
+    assert [s for s, i in zip(seen, range(60)) if i % 7 == 0] == ["here"] * 9
+    assert all(s == "worker" for s, i in zip(seen, range(60)) if i % 7)
+    chunks = list(workers._chunks(where_of_item, iter(items), 50, lambda item: len(item[0])))
+    assert [x for c in chunks for x in c if type(x) is Ready] == [Ready("here")] * 9
+    assert max(sum(len(x[0]) for x in c if type(x) is not Ready) for c in chunks) < 250 + 60
+    assert _children() == CHILDREN
+
+
+def where_of_item(item) -> str:
+    return where(item[1])
+
+
+def test_an_item_that_does_not_pickle_is_an_error_not_a_hang():
+    with pytest.raises(Exception, match="pickle|lambda"):
+        list(ordered_map(square, [1, 2, 3, lambda: 4, 5], 2, serial_first=0, chunk=2))
+    assert _children() == CHILDREN
+
+
+def test_workers_end_when_this_process_is_killed(tmp_path):
+    """A parent killed with SIGKILL mid-map leaves no worker behind (each ends at end of file)."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from rdzvctl.workers import ordered_map\n"
+        "def slow(x):\n    time.sleep(0.01)\n    return x\n"
+        "for x in ordered_map(slow, range(10**6), 2, serial_first=0, chunk=5):\n"
+        "    if x == 20:\n        print(os.getpid(), flush=True)\n        time.sleep(60)\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": repo})
+    pid = int(proc.stdout.readline())
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = f.read().split()
+    assert len(kids) == 2
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().split()[2] for k in kids):
+        assert time.monotonic() < deadline, "a worker outlived its parent"
+        time.sleep(0.05)

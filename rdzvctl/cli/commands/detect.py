@@ -70,7 +70,7 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
             runs = ((e.run_id, e.state[0]) if e.error is None and e.state is not None
                     else Ready(check_run(e.run_id, None, e.error, now, *settings)[0])
                     for e in with_progress(app, backend.list_runs(), streamed=output == "json"))
-            checked = ordered_map(partial(_report, now, *settings), runs, jobs or default_jobs())
+            checked = ordered_map(partial(_report, now, *settings), runs, jobs or default_jobs(), _size)
             code = show_reports(app, (r for r in checked if r["status"] != "absent"), True, None, fail_on, output)
         if code:
             app.exit(code)
@@ -114,6 +114,10 @@ def _check_one(app: App, backend: Any, now: Any) -> Tuple[Dict[str, Any], Any, O
 def _report(now: _dt.datetime, keep_alive: KeepAlive, max_nodes: Optional[int], run: Tuple[str, bytes]) -> Dict[str, Any]:
     """The report of one listed run (``run_id``, stored bytes): what a worker process computes."""
     return check_run(run[0], run[1], None, now, keep_alive, max_nodes)[0]
+
+
+def _size(run: Tuple[str, bytes]) -> int:
+    return len(run[1])
 
 
 def _settings(app: App) -> Tuple[KeepAlive, Optional[int]]:

@@ -71,7 +71,7 @@ def _rows(app: App, backend: Any, now: Any, streamed: bool, jobs: int) -> Iterat
             else:
                 yield entry.run_id, raw, token, None
 
-    return ordered_map(row, runs(), jobs)
+    return ordered_map(row, runs(), jobs, lambda run: len(run[1]))
 
 
 def _row(now: _dt.datetime, keep_alive: KeepAlive, max_nodes: Optional[int],
