@@ -26,6 +26,7 @@ from rdzvctl.backends.base import Address, RendezvousBackend  # noqa: E402
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError  # noqa: E402
 from rdzvctl.inspection import describe, snapshot_from  # noqa: E402
 from rdzvctl.monitor.collector import METRIC_NAMES, RendezvousCollector  # noqa: E402
+from rdzvctl.monitor.exposition import render_as  # noqa: E402
 from rdzvctl.monitor.runs import RunReader  # noqa: E402
 from rdzvctl.state.analysis import KeepAlive  # noqa: E402
 from rdzvctl.state.codec import encode  # noqa: E402
@@ -76,7 +77,7 @@ class Store:
         assert backend.clear(backend.get_state()[1])  # type: ignore[index]
 
     def scrape(self) -> Page:
-        return Page(generate_latest(self.registry).decode("utf-8"))
+        return Page(render_as(self.registry, generate_latest).decode("utf-8"))  # the page /metrics serves
 
     def labels(self, run_id: str) -> dict:
         return {"backend": "memory", "endpoint": self.reader.endpoint, "run_id": run_id}
