@@ -201,7 +201,9 @@ class RendezvousCollector:
 
         A run has ~15 samples and a page 10,000 runs: the samples are built as ``add_sample``
         builds them (a ``Sample`` with no timestamp, exemplar or histogram) without its call
-        and ``Sample``'s Python ``__new__`` per sample, appended to each family's list.
+        and ``Sample``'s Python ``__new__`` per sample, appended to each family's list.  Flags
+        are the ints 0 and 1 (written ``0.0`` and ``1.0`` as the floats: the page writer keeps
+        the text of each int it has written).
         """
         gauges: Dict[str, GaugeMetricFamily] = {
             name: GaugeMetricFamily(name, text, labels=RUN_LABELS) for name, text in _RUN_GAUGES.items()
@@ -236,22 +238,22 @@ class RendezvousCollector:
                                       None, None, None)))
             state = record.state
             if state is None:
-                add_decoded(new(sample, ("rdzvctl_state_decoded", labels, 0.0, None, None, None)))
+                add_decoded(new(sample, ("rdzvctl_state_decoded", labels, 0, None, None, None)))
                 if record.error is not None:
                     problem = problem_for_error(record.error)
                     add_finding(new(sample, ("rdzvctl_findings", {
                         **labels, "code": problem["code"], "severity": problem["severity"],
-                        "torch_next": problem["torch_next"]}, 1.0, None, None, None)))
+                        "torch_next": problem["torch_next"]}, 1, None, None, None)))
                 continue
-            add_decoded(new(sample, ("rdzvctl_state_decoded", labels, 1.0, None, None, None)))
+            add_decoded(new(sample, ("rdzvctl_state_decoded", labels, 1, None, None, None)))
             add_size(new(sample, ("rdzvctl_state_size_bytes", labels, record.size, None, None, None)))
             closed_since = None if record.closed_since is None else \
                 _dt.datetime.fromtimestamp(record.closed_since, utc)
             result = analyze(state, now, keep_alive, max_nodes, record.run_id, closed_since)
-            add_phase(new(sample, ("rdzvctl_phase", {**labels, "phase": result.lifecycle.phase}, 1.0, None, None, None)))
+            add_phase(new(sample, ("rdzvctl_phase", {**labels, "phase": result.lifecycle.phase}, 1, None, None, None)))
             add_round(new(sample, ("rdzvctl_round", labels, state.round, None, None, None)))
-            add_complete(new(sample, ("rdzvctl_complete", labels, 1.0 if state.complete else 0.0, None, None, None)))
-            add_closed(new(sample, ("rdzvctl_closed", labels, 1.0 if state.closed else 0.0, None, None, None)))
+            add_complete(new(sample, ("rdzvctl_complete", labels, 1 if state.complete else 0, None, None, None)))
+            add_closed(new(sample, ("rdzvctl_closed", labels, 1 if state.closed else 0, None, None, None)))
             add_participants(new(sample, ("rdzvctl_participants", labels, result.participants, None, None, None)))
             add_alive(new(sample, ("rdzvctl_participants_alive", labels, result.alive, None, None, None)))
             add_dead(new(sample, ("rdzvctl_participants_dead", labels, result.dead, None, None, None)))

@@ -78,6 +78,9 @@ def render(metrics: Iterable[Metric], openmetrics: bool = False, escaping: str =
     label_texts: Dict[int, Tuple[Dict[str, str], str]] = {}
     label_names: Dict[str, str] = {}
     sample_names: Dict[str, Tuple[bool, str]] = {}  # name -> (inside the braces?, as spelled)
+    # An int's text, once per int (0, 1, counts): floatToGoString(float(n)), a function of n alone.
+    # Floats are written each time (0.0 and -0.0 are equal keys with two texts).
+    ints: Dict[int, str] = {}
     for metric in metrics:
         empty = copy.copy(metric)
         empty.samples = []
@@ -104,7 +107,13 @@ def render(metrics: Iterable[Metric], openmetrics: bool = False, escaping: str =
                 line = f"{{{spelling},{text}}} " if text else f"{{{spelling}}} "
             else:
                 line = f"{spelling}{{{text}}} " if text else f"{spelling} "
-            append(f"{line}{floatToGoString(value)}\n")
+            if type(value) is int:
+                number = ints.get(value)
+                if number is None:
+                    number = ints[value] = floatToGoString(value)
+            else:
+                number = floatToGoString(value)
+            append(f"{line}{number}\n")
     if openmetrics:
         append("# EOF\n")
     return "".join(out).encode("utf-8")
