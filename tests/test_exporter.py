@@ -17,6 +17,8 @@ import urllib.request
 from typing import Any, List, Optional
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("prometheus_client")
 
@@ -24,12 +26,14 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from rdzvctl.backends.base import Address, RendezvousBackend  # noqa: E402
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError  # noqa: E402
-from rdzvctl.inspection import describe, snapshot_from  # noqa: E402
+from rdzvctl.inspection import assess, describe, snapshot_from, summarize  # noqa: E402
 from rdzvctl.monitor.collector import METRIC_NAMES, RendezvousCollector  # noqa: E402
-from rdzvctl.monitor.runs import RunReader  # noqa: E402
-from rdzvctl.state.analysis import KeepAlive  # noqa: E402
+from rdzvctl.monitor.exposition import render_as  # noqa: E402
+from rdzvctl.monitor.runs import RunReader, analyze  # noqa: E402
+from rdzvctl.state.analysis import KeepAlive, deadline_remaining, node_statuses  # noqa: E402
 from rdzvctl.state.codec import encode  # noqa: E402
 from rdzvctl.testing.memory import MemoryBackend  # noqa: E402
+from tests.strategies import rendezvous_states  # noqa: E402
 from tests.support.cli import NOW, make_state, run_rdzvctl  # noqa: E402
 from tests.support.exporter import ExporterProcess, Page  # noqa: E402
 
@@ -76,7 +80,7 @@ class Store:
         assert backend.clear(backend.get_state()[1])  # type: ignore[index]
 
     def scrape(self) -> Page:
-        return Page(generate_latest(self.registry).decode("utf-8"))
+        return Page(render_as(self.registry, generate_latest).decode("utf-8"))  # the page /metrics serves
 
     def labels(self, run_id: str) -> dict:
         return {"backend": "memory", "endpoint": self.reader.endpoint, "run_id": run_id}
@@ -431,3 +435,23 @@ def test_the_readme_lists_every_exported_metric() -> None:
     listed = {m for line in section.splitlines() if line.startswith("| `rdzvctl_")
               for m in re.findall(r"`(rdzvctl_[a-z_]+)", line)}
     assert listed == set(METRIC_NAMES)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rendezvous_states(), st.floats(-3600, 3600), st.sampled_from([None, 1, 4]), st.booleans())
+def test_the_analysis_equals_get_json_for_random_states_and_clocks(state: Any, offset: float, max_nodes: Any,
+                                                                   closed_before: bool) -> None:
+    """The counts, phase, findings and ages the exporter exports are get -o json's (summarize, assess)."""
+    keep_alive = KeepAlive(5.0, 3)
+    now = max(state.last_heartbeats.values(), default=NOW) + _dt.timedelta(seconds=offset) \
+        if offset > -3000 else NOW  # around the heartbeats (each expiry crossed), or anywhere
+    closed_since = now - _dt.timedelta(seconds=20) if closed_before else None
+    got = analyze(state, now, keep_alive, max_nodes, "job42", closed_since)
+    summary = summarize(state, node_statuses(state, now, keep_alive), deadline_remaining(state, now))
+    life, findings = assess(state, now, "job42", keep_alive, max_nodes, closed_since=closed_since, probe=False)
+    assert (got.participants, got.alive, got.dead, got.deadline_remaining) == (
+        summary["participants"], summary["alive"], summary["dead"], summary["deadline_remaining"])
+    assert got.lifecycle == life and got.findings == findings
+    ages = [s.age for s in node_statuses(state, now, keep_alive) if s.age is not None]  # get's per-node ages
+    assert got.newest_heartbeat_age == (min(ages) if ages else None)
+    assert got.oldest_heartbeat_age == (max(ages) if ages else None)

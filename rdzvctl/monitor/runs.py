@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 
 from rdzvctl.backends.base import Address, RendezvousBackend, RunEntry
 from rdzvctl.errors import BackendTimeoutError, BackendUnavailableError, RdzvctlError, StateError, UsageError
-from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Finding, KeepAlive, deadline_remaining, node_statuses
+from rdzvctl.state.analysis import DEFAULT_KEEP_ALIVE, Finding, KeepAlive, deadline_remaining
 from rdzvctl.state.codec import decode
 from rdzvctl.state.findings import find_problems
-from rdzvctl.state.lifecycle import Lifecycle, lifecycle
+from rdzvctl.state.lifecycle import Lifecycle, lifecycle, liveness
 from rdzvctl.state.model import RendezvousState
 
 __all__ = [
@@ -112,7 +112,10 @@ class RunRecord:
 class RunAnalysis(NamedTuple):
     """What the clock-dependent analysis says about a run at one moment."""
 
-    summary: Dict[str, Any]  # ``get -o json``'s summary
+    participants: int  # ``get -o json``'s summary: participants, alive, dead (no heartbeat: neither)
+    alive: int
+    dead: int
+    deadline_remaining: Optional[float]  # rounded to ms, as the summary's
     lifecycle: Lifecycle  # the phase and what torch does next
     findings: List[Finding]
     newest_heartbeat_age: Optional[float]
@@ -126,17 +129,20 @@ def analyze(state: RendezvousState, now: _dt.datetime, keep_alive: KeepAlive = D
 
     ``closed_since`` is when the run was first seen closed (``RunRecord.closed_since``): with it
     the lifecycle tells a close under live agents from a normal end, as ``corrupt-detect --settle``.
+    The liveness is computed once, for the counts, the phase and the findings (``inspection.assess``
+    without store keys: the same three calls).  The counts are ``summarize``'s over
+    ``node_statuses``, taken from it: both apply torch's rule (dead iff the heartbeat is older than
+    ``now - expiry``) to the same heartbeats, and a participant without one is neither alive nor dead.
     """
-    from rdzvctl.inspection import summarize
-
-    statuses = node_statuses(state, now, keep_alive)
-    summary = summarize(state, statuses, deadline_remaining(state, now))
-    beats = state.last_heartbeats.values()
-    newest = (now - max(beats)).total_seconds() if beats else None
-    oldest = (now - min(beats)).total_seconds() if beats else None
-    life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since)
-    findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life)
-    return RunAnalysis(summary, life, findings, newest, oldest)
+    live = liveness(state, now, keep_alive.expiry)
+    life = lifecycle(state, now, keep_alive.interval, keep_alive.max_attempt, closed_since, live=live)
+    findings = find_problems(state, now, keep_alive, max_nodes=max_nodes, run_id=run_id, life=life, live=live)
+    remaining = deadline_remaining(state, now)
+    beats = state.last_heartbeats
+    newest = None if live.newest is None else (now - live.newest).total_seconds()
+    oldest = (now - min(beats.values())).total_seconds() if beats else None
+    return RunAnalysis(len(state.participants), len(live.live_participants), len(live.dead_participants),
+                       None if remaining is None else round(remaining, 3), life, findings, newest, oldest)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler, choose_encoder, gzip_accepted
 
 from rdzvctl.errors import UsageError
+from rdzvctl.monitor.exposition import render_as
+from rdzvctl.state.model import collector_paused
 
 __all__ = ["DEFAULT_LISTEN", "parse_listen", "make_server", "serve"]
 
@@ -52,7 +54,11 @@ def _handler(registry: CollectorRegistry) -> Type[MetricsHandler]:
         def _metrics(self) -> None:
             # prometheus_client's own handler gzips at level 9: seconds of CPU for a 10,000-run page.
             encoder, content_type = choose_encoder(self.headers.get("Accept") or "")
-            body = encoder(registry)
+            # encoder(registry)'s bytes, in a third of its time.  No cyclic collection meanwhile: a page
+            # of 10,000 runs holds ~170,000 samples and label dicts until it is written, which set
+            # off one or two full collections of the whole cache per scrape (250-500 ms).
+            with collector_paused():
+                body = render_as(registry, encoder)
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             if gzip_accepted(self.headers.get("Accept-Encoding") or ""):
