@@ -21,7 +21,8 @@ for both formats, every escaping scheme and hostile label values.
 Only plain samples are rendered (no timestamp, exemplar, native histogram,
 and none of the ``_created``/``_gsum``/``_gcount`` samples the text format
 moves after their family): the exporter's families have nothing else, and
-anything else is a ``ValueError``, not a different page.
+anything else is a ``ValueError``, not a different page.  With a prometheus_client
+without the escaping schemes (older than 0.26 was checked), the page is its encoders' (``WRITTEN_HERE``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,21 @@ from prometheus_client import exposition as _text
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as _om
 from prometheus_client.utils import floatToGoString
-from prometheus_client.validation import _is_valid_legacy_metric_name
+
+try:  # the escaping schemes of recent prometheus_client; with an older one, its encoders write the page
+    from prometheus_client.openmetrics.exposition import (  # noqa: F401 - all needed below
+        ALLOWUTF8,
+        UNDERSCORES,
+        _escape,
+        _is_legacy_labelname_rune,
+        escape_label_name,
+        escape_metric_name,
+    )
+    from prometheus_client.validation import _is_valid_legacy_metric_name
+except ImportError:  # pragma: no cover - the tests pin a version that has them
+    WRITTEN_HERE = False
+else:
+    WRITTEN_HERE = True
 
 __all__ = ["render", "render_as"]
 
@@ -55,21 +70,21 @@ def _encoding(encoder: Encoder) -> Optional[Tuple[bool, str]]:
     """(OpenMetrics?, escaping) of an encoder ``choose_encoder`` returns; None for another one."""
     func, keywords = getattr(encoder, "func", encoder), getattr(encoder, "keywords", {})
     if func is _text.generate_latest:
-        return False, keywords.get("escaping", _om.UNDERSCORES)
+        return False, keywords.get("escaping", UNDERSCORES)
     if func is _om.generate_latest:
-        return True, keywords.get("escaping", _om.UNDERSCORES)
+        return True, keywords.get("escaping", UNDERSCORES)
     return None
 
 
 def render_as(registry: Any, encoder: Encoder) -> bytes:
     """``encoder(registry)``, the same bytes, for the encoders of the two text formats."""
-    how = _encoding(encoder)
+    how = _encoding(encoder) if WRITTEN_HERE else None
     if how is None:
         return encoder(registry)
     return render(registry.collect(), *how)
 
 
-def render(metrics: Iterable[Metric], openmetrics: bool = False, escaping: str = _om.UNDERSCORES) -> bytes:
+def render(metrics: Iterable[Metric], openmetrics: bool = False, escaping: str = "underscores") -> bytes:
     """The page of ``metrics`` in the text format (or OpenMetrics), as prometheus_client writes it."""
     encoder = _om.generate_latest if openmetrics else _text.generate_latest
     out: List[str] = []
@@ -121,10 +136,10 @@ def render(metrics: Iterable[Metric], openmetrics: bool = False, escaping: str =
 
 def _spell(name: str, openmetrics: bool, escaping: str) -> Tuple[bool, str]:
     """How the encoder writes a sample's name: inside the braces (a UTF-8 name), or before them."""
-    inside = escaping == _om.ALLOWUTF8 and not _is_valid_legacy_metric_name(name)
+    inside = escaping == ALLOWUTF8 and not _is_valid_legacy_metric_name(name)
     if inside or not openmetrics:
-        return inside, _om.escape_metric_name(name, escaping)
-    return False, _om._escape(name, escaping, _om._is_legacy_labelname_rune)
+        return inside, escape_metric_name(name, escaping)
+    return False, _escape(name, escaping, _is_legacy_labelname_rune)
 
 
 def _labels(labels: Dict[str, str], escaping: str, names: Dict[str, str]) -> str:
@@ -132,7 +147,7 @@ def _labels(labels: Dict[str, str], escaping: str, names: Dict[str, str]) -> str
     for key, value in sorted(labels.items()):
         spelled = names.get(key)
         if spelled is None:
-            spelled = names[key] = _om.escape_label_name(key, escaping)
+            spelled = names[key] = escape_label_name(key, escaping)
         # Label values are escaped the same way in every format and scheme (ALLOWUTF8's rule).
-        parts.append(f'{spelled}="{_om._escape(value, _om.ALLOWUTF8, _om._is_legacy_labelname_rune)}"')
+        parts.append(f'{spelled}="{_escape(value, ALLOWUTF8, _is_legacy_labelname_rune)}"')
     return ",".join(parts)
