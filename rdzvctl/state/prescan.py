@@ -175,11 +175,14 @@ def _build_run() -> "re.Pattern[bytes]":
     fixed = {n: codes for n, names in FIXED_WIDTH.items() if n and (codes := _codes(names, special))}
     lines = _codes(TO_NEWLINE, special)
     counted = {n: _codes(names, special) for n, names in COUNTED.items()}
-    # The opcodes a state holds most (after the plain ones): short strings and bytes, then one-byte
-    # arguments (BINGET, BININT1).  The alternatives start with distinct opcodes, so their order
-    # changes what is tried first, never what matches.
-    parts = [_cls(counted[1]) + _counted()]
-    parts += [_cls(codes) + ANY + b"{%d}" % n for n, codes in sorted(fixed.items())]
+    # The opcodes a state holds most (after the plain ones): one-byte arguments (BINGET, BININT1),
+    # then short strings and bytes.  The alternatives start with distinct opcodes, so their order
+    # changes what is tried first, never what matches.  The one-byte ones are an alternative each:
+    # the engine rejects an alternative that starts with a literal byte by one comparison, one
+    # that starts with a class by a call (8-node state: 138,000 -> 120,000 instructions).
+    parts = [re.escape(code.encode("latin-1")) + ANY for code in fixed[1]]
+    parts.append(_cls(counted[1]) + _counted())
+    parts += [_cls(codes) + ANY + b"{%d}" % n for n, codes in sorted(fixed.items()) if n != 1]
     # A tuple goes straight to REDUCE or BUILD (memoised or not; a FRAME may start between,
     # which torch's C pickler never writes there): it only ever holds a call's arguments.
     frame = b"(?:\\x95" + ANY + b"{3}\\x00{5})?"
