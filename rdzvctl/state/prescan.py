@@ -212,6 +212,7 @@ def _build_run() -> "re.Pattern[bytes]":
 
 
 _RUN = _build_run()
+_STOP = pickle.STOP[0]
 _LENGTHS = {pickle.SHORT_BINSTRING[0]: (1, False), pickle.SHORT_BINUNICODE[0]: (1, False),
             pickle.SHORT_BINBYTES[0]: (1, False), pickle.BINSTRING[0]: (4, True), pickle.BINUNICODE[0]: (4, False),
             pickle.BINBYTES[0]: (4, False), pickle.BINUNICODE8[0]: (8, False), pickle.BINBYTES8[0]: (8, False),
@@ -240,6 +241,8 @@ def scan(data: bytes) -> None:
         after = match(data, pos).end()  # type: ignore[union-attr]  # {0,n} always matches
         while after != pos:  # a run ends at RUN_CHUNK opcodes or at one that needs a decision
             pos = after
+            if pos < end and data[pos] == _STOP:  # where every state ends (never in a run): done
+                return
             after = match(data, pos).end()  # type: ignore[union-attr]
         if pos >= end:
             return
