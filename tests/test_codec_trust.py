@@ -367,6 +367,17 @@ def test_the_prescan_run_stops_at_a_failed_opcode_on_this_python() -> None:
         len(plain + ordinary * prescan.RUN_CHUNK)
 
 
+
+def test_the_prescan_run_covers_arguments_of_any_bytes() -> None:
+    """An argument's bytes are matched as any byte (``.`` under re.DOTALL): newlines and NULs too."""
+    from rdzvctl.state import prescan
+
+    for payload in (b"\n", b"\n\n\x00", bytes(range(256))[:prescan.RUN_LENGTH]):
+        body = pickle.SHORT_BINBYTES + bytes([len(payload)]) + payload + pickle.POP
+        assert prescan._RUN.match(body).end() == len(body)  # type: ignore[union-attr]
+    body = pickle.BININT1 + b"\n" + pickle.BININT2 + b"\n\n" + pickle.BINGET + b"\n" + pickle.POP
+    assert prescan._RUN.match(body).end() == len(body)  # type: ignore[union-attr]
+
 _HUGE_PUT = pickle.LONG_BINPUT + b"\xff\xff\xff\x7f"  # a 2^31-entry memo
 
 
