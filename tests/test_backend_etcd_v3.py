@@ -205,8 +205,10 @@ def test_list_runs_pages_through_the_range_in_order(etcd_server, monkeypatch):
 
 
 @pytest.mark.slow
-def test_list_runs_rate_on_10k_runs(etcd_server):
-    """Writes 10,000 runs in batched transactions, then times one list_runs."""
+def test_list_runs_reads_10k_runs(etcd_server):
+    """Writes 10,000 runs in batched transactions, then lists them all, in order (pages of 500 keys).
+
+    How fast is the benchmarks' business (P4, P8), never a test's."""
     prefix = f"/bench-{uuid.uuid4().hex[:8]}"
     value = b64(b64(bytes(600)).encode())
     for start in range(0, 10_000, 100):
@@ -214,12 +216,8 @@ def test_list_runs_rate_on_10k_runs(etcd_server):
                 for i in range(start, start + 100)]
         raw(etcd_server, "kv/txn", {"success": puts})
     b = backend(etcd_server.endpoint, key_prefix=prefix, timeout=30)
-    started = time.perf_counter()
-    count = sum(1 for entry in b.list_runs() if entry.state is not None)
-    rate = count / (time.perf_counter() - started)
-    print(f"etcd-v3 list_runs: {count} runs at {rate:,.0f} runs/s")
-    assert count == 10_000
-    assert rate > 1_000  # the target is >= 5,000 runs/s; this bound only catches gross regressions
+    listed = [entry.run_id for entry in b.list_runs() if entry.state is not None]
+    assert listed == [f"run-{i:05d}" for i in range(10_000)]
 
 
 # -- watch ----------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def test_list_runs_reads_in_batches_and_stays_sorted(redis_server, monkeypatch):
 
 
 @pytest.mark.slow
-def test_list_runs_throughput_10000_runs(redis_server):
+def test_list_runs_reads_10000_runs(redis_server):
     prefix = f"bench-{uuid.uuid4().hex[:6]}:"
     client = redis_server.client()
     pipe = client.pipeline(transaction=False)
@@ -287,11 +287,8 @@ def test_list_runs_throughput_10000_runs(redis_server):
         pipe.hset(f"{prefix}job-{i}", mapping={"state": state, "version": i + 1})
     pipe.execute()
     b = backend(redis_server.endpoint, run_id="job-0", key_prefix=prefix)
-    start = time.perf_counter()
-    count = sum(1 for _ in b.list_runs())
-    rate = count / (time.perf_counter() - start)
-    assert count == 10_000
-    assert rate >= 2_500, f"list_runs read {rate:.0f} runs/s"
+    listed = [entry.run_id for entry in b.list_runs()]
+    assert listed == sorted(f"job-{i}" for i in range(10_000))  # how fast: the benchmarks' (P4, P8)
 
 
 # -- store_keys ---------------------------------------------------------------------------
