@@ -66,10 +66,6 @@ def default_jobs() -> int:
     return max(1, min(cpus, MAX_JOBS))
 
 
-def _apply(fn: Callable[[Any], Any], chunk: List[Any]) -> List[Any]:
-    return [item.value if type(item) is Ready else fn(item) for item in chunk]
-
-
 def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Optional[Callable[[Any], int]] = None,
                 serial_first: Optional[int] = None, chunk: Optional[int] = None) -> Iterator[R]:
     """``fn`` of each item (a :class:`Ready` item gives its value), in order, lazily.
@@ -97,24 +93,40 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Opt
     pool = _Pool(fn, len(first))
     try:
         sent: Deque[Tuple[_Worker, List[Any]]] = deque()
+        rest: Optional[Iterator[Any]] = None  # what is left to do here once a worker is gone
         for worker, batch in zip(pool.workers, first):
-            worker.send(batch)
+            try:
+                worker.send(batch)
+            except OSError:  # the worker is already gone: finish here
+                pool.close()
+                yield from _apply_each(fn, itertools.chain(*first, itertools.chain.from_iterable(chunks)))
+                return
             sent.append((worker, batch))
         while sent:
             worker, batch = sent.popleft()
             try:
-                done = worker.receive()
+                done, error = worker.receive()
             except (EOFError, OSError):  # the worker was killed (the OOM killer, a signal): finish here
-                rest = itertools.chain(batch, *(b for _, b in sent), *chunks)
+                rest = itertools.chain(batch, *(b for _, b in sent), itertools.chain.from_iterable(chunks))
                 sent.clear()
                 pool.close()
                 yield from _apply_each(fn, rest)
                 return
             following = next(chunks, None)  # the worker's next chunk before this one's results are used
             if following is not None:
-                worker.send(following)
                 sent.append((worker, following))
+                try:
+                    worker.send(following)
+                except OSError:  # killed once it had sent its results: what it was to do is done here
+                    rest = itertools.chain(*(b for _, b in sent), itertools.chain.from_iterable(chunks))
+                    sent.clear()
+                    pool.close()
             yield from done
+            if error is not None:
+                raise error
+            if rest is not None:
+                yield from _apply_each(fn, rest)
+                return
     finally:
         pool.close()
 
@@ -128,11 +140,13 @@ class _Worker:
     def send(self, batch: List[Any]) -> None:
         self.requests.send(batch)  # the worker is waiting for it: nothing it sends is left unread
 
-    def receive(self) -> List[Any]:
+    def receive(self) -> Tuple[List[Any], Optional[BaseException]]:
+        """The results of the chunk sent, and the error ``fn`` raised for the item after them, if any."""
         kind, value = self.results.recv()
         if kind == "error":
-            raise value
-        return list(value)
+            done, error = value
+            return list(done), error
+        return list(value), None
 
 
 class _Pool:
@@ -188,16 +202,19 @@ def _serve(fn: Callable[[Any], Any], requests: Any, results: Any) -> None:
             batch = requests.recv()
         except (EOFError, OSError):
             return
+        done: List[Any] = []
+        reply: Tuple[str, Any] = ("done", done)
         try:
-            reply: Tuple[str, Any] = ("done", _apply(fn, batch))
-        except Exception as exc:  # noqa: BLE001 - raised in the parent, in order
-            reply = ("error", exc)
+            for item in batch:
+                done.append(item.value if type(item) is Ready else fn(item))
+        except Exception as exc:  # noqa: BLE001 - raised in the parent, in order, after the results before it
+            reply = ("error", (done, exc))
         try:
             results.send(reply)
         except (BrokenPipeError, OSError):
             return
         except Exception as exc:  # noqa: BLE001 - a result or an error that does not pickle
-            results.send(("error", RuntimeError(f"a worker's result cannot be sent back: {exc}")))
+            results.send(("error", ([], RuntimeError(f"a worker's result cannot be sent back: {exc}"))))
 
 
 def _chunks(fn: Callable[[Any], Any], items: Iterator[Any], count: int,

@@ -98,6 +98,57 @@ def test_a_killed_worker_leaves_its_items_to_this_process():
     assert _children() == CHILDREN
 
 
+def _until_error(results: Iterator[int]) -> List[int]:
+    seen: List[int] = []
+    with pytest.raises(ValueError, match="bad item 30"):
+        for x in results:
+            seen.append(x)
+    return seen
+
+
+def test_the_results_before_an_error_in_a_worker_are_yielded_first():
+    """As without workers: the items of the failing item's chunk before it are not lost."""
+    alone = _until_error(ordered_map(fails_at_30, range(100), 1, serial_first=5, chunk=4))
+    assert alone == list(range(30))
+    assert _until_error(ordered_map(fails_at_30, range(100), 2, serial_first=5, chunk=4)) == alone
+    assert _children() == CHILDREN
+
+
+def test_a_killed_worker_leaves_the_rest_to_be_read_as_needed():
+    """The runs after a killed worker's are still read a window at a time, not all at once."""
+    read = []
+
+    def items() -> Iterator[int]:
+        for i in range(100_000):
+            read.append(i)
+            yield i
+
+    results = ordered_map(dies_in_a_worker, items(), 2, serial_first=5, chunk=4)
+    assert [next(results) for _ in range(40)] == [-x for x in range(40)]
+    assert len(read) <= 40 + 2 * 2 * 4 + 4
+    results.close()
+    assert _children() == CHILDREN
+
+
+def test_workers_killed_once_they_have_sent_their_results_leave_the_rest_here():
+    """A worker gone when it is sent its next chunk (killed between two chunks): no BrokenPipeError,
+    which the command would take for its output's reader gone and stop, the listing cut short."""
+    import time
+
+    results = ordered_map(where, range(200), 2, serial_first=0, chunk=4)
+    assert next(results) == "worker"
+    kids = _children() - CHILDREN
+    time.sleep(0.2)  # both have sent the results of the chunk they were given
+    for kid in kids:
+        os.kill(int(kid), signal.SIGKILL)
+    for kid in kids:
+        while open(f"/proc/{kid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+    rest = list(results)
+    assert len(rest) == 199 and rest[-1] == "here"
+    assert _children() == CHILDREN
+
+
 def test_default_jobs_is_the_cpus_this_process_may_use():
     assert 1 <= workers.default_jobs() <= min(workers.MAX_JOBS, len(os.sched_getaffinity(0)))
 
