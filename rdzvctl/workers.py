@@ -90,7 +90,11 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Opt
     first = [batch for batch in itertools.islice(chunks, jobs)]
     if not first:
         return
-    pool = _Pool(fn, len(first))
+    try:
+        pool = _Pool(fn, len(first))
+    except OSError:  # no process or pipe to be had (a limit reached): everything here
+        yield from _apply_each(fn, itertools.chain(*first, itertools.chain.from_iterable(chunks)))
+        return
     try:
         sent: Deque[Tuple[_Worker, List[Any]]] = deque()
         rest: Optional[Iterator[Any]] = None  # what is left to do here once a worker is gone
@@ -155,33 +159,45 @@ class _Pool:
     closes them or is gone, however it went."""
 
     def __init__(self, fn: Callable[[Any], Any], count: int) -> None:
+        self.workers: List[_Worker] = []
+        try:
+            for _ in range(count):
+                self._start(fn)
+        except BaseException:  # no process or pipe to be had: the workers already started end with their pipes
+            self.close()
+            raise
+
+    def _start(self, fn: Callable[[Any], Any]) -> None:
         from multiprocessing.connection import Pipe
 
-        self.workers: List[_Worker] = []
-        for _ in range(count):
-            requests_out, requests_in = Pipe(duplex=False)[::-1]
-            results_in, results_out = Pipe(duplex=False)
-            for stream in (sys.stdout, sys.stderr):  # nothing buffered here is inherited to be written twice
-                try:
-                    stream.flush()
-                except (OSError, ValueError, AttributeError):
-                    pass
+        requests_out, requests_in = Pipe(duplex=False)[::-1]
+        results_in, results_out = Pipe(duplex=False)
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered here is inherited to be written twice
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        try:
             pid = os.fork()
-            if pid == 0:  # the worker: never returns into the caller's code
-                code = 1
-                try:
-                    for other in self.workers:
-                        other.requests.close()
-                        other.results.close()
-                    requests_out.close()
-                    results_in.close()
-                    _serve(fn, requests_in, results_out)
-                    code = 0
-                finally:
-                    os._exit(code)
-            requests_in.close()
-            results_out.close()
-            self.workers.append(_Worker(pid, requests_out, results_in))
+        except BaseException:
+            for end in (requests_out, requests_in, results_in, results_out):
+                end.close()
+            raise
+        if pid == 0:  # the worker: never returns into the caller's code
+            code = 1
+            try:
+                for other in self.workers:
+                    other.requests.close()
+                    other.results.close()
+                requests_out.close()
+                results_in.close()
+                _serve(fn, requests_in, results_out)
+                code = 0
+            finally:
+                os._exit(code)
+        requests_in.close()
+        results_out.close()
+        self.workers.append(_Worker(pid, requests_out, results_in))
 
     def close(self) -> None:
         for worker in self.workers:

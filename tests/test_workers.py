@@ -149,6 +149,23 @@ def test_workers_killed_once_they_have_sent_their_results_leave_the_rest_here():
     assert _children() == CHILDREN
 
 
+def test_no_process_to_be_had_leaves_everything_here(monkeypatch):
+    """A fork refused (a process limit reached) after one worker started: the items are worked out
+    here, the worker started ends, nothing is raised."""
+    fork, forks = os.fork, []
+
+    def limited() -> int:
+        forks.append(1)
+        if len(forks) > 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return fork()
+
+    monkeypatch.setattr(os, "fork", limited)
+    assert list(ordered_map(where, range(40), 2, serial_first=5, chunk=4)) == ["here"] * 40
+    assert len(forks) == 2
+    assert _children() == CHILDREN
+
+
 def test_default_jobs_is_the_cpus_this_process_may_use():
     assert 1 <= workers.default_jobs() <= min(workers.MAX_JOBS, len(os.sched_getaffinity(0)))
 
