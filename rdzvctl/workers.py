@@ -87,13 +87,32 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Opt
         yield from _apply_each(fn, it)
         return
     chunks = _chunks(fn, it, CHUNK if chunk is None else chunk, size)
-    first = [batch for batch in itertools.islice(chunks, jobs)]
+    failed: List[Exception] = []  # reading failed (the backend, a large item): raised once what was read is out
+
+    def read() -> Optional[List[Any]]:
+        if not failed:
+            try:
+                return next(chunks, None)
+            except Exception as exc:  # noqa: BLE001 - raised after the results before it, as without workers
+                failed.append(exc)
+        return None
+
+    first: List[List[Any]] = []
+    while len(first) < jobs:
+        batch = read()
+        if batch is None:
+            break
+        first.append(batch)
     if not first:
+        if failed:
+            raise failed[0]
         return
     try:
         pool = _Pool(fn, len(first))
     except OSError:  # no process or pipe to be had (a limit reached): everything here
         yield from _apply_each(fn, itertools.chain(*first, itertools.chain.from_iterable(chunks)))
+        if failed:
+            raise failed[0] from None
         return
     try:
         sent: Deque[Tuple[_Worker, List[Any]]] = deque()
@@ -102,35 +121,32 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Opt
             try:
                 worker.send(batch)
             except OSError:  # the worker is already gone: finish here
-                pool.close()
-                yield from _apply_each(fn, itertools.chain(*first, itertools.chain.from_iterable(chunks)))
-                return
+                rest = itertools.chain(*first, itertools.chain.from_iterable(chunks))
+                break
             sent.append((worker, batch))
-        while sent:
+        while sent and rest is None:
             worker, batch = sent.popleft()
             try:
                 done, error = worker.receive()
             except (EOFError, OSError):  # the worker was killed (the OOM killer, a signal): finish here
                 rest = itertools.chain(batch, *(b for _, b in sent), itertools.chain.from_iterable(chunks))
-                sent.clear()
-                pool.close()
-                yield from _apply_each(fn, rest)
-                return
-            following = next(chunks, None)  # the worker's next chunk before this one's results are used
+                break
+            following = read()  # the worker's next chunk before this one's results are used
             if following is not None:
                 sent.append((worker, following))
                 try:
                     worker.send(following)
                 except OSError:  # killed once it had sent its results: what it was to do is done here
                     rest = itertools.chain(*(b for _, b in sent), itertools.chain.from_iterable(chunks))
-                    sent.clear()
-                    pool.close()
             yield from done
             if error is not None:
                 raise error
-            if rest is not None:
-                yield from _apply_each(fn, rest)
-                return
+        if rest is not None:
+            sent.clear()
+            pool.close()
+            yield from _apply_each(fn, rest)
+        if failed:
+            raise failed[0]
     finally:
         pool.close()
 
@@ -238,17 +254,22 @@ def _chunks(fn: Callable[[Any], Any], items: Iterator[Any], count: int,
     """``items`` in lists of at most ``count`` items and CHUNK_BYTES, large items already worked out."""
     batch: List[Any] = []
     held = 0
-    for item in items:
-        if size is not None and type(item) is not Ready:
-            bytes_ = size(item)
-            if bytes_ > LARGE:
-                item = Ready(fn(item))
-            else:
-                held += bytes_
-        batch.append(item)
-        if len(batch) >= count or held >= CHUNK_BYTES:
+    try:
+        for item in items:
+            if size is not None and type(item) is not Ready:
+                bytes_ = size(item)
+                if bytes_ > LARGE:
+                    item = Ready(fn(item))
+                else:
+                    held += bytes_
+            batch.append(item)
+            if len(batch) >= count or held >= CHUNK_BYTES:
+                yield batch
+                batch, held = [], 0
+    except Exception:
+        if batch:  # the items read before the error, then the error
             yield batch
-            batch, held = [], 0
+        raise
     if batch:
         yield batch
 

@@ -166,6 +166,26 @@ def test_no_process_to_be_had_leaves_everything_here(monkeypatch):
     assert _children() == CHILDREN
 
 
+@pytest.mark.parametrize("fails_at", [3, 7, 12, 50, 97])
+def test_what_was_read_before_a_read_error_comes_out_before_it(fails_at):
+    """The backend failing mid-listing: every run read before, then the error, as without workers
+    (not the chunks read ahead and in flight lost)."""
+
+    def items() -> Iterator[int]:
+        for i in range(100):
+            if i == fails_at:
+                raise ConnectionError("the backend is gone")
+            yield i
+
+    for jobs in (1, 2, 3):
+        seen: List[int] = []
+        with pytest.raises(ConnectionError):
+            for x in ordered_map(abs, items(), jobs, serial_first=5, chunk=4):
+                seen.append(x)
+        assert seen == list(range(fails_at)), jobs
+    assert _children() == CHILDREN
+
+
 def test_default_jobs_is_the_cpus_this_process_may_use():
     assert 1 <= workers.default_jobs() <= min(workers.MAX_JOBS, len(os.sched_getaffinity(0)))
 
