@@ -138,7 +138,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Opt
                     worker.send(following)
                 except OSError:  # killed once it had sent its results: what it was to do is done here
                     rest = itertools.chain(*(b for _, b in sent), itertools.chain.from_iterable(chunks))
-            yield from done
+            yield from (item.value if type(item) is Ready else result for item, result in zip(batch, done))
             if error is not None:
                 raise error
         if rest is not None:
@@ -151,6 +151,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Opt
         pool.close()
 
 
+_HOLE = Ready(None)
+
+
 class _Worker:
     """One forked worker: chunks in, results out, over a pipe each way (pickles, in order)."""
 
@@ -158,7 +161,9 @@ class _Worker:
         self.pid, self.requests, self.results = pid, requests, results
 
     def send(self, batch: List[Any]) -> None:
-        self.requests.send(batch)  # the worker is waiting for it: nothing it sends is left unread
+        # The worker is waiting for it: nothing it sends is left unread.  A result already worked out
+        # here (a large run's) stays here: the worker is sent, and sends back, a hole in its place.
+        self.requests.send([_HOLE if type(item) is Ready else item for item in batch])
 
     def receive(self) -> Tuple[List[Any], Optional[BaseException]]:
         """The results of the chunk sent, and the error ``fn`` raised for the item after them, if any."""
@@ -260,8 +265,7 @@ def _chunks(fn: Callable[[Any], Any], items: Iterator[Any], count: int,
                 bytes_ = size(item)
                 if bytes_ > LARGE:
                     item = Ready(fn(item))
-                else:
-                    held += bytes_
+                held += bytes_  # a large run's result is in proportion: it ends its chunk
             batch.append(item)
             if len(batch) >= count or held >= CHUNK_BYTES:
                 yield batch

@@ -262,6 +262,26 @@ def where_of_item(item) -> str:
     return where(item[1])
 
 
+def test_a_result_worked_out_here_stays_here():
+    """A Ready result (a large run's report, megabytes) is not sent to a worker and back: a hole
+    crosses in its place (here: a value that cannot even be pickled)."""
+    here = Ready(lambda: "not picklable")
+    items: List[object] = [*range(10), here, *range(10, 20)]
+    assert list(ordered_map(square, items, 2, serial_first=0, chunk=4)) == [
+        *(x * x for x in range(10)), here.value, *(x * x for x in range(10, 20))]
+    assert _children() == CHILDREN
+
+
+def test_large_items_count_towards_their_chunk(monkeypatch):
+    """The results of large items are in proportion to them: a chunk of them is as bounded as one of
+    small items (not 500 large reports held, in flight, at once)."""
+    monkeypatch.setattr(workers, "LARGE", 100)
+    monkeypatch.setattr(workers, "CHUNK_BYTES", 250)
+    items = [("x" * 300, i) for i in range(20)]
+    chunks = list(workers._chunks(where_of_item, iter(items), 50, lambda item: len(item[0])))
+    assert [len(c) for c in chunks] == [1] * 20
+
+
 def test_an_item_that_does_not_pickle_is_an_error_not_a_hang():
     with pytest.raises(Exception, match="pickle|lambda"):
         list(ordered_map(square, [1, 2, 3, lambda: 4, 5], 2, serial_first=0, chunk=2))
