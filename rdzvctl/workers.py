@@ -66,10 +66,6 @@ def default_jobs() -> int:
     return max(1, min(cpus, MAX_JOBS))
 
 
-def _apply(fn: Callable[[Any], Any], chunk: List[Any]) -> List[Any]:
-    return [item.value if type(item) is Ready else fn(item) for item in chunk]
-
-
 def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Optional[Callable[[Any], int]] = None,
                 serial_first: Optional[int] = None, chunk: Optional[int] = None) -> Iterator[R]:
     """``fn`` of each item (a :class:`Ready` item gives its value), in order, lazily.
@@ -91,36 +87,71 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[Any], jobs: int, size: Opt
         yield from _apply_each(fn, it)
         return
     chunks = _chunks(fn, it, CHUNK if chunk is None else chunk, size)
-    first = [batch for batch in itertools.islice(chunks, jobs)]
+    failed: List[Exception] = []  # reading failed (the backend, a large item): raised once what was read is out
+
+    def read() -> Optional[List[Any]]:
+        if not failed:
+            try:
+                return next(chunks, None)
+            except Exception as exc:  # noqa: BLE001 - raised after the results before it, as without workers
+                failed.append(exc)
+        return None
+
+    first: List[List[Any]] = []
+    while len(first) < jobs:
+        batch = read()
+        if batch is None:
+            break
+        first.append(batch)
     if not first:
+        if failed:
+            raise failed[0]
         return
     try:
         pool = _Pool(fn, len(first))
-    except OSError:  # no fork (a process limit, no memory): everything here, as with jobs 1
-        yield from _apply_each(fn, itertools.chain(*first, *chunks))
+    except OSError:  # no process or pipe to be had (a limit reached): everything here
+        yield from _apply_each(fn, itertools.chain(*first, itertools.chain.from_iterable(chunks)))
+        if failed:
+            raise failed[0] from None
         return
     try:
         sent: Deque[Tuple[_Worker, List[Any]]] = deque()
+        rest: Optional[Iterator[Any]] = None  # what is left to do here once a worker is gone
         for worker, batch in zip(pool.workers, first):
-            worker.send(batch)
+            try:
+                worker.send(batch)
+            except OSError:  # the worker is already gone: finish here
+                rest = itertools.chain(*first, itertools.chain.from_iterable(chunks))
+                break
             sent.append((worker, batch))
-        while sent:
+        while sent and rest is None:
             worker, batch = sent.popleft()
             try:
-                done = worker.receive()
+                done, error = worker.receive()
             except (EOFError, OSError):  # the worker was killed (the OOM killer, a signal): finish here
-                rest = itertools.chain(batch, *(b for _, b in sent), *chunks)
-                sent.clear()
-                pool.close()
-                yield from _apply_each(fn, rest)
-                return
-            following = next(chunks, None)  # the worker's next chunk before this one's results are used
+                rest = itertools.chain(batch, *(b for _, b in sent), itertools.chain.from_iterable(chunks))
+                break
+            following = read()  # the worker's next chunk before this one's results are used
             if following is not None:
-                worker.send(following)
                 sent.append((worker, following))
-            yield from done
+                try:
+                    worker.send(following)
+                except OSError:  # killed once it had sent its results: what it was to do is done here
+                    rest = itertools.chain(*(b for _, b in sent), itertools.chain.from_iterable(chunks))
+            yield from (item.value if type(item) is Ready else result for item, result in zip(batch, done))
+            if error is not None:
+                raise error
+        if rest is not None:
+            sent.clear()
+            pool.close()
+            yield from _apply_each(fn, rest)
+        if failed:
+            raise failed[0]
     finally:
         pool.close()
+
+
+_HOLE = Ready(None)
 
 
 class _Worker:
@@ -130,13 +161,17 @@ class _Worker:
         self.pid, self.requests, self.results = pid, requests, results
 
     def send(self, batch: List[Any]) -> None:
-        self.requests.send(batch)  # the worker is waiting for it: nothing it sends is left unread
+        # The worker is waiting for it: nothing it sends is left unread.  A result already worked out
+        # here (a large run's) stays here: the worker is sent, and sends back, a hole in its place.
+        self.requests.send([_HOLE if type(item) is Ready else item for item in batch])
 
-    def receive(self) -> List[Any]:
+    def receive(self) -> Tuple[List[Any], Optional[BaseException]]:
+        """The results of the chunk sent, and the error ``fn`` raised for the item after them, if any."""
         kind, value = self.results.recv()
         if kind == "error":
-            raise value
-        return list(value)
+            done, error = value
+            return list(done), error
+        return list(value), None
 
 
 class _Pool:
@@ -149,14 +184,14 @@ class _Pool:
         try:
             for _ in range(count):
                 self._start(fn)
-        except BaseException:
+        except BaseException:  # no process or pipe to be had: the workers already started end with their pipes
             self.close()
             raise
 
     def _start(self, fn: Callable[[Any], Any]) -> None:
         from multiprocessing.connection import Pipe
 
-        requests_in, requests_out = Pipe(duplex=False)
+        requests_out, requests_in = Pipe(duplex=False)[::-1]
         results_in, results_out = Pipe(duplex=False)
         for stream in (sys.stdout, sys.stderr):  # nothing buffered here is inherited to be written twice
             try:
@@ -165,8 +200,8 @@ class _Pool:
                 pass
         try:
             pid = os.fork()
-        except OSError:
-            for end in (requests_in, requests_out, results_in, results_out):
+        except BaseException:
+            for end in (requests_out, requests_in, results_in, results_out):
                 end.close()
             raise
         if pid == 0:  # the worker: never returns into the caller's code
@@ -204,16 +239,19 @@ def _serve(fn: Callable[[Any], Any], requests: Any, results: Any) -> None:
             batch = requests.recv()
         except (EOFError, OSError):
             return
+        done: List[Any] = []
+        reply: Tuple[str, Any] = ("done", done)
         try:
-            reply: Tuple[str, Any] = ("done", _apply(fn, batch))
-        except Exception as exc:  # noqa: BLE001 - raised in the parent, in order
-            reply = ("error", exc)
+            for item in batch:
+                done.append(item.value if type(item) is Ready else fn(item))
+        except Exception as exc:  # noqa: BLE001 - raised in the parent, in order, after the results before it
+            reply = ("error", (done, exc))
         try:
             results.send(reply)
         except (BrokenPipeError, OSError):
             return
         except Exception as exc:  # noqa: BLE001 - a result or an error that does not pickle
-            results.send(("error", RuntimeError(f"a worker's result cannot be sent back: {exc}")))
+            results.send(("error", ([], RuntimeError(f"a worker's result cannot be sent back: {exc}"))))
 
 
 def _chunks(fn: Callable[[Any], Any], items: Iterator[Any], count: int,
@@ -221,17 +259,21 @@ def _chunks(fn: Callable[[Any], Any], items: Iterator[Any], count: int,
     """``items`` in lists of at most ``count`` items and CHUNK_BYTES, large items already worked out."""
     batch: List[Any] = []
     held = 0
-    for item in items:
-        if size is not None and type(item) is not Ready:
-            bytes_ = size(item)
-            if bytes_ > LARGE:
-                item = Ready(fn(item))
-            else:
-                held += bytes_
-        batch.append(item)
-        if len(batch) >= count or held >= CHUNK_BYTES:
+    try:
+        for item in items:
+            if size is not None and type(item) is not Ready:
+                bytes_ = size(item)
+                if bytes_ > LARGE:
+                    item = Ready(fn(item))
+                held += bytes_  # a large run's result is in proportion: it ends its chunk
+            batch.append(item)
+            if len(batch) >= count or held >= CHUNK_BYTES:
+                yield batch
+                batch, held = [], 0
+    except Exception:
+        if batch:  # the items read before the error, then the error
             yield batch
-            batch, held = [], 0
+        raise
     if batch:
         yield batch
 

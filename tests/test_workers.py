@@ -98,6 +98,94 @@ def test_a_killed_worker_leaves_its_items_to_this_process():
     assert _children() == CHILDREN
 
 
+def _until_error(results: Iterator[int]) -> List[int]:
+    seen: List[int] = []
+    with pytest.raises(ValueError, match="bad item 30"):
+        for x in results:
+            seen.append(x)
+    return seen
+
+
+def test_the_results_before_an_error_in_a_worker_are_yielded_first():
+    """As without workers: the items of the failing item's chunk before it are not lost."""
+    alone = _until_error(ordered_map(fails_at_30, range(100), 1, serial_first=5, chunk=4))
+    assert alone == list(range(30))
+    assert _until_error(ordered_map(fails_at_30, range(100), 2, serial_first=5, chunk=4)) == alone
+    assert _children() == CHILDREN
+
+
+def test_a_killed_worker_leaves_the_rest_to_be_read_as_needed():
+    """The runs after a killed worker's are still read a window at a time, not all at once."""
+    read = []
+
+    def items() -> Iterator[int]:
+        for i in range(100_000):
+            read.append(i)
+            yield i
+
+    results = ordered_map(dies_in_a_worker, items(), 2, serial_first=5, chunk=4)
+    assert [next(results) for _ in range(40)] == [-x for x in range(40)]
+    assert len(read) <= 40 + 2 * 2 * 4 + 4
+    results.close()
+    assert _children() == CHILDREN
+
+
+def test_workers_killed_once_they_have_sent_their_results_leave_the_rest_here():
+    """A worker gone when it is sent its next chunk (killed between two chunks): no BrokenPipeError,
+    which the command would take for its output's reader gone and stop, the listing cut short."""
+    import time
+
+    results = ordered_map(where, range(200), 2, serial_first=0, chunk=4)
+    assert next(results) == "worker"
+    kids = _children() - CHILDREN
+    time.sleep(0.2)  # both have sent the results of the chunk they were given
+    for kid in kids:
+        os.kill(int(kid), signal.SIGKILL)
+    for kid in kids:
+        while open(f"/proc/{kid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+    rest = list(results)
+    assert len(rest) == 199 and rest[-1] == "here"
+    assert _children() == CHILDREN
+
+
+def test_no_process_to_be_had_leaves_everything_here(monkeypatch):
+    """A fork refused (a process limit reached) after one worker started: the items are worked out
+    here, the worker started ends, nothing is raised."""
+    fork, forks = os.fork, []
+
+    def limited() -> int:
+        forks.append(1)
+        if len(forks) > 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return fork()
+
+    monkeypatch.setattr(os, "fork", limited)
+    assert list(ordered_map(where, range(40), 2, serial_first=5, chunk=4)) == ["here"] * 40
+    assert len(forks) == 2
+    assert _children() == CHILDREN
+
+
+@pytest.mark.parametrize("fails_at", [3, 7, 12, 50, 97])
+def test_what_was_read_before_a_read_error_comes_out_before_it(fails_at):
+    """The backend failing mid-listing: every run read before, then the error, as without workers
+    (not the chunks read ahead and in flight lost)."""
+
+    def items() -> Iterator[int]:
+        for i in range(100):
+            if i == fails_at:
+                raise ConnectionError("the backend is gone")
+            yield i
+
+    for jobs in (1, 2, 3):
+        seen: List[int] = []
+        with pytest.raises(ConnectionError):
+            for x in ordered_map(abs, items(), jobs, serial_first=5, chunk=4):
+                seen.append(x)
+        assert seen == list(range(fails_at)), jobs
+    assert _children() == CHILDREN
+
+
 def test_default_jobs_is_the_cpus_this_process_may_use():
     assert 1 <= workers.default_jobs() <= min(workers.MAX_JOBS, len(os.sched_getaffinity(0)))
 
@@ -172,6 +260,26 @@ def test_large_items_are_worked_out_here_and_chunks_stay_small(monkeypatch):
 
 def where_of_item(item) -> str:
     return where(item[1])
+
+
+def test_a_result_worked_out_here_stays_here():
+    """A Ready result (a large run's report, megabytes) is not sent to a worker and back: a hole
+    crosses in its place (here: a value that cannot even be pickled)."""
+    here = Ready(lambda: "not picklable")
+    items: List[object] = [*range(10), here, *range(10, 20)]
+    assert list(ordered_map(square, items, 2, serial_first=0, chunk=4)) == [
+        *(x * x for x in range(10)), here.value, *(x * x for x in range(10, 20))]
+    assert _children() == CHILDREN
+
+
+def test_large_items_count_towards_their_chunk(monkeypatch):
+    """The results of large items are in proportion to them: a chunk of them is as bounded as one of
+    small items (not 500 large reports held, in flight, at once)."""
+    monkeypatch.setattr(workers, "LARGE", 100)
+    monkeypatch.setattr(workers, "CHUNK_BYTES", 250)
+    items = [("x" * 300, i) for i in range(20)]
+    chunks = list(workers._chunks(where_of_item, iter(items), 50, lambda item: len(item[0])))
+    assert [len(c) for c in chunks] == [1] * 20
 
 
 def test_an_item_that_does_not_pickle_is_an_error_not_a_hang():
