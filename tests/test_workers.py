@@ -27,12 +27,24 @@ PARENT = os.getpid()
 
 
 def _children() -> set:
-    """This process's child processes (a worker left behind would be one)."""
+    """This process's forked workers: its child processes running this very command line (not the
+    servers other modules' fixtures started in the same test process)."""
     with open(f"/proc/{PARENT}/task/{PARENT}/children") as f:
-        return set(f.read().split())
+        kids = f.read().split()
+    with open(f"/proc/{PARENT}/cmdline", "rb") as f:
+        ours = f.read()
+    forks = set()
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as f:
+                if f.read() == ours:
+                    forks.add(kid)
+        except OSError:  # ended meanwhile
+            pass
+    return forks
 
 
-CHILDREN = _children()  # what this process had before these tests (servers of other modules' fixtures)
+CHILDREN = _children()  # none: no map has run yet
 
 
 def square(x: int) -> int:
