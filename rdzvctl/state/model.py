@@ -53,15 +53,10 @@ class NodeDesc:
     local_id: int
 
     def __init__(self, addr: str, pid: int, local_id: int) -> None:
-        # Straight into the instance dict (assignment is refused; object.__setattr__ calls, or one
-        # update() with keywords, cost half as much again), with the id computed up front: every
-        # node is a dict key or a set item at least once (decoding builds 65,536 of them for a
-        # 65,536-node state).  The id string keeps its own hash.
-        fields = self.__dict__
-        fields["addr"] = addr
-        fields["pid"] = pid
-        fields["local_id"] = local_id
-        fields["id"] = f"{addr}_{pid}_{local_id}"
+        # One dict update (assignment is refused, and three object.__setattr__ calls cost more), with
+        # the id computed up front: every node is a dict key or a set item at least once (decoding
+        # builds 65,536 of them for a 65,536-node state).  The id string keeps its own hash.
+        self.__dict__.update(addr=addr, pid=pid, local_id=local_id, id=f"{addr}_{pid}_{local_id}")
 
     def _key(self) -> Any:
         return (self.addr, self.pid, self.local_id)
