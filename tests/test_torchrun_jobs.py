@@ -3,7 +3,6 @@ survivor training again on its own, and a teardown that leaves no agent or worke
 
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
@@ -11,22 +10,11 @@ import pytest
 from tests.support.torchrun_jobs import (
     JobRunner,
     JobTimeout,
+    running,
     unique_run_id,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
 
 
 def test_kill_one_agent_and_the_survivor_trains_alone(job_target, torchrun_jobs: JobRunner) -> None:
@@ -55,4 +43,4 @@ def test_stop_kills_every_agent_and_worker(job_target, torchrun_jobs: JobRunner)
     with pytest.raises(JobTimeout, match="did not end within"):
         job.wait(timeout=0.5)  # holding: the wait is bounded and says so, with the logs
     job.stop()
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if running(pid)]

@@ -149,6 +149,15 @@ def _kill(pid: int, sig: int, group: bool = False) -> None:
             os.kill(pid, sig)
 
 
+def running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
 def _is_our_worker(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -342,13 +351,20 @@ class TorchrunJob:
         for proc in self.procs:
             if proc.poll() is None:
                 _kill(proc.pid, signal.SIGKILL, group=True)
+        killed = []
         for pid in pids:
             if _is_our_worker(pid) or pid in self._worker_pids:
                 _kill(pid, signal.SIGKILL, group=True)
                 _kill(pid, signal.SIGKILL)
+                killed.append(pid)
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+        # A worker is not our child (torch's agent was its parent): SIGKILL is sent, not waited for,
+        # and a large process takes a moment to tear down.  Stopped means gone (or a zombie).
+        deadline = time.monotonic() + 10
+        while any(running(pid) for pid in killed) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def __enter__(self) -> "TorchrunJob":
         return self
