@@ -67,7 +67,7 @@ def command(app: App, output: str, all_runs: bool, fail_on: str, for_launch: boo
             # Streamed: each run is checked and printed (JSON) as the backend yields it, in order,
             # the checks of a large fleet shared with worker processes (rdzvctl.workers).
             settings = _settings(app)  # parsed from --rdzv-conf once, not per run
-            runs = ((e.run_id, e.state[0]) if e.error is None and e.state is not None
+            runs = ((e.run_id, e.state[0]) if e.error is None and e.state is not None and e.state[0] is not None
                     else Ready(check_run(e.run_id, None, e.error, now, *settings)[0])
                     for e in with_progress(app, backend.list_runs(), streamed=output == "json"))
             checked = ordered_map(partial(_report, now, *settings), runs, jobs or default_jobs(), _size)
